@@ -1,0 +1,55 @@
+// Shared helpers for sslkern's C++ kernels: scalar load/store with fp32 compute for
+// fp32 / fp64 / fp16 / bf16 storage, dtype dispatch, and argument checks that name the
+// argument. The Python front door validates arguments first; the TORCH_CHECKs here are
+// the second line that keeps a direct torch.ops call from touching memory it must not.
+#pragma once
+
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace sslkern {
+
+// Storage types. fp16 uses the compiler's _Float16 (vectorizes to F16C conversions);
+// bf16 is converted by bit manipulation (round to nearest even on store).
+struct bf16_t { uint16_t bits; };
+using f16_t = _Float16;
+
+template <typename T> inline float load_f(const T* p, int64_t i) { return static_cast<float>(p[i]); }
+template <> inline float load_f<bf16_t>(const bf16_t* p, int64_t i) {
+  uint32_t u = static_cast<uint32_t>(p[i].bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+template <typename T> inline void store_f(T* p, int64_t i, float v) { p[i] = static_cast<T>(v); }
+template <> inline void store_f<bf16_t>(bf16_t* p, int64_t i, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN stays a (quiet) NaN
+    p[i].bits = static_cast<uint16_t>((u >> 16) | 0x40u);
+    return;
+  }
+  u += 0x7fffu + ((u >> 16) & 1u);
+  p[i].bits = static_cast<uint16_t>(u >> 16);
+}
+
+// Calls f(T{}) with T the storage type of `dtype` (float, double, f16_t, bf16_t).
+template <typename F>
+inline auto dispatch_float(at::ScalarType dtype, const char* what, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(float{});
+    case at::kDouble: return f(double{});
+    case at::kHalf: return f(f16_t{});
+    case at::kBFloat16: return f(bf16_t{});
+    default:
+      TORCH_CHECK(false, what, ": expected a float16, bfloat16, float32 or float64 tensor, got ", dtype);
+  }
+}
+
+template <typename T> inline T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+
+}  // namespace sslkern

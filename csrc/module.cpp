@@ -1,0 +1,18 @@
+// The Python module sslkern._C. Kernels register themselves as torch ops in the
+// `sslkern_C` namespace (TORCH_LIBRARY_FRAGMENT in each kernel file); this file only
+// defines the namespace and the build facts the Python side reports.
+#include <torch/extension.h>
+
+TORCH_LIBRARY(sslkern_C, m) {}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sslkern native kernels (C++ CPU, and CUDA when built with it)";
+  m.def("cuda_built", []() {
+#ifdef SSLKERN_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+  m.def("openmp_threads", []() { return at::get_num_threads(); });
+}

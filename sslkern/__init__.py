@@ -1,0 +1,16 @@
+"""sslkern — fused kernels for self-supervised ViT training.
+
+Public ops (each a ``torch.library`` custom op ``torch.ops.sslkern.<name>``; CPU tensors
+run C++ kernels, CUDA tensors run Triton / CUDA C++; ``sslkern.reference`` holds the eager
+oracles):
+
+  ema_update_          multi-tensor EMA of teacher parameters
+
+Force a backend with ``backend=`` on a call, ``with sslkern.use_backend(name):`` or the
+``SSLKERN_BACKEND`` environment variable. ``python -m sslkern.info`` says what is available.
+"""
+from .version import __version__  # noqa: F401
+from ._backend import BACKENDS, backend_status, use_backend  # noqa: F401
+from ._checks import ArgumentError  # noqa: F401
+from .ops import ema_update_  # noqa: F401
+from . import reference  # noqa: F401

@@ -1,0 +1,189 @@
+"""Backend selection: one rule for every op.
+
+Backends
+  ``reference``  eager PyTorch (``sslkern.reference``): the oracle, runs anywhere.
+  ``cpu``        C++ kernels in ``sslkern._C`` (OpenMP, vectorized), CPU tensors.
+  ``triton``     Triton kernels (``sslkern.triton_ops``): CUDA tensors, or CPU tensors when
+                 ``TRITON_INTERPRET=1`` (the interpreter, for tests).
+  ``cuda``       CUDA C++ kernels in ``sslkern._C``, CUDA tensors, where an op has them.
+
+Default (``auto``): CPU tensors -> ``cpu``; CUDA tensors -> the op's preferred GPU backend
+(Triton unless the op says CUDA C++ is faster), then the other one. A backend can be
+forced per call (``backend=`` argument), per block (``with sslkern.use_backend(...)``) or per
+process (``SSLKERN_BACKEND``), in that order of precedence.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import importlib.util
+import os
+import warnings
+from typing import Callable, Iterator
+
+import torch
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("sslkern_backend", default=None)
+
+# ---------------------------------------------------------------------------------------
+# What is available, and why not
+# ---------------------------------------------------------------------------------------
+_ext = None
+_ext_error: str | None = None
+
+
+def extension():
+    """The compiled module ``sslkern._C`` (None if it is not built)."""
+    global _ext, _ext_error
+    if _ext is None and _ext_error is None:
+        try:
+            _ext = importlib.import_module("sslkern._C")
+        except ImportError as e:  # not built, or built against another torch
+            _ext_error = f"sslkern._C could not be imported ({e}); run `pip install -e . --no-build-isolation`"
+    return _ext
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def backend_status() -> dict[str, tuple[bool, str]]:
+    """{backend: (available, reason)} for this process."""
+    ext = extension()
+    status = {"reference": (True, "eager PyTorch")}
+    status["cpu"] = (True, "C++ kernels in sslkern._C") if ext is not None else (False, _ext_error or "")
+    if ext is None:
+        status["cuda"] = (False, "sslkern._C is not built")
+    elif not ext.cuda_built():
+        status["cuda"] = (False, "sslkern._C was built without CUDA (CPU-only torch, no nvcc, or SSLKERN_CUDA=0)")
+    elif not torch.cuda.is_available():
+        status["cuda"] = (False, "built with CUDA kernels, but no CUDA device is visible")
+    else:
+        status["cuda"] = (True, "CUDA C++ kernels in sslkern._C")
+    if importlib.util.find_spec("triton") is None:
+        status["triton"] = (False, "triton is not installed")
+    elif torch.cuda.is_available():
+        status["triton"] = (True, "CUDA device present")
+    elif triton_interpret():
+        status["triton"] = (True, "TRITON_INTERPRET=1: interpreter on CPU tensors (slow; for tests)")
+    else:
+        status["triton"] = (False, "no CUDA device (set TRITON_INTERPRET=1 to run the interpreter on CPU)")
+    return status
+
+
+# ---------------------------------------------------------------------------------------
+# Forcing a backend
+# ---------------------------------------------------------------------------------------
+def _validate(name: str | None) -> str | None:
+    if name in (None, "", "auto"):
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force every sslkern op in this block onto one backend (``None``/"auto" = default rule)."""
+    token = _forced.set(_validate(name))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def requested_backend(explicit: str | None = None) -> str | None:
+    """The backend asked for by argument, context or environment (None = auto)."""
+    return _validate(explicit) or _forced.get() or _validate(os.environ.get("SSLKERN_BACKEND"))
+
+
+# ---------------------------------------------------------------------------------------
+# Per-op dispatch table
+# ---------------------------------------------------------------------------------------
+_warned: set[str] = set()
+
+
+class Dispatch:
+    """The implementations of one op, by backend, and the rule that picks one.
+
+    ``impls`` maps a backend to a zero-argument loader that returns the callable; loaders
+    keep Triton (and the extension) from being imported until an op actually needs them.
+    """
+
+    def __init__(self, op: str, impls: dict[str, Callable[[], Callable]], gpu_order: tuple[str, ...] = ("triton", "cuda")):
+        unknown = set(impls) - set(BACKENDS)
+        if unknown:
+            raise ValueError(f"{op}: unknown backends {unknown}")
+        self.op = op
+        self._loaders = impls
+        self._cache: dict[str, Callable] = {}
+        self.gpu_order = gpu_order
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        return tuple(b for b in BACKENDS if b in self._loaders)
+
+    def _load(self, backend: str) -> Callable:
+        fn = self._cache.get(backend)
+        if fn is None:
+            fn = self._cache[backend] = self._loaders[backend]()
+        return fn
+
+    def _usable(self, backend: str, device: torch.device) -> tuple[bool, str]:
+        if backend not in self._loaders:
+            return False, f"{self.op} has no {backend} implementation (it has: {', '.join(self.backends)})"
+        if backend == "reference":
+            return True, ""
+        ok, why = backend_status()[backend]
+        if not ok:
+            return False, why
+        if backend == "cpu" and device.type != "cpu":
+            return False, f"the cpu backend takes CPU tensors, got {device}"
+        if backend == "cuda" and device.type != "cuda":
+            return False, f"the cuda backend takes CUDA tensors, got {device}"
+        if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpret()):
+            return False, f"the triton backend takes CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
+        return True, ""
+
+    def resolve(self, device: torch.device, backend: str | None = None) -> str:
+        """The backend that will run for tensors on ``device``."""
+        want = requested_backend(backend)
+        if want is not None:
+            ok, why = self._usable(want, device)
+            if not ok:
+                raise RuntimeError(f"sslkern.{self.op}: backend {want!r} cannot run here: {why}")
+            return want
+        order = ("cpu",) if device.type == "cpu" else self.gpu_order
+        for b in order:
+            if self._usable(b, device)[0]:
+                return b
+        if device.type == "cpu" and "cpu" in self._loaders and self.op not in _warned:
+            _warned.add(self.op)
+            warnings.warn(
+                f"sslkern.{self.op}: C++ kernels unavailable ({backend_status()['cpu'][1]}); using the eager reference",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return "reference"
+
+    def __call__(self, device: torch.device, backend: str | None = None) -> Callable:
+        return self._load(self.resolve(device, backend))
+
+
+def ext_op(name: str) -> Callable[[], Callable]:
+    """Loader for a kernel registered by the extension as ``torch.ops.sslkern_C.<name>``."""
+
+    def load():
+        if extension() is None:
+            raise RuntimeError(_ext_error or "sslkern._C is not built")
+        return getattr(torch.ops.sslkern_C, name)
+
+    return load
+
+
+def module_attr(module: str, attr: str) -> Callable[[], Callable]:
+    """Loader for ``module.attr`` imported on first use (Triton kernels, references)."""
+    return lambda: getattr(importlib.import_module(module), attr)

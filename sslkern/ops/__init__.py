@@ -1,0 +1,2 @@
+"""The public ops: one module per op, each registering ``torch.ops.sslkern.<op>``."""
+from .ema_update import ema_update_  # noqa: F401

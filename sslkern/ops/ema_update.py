@@ -1,0 +1,107 @@
+"""``ema_update_`` — fused multi-tensor EMA of teacher parameters (SPEC section 1).
+
+This module is the template every sslkern op follows:
+  1. the public function (docstring: equation, shapes, dtypes, reference) checks its
+     arguments once and calls
+  2. the ``torch.library`` custom op ``torch.ops.sslkern.<name>``, whose body asks the
+     op's ``Dispatch`` table for a backend (reference / cpu / triton / cuda) and runs it;
+  3. ``register_fake`` (and ``register_autograd`` for differentiable ops) make the op work
+     under ``torch.compile(fullgraph=True)`` and autograd.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .._backend import Dispatch, ext_op, module_attr
+from .._checks import FLOAT_DTYPES, check_range, check_tensor, fail, is_dense
+
+OP = "ema_update_"
+
+
+def _reference(teachers, students, momentum, momentum_value):
+    from ..reference.ema_update import ema_update_
+
+    ema_update_(teachers, students, momentum if momentum is not None else momentum_value)
+
+
+dispatch = Dispatch(
+    OP,
+    {
+        "reference": lambda: _reference,
+        "cpu": ext_op("ema_update_cpu"),
+        "triton": module_attr("sslkern.triton_ops.ema_update", "ema_update_triton"),
+        "cuda": ext_op("ema_update_cuda"),
+    },
+)
+
+
+@torch.library.custom_op("sslkern::ema_update_", mutates_args=("teachers",))
+def _ema_update_op(
+    teachers: list[torch.Tensor],
+    students: list[torch.Tensor],
+    momentum: Optional[torch.Tensor],
+    momentum_value: float,
+    backend: str,
+) -> None:
+    if teachers:
+        dispatch(teachers[0].device, backend)(teachers, students, momentum, momentum_value)
+
+
+@_ema_update_op.register_fake
+def _(teachers, students, momentum, momentum_value, backend):
+    return None
+
+
+def ema_update_(
+    teachers: Sequence[torch.Tensor],
+    students: Sequence[torch.Tensor],
+    momentum: float | torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> None:
+    r"""In place, for every pair: ``teacher ← m·teacher + (1 − m)·student``.
+
+    One pass over all tensors (one kernel launch per dtype combination on GPU; on CPU the
+    chunks of all tensors are shared out across threads).
+
+    Args:
+        teachers: tensors updated in place (fp32, fp64, bf16, fp16); any shapes.
+        students: tensors of the same shapes, on the same device; their dtype may differ
+            from the teacher's (e.g. fp32 teacher, bf16 student). Arithmetic is fp32
+            (fp64 for fp64 teachers), rounded once to the teacher's dtype.
+        momentum: ``m`` in [0, 1], a Python float or a one-element tensor (read on the
+            device: no host sync, CUDA-graph friendly; its range is not checked).
+        backend: force ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"`` (default: auto).
+
+    Matches ``torch._foreach_lerp_(teachers, students, 1 - m)`` (timm ``ModelEmaV3``) and
+    fairseq ``EMAModule`` (``mul_(m).add_(student, alpha=1 - m)``) up to fp32 rounding.
+    Teachers and students must not share memory; both must be dense with equal strides.
+    """
+    teachers, students = list(teachers), list(students)
+    if len(teachers) != len(students):
+        fail(OP, f"teachers and students must have the same length, got {len(teachers)} and {len(students)}")
+    device = teachers[0].device if teachers else torch.device("cpu")
+    compiling = torch.compiler.is_compiling()
+    for i, (t, s) in enumerate(zip(teachers, students)):
+        check_tensor(OP, f"teachers[{i}]", t, dtypes=FLOAT_DTYPES, device=device)
+        check_tensor(OP, f"students[{i}]", s, dtypes=FLOAT_DTYPES, shape=tuple(t.shape), device=device)
+        if not is_dense(t) or tuple(t.stride()) != tuple(s.stride()):
+            fail(OP, f"teachers[{i}] and students[{i}] must be dense with equal strides, got strides "
+                     f"{tuple(t.stride())} and {tuple(s.stride())}")
+        if not compiling and t.numel() and t.untyped_storage().data_ptr() == s.untyped_storage().data_ptr():
+            fail(OP, f"teachers[{i}] and students[{i}] share memory; the teacher must be a separate copy")
+    if isinstance(momentum, torch.Tensor):
+        check_tensor(OP, "momentum", momentum, dtypes=FLOAT_DTYPES)
+        if momentum.numel() != 1:
+            fail(OP, f"momentum expected one element, got shape {tuple(momentum.shape)}")
+        if momentum.device != device and momentum.device.type != "cpu":
+            fail(OP, f"momentum expected to be on {device} or a CPU scalar, got {momentum.device}")
+        m_tensor, m_value = momentum.reshape(()), 0.0
+    else:
+        m_value = float(momentum)
+        check_range(OP, "momentum", m_value, 0.0, 1.0)
+        m_tensor = None
+    with torch.no_grad():
+        torch.ops.sslkern.ema_update_(teachers, students, m_tensor, m_value, backend or "")
