@@ -2,6 +2,9 @@
 //
 //   teacher <- teacher + (1 - m) * (student - teacher)      (= m*teacher + (1-m)*student)
 //
+// evaluated like torch.lerp: t + w*(s - t) for w = 1 - m < 0.5, else s - m*(s - t), which
+// is exact at both ends (m = 1 keeps the teacher, m = 0 copies the student).
+//
 // All tensor pairs are cut into fixed-size chunks and the chunk list is split across
 // threads, so the parallelism is over the whole parameter set, not per tensor (a ViT has
 // many tiny tensors). Arithmetic is fp32 (fp64 when the teacher is fp64); the teacher and
@@ -25,16 +28,18 @@ void ema_range(void* teacher, const void* student, int64_t begin, int64_t end, d
     for (int64_t i = begin; i < end; ++i) {
       const double sv = std::is_same_v<ST, double> ? static_cast<double>(reinterpret_cast<const double*>(s)[i])
                                                    : static_cast<double>(load_f(s, i));
-      t[i] = t[i] + w * (sv - t[i]);
+      t[i] = w < 0.5 ? t[i] + w * (sv - t[i]) : sv - (1.0 - w) * (sv - t[i]);
     }
   } else {
-    const float wf = static_cast<float>(w);
+    // Which lerp form is uniform over the call, so the branch sits outside the loop.
+    const bool small_w = w < 0.5;
+    const float c = static_cast<float>(small_w ? w : 1.0 - w);
 #pragma omp simd
     for (int64_t i = begin; i < end; ++i) {
       const float tv = load_f(t, i);
       const float sv = std::is_same_v<ST, double> ? static_cast<float>(reinterpret_cast<const double*>(s)[i])
                                                   : load_f(s, i);
-      store_f(t, i, tv + wf * (sv - tv));
+      store_f(t, i, small_w ? tv + c * (sv - tv) : sv - c * (sv - tv));
     }
   }
 }

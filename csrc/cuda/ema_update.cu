@@ -2,6 +2,8 @@
 //
 //   teacher <- teacher + (1 - m) * (student - teacher)
 //
+// evaluated like torch.lerp (t + w*(s - t) for w < 0.5, else s - m*(s - t)): exact at m = 0, 1.
+//
 // One launch per (teacher dtype, student dtype) group over a chunk table: each CUDA block
 // owns one chunk of one tensor pair, read from a small table of (teacher address,
 // student address, begin, end) rows copied to the device with the launch. m is read on the
@@ -33,7 +35,11 @@ __global__ void ema_update_kernel(const int64_t* __restrict__ table, const float
   TT* __restrict__ t = reinterpret_cast<TT*>(row[0]);
   const ST* __restrict__ s = reinterpret_cast<const ST*>(row[1]);
   const int64_t begin = row[2], end = row[3];
-  const float w = 1.f - (momentum != nullptr ? *momentum : momentum_value);
+  const float m = momentum != nullptr ? *momentum : momentum_value;
+  const float w = 1.f - m;
+  const bool small_w = w < 0.5f;
+  const float c = small_w ? w : m;
+  auto lerp = [=](float tv, float sv) { return small_w ? tv + c * (sv - tv) : sv - c * (sv - tv); };
 
   if constexpr (std::is_same_v<TT, float> && std::is_same_v<ST, float>) {
     // 16-byte accesses when both chunk starts are aligned (kChunk is a multiple of 4).
@@ -44,19 +50,18 @@ __global__ void ema_update_kernel(const int64_t* __restrict__ table, const float
       for (int64_t i = threadIdx.x; i < n4; i += blockDim.x) {
         float4 a = t4[i];
         const float4 b = s4[i];
-        a.x += w * (b.x - a.x);
-        a.y += w * (b.y - a.y);
-        a.z += w * (b.z - a.z);
-        a.w += w * (b.w - a.w);
+        a.x = lerp(a.x, b.x);
+        a.y = lerp(a.y, b.y);
+        a.z = lerp(a.z, b.z);
+        a.w = lerp(a.w, b.w);
         t4[i] = a;
       }
-      for (int64_t i = begin + 4 * n4 + threadIdx.x; i < end; i += blockDim.x) t[i] += w * (s[i] - t[i]);
+      for (int64_t i = begin + 4 * n4 + threadIdx.x; i < end; i += blockDim.x) t[i] = lerp(t[i], s[i]);
       return;
     }
   }
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    const float tv = to_f(t[i]);
-    t[i] = from_f<TT>(tv + w * (to_f(s[i]) - tv));
+    t[i] = from_f<TT>(lerp(to_f(t[i]), to_f(s[i])));
   }
 }
 

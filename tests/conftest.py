@@ -1,0 +1,55 @@
+"""Shared test setup.
+
+Without a GPU the Triton backend runs in the interpreter on CPU tensors: the variable must
+be set before any Triton kernel is defined, hence here, before sslkern is imported.
+"""
+import os
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import sslkern  # noqa: E402
+from sslkern._backend import backend_status  # noqa: E402
+
+STATUS = backend_status()
+
+
+def available_backends(dispatch, device: str = "cpu") -> list[str]:
+    """The backends of an op that can run tensors on ``device`` in this process."""
+    out = []
+    for b in dispatch.backends:
+        ok, _ = dispatch._usable(b, torch.device(device))
+        if ok:
+            out.append(b)
+    return out
+
+
+def backend_params(dispatch, include_reference: bool = False):
+    """pytest params over an op's backends; unavailable ones are skipped with the reason.
+
+    The cpu and triton backends are exercised on CPU tensors (Triton through the
+    interpreter); cuda only with a GPU (marked ``cuda``).
+    """
+    params = []
+    for b in dispatch.backends:
+        if b == "reference" and not include_reference:
+            continue
+        device = "cuda" if b == "cuda" or (b == "triton" and torch.cuda.is_available()) else "cpu"
+        marks = [pytest.mark.cuda] if device == "cuda" else []
+        ok, why = (True, "") if b == "reference" else dispatch._usable(b, torch.device(device)) if (
+            device == "cpu" or torch.cuda.is_available()) else (False, "no CUDA device")
+        if not ok:
+            marks.append(pytest.mark.skip(reason=f"{b}: {why}"))
+        params.append(pytest.param((b, device), id=b, marks=marks))
+    return params
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # Fresh random inputs per test, but reproducible from the test's name.
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    yield
