@@ -1,0 +1,241 @@
+"""TEMPORARY — delete once every op below has landed on main.
+
+The data2vec 2.0 recipe is written against the public sslkern API. While an op is still
+on its branch, this module provides a small eager stand-in under the same name, and the
+library op is used as soon as it exists. Each stand-in is the SPEC's math in plain
+PyTorch, kept only so the recipe runs end to end in the meantime; none of it is part of
+the library.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sslkern
+
+PENDING: list[str] = []  # names served by a stand-in in this process (shown in the run summary)
+
+
+def _pick(name: str, standin, owner=sslkern):
+    fn = getattr(owner, name, None) if owner is not None else None
+    if fn is None:
+        PENDING.append(name)
+        return standin
+    return fn
+
+
+# ---- tokens ---------------------------------------------------------------------------
+def _gather_tokens(x, ids_keep, *, pos_embed=None, num_prefix_tokens=0, mask_major=False):
+    if ids_keep.dim() == 2:
+        ids_keep = ids_keep.unsqueeze(1)
+    b, m, nk = ids_keep.shape
+    p = num_prefix_tokens
+    patches = x[:, p:]
+    if pos_embed is not None:
+        patches = patches + pos_embed
+    idx = ids_keep.reshape(b, m * nk, 1).expand(-1, -1, x.shape[-1])
+    vis = torch.gather(patches, 1, idx).reshape(b, m, nk, -1)
+    prefix = x[:, :p].unsqueeze(1).expand(-1, m, -1, -1)
+    out = torch.cat([prefix, vis], dim=2)
+    if mask_major:
+        out = out.transpose(0, 1)
+    return out.reshape(b * m, p + nk, -1)
+
+
+def _restore_tokens(x_vis, ids_restore, *, mask_token=None, fill=None, pos_embed=None, num_prefix_tokens=0):
+    p = num_prefix_tokens
+    b, n = ids_restore.shape
+    vis = x_vis[:, p:]
+    nk = vis.shape[1]
+    if fill is None:
+        fill = mask_token.view(1, 1, -1).expand(b, n, -1)
+    # slot i holds visible token rank r = ids_restore[i] when r < nk, else the fill of slot i
+    from_vis = torch.gather(vis, 1, ids_restore.clamp(max=nk - 1).unsqueeze(-1).expand(-1, -1, vis.shape[-1]))
+    y = torch.where((ids_restore < nk).unsqueeze(-1), from_vis, fill.to(vis.dtype))
+    if pos_embed is not None:
+        y = y + pos_embed
+    return torch.cat([x_vis[:, :p], y], dim=1)
+
+
+class _TokenMasks(NamedTuple):
+    ids_keep: torch.Tensor
+    ids_restore: torch.Tensor
+    mask: torch.Tensor
+
+
+def _from_noise(noise, keep):
+    ids_shuffle = noise.argsort(dim=-1)
+    ids_restore = ids_shuffle.argsort(dim=-1)
+    mask = ids_restore >= keep
+    return _TokenMasks(ids_shuffle[..., :keep].contiguous(), ids_restore, mask)
+
+
+def _random_mask(batch, num_tokens, mask_ratio, *, num_masks=1, generator=None, device=None):
+    keep = int(num_tokens * (1 - mask_ratio))
+    noise = torch.rand(batch, num_masks, num_tokens, generator=generator, device=device)
+    return _from_noise(noise, keep)
+
+
+def _inverse_block_mask(batch, grid_hw, mask_prob, *, mask_length=3, mask_prob_adjust=0.07, num_masks=1,
+                        generator=None, device=None):
+    h, w = grid_hw
+    n = h * w
+    keep_prob = 1 - mask_prob
+    keep = int(n * keep_prob)
+    n_centers = max(1, int(n * (keep_prob + mask_prob_adjust) / mask_length ** 2))
+    rows = batch * num_masks
+    kept = torch.zeros(rows, h, w, dtype=torch.bool)
+    centers = torch.randint(0, n, (rows, n_centers), generator=generator)
+    off = torch.arange(mask_length) - (mask_length - 1) // 2
+    for r in range(rows):
+        for c in centers[r].tolist():
+            ci, cj = divmod(c, w)
+            ii = (ci + off).clamp(0, h - 1)
+            jj = (cj + off).clamp(0, w - 1)
+            kept[r][ii[:, None], jj[None, :]] = True
+    kept = kept.view(rows, n)
+    # add / remove kept tokens at random until exactly `keep` per row: rank by (kept, random)
+    score = kept.float() + torch.rand(rows, n, generator=generator)  # kept tokens score in [1, 2)
+    noise = -score  # argsort ascending → highest score kept first
+    return _from_noise(noise.view(batch, num_masks, n).to(device), keep)
+
+
+class _Masks:
+    random_mask = staticmethod(_random_mask)
+    inverse_block_mask = staticmethod(_inverse_block_mask)
+
+
+# ---- targets ---------------------------------------------------------------------------
+def _layer_average_targets(layers, *, layer_norm="instance", final_norm="layer", eps=1e-5):
+    with torch.no_grad():
+        ys = []
+        for y in layers:
+            y = y.float()
+            if layer_norm == "instance":
+                y = F.instance_norm(y.transpose(1, 2), eps=eps).transpose(1, 2)
+            elif layer_norm == "layer":
+                y = F.layer_norm(y, y.shape[-1:], eps=eps)
+            ys.append(y)
+        y = sum(ys) / len(ys)
+        if final_norm == "layer":
+            y = F.layer_norm(y, y.shape[-1:], eps=eps)
+        elif final_norm == "instance":
+            y = F.instance_norm(y.transpose(1, 2), eps=eps).transpose(1, 2)
+        return y
+
+
+def _masked_regression_loss(pred, target, mask=None, *, ids=None, beta=0.0, scale=None, reduction="sum"):
+    m = pred.shape[0] // target.shape[0]
+    t = target.float().repeat_interleave(m, dim=0)
+    p = pred.float()
+    if beta == 0:
+        per = (p - t).pow(2)
+    else:
+        per = F.smooth_l1_loss(p, t, beta=beta, reduction="none")
+    per = per.sum(-1) * (scale if scale is not None else 1 / math.sqrt(pred.shape[-1]))
+    if mask is not None:
+        per = per[mask]
+    return per.sum() if reduction == "sum" else per.mean()
+
+
+# ---- EMA ---------------------------------------------------------------------------------
+class _EMATeacher(nn.Module):
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        import copy
+
+        self.module = copy.deepcopy(student)
+        self.module.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, student: nn.Module, momentum: float) -> None:
+        s_params = dict(student.named_parameters())
+        t_list, s_list = [], []
+        for name, p in self.module.named_parameters():
+            sp = s_params.get(name)
+            if sp is None:
+                continue
+            if sp.requires_grad:
+                t_list.append(p)
+                s_list.append(sp.detach())
+            else:
+                p.copy_(sp)
+        if t_list:
+            sslkern.ema_update_(t_list, s_list, momentum)
+        s_bufs = dict(student.named_buffers())
+        for name, b in self.module.named_buffers():
+            if name in s_bufs:
+                b.copy_(s_bufs[name])
+
+
+def _linear_anneal(step, total_steps, start, end):
+    if step >= total_steps:
+        return end
+    return end - (end - start) * (1 - step / total_steps)
+
+
+def _cosine_schedule(step, total_steps, start, end):
+    if step >= total_steps:
+        return end
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * step / total_steps))
+
+
+class _Schedules:
+    linear_anneal = staticmethod(_linear_anneal)
+    cosine_schedule = staticmethod(_cosine_schedule)
+
+
+# ---- ALiBi attention ---------------------------------------------------------------------
+def _alibi_slopes(h):
+    def pow2(n):
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(h).is_integer():
+        return torch.tensor(pow2(h))
+    lower = 2 ** math.floor(math.log2(h))
+    return torch.tensor(pow2(lower) + pow2(2 * lower)[0::2][: h - lower])
+
+
+class _AlibiAttention(nn.Module):
+    """timm ``Attention`` parameter names (qkv, proj) with a 2-D ALiBi bias; set ``.coords`` (B, N, 2)
+    to the kept tokens' grid coordinates before the forward (None = full grid)."""
+
+    def __init__(self, dim, num_heads=8, qkv_bias=True, grid_hw=None, num_prefix_tokens=1):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm, self.k_norm, self.norm = nn.Identity(), nn.Identity(), nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+        self.register_buffer("slopes", _alibi_slopes(num_heads), persistent=False)
+        self.grid_hw, self.num_prefix_tokens, self.coords = grid_hw, num_prefix_tokens, None
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        coords = self.coords
+        if coords is None:
+            h, w = self.grid_hw
+            r, cc = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            coords = torch.stack([r.flatten(), cc.flatten()], -1).expand(b, -1, -1).to(x.device)
+        d = (coords[:, :, None, :] - coords[:, None, :, :]).abs().sum(-1).float()  # (B, Np, Np)
+        p = self.num_prefix_tokens
+        dist = F.pad(d, (p, 0, p, 0))  # prefix tokens: zero bias
+        bias = -self.slopes.view(1, -1, 1, 1).to(x.dtype) * dist[:, None].to(x.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+# ---- what the recipe uses ---------------------------------------------------------------------
+gather_tokens = _pick("gather_tokens", _gather_tokens)
+restore_tokens = _pick("restore_tokens", _restore_tokens)
+masks = _pick("masks", _Masks)
+layer_average_targets = _pick("layer_average_targets", _layer_average_targets)
+masked_regression_loss = _pick("masked_regression_loss", _masked_regression_loss)
+schedules = _pick("schedules", _Schedules)
+EMATeacher = _pick("EMATeacher", _EMATeacher, getattr(sslkern, "nn", None))
+AlibiAttention = _pick("AlibiAttention", _AlibiAttention, getattr(sslkern, "nn", None))
