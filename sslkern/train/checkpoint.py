@@ -161,3 +161,13 @@ def load_exported_encoder(path: str):
     model = VisionTransformer(**meta["timm_kwargs"])
     model.load_state_dict(tensors, strict=True)
     return model
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The ``step`` recorded in a training checkpoint (None if there is no file)."""
+    if not os.path.exists(path):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return json.loads((f.metadata() or {}).get(METADATA_KEY, "{}")).get("step")

@@ -3,7 +3,7 @@
 Run directory layout::
 
     config.json        resolved configuration (every argument, dataset, world size)
-    metrics.jsonl      one JSON object per line: {"kind": "train"|"eval", "step", "epoch", ...}
+    metrics.jsonl      one JSON object per line: {"kind": "train"|"eval"|"final", "step", "epoch", ...}
     checkpoint.safetensors   last training state (see checkpoint.py)
     encoder_teacher.safetensors / encoder_student.safetensors   timm-loadable encoders
     loss.png, eval.png plots (matplotlib, Agg backend)
@@ -35,8 +35,9 @@ class RunLogger:
             json.dump(config, f, indent=2, sort_keys=True)
         rows = []
         if resume_step is not None and os.path.exists(self.metrics_path):
-            # Rows written after the checkpoint we resume from are replayed by the resumed run.
-            rows = [r for r in self.read_metrics(self.metrics_path) if r["step"] <= resume_step]
+            # Rows written after the checkpoint we resume from are replayed by the resumed run;
+            # a "final" evaluation of a run stopped early (--steps) is superseded.
+            rows = [r for r in self.read_metrics(self.metrics_path) if r["step"] <= resume_step and r["kind"] != "final"]
         with open(self.metrics_path, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
@@ -99,7 +100,7 @@ class RunLogger:
             fig.tight_layout()
             fig.savefig(os.path.join(self.out_dir, "loss.png"), dpi=100)
             plt.close(fig)
-        evals = [r for r in rows if r["kind"] == "eval"]
+        evals = [r for r in rows if r["kind"] in ("eval", "final")]
         if evals:
             fig, ax = plt.subplots(figsize=(6, 3.5))
             keys = sorted({k for r in evals for k in r if k.endswith(("knn", "probe"))})

@@ -1,0 +1,328 @@
+"""data2vec 2.0 pretraining of a small ViT on sslkern ops (Baevski et al. 2022, arXiv:2212.07525).
+
+    python recipes/data2vec2.py                      # digits, 16x16, ~3-4 min on 2 CPU cores
+    torchrun --nproc_per_node=2 recipes/data2vec2.py # data-parallel (gloo on CPU, nccl on GPU)
+
+One step, as in fairseq ``examples/data2vec/models/data2vec2.py``:
+  1. masks     M clone masks per image (random 0.7 by default; inverse block optional)
+  2. targets   the EMA teacher encodes the full image; the FFN outputs (before the residual)
+               of its top K blocks are instance-normalized over tokens, averaged and
+               layer-normalized (``sslkern.layer_average_targets``)
+  3. student   ONE patch-embedding pass, then the visible tokens of all M masks are gathered
+               (``sslkern.gather_tokens``) and encoded
+  4. decoder   visible outputs are put back on the grid with N(0, 0.01^2) noise in the masked
+               slots (``sslkern.restore_tokens``) and refined by two grouped 3x3 convolutions
+  5. loss      masked L2 regression scaled by 1/sqrt(D) (``sslkern.masked_regression_loss``),
+               divided by the global masked-token count, plus CLS -> mean-target regression
+  6. step      AdamW, warm-up then cosine learning rate
+  7. EMA       teacher <- EMA of the student encoder, momentum annealed linearly 0.99 -> 0.999
+
+Why random masking by default: the default grid is 4x4 = 16 tokens (16x16 digits, patch 4).
+Inverse block masking keeps 3x3 blocks around a few centres; on a 4x4 grid one block already
+covers more than half the image, so masks barely vary and the task degenerates
+(CALIBRATION: 58.5 % kNN with inverse blocks vs 82 % with random masking). Use
+``--mask inverse_block`` on larger grids (e.g. ``--image-size 32 --patch-size 2``).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sslkern  # noqa: E402
+from sslkern.train import _pending_ops as ops  # noqa: E402  TEMPORARY: becomes `sslkern` when all ops land
+from sslkern.train import checkpoint as ckpt  # noqa: E402
+from sslkern.train import distributed as dist  # noqa: E402
+from sslkern.train.data import DataError, augment, epoch_batches, load_dataset  # noqa: E402
+from sslkern.train.evaluate import evaluate_encoder  # noqa: E402
+from sslkern.train.logging import RunLogger, Throughput  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------
+# Model: timm ViT encoder (student, and its EMA copy as teacher) + light conv decoder
+# ---------------------------------------------------------------------------------------
+def timm_kwargs(a, in_chans):
+    return dict(img_size=a.image_size, patch_size=a.patch_size, in_chans=in_chans, embed_dim=a.dim, depth=a.depth,
+                num_heads=a.heads, num_classes=0, global_pool="token")
+
+
+def build_encoder(a, in_chans):
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(**timm_kwargs(a, in_chans))
+    if a.alibi:  # same parameter names as timm Attention, so the state dict is unchanged
+        for blk in vit.blocks:
+            blk.attn = ops.AlibiAttention(a.dim, num_heads=a.heads, qkv_bias=True, grid_hw=vit.patch_embed.grid_size)
+    return vit
+
+
+class ConvDecoder(nn.Module):
+    """fairseq ``Decoder2d``: [grouped conv k×k → LayerNorm (no affine) → GELU] × L, residual from layer 2, linear out."""
+
+    def __init__(self, embed_dim, grid_hw, dim=64, layers=2, kernel=3, groups=16):
+        super().__init__()
+        self.grid_hw = grid_hw
+        self.convs = nn.ModuleList(nn.Conv2d(embed_dim if i == 0 else dim, dim, kernel, padding=kernel // 2, groups=groups)
+                                   for i in range(layers))
+        self.proj = nn.Linear(dim, embed_dim)
+
+    def forward(self, x):  # (B, N, D) tokens on the full grid
+        b, n, d = x.shape
+        x = x.transpose(1, 2).reshape(b, d, *self.grid_hw)
+        for i, conv in enumerate(self.convs):
+            y = F.gelu(F.layer_norm(conv(x).permute(0, 2, 3, 1), (conv.out_channels,)).permute(0, 3, 1, 2))
+            x = y if i == 0 else x + y
+        return self.proj(x.flatten(2).transpose(1, 2))
+
+
+class Student(nn.Module):
+    """Encodes the visible tokens of M masks per image from one embedding pass, then decodes."""
+
+    def __init__(self, encoder, decoder, noise_std=0.01):
+        super().__init__()
+        self.encoder, self.decoder, self.noise_std = encoder, decoder, noise_std
+
+    def forward(self, images, masks, generator):
+        vit = self.encoder
+        b, m, nk = masks.ids_keep.shape
+        x = vit._pos_embed(vit.patch_embed(images))  # (B, 1+N, D): one embedding pass for all clones
+        x = ops.gather_tokens(x, masks.ids_keep, num_prefix_tokens=1)  # (B*M, 1+Nk, D), image-major
+        if isinstance(vit.blocks[0].attn, ops.AlibiAttention):  # bias from the kept tokens' true grid coords
+            w = vit.patch_embed.grid_size[1]
+            keep = masks.ids_keep.reshape(b * m, nk)
+            coords = torch.stack([keep // w, keep % w], dim=-1)
+            for blk in vit.blocks:
+                blk.attn.coords = coords
+        x = vit.norm(vit.blocks(vit.norm_pre(x)))
+        ids_restore = masks.ids_restore.reshape(b * m, -1)
+        noise = torch.randn(b * m, ids_restore.shape[1], x.shape[-1], generator=generator, device=generator.device)
+        full = ops.restore_tokens(x, ids_restore, fill=(noise * self.noise_std).to(x), num_prefix_tokens=1)
+        return x[:, 0], self.decoder(full[:, 1:])  # CLS (B*M, D), predictions (B*M, N, D)
+
+
+@torch.no_grad()
+def teacher_targets(teacher_vit, images, top_k):
+    """Top-K blocks' FFN outputs (before the residual, CLS dropped) → ``layer_average_targets``."""
+    outs = []
+    hooks = [blk.mlp.register_forward_hook(lambda mod, inp, out: outs.append(out[:, 1:]))
+             for blk in teacher_vit.blocks[-top_k:]]
+    for blk in teacher_vit.blocks:
+        if isinstance(blk.attn, ops.AlibiAttention):
+            blk.attn.coords = None  # full grid
+    teacher_vit.forward_features(images)
+    for h in hooks:
+        h.remove()
+    return ops.layer_average_targets(outs, layer_norm="instance", final_norm="layer")  # (B, N, D) fp32
+
+
+def make_masks(a, batch, grid_hw, generator):
+    if a.mask == "random":
+        return ops.masks.random_mask(batch, grid_hw[0] * grid_hw[1], a.mask_ratio, num_masks=a.clones,
+                                     generator=generator, device=generator.device)
+    return ops.masks.inverse_block_mask(batch, grid_hw, a.mask_ratio, mask_length=a.mask_length, num_masks=a.clones,
+                                        generator=generator, device=generator.device)
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------
+def train(a, info, log):
+    data = load_dataset(a.data, a.image_size)
+    torch.manual_seed(a.seed)
+    encoder = build_encoder(a, data.in_chans)
+    grid = tuple(encoder.patch_embed.grid_size)
+    student = Student(encoder, ConvDecoder(a.dim, grid, a.decoder_dim, a.decoder_layers, groups=a.decoder_groups)).to(info.device)
+    teacher = ops.EMATeacher(student.encoder)  # frozen deep copy; the decoder has no teacher
+    model = nn.parallel.DistributedDataParallel(student) if info.enabled else student
+    decay = [p for n, p in student.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n]
+    no_decay = [p for n, p in student.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=a.lr, betas=(0.9, 0.95))
+    gen = torch.Generator(device=info.device)  # masks, augmentation, decoder noise
+
+    steps_per_epoch = data.train_images.shape[0] // a.batch_size
+    total_steps, warmup = a.epochs * steps_per_epoch, a.warmup_epochs * steps_per_epoch
+    last = min(total_steps, a.steps) if a.steps else total_steps
+    step, ckpt_path = 0, os.path.join(a.out, "checkpoint.safetensors")
+    modules = {"student": student, "teacher": teacher.module}
+    if a.resume and os.path.exists(ckpt_path):
+        step = ckpt.load_training_state(ckpt_path, modules=modules, optimizer=opt, generators={"masks": gen})["step"]
+        log.print(f"resumed from {ckpt_path} at step {step}")
+
+    local_b = a.batch_size // info.world_size
+    bar, speed = log.progress(last, initial=step), Throughput()
+    while step < last:
+        epoch, pos = divmod(step, steps_per_epoch)
+        idx = epoch_batches(len(data.train_labels), a.batch_size, epoch, a.seed, rank=info.rank,
+                            world_size=info.world_size)[pos]
+        gen.manual_seed(a.seed * 1_000_003 + step * 4_099 + info.rank)  # stream independent of interruptions
+        lr = a.lr * step / max(warmup, 1) if step < warmup else ops.schedules.cosine_schedule(
+            step - warmup, total_steps - warmup, a.lr, a.min_lr)
+        momentum = ops.schedules.linear_anneal(step, total_steps, a.ema_start, a.ema_end)
+        for g in opt.param_groups:
+            g["lr"] = lr
+
+        images = augment(data.train_images[idx].to(info.device), gen)
+        masks = make_masks(a, local_b, grid, gen)                                   # 1. masks
+        targets = teacher_targets(teacher.module, images, a.top_k)                  # 2. targets (B, N, D)
+        cls_pred, pred = model(images, masks, gen)                                  # 3-4. student + decoder
+        mask = masks.mask.reshape(local_b * a.clones, -1)
+        n_masked = dist.all_reduce_sum(mask.sum().to(torch.float64))                # global masked tokens
+        reg = ops.masked_regression_loss(pred, targets, mask, reduction="sum")      # 5. loss (sum over tokens)
+        cls = ops.masked_regression_loss(cls_pred.unsqueeze(1), targets.mean(1, keepdim=True), None, reduction="sum")
+        n_clones = local_b * a.clones * info.world_size
+        loss = reg / n_masked + a.cls_weight * cls / n_clones
+        opt.zero_grad(set_to_none=True)
+        (loss * info.world_size).backward()  # DDP averages gradients over ranks: undo it → global-sum / global-count
+        opt.step()                                                                  # 6. step
+        teacher.update(student.encoder, momentum)                                   # 7. EMA
+        step += 1
+
+        global_loss = float(dist.all_reduce_sum(loss.detach().to(torch.float64)))
+        if not math.isfinite(global_loss):
+            raise FloatingPointError(f"loss became {global_loss} at step {step}")
+        rate = speed.tick(a.batch_size)
+        log.log("train", step, epoch, loss=global_loss, lr=lr, momentum=momentum, img_per_s=rate)
+        log.update_bar(loss=global_loss, lr=lr, m=momentum, img_s=round(rate))
+        end_of_epoch = step % steps_per_epoch == 0
+        if end_of_epoch and a.eval_every and (step // steps_per_epoch) % a.eval_every == 0 and step < last:
+            if info.is_main:
+                log.log("eval", step, step // steps_per_epoch,
+                        teacher_knn=evaluate_encoder(teacher.module, data, probe=False)["knn"],
+                        student_knn=evaluate_encoder(student.encoder, data, probe=False)["knn"])
+        if (end_of_epoch or step == last) and info.is_main:
+            ckpt.save_training_state(ckpt_path, modules=modules, optimizer=opt, generators={"masks": gen},
+                                     extra={"step": step, "epoch": step // steps_per_epoch, "total_steps": total_steps})
+    log.close_bar()
+    dist.barrier()
+    return data, student, teacher, step, steps_per_epoch
+
+
+def final_evaluation(a, info, log, data, student, teacher, step, steps_per_epoch):
+    """kNN + probe of teacher, student and the same architecture at its random init (seed)."""
+    drift = dist.max_abs_diff_across_ranks(torch.cat([p.flatten() for p in teacher.module.parameters()]))
+    results = None
+    if info.is_main:
+        torch.manual_seed(a.seed)
+        random_init = build_encoder(a, data.in_chans).to(info.device)  # the student's exact initial weights
+        results = {name: evaluate_encoder(m, data, probe=not a.no_probe)
+                   for name, m in (("teacher", teacher.module), ("student", student.encoder), ("random", random_init))}
+        log.log("final", step, step // steps_per_epoch, teacher_replica_max_diff=drift,
+                **{f"{n}_{m}": v for n, r in results.items() for m, v in r.items()})
+        kw = timm_kwargs(a, data.in_chans)
+        ckpt.export_encoder(os.path.join(a.out, "encoder_teacher.safetensors"), teacher.module, kw, {"alibi": a.alibi})
+        ckpt.export_encoder(os.path.join(a.out, "encoder_student.safetensors"), student.encoder, kw, {"alibi": a.alibi})
+    results = dist.broadcast_object(results)
+    results["teacher_replica_max_diff"] = drift
+    return results
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="ImageFolder tree or CIFAR-10 batches dir (default: sklearn digits)")
+    p.add_argument("--out", default="runs/data2vec2", help="run directory")
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--steps", type=int, default=0, help="stop after this many steps in total (0 = all; schedules unchanged)")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch (split over ranks)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors if present")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--backend", default="auto", choices=("auto",) + sslkern.BACKENDS, help="sslkern backend for every op")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per rank (0 = cores / ranks)")
+    p.add_argument("--quiet", action="store_true")
+    g = p.add_argument_group("model")
+    g.add_argument("--image-size", type=int, default=16)
+    g.add_argument("--patch-size", type=int, default=4)
+    g.add_argument("--dim", type=int, default=96)
+    g.add_argument("--depth", type=int, default=4)
+    g.add_argument("--heads", type=int, default=3)
+    g.add_argument("--alibi", action="store_true", help="2-D ALiBi attention (sslkern.nn.AlibiAttention)")
+    g.add_argument("--decoder-dim", type=int, default=64)
+    g.add_argument("--decoder-layers", type=int, default=2)
+    g.add_argument("--decoder-groups", type=int, default=16)
+    g = p.add_argument_group("method")
+    g.add_argument("--mask", choices=("random", "inverse_block"), default="random")
+    g.add_argument("--mask-ratio", type=float, default=0.7)
+    g.add_argument("--mask-length", type=int, default=3, help="inverse block: block side")
+    g.add_argument("--clones", type=int, default=4, help="masks per image (clone batch)")
+    g.add_argument("--top-k", type=int, default=4, help="teacher blocks averaged into the targets")
+    g.add_argument("--cls-weight", type=float, default=0.1)
+    g.add_argument("--ema-start", type=float, default=0.99)
+    g.add_argument("--ema-end", type=float, default=0.999)
+    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--warmup-epochs", type=int, default=5)
+    g.add_argument("--eval-every", type=int, default=10, help="kNN every N epochs (0 = only at the end)")
+    g.add_argument("--no-probe", action="store_true", help="skip the linear probe")
+    a = p.parse_args(argv)
+    for name in ("epochs", "batch_size", "image_size", "patch_size", "dim", "depth", "heads", "clones", "top_k",
+                 "decoder_dim", "decoder_layers", "decoder_groups"):
+        if getattr(a, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} expected a positive integer, got {getattr(a, name)}")
+    for name in ("steps", "threads", "warmup_epochs", "eval_every"):
+        if getattr(a, name) < 0:
+            p.error(f"--{name.replace('_', '-')} expected >= 0, got {getattr(a, name)}")
+    if not 0 < a.mask_ratio < 1:
+        p.error(f"--mask-ratio expected in (0, 1), got {a.mask_ratio}")
+    if a.image_size % a.patch_size:
+        p.error(f"--image-size {a.image_size} expected a multiple of --patch-size {a.patch_size}")
+    if a.dim % a.heads:
+        p.error(f"--dim {a.dim} expected a multiple of --heads {a.heads}")
+    if a.top_k > a.depth:
+        p.error(f"--top-k expected <= --depth ({a.depth}), got {a.top_k}")
+    if a.dim % a.decoder_groups or a.decoder_dim % a.decoder_groups:
+        p.error(f"--decoder-groups {a.decoder_groups} expected to divide --dim {a.dim} and --decoder-dim {a.decoder_dim}")
+    if not (0 <= a.ema_start <= 1 and 0 <= a.ema_end <= 1):
+        p.error("--ema-start/--ema-end expected in [0, 1]")
+    if a.device not in ("cpu", "cuda") and not a.device.startswith("cuda:"):
+        p.error(f"--device expected cpu or cuda, got {a.device!r}")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda given but no CUDA device is visible")
+    if a.data is not None and not os.path.exists(a.data):
+        p.error(f"--data {a.data!r} does not exist (datasets are never downloaded)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if a.batch_size % world:
+        p.error(f"--batch-size {a.batch_size} expected a multiple of the number of processes ({world})")
+    return p, a
+
+
+def main(argv=None):
+    parser, a = parse_args(argv)
+    info = dist.init_distributed(a.device)
+    torch.set_num_threads(a.threads or max(1, (os.cpu_count() or 1) // info.world_size))
+    if info.device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    config = {**vars(a), "world_size": info.world_size, "torch": torch.__version__, "sslkern": sslkern.__version__,
+              "standin_ops": ops.PENDING}
+    log = RunLogger(a.out, config, is_main=info.is_main, quiet=a.quiet,
+                    resume_step=None if not a.resume else ckpt.checkpoint_step(os.path.join(a.out, "checkpoint.safetensors")))
+    t0 = time.perf_counter()
+    try:
+        with sslkern.use_backend(None if a.backend == "auto" else a.backend):
+            data, student, teacher, step, spe = train(a, info, log)
+            train_s = time.perf_counter() - t0
+            results = final_evaluation(a, info, log, data, student, teacher, step, spe)
+    except DataError as e:
+        parser.error(str(e))
+    finally:
+        dist.cleanup()
+    results.update(train_s=train_s, total_s=time.perf_counter() - t0, step=step, out=a.out)
+    log.plot()
+    row = lambda k: [k, *(f"{results[k][m]:.1f}" if m in results[k] else "-" for m in ("knn", "probe"))]  # noqa: E731
+    log.summary(f"data2vec 2.0 on {data.name} — seed {a.seed}, {step} steps, world {info.world_size}, backend {a.backend}",
+                [("train time", f"{train_s:.0f} s"), ("total time", f"{results['total_s']:.0f} s"),
+                 ("run directory", a.out), ("stand-in ops", ", ".join(ops.PENDING) or "none")],
+                [["encoder", "kNN %", "probe %"], row("teacher"), row("student"), row("random")])
+    return results
+
+
+if __name__ == "__main__":
+    main()
