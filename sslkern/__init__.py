@@ -13,4 +13,4 @@ from .version import __version__  # noqa: F401
 from ._backend import BACKENDS, backend_status, use_backend  # noqa: F401
 from ._checks import ArgumentError  # noqa: F401
 from .ops import ema_update_  # noqa: F401
-from . import reference  # noqa: F401
+from . import nn, reference, schedules  # noqa: F401
