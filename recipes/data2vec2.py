@@ -133,18 +133,42 @@ def make_masks(a, batch, grid_hw, generator):
 # ---------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------
-def train(a, info, log):
-    data = load_dataset(a.data, a.image_size)
+def build(a, in_chans, info):
+    """Student (encoder + decoder, DDP-wrapped when distributed), EMA teacher, AdamW."""
     torch.manual_seed(a.seed)
-    encoder = build_encoder(a, data.in_chans)
+    encoder = build_encoder(a, in_chans)
     grid = tuple(encoder.patch_embed.grid_size)
     student = Student(encoder, ConvDecoder(a.dim, grid, a.decoder_dim, a.decoder_layers, groups=a.decoder_groups)).to(info.device)
-    teacher = ops.EMATeacher(student.encoder)  # frozen deep copy; the decoder has no teacher
+    teacher = sslkern.nn.EMATeacher(student.encoder)  # frozen deep copy; the decoder has no teacher
     model = nn.parallel.DistributedDataParallel(student) if info.enabled else student
-    decay = [p for n, p in student.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n]
-    no_decay = [p for n, p in student.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+    wd = lambda n, p: p.ndim > 1 and "pos_embed" not in n and "cls_token" not in n  # noqa: E731
+    opt = torch.optim.AdamW([{"params": [p for n, p in student.named_parameters() if wd(n, p)], "weight_decay": a.weight_decay},
+                             {"params": [p for n, p in student.named_parameters() if not wd(n, p)], "weight_decay": 0.0}],
                             lr=a.lr, betas=(0.9, 0.95))
+    return student, teacher, model, opt
+
+
+def train_step(a, model, student, teacher, opt, images, gen, momentum, world_size=1):
+    """One data2vec 2.0 step on this rank's (augmented) images; returns the global loss (detached)."""
+    b, grid = images.shape[0], tuple(student.encoder.patch_embed.grid_size)
+    masks = make_masks(a, b, grid, gen)                                         # 1. masks
+    targets = teacher_targets(teacher.module, images, a.top_k)                  # 2. targets (B, N, D)
+    cls_pred, pred = model(images, masks, gen)                                  # 3-4. student + decoder
+    mask = masks.mask.reshape(b * a.clones, -1)
+    n_masked = dist.all_reduce_sum(mask.sum().to(torch.float64))                # global masked tokens
+    reg = ops.masked_regression_loss(pred, targets, mask, reduction="sum")      # 5. loss (sum over tokens)
+    cls = ops.masked_regression_loss(cls_pred.unsqueeze(1), targets.mean(1, keepdim=True), None, reduction="sum")
+    loss = reg / n_masked + a.cls_weight * cls / (b * a.clones * world_size)
+    opt.zero_grad(set_to_none=True)
+    (loss * world_size).backward()  # DDP averages gradients over ranks: undo it → global sum / global count
+    opt.step()                                                                  # 6. step
+    teacher.update(student.encoder, momentum)                                   # 7. EMA
+    return dist.all_reduce_sum(loss.detach().to(torch.float64))
+
+
+def train(a, info, log):
+    data = load_dataset(a.data, a.image_size)
+    student, teacher, model, opt = build(a, data.in_chans, info)
     gen = torch.Generator(device=info.device)  # masks, augmentation, decoder noise
 
     steps_per_epoch = data.train_images.shape[0] // a.batch_size
@@ -156,36 +180,21 @@ def train(a, info, log):
         step = ckpt.load_training_state(ckpt_path, modules=modules, optimizer=opt, generators={"masks": gen})["step"]
         log.print(f"resumed from {ckpt_path} at step {step}")
 
-    local_b = a.batch_size // info.world_size
-    bar, speed = log.progress(last, initial=step), Throughput()
+    log.progress(last, initial=step)
+    speed = Throughput()
     while step < last:
         epoch, pos = divmod(step, steps_per_epoch)
         idx = epoch_batches(len(data.train_labels), a.batch_size, epoch, a.seed, rank=info.rank,
                             world_size=info.world_size)[pos]
         gen.manual_seed(a.seed * 1_000_003 + step * 4_099 + info.rank)  # stream independent of interruptions
-        lr = a.lr * step / max(warmup, 1) if step < warmup else ops.schedules.cosine_schedule(
-            step - warmup, total_steps - warmup, a.lr, a.min_lr)
-        momentum = ops.schedules.linear_anneal(step, total_steps, a.ema_start, a.ema_end)
+        lr = sslkern.schedules.warmup_cosine(step, total_steps, warmup, a.lr, a.min_lr)
+        momentum = sslkern.schedules.linear_anneal(step, total_steps, a.ema_start, a.ema_end)
         for g in opt.param_groups:
             g["lr"] = lr
 
         images = augment(data.train_images[idx].to(info.device), gen)
-        masks = make_masks(a, local_b, grid, gen)                                   # 1. masks
-        targets = teacher_targets(teacher.module, images, a.top_k)                  # 2. targets (B, N, D)
-        cls_pred, pred = model(images, masks, gen)                                  # 3-4. student + decoder
-        mask = masks.mask.reshape(local_b * a.clones, -1)
-        n_masked = dist.all_reduce_sum(mask.sum().to(torch.float64))                # global masked tokens
-        reg = ops.masked_regression_loss(pred, targets, mask, reduction="sum")      # 5. loss (sum over tokens)
-        cls = ops.masked_regression_loss(cls_pred.unsqueeze(1), targets.mean(1, keepdim=True), None, reduction="sum")
-        n_clones = local_b * a.clones * info.world_size
-        loss = reg / n_masked + a.cls_weight * cls / n_clones
-        opt.zero_grad(set_to_none=True)
-        (loss * info.world_size).backward()  # DDP averages gradients over ranks: undo it → global-sum / global-count
-        opt.step()                                                                  # 6. step
-        teacher.update(student.encoder, momentum)                                   # 7. EMA
+        global_loss = float(train_step(a, model, student, teacher, opt, images, gen, momentum, info.world_size))
         step += 1
-
-        global_loss = float(dist.all_reduce_sum(loss.detach().to(torch.float64)))
         if not math.isfinite(global_loss):
             raise FloatingPointError(f"loss became {global_loss} at step {step}")
         rate = speed.tick(a.batch_size)

@@ -142,53 +142,6 @@ def _masked_regression_loss(pred, target, mask=None, *, ids=None, beta=0.0, scal
     return per.sum() if reduction == "sum" else per.mean()
 
 
-# ---- EMA ---------------------------------------------------------------------------------
-class _EMATeacher(nn.Module):
-    def __init__(self, student: nn.Module):
-        super().__init__()
-        import copy
-
-        self.module = copy.deepcopy(student)
-        self.module.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, student: nn.Module, momentum: float) -> None:
-        s_params = dict(student.named_parameters())
-        t_list, s_list = [], []
-        for name, p in self.module.named_parameters():
-            sp = s_params.get(name)
-            if sp is None:
-                continue
-            if sp.requires_grad:
-                t_list.append(p)
-                s_list.append(sp.detach())
-            else:
-                p.copy_(sp)
-        if t_list:
-            sslkern.ema_update_(t_list, s_list, momentum)
-        s_bufs = dict(student.named_buffers())
-        for name, b in self.module.named_buffers():
-            if name in s_bufs:
-                b.copy_(s_bufs[name])
-
-
-def _linear_anneal(step, total_steps, start, end):
-    if step >= total_steps:
-        return end
-    return end - (end - start) * (1 - step / total_steps)
-
-
-def _cosine_schedule(step, total_steps, start, end):
-    if step >= total_steps:
-        return end
-    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * step / total_steps))
-
-
-class _Schedules:
-    linear_anneal = staticmethod(_linear_anneal)
-    cosine_schedule = staticmethod(_cosine_schedule)
-
-
 # ---- ALiBi attention ---------------------------------------------------------------------
 def _alibi_slopes(h):
     def pow2(n):
@@ -236,6 +189,4 @@ restore_tokens = _pick("restore_tokens", _restore_tokens)
 masks = _pick("masks", _Masks)
 layer_average_targets = _pick("layer_average_targets", _layer_average_targets)
 masked_regression_loss = _pick("masked_regression_loss", _masked_regression_loss)
-schedules = _pick("schedules", _Schedules)
-EMATeacher = _pick("EMATeacher", _EMATeacher, getattr(sslkern, "nn", None))
-AlibiAttention = _pick("AlibiAttention", _AlibiAttention, getattr(sslkern, "nn", None))
+AlibiAttention = _pick("AlibiAttention", _AlibiAttention, sslkern.nn)
