@@ -67,6 +67,21 @@ def test_smoke_run_directory_and_timm_export(tmp_path):
     assert model.forward_features(torch.randn(2, 1, 16, 16)).shape == (2, 17, 32)
 
 
+@pytest.mark.parametrize("extra", [
+    ["--alibi"],
+    ["--mask", "inverse_block", "--patch-size", "2", "--mask-ratio", "0.6"],
+    ["--backend", "reference", "--clones", "2"],
+], ids=["alibi", "inverse_block", "reference_backend"])
+def test_recipe_options_run(tmp_path, extra):
+    out = str(tmp_path / "run")
+    res = _recipe().main(TINY + ["--out", out, "--steps", "2", "--no-probe"] + extra)
+    rows = RunLogger.read_metrics(os.path.join(out, "metrics.jsonl"))
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
+    assert all(np.isfinite(r["loss"]) for r in rows if r["kind"] == "train")
+    assert 0 <= res["teacher"]["knn"] <= 100
+    ckpt.load_exported_encoder(os.path.join(out, "encoder_student.safetensors"))
+
+
 def test_resume_after_stop_matches_uninterrupted(tmp_path):
     recipe = _recipe()
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
@@ -110,7 +125,12 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
 def test_two_processes_torchrun_gloo(tmp_path):
     out = str(tmp_path / "ddp")
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", RECIPE, *TINY,
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", RECIPE, *TINY,
            "--out", out, "--steps", "3", "--no-probe"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
