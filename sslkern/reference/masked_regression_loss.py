@@ -55,3 +55,27 @@ def data2vec_cls_loss(cls_pred, target, *, weight: float = 0.01, beta: float = 0
         loss = loss / max(cls_pred.shape[0], 1)
     loss = loss * weight
     return loss.to(torch.float32) if cdtype == torch.float32 else loss
+
+
+def masked_regression_loss_backward(grad_out, pred, target, mask=None, ids=None, beta: float = 0.0, scale=None,
+                                    mean: bool = False) -> torch.Tensor:
+    """d loss / d pred in closed form (autograd is not available below a custom op):
+    ``g · scale · ℓ'(pred − y)`` at counted tokens (÷ count for "mean"), 0 elsewhere."""
+    B, T, D = target.shape
+    M = pred.shape[0] // B
+    cdtype = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    y = target.to(cdtype).repeat_interleave(M, 0)
+    if ids is not None:
+        y = torch.gather(y, 1, ids.long().unsqueeze(-1).expand(-1, -1, D))
+    e = pred.to(cdtype) - y
+    if beta == 0:
+        d = 2 * e
+    else:
+        d = torch.where(e.abs() < beta, e / beta, torch.sign(e))
+    s = (1.0 / math.sqrt(D)) if scale is None else scale
+    keep = torch.ones(pred.shape[:2], dtype=torch.bool, device=pred.device) if mask is None else mask
+    count = int(keep.sum()) if ids is None else pred.shape[0] * pred.shape[1]
+    coef = grad_out.to(cdtype) * s
+    if mean:
+        coef = coef / max(count, 1)
+    return (d * coef * keep.unsqueeze(-1)).to(pred.dtype)
