@@ -17,5 +17,5 @@ from .version import __version__  # noqa: F401
 from ._backend import BACKENDS, backend_status, use_backend  # noqa: F401
 from ._checks import ArgumentError  # noqa: F401
 from .ops import ema_update_  # noqa: F401
-from . import reference  # noqa: F401
+from . import nn, reference, schedules  # noqa: F401
 from .ops import data2vec_cls_loss, data2vec_loss, layer_average_targets, masked_regression_loss  # noqa: F401
