@@ -118,6 +118,18 @@ def test_targets_half_inputs_stacked_and_cls_slice(backend, dtype):
         torch.testing.assert_close(got, want, **TGT_TOL)
 
 
+@pytest.mark.parametrize("backend", TARGET_BACKENDS)
+def test_targets_large_channel_mean(backend):
+    """A channel mean 1e3 times its spread must not cancel the variance (shifted sums)."""
+    name, device = backend
+    B, T, D = 2, 50, 19
+    ys = [torch.randn(B, T, D, device=device) * 0.5 + 1000.0 * torch.rand(D, device=device) for _ in range(3)]
+    want = fairseq_make_targets(ys, 3)
+    got = sslkern.layer_average_targets(ys, backend=name)
+    # fp32 inputs near 1e3 carry ~6e-5 absolute error, i.e. 1.2e-4 after normalizing by 0.5.
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+
+
 def test_targets_detach_and_eps():
     ys = [torch.randn(2, 50, 31, requires_grad=True) for _ in range(3)]
     out = sslkern.layer_average_targets(ys, eps=1e-3)
@@ -234,6 +246,9 @@ def test_cls_loss_and_fused_form_match_fairseq(backend):
     torch.testing.assert_close(total, fair, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gp, gp_w, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(gc, gc_w, atol=1e-6, rtol=1e-5)
+    # The stacked (K, B, T, D) form with top_k gives the same.
+    reg2, _ = sslkern.data2vec_loss(pred, torch.stack(ys), mask, top_k=8, backend=name)
+    torch.testing.assert_close(reg2, reg, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
