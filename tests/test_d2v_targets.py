@@ -367,3 +367,41 @@ def test_ids_out_of_range(backend, bad):
     pred = torch.randn(4, 3, 4, device=device, requires_grad=True)
     with pytest.raises((IndexError, RuntimeError), match=r"ids expected values in \[0, 5\)"):
         sslkern.masked_regression_loss(pred, torch.randn(2, 5, 4, device=device), ids=ids, backend=name)
+
+
+# ----------------------------------------------------------------------------------------
+# Triton: every configuration the launchers can pick compiles for sm_80 and sm_90
+# ----------------------------------------------------------------------------------------
+_AOT_SCRIPT = """
+import importlib, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+configs = importlib.import_module("sslkern.triton_ops." + sys.argv[1]).AOT_CONFIGS
+assert configs
+for cfg in configs:
+    sig = dict(cfg["signature"], **{k: "constexpr" for k in cfg["constexprs"]})
+    for cap in (80, 90):
+        src = ASTSource(fn=cfg["kernel"], signature=sig, constexprs=cfg["constexprs"])
+        k = triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                           options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+        assert k.asm.get("ptx"), cfg["name"]
+print("compiled", 2 * len(configs))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["layer_average_targets", "masked_regression_loss"])
+def test_triton_aot_configs_compile(module):
+    """Compiled in a subprocess: this process runs Triton in the interpreter."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, module], capture_output=True, text=True, env=env,
+                         cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("compiled")
