@@ -126,7 +126,7 @@ def teacher_targets(teacher_vit, images, top_k):
     teacher_vit.forward_features(images)
     for h in hooks:
         h.remove()
-    return ops.layer_average_targets(outs, layer_norm="instance", final_norm="layer")  # (B, N, D) fp32
+    return sslkern.layer_average_targets(outs, layer_norm="instance", final_norm="layer")  # (B, N, D) fp32
 
 
 def make_masks(a, batch, grid_hw, generator):
@@ -163,8 +163,8 @@ def train_step(a, model, student, teacher, opt, images, gen, momentum, world_siz
     cls_pred, pred = model(images, masks, gen)                                  # 3-4. student + decoder
     mask = masks.mask.reshape(b * a.clones, -1)
     n_masked = dist.all_reduce_sum(mask.sum().to(torch.float64))                # global masked tokens
-    reg = ops.masked_regression_loss(pred, targets, mask, reduction="sum")      # 5. loss (sum over tokens)
-    cls = ops.masked_regression_loss(cls_pred.unsqueeze(1), targets.mean(1, keepdim=True), None, reduction="sum")
+    reg = sslkern.masked_regression_loss(pred, targets, mask, reduction="sum")      # 5. loss (sum over tokens)
+    cls = sslkern.masked_regression_loss(cls_pred.unsqueeze(1), targets.mean(1, keepdim=True), None, reduction="sum")
     loss = reg / n_masked + a.cls_weight * cls / (b * a.clones * world_size)
     opt.zero_grad(set_to_none=True)
     (loss * world_size).backward()  # DDP averages gradients over ranks: undo it → global sum / global count

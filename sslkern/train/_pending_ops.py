@@ -109,39 +109,6 @@ class _Masks:
     inverse_block_mask = staticmethod(_inverse_block_mask)
 
 
-# ---- targets ---------------------------------------------------------------------------
-def _layer_average_targets(layers, *, layer_norm="instance", final_norm="layer", eps=1e-5):
-    with torch.no_grad():
-        ys = []
-        for y in layers:
-            y = y.float()
-            if layer_norm == "instance":
-                y = F.instance_norm(y.transpose(1, 2), eps=eps).transpose(1, 2)
-            elif layer_norm == "layer":
-                y = F.layer_norm(y, y.shape[-1:], eps=eps)
-            ys.append(y)
-        y = sum(ys) / len(ys)
-        if final_norm == "layer":
-            y = F.layer_norm(y, y.shape[-1:], eps=eps)
-        elif final_norm == "instance":
-            y = F.instance_norm(y.transpose(1, 2), eps=eps).transpose(1, 2)
-        return y
-
-
-def _masked_regression_loss(pred, target, mask=None, *, ids=None, beta=0.0, scale=None, reduction="sum"):
-    m = pred.shape[0] // target.shape[0]
-    t = target.float().repeat_interleave(m, dim=0)
-    p = pred.float()
-    if beta == 0:
-        per = (p - t).pow(2)
-    else:
-        per = F.smooth_l1_loss(p, t, beta=beta, reduction="none")
-    per = per.sum(-1) * (scale if scale is not None else 1 / math.sqrt(pred.shape[-1]))
-    if mask is not None:
-        per = per[mask]
-    return per.sum() if reduction == "sum" else per.mean()
-
-
 # ---- ALiBi attention ---------------------------------------------------------------------
 def _alibi_slopes(h):
     def pow2(n):
@@ -187,6 +154,4 @@ class _AlibiAttention(nn.Module):
 gather_tokens = _pick("gather_tokens", _gather_tokens)
 restore_tokens = _pick("restore_tokens", _restore_tokens)
 masks = _pick("masks", _Masks)
-layer_average_targets = _pick("layer_average_targets", _layer_average_targets)
-masked_regression_loss = _pick("masked_regression_loss", _masked_regression_loss)
 AlibiAttention = _pick("AlibiAttention", _AlibiAttention, sslkern.nn)
