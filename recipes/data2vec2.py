@@ -30,6 +30,7 @@ covers more than half the image, so masks barely vary and the task degenerates
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -61,9 +62,8 @@ def build_encoder(a, in_chans):
     from timm.models.vision_transformer import VisionTransformer
 
     vit = VisionTransformer(**timm_kwargs(a, in_chans))
-    if a.alibi:  # same parameter names as timm Attention, so the state dict is unchanged
-        for blk in vit.blocks:
-            blk.attn = ops.AlibiAttention(a.dim, num_heads=a.heads, qkv_bias=True, grid_hw=vit.patch_embed.grid_size)
+    if a.alibi:  # AlibiAttention keeps timm's parameter names, so the state dict is unchanged
+        vit.alibi = ops.use_alibi(vit, mode="2d")  # shared context: coordinates of the current tokens
     return vit
 
 
@@ -98,16 +98,9 @@ class Student(nn.Module):
         b, m, nk = masks.ids_keep.shape
         x = vit._pos_embed(vit.patch_embed(images))  # (B, 1+N, D): one embedding pass for all clones
         x = ops.gather_tokens(x, masks.ids_keep, num_prefix_tokens=1)  # (B*M, 1+Nk, D), image-major
-        if isinstance(vit.blocks[0].attn, ops.AlibiAttention):  # bias from the kept tokens' true grid coords
-            w = vit.patch_embed.grid_size[1]
-            keep = masks.ids_keep.reshape(b * m, nk)
-            coords = torch.stack([keep // w, keep % w], dim=-1)
-            for blk in vit.blocks:
-                blk.attn.coords = coords
-        x = vit.norm(vit.blocks(vit.norm_pre(x)))
-        for blk in vit.blocks:  # later full-image forwards (evaluation) use the full grid again
-            if isinstance(blk.attn, ops.AlibiAttention):
-                blk.attn.coords = None
+        alibi = getattr(vit, "alibi", None)  # ALiBi bias from the kept tokens' true grid coordinates
+        with alibi.tokens(ids_keep=masks.ids_keep.reshape(b * m, nk)) if alibi else contextlib.nullcontext():
+            x = vit.norm(vit.blocks(vit.norm_pre(x)))
         ids_restore = masks.ids_restore.reshape(b * m, -1)
         noise = torch.randn(b * m, ids_restore.shape[1], x.shape[-1], generator=generator, device=generator.device)
         full = ops.restore_tokens(x, ids_restore, fill=(noise * self.noise_std).to(x), num_prefix_tokens=1)
@@ -120,9 +113,6 @@ def teacher_targets(teacher_vit, images, top_k):
     outs = []
     hooks = [blk.mlp.register_forward_hook(lambda mod, inp, out: outs.append(out[:, 1:]))
              for blk in teacher_vit.blocks[-top_k:]]
-    for blk in teacher_vit.blocks:
-        if isinstance(blk.attn, ops.AlibiAttention):
-            blk.attn.coords = None  # full grid
     teacher_vit.forward_features(images)
     for h in hooks:
         h.remove()

@@ -8,6 +8,7 @@ the library.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -121,37 +122,57 @@ def _alibi_slopes(h):
     return torch.tensor(pow2(lower) + pow2(2 * lower)[0::2][: h - lower])
 
 
-class _AlibiAttention(nn.Module):
-    """timm ``Attention`` parameter names (qkv, proj) with a 2-D ALiBi bias; set ``.coords`` (B, N, 2)
-    to the kept tokens' grid coordinates before the forward (None = full grid)."""
+class _AlibiContext:
+    def __init__(self, grid_size, num_prefix_tokens):
+        self.grid_size, self.num_prefix_tokens, self.coords = tuple(grid_size), num_prefix_tokens, None
 
-    def __init__(self, dim, num_heads=8, qkv_bias=True, grid_hw=None, num_prefix_tokens=1):
+    @contextlib.contextmanager
+    def tokens(self, ids_keep):
+        w = self.grid_size[1]
+        old, self.coords = self.coords, torch.stack([ids_keep // w, ids_keep % w], dim=-1)
+        try:
+            yield
+        finally:
+            self.coords = old
+
+
+class _AlibiAttention(nn.Module):
+    """timm ``Attention`` sub-modules (qkv, proj) with a 2-D ALiBi bias from a shared context."""
+
+    def __init__(self, attn, ctx):
         super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.q_norm, self.k_norm, self.norm = nn.Identity(), nn.Identity(), nn.Identity()
-        self.proj = nn.Linear(dim, dim)
-        self.register_buffer("slopes", _alibi_slopes(num_heads), persistent=False)
-        self.grid_hw, self.num_prefix_tokens, self.coords = grid_hw, num_prefix_tokens, None
+        self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
+        self.qkv, self.q_norm, self.k_norm, self.norm, self.proj = attn.qkv, attn.q_norm, attn.k_norm, attn.norm, attn.proj
+        self.register_buffer("slopes", _alibi_slopes(attn.num_heads), persistent=False)
+        self.context = ctx
 
     def forward(self, x, attn_mask=None, is_causal=False):
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        coords = self.coords
+        ctx = self.context
+        coords = ctx.coords
         if coords is None:
-            h, w = self.grid_hw
-            r, cc = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-            coords = torch.stack([r.flatten(), cc.flatten()], -1).expand(b, -1, -1).to(x.device)
+            h, w = ctx.grid_size
+            idx = torch.arange(h * w, device=x.device)
+            coords = torch.stack([idx // w, idx % w], -1).expand(b, -1, -1)
         d = (coords[:, :, None, :] - coords[:, None, :, :]).abs().sum(-1).float()  # (B, Np, Np)
-        p = self.num_prefix_tokens
+        p = ctx.num_prefix_tokens
         dist = F.pad(d, (p, 0, p, 0))  # prefix tokens: zero bias
         bias = -self.slopes.view(1, -1, 1, 1).to(x.dtype) * dist[:, None].to(x.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
+def _use_alibi(model, mode="2d"):
+    assert mode == "2d"
+    ctx = _AlibiContext(model.patch_embed.grid_size, model.num_prefix_tokens)
+    for blk in model.blocks:
+        blk.attn = _AlibiAttention(blk.attn, ctx)
+    return ctx
+
+
 # ---- what the recipe uses ---------------------------------------------------------------------
 gather_tokens = _pick("gather_tokens", _gather_tokens)
 restore_tokens = _pick("restore_tokens", _restore_tokens)
 masks = _pick("masks", _Masks)
-AlibiAttention = _pick("AlibiAttention", _AlibiAttention, sslkern.nn)
+use_alibi = _pick("use_alibi", _use_alibi, sslkern.nn)
