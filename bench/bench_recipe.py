@@ -3,7 +3,7 @@
 Default model: ViT dim 96, depth 4, 3 heads on 16×16 digits (patch 4: 16 tokens + CLS),
 batch 128, 4 clone masks (512 student sequences of 1 + 4 visible tokens), conv decoder
 dim 64. One timed call = masks, teacher targets, student + decoder, loss, backward, AdamW
-step and EMA, on the same images each call.
+step and EMA, on the same images each call, 1 torch thread (the recipe default).
 
 Providers: ``sslkern`` (auto backend: C++ kernels on CPU) and ``reference`` (the same
 recipe under ``sslkern.use_backend("reference")``: eager reference ops). Ops not yet on
@@ -35,6 +35,8 @@ def test_data2vec2_train_step_default(benchmark, provider):
 
     recipe = _recipe()
     _, a = recipe.parse_args(["--out", "/tmp/sslkern-bench-recipe"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(a.threads)  # the recipe's default (1 thread per rank)
     data = load_dataset(None, a.image_size)
     student, teacher, model, opt = recipe.build(a, data.in_chans, DistInfo())
     gen = torch.Generator()
@@ -47,3 +49,4 @@ def test_data2vec2_train_step_default(benchmark, provider):
 
     measure(benchmark, op="data2vec2 recipe", case=f"train step, default model, B={a.batch_size}x{a.clones} masks, fp32",
             provider=provider, fn=step, setup=lambda: gen.manual_seed(1), rounds=10)
+    torch.set_num_threads(threads)

@@ -234,7 +234,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="ImageFolder tree or CIFAR-10 batches dir (default: sklearn digits)")
     p.add_argument("--out", default="runs/data2vec2", help="run directory")
-    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--epochs", type=int, default=70)
     p.add_argument("--steps", type=int, default=0, help="stop after this many steps in total (0 = all; schedules unchanged)")
     p.add_argument("--batch-size", type=int, default=128, help="global batch (split over ranks)")
     p.add_argument("--seed", type=int, default=0)
