@@ -173,8 +173,14 @@ def train(a, info, log):
     last = min(total_steps, a.steps) if a.steps else total_steps
     step, ckpt_path = 0, os.path.join(a.out, "checkpoint.safetensors")
     modules = {"student": student, "teacher": teacher.module}
+    run_config = {k: v for k, v in vars(a).items() if k not in RESUMABLE}  # what a resumed run must share
     if a.resume and os.path.exists(ckpt_path):
-        step = ckpt.load_training_state(ckpt_path, modules=modules, optimizer=opt, generators={"masks": gen})["step"]
+        saved = ckpt.load_training_state(ckpt_path, modules=modules, optimizer=opt, generators={"masks": gen})
+        changed = {k: (saved["config"].get(k), v) for k, v in run_config.items() if saved["config"].get(k) != v}
+        if changed:
+            raise ValueError(f"--resume: {ckpt_path} was written with different settings "
+                             f"(name: (checkpoint, now)): {changed}")
+        step = saved["step"]
         log.print(f"resumed from {ckpt_path} at step {step}")
 
     log.progress(last, initial=step)
@@ -205,7 +211,8 @@ def train(a, info, log):
                         student_knn=evaluate_encoder(student.encoder, data, probe=False)["knn"])
         if (end_of_epoch or step == last) and info.is_main:
             ckpt.save_training_state(ckpt_path, modules=modules, optimizer=opt, generators={"masks": gen},
-                                     extra={"step": step, "epoch": step // steps_per_epoch, "total_steps": total_steps})
+                                     extra={"step": step, "epoch": step // steps_per_epoch, "total_steps": total_steps,
+                                            "config": run_config})
     log.close_bar()
     dist.barrier()
     return data, student, teacher, step, steps_per_epoch
@@ -228,6 +235,9 @@ def final_evaluation(a, info, log, data, student, teacher, step, steps_per_epoch
     results = dist.broadcast_object(results)
     results["teacher_replica_max_diff"] = drift
     return results
+
+
+RESUMABLE = ("out", "steps", "resume", "quiet", "threads", "eval_every", "no_probe", "backend", "device")
 
 
 def parse_args(argv=None):
@@ -318,8 +328,10 @@ def main(argv=None):
             data, student, teacher, step, spe = train(a, info, log)
             train_s = time.perf_counter() - t0
             results = final_evaluation(a, info, log, data, student, teacher, step, spe)
-    except DataError as e:
-        parser.error(str(e))
+    except (DataError, ValueError) as e:
+        if isinstance(e, DataError) or str(e).startswith("--resume"):
+            parser.error(str(e))
+        raise
     finally:
         dist.cleanup()
     results.update(train_s=train_s, total_s=time.perf_counter() - t0, step=step, out=a.out)

@@ -48,7 +48,7 @@ def test_smoke_run_directory_and_timm_export(tmp_path):
     res = _recipe().main(TINY + ["--out", out, "--steps", "3"])
     assert res["step"] == 3
     for name in ("config.json", "metrics.jsonl", "checkpoint.safetensors", "encoder_teacher.safetensors",
-                 "encoder_student.safetensors", "loss.png", "summary.txt"):
+                 "encoder_student.safetensors", "loss.png", "eval.png", "summary.txt"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     rows = RunLogger.read_metrics(os.path.join(out, "metrics.jsonl"))
     train = [r for r in rows if r["kind"] == "train"]
@@ -94,6 +94,16 @@ def test_resume_after_stop_matches_uninterrupted(tmp_path):
     for k in a:  # bitwise: same weights, teacher and optimizer state
         assert torch.equal(a[k], b[k]), k
     assert _deterministic_rows(full) == _deterministic_rows(part)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, capsys):
+    recipe = _recipe()
+    out = str(tmp_path / "run")
+    recipe.main(TINY + ["--out", out, "--no-probe", "--steps", "1"])
+    with pytest.raises(SystemExit):
+        recipe.main(TINY + ["--out", out, "--no-probe", "--resume", "--lr", "0.1"])
+    err = capsys.readouterr().err
+    assert "--resume:" in err and "'lr': (0.002, 0.1)" in err
 
 
 @pytest.mark.slow
