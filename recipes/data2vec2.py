@@ -93,15 +93,15 @@ class Student(nn.Module):
         super().__init__()
         self.encoder, self.decoder, self.noise_std = encoder, decoder, noise_std
 
-    def forward(self, images, masks, generator):
+    def forward(self, images, ids_keep, ids_restore, generator):
+        """ids_keep (B, M, Nk) kept patch indices, ids_restore (B*M, N) → CLS (B*M, D), predictions (B*M, N, D)."""
         vit = self.encoder
-        b, m, nk = masks.ids_keep.shape
+        b, m, nk = ids_keep.shape
         x = vit._pos_embed(vit.patch_embed(images))  # (B, 1+N, D): one embedding pass for all clones
-        x = ops.gather_tokens(x, masks.ids_keep, num_prefix_tokens=1)  # (B*M, 1+Nk, D), image-major
+        x = ops.gather_tokens(x, ids_keep, num_prefix_tokens=1)  # (B*M, 1+Nk, D), image-major
         alibi = getattr(vit, "alibi", None)  # ALiBi bias from the kept tokens' true grid coordinates
-        with alibi.tokens(ids_keep=masks.ids_keep.reshape(b * m, nk)) if alibi else contextlib.nullcontext():
+        with alibi.tokens(ids_keep=ids_keep.reshape(b * m, nk)) if alibi else contextlib.nullcontext():
             x = vit.norm(vit.blocks(vit.norm_pre(x)))
-        ids_restore = masks.ids_restore.reshape(b * m, -1)
         noise = torch.randn(b * m, ids_restore.shape[1], x.shape[-1], generator=generator, device=generator.device)
         full = ops.restore_tokens(x, ids_restore, fill=(noise * self.noise_std).to(x), num_prefix_tokens=1)
         return x[:, 0], self.decoder(full[:, 1:])  # CLS (B*M, D), predictions (B*M, N, D)
@@ -149,9 +149,10 @@ def train_step(a, model, student, teacher, opt, images, gen, momentum, world_siz
     """One data2vec 2.0 step on this rank's (augmented) images; returns the global loss (detached)."""
     b, grid = images.shape[0], tuple(student.encoder.patch_embed.grid_size)
     masks = make_masks(a, b, grid, gen)                                         # 1. masks
+    ids_keep, ids_restore = masks.ids_keep.reshape(b, a.clones, -1), masks.ids_restore.reshape(b * a.clones, -1)
+    mask = masks.mask.reshape(b * a.clones, -1)                                 # (B*M, N) True = masked
     targets = teacher_targets(teacher.module, images, a.top_k)                  # 2. targets (B, N, D)
-    cls_pred, pred = model(images, masks, gen)                                  # 3-4. student + decoder
-    mask = masks.mask.reshape(b * a.clones, -1)
+    cls_pred, pred = model(images, ids_keep, ids_restore, gen)                  # 3-4. student + decoder
     n_masked = dist.all_reduce_sum(mask.sum().to(torch.float64))                # global masked tokens
     reg = sslkern.masked_regression_loss(pred, targets, mask, reduction="sum")      # 5. loss (sum over tokens)
     cls = sslkern.masked_regression_loss(cls_pred.unsqueeze(1), targets.mean(1, keepdim=True), None, reduction="sum")

@@ -71,7 +71,8 @@ def test_smoke_run_directory_and_timm_export(tmp_path):
     ["--alibi"],
     ["--mask", "inverse_block", "--patch-size", "2", "--mask-ratio", "0.6"],
     ["--backend", "reference", "--clones", "2"],
-], ids=["alibi", "inverse_block", "reference_backend"])
+    ["--clones", "1", "--mask-ratio", "0.5"],
+], ids=["alibi", "inverse_block", "reference_backend", "one_mask"])
 def test_recipe_options_run(tmp_path, extra):
     out = str(tmp_path / "run")
     res = _recipe().main(TINY + ["--out", out, "--steps", "2", "--no-probe"] + extra)

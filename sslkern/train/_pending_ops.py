@@ -72,7 +72,8 @@ def _from_noise(noise, keep):
     ids_shuffle = noise.argsort(dim=-1)
     ids_restore = ids_shuffle.argsort(dim=-1)
     mask = ids_restore >= keep
-    return _TokenMasks(ids_shuffle[..., :keep].contiguous(), ids_restore, mask)
+    out = _TokenMasks(ids_shuffle[..., :keep].contiguous(), ids_restore, mask)
+    return _TokenMasks(*(t.squeeze(1) for t in out)) if noise.shape[1] == 1 else out  # (B, ...) for one mask
 
 
 def _random_mask(batch, num_tokens, mask_ratio, *, num_masks=1, generator=None, device=None):
