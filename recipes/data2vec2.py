@@ -89,12 +89,12 @@ class ConvDecoder(nn.Module):
 class Student(nn.Module):
     """Encodes the visible tokens of M masks per image from one embedding pass, then decodes."""
 
-    def __init__(self, encoder, decoder, noise_std=0.01):
+    def __init__(self, encoder, decoder):
         super().__init__()
-        self.encoder, self.decoder, self.noise_std = encoder, decoder, noise_std
+        self.encoder, self.decoder = encoder, decoder
 
-    def forward(self, images, ids_keep, ids_restore, generator):
-        """ids_keep (B, M, Nk) kept patch indices, ids_restore (B*M, N) → CLS (B*M, D), predictions (B*M, N, D)."""
+    def forward(self, images, ids_keep, ids_restore, noise):
+        """ids_keep (B, M, Nk), ids_restore (B*M, N), noise (B*M, N, D) → CLS (B*M, D), predictions (B*M, N, D)."""
         vit = self.encoder
         b, m, nk = ids_keep.shape
         x = vit._pos_embed(vit.patch_embed(images))  # (B, 1+N, D): one embedding pass for all clones
@@ -102,8 +102,7 @@ class Student(nn.Module):
         alibi = getattr(vit, "alibi", None)  # ALiBi bias from the kept tokens' true grid coordinates
         with alibi.tokens(ids_keep=ids_keep.reshape(b * m, nk)) if alibi else contextlib.nullcontext():
             x = vit.norm(vit.blocks(vit.norm_pre(x)))
-        noise = torch.randn(b * m, ids_restore.shape[1], x.shape[-1], generator=generator, device=generator.device)
-        full = ops.restore_tokens(x, ids_restore, fill=(noise * self.noise_std).to(x), num_prefix_tokens=1)
+        full = ops.restore_tokens(x, ids_restore, fill=noise.to(x), num_prefix_tokens=1)  # noise in masked slots
         return x[:, 0], self.decoder(full[:, 1:])  # CLS (B*M, D), predictions (B*M, N, D)
 
 
@@ -145,18 +144,27 @@ def build(a, in_chans, info):
     return student, teacher, model, opt
 
 
-def train_step(a, model, student, teacher, opt, images, gen, momentum, world_size=1):
-    """One data2vec 2.0 step on this rank's (augmented) images; returns the global loss (detached)."""
-    b, grid = images.shape[0], tuple(student.encoder.patch_embed.grid_size)
-    masks = make_masks(a, b, grid, gen)                                         # 1. masks
-    ids_keep, ids_restore = masks.ids_keep.reshape(b, a.clones, -1), masks.ids_restore.reshape(b * a.clones, -1)
-    mask = masks.mask.reshape(b * a.clones, -1)                                 # (B*M, N) True = masked
+def train_step(a, model, student, teacher, opt, images, gen, momentum, rank=0, world_size=1):
+    """One data2vec 2.0 step on this rank's (augmented) images; returns the global loss (detached).
+
+    Masks and decoder noise are drawn for the whole global batch from the same-seeded
+    generator on every rank, and each rank takes its rows (rank::world_size, like its
+    images), so a run on any number of ranks computes the same step as one process.
+    """
+    b, grid, m = images.shape[0], tuple(student.encoder.patch_embed.grid_size), a.clones
+    rows = slice(rank, None, world_size)
+    masks = make_masks(a, b * world_size, grid, gen)                            # 1. masks
+    ids_keep = masks.ids_keep.reshape(b * world_size, m, -1)[rows]              # (B, M, Nk)
+    ids_restore = masks.ids_restore.reshape(b * world_size, m, -1)[rows].reshape(b * m, -1)
+    mask = masks.mask.reshape(b * world_size, m, -1)[rows].reshape(b * m, -1)   # (B*M, N) True = masked
+    noise = torch.randn(b * world_size, m, *ids_restore.shape[1:], a.dim, generator=gen, device=gen.device)
+    noise = a.noise_std * noise[rows].reshape(b * m, -1, a.dim)                 # decoder fill of masked slots
     targets = teacher_targets(teacher.module, images, a.top_k)                  # 2. targets (B, N, D)
-    cls_pred, pred = model(images, ids_keep, ids_restore, gen)                  # 3-4. student + decoder
+    cls_pred, pred = model(images, ids_keep, ids_restore, noise)                # 3-4. student + decoder
     n_masked = dist.all_reduce_sum(mask.sum().to(torch.float64))                # global masked tokens
-    reg = sslkern.masked_regression_loss(pred, targets, mask, reduction="sum")      # 5. loss (sum over tokens)
+    reg = sslkern.masked_regression_loss(pred, targets, mask, reduction="sum")  # 5. loss (sum over tokens)
     cls = sslkern.masked_regression_loss(cls_pred.unsqueeze(1), targets.mean(1, keepdim=True), None, reduction="sum")
-    loss = reg / n_masked + a.cls_weight * cls / (b * a.clones * world_size)
+    loss = reg / n_masked + a.cls_weight * cls / (b * m * world_size)
     opt.zero_grad(set_to_none=True)
     (loss * world_size).backward()  # DDP averages gradients over ranks: undo it → global sum / global count
     opt.step()                                                                  # 6. step
@@ -190,14 +198,14 @@ def train(a, info, log):
         epoch, pos = divmod(step, steps_per_epoch)
         idx = epoch_batches(len(data.train_labels), a.batch_size, epoch, a.seed, rank=info.rank,
                             world_size=info.world_size)[pos]
-        gen.manual_seed(a.seed * 1_000_003 + step * 4_099 + info.rank)  # stream independent of interruptions
+        gen.manual_seed(a.seed * 1_000_003 + step)  # same on every rank; independent of interruptions
         lr = sslkern.schedules.warmup_cosine(step, total_steps, warmup, a.lr, a.min_lr)
         momentum = sslkern.schedules.linear_anneal(step, total_steps, a.ema_start, a.ema_end)
         for g in opt.param_groups:
             g["lr"] = lr
 
-        images = augment(data.train_images[idx].to(info.device), gen)
-        global_loss = float(train_step(a, model, student, teacher, opt, images, gen, momentum, info.world_size))
+        images = augment(data.train_images[idx].to(info.device), gen, rows=(info.rank, info.world_size))
+        global_loss = float(train_step(a, model, student, teacher, opt, images, gen, momentum, info.rank, info.world_size))
         step += 1
         if not math.isfinite(global_loss):
             raise FloatingPointError(f"loss became {global_loss} at step {step}")
@@ -273,6 +281,7 @@ def parse_args(argv=None):
     g.add_argument("--clones", type=int, default=4, help="masks per image (clone batch)")
     g.add_argument("--top-k", type=int, default=4, help="teacher blocks averaged into the targets")
     g.add_argument("--cls-weight", type=float, default=0.1)
+    g.add_argument("--noise-std", type=float, default=0.01, help="std of the decoder's masked-slot noise")
     g.add_argument("--ema-start", type=float, default=0.99)
     g.add_argument("--ema-end", type=float, default=0.997)
     g.add_argument("--lr", type=float, default=2e-3)

@@ -207,14 +207,18 @@ def load_dataset(path: str | None = None, image_size: int = 16) -> ImageDataset:
 # Augmentation and batching
 # ---------------------------------------------------------------------------------------
 def augment(images: torch.Tensor, generator: torch.Generator, *, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3),
-            degrees: float = 10.0) -> torch.Tensor:
+            degrees: float = 10.0, rows: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Random resized crop + rotation, one affine warp per image, drawn from ``generator``.
 
     The crop covers ``scale`` of the area with aspect ``ratio`` (log-uniform), placed
     uniformly inside the image, rotated by U(-degrees, degrees); output has the input size.
+    ``rows=(rank, world_size)``: ``images`` are rows ``rank::world_size`` of a global batch;
+    the parameters are drawn for the whole global batch and this rank's rows are used, so
+    every rank count gives the same augmentation.
     """
+    rank, world = rows
     b = images.shape[0]
-    u = torch.rand(b, 5, generator=generator, device=generator.device).to(images.device)
+    u = torch.rand(b * world, 5, generator=generator, device=generator.device)[rank::world].to(images.device)
     area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
     logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
     aspect = logr.exp()
