@@ -187,7 +187,7 @@ def train(a, info, log):
         saved = ckpt.load_training_state(ckpt_path, modules=modules, optimizer=opt, generators={"masks": gen})
         changed = {k: (saved["config"].get(k), v) for k, v in run_config.items() if saved["config"].get(k) != v}
         if changed:
-            raise ValueError(f"--resume: {ckpt_path} was written with different settings "
+            raise ResumeError(f"--resume: {ckpt_path} was written with different settings "
                              f"(name: (checkpoint, now)): {changed}")
         step = saved["step"]
         log.print(f"resumed from {ckpt_path} at step {step}")
@@ -244,6 +244,10 @@ def final_evaluation(a, info, log, data, student, teacher, step, steps_per_epoch
     results = dist.broadcast_object(results)
     results["teacher_replica_max_diff"] = drift
     return results
+
+
+class ResumeError(ValueError):
+    """--resume found a checkpoint that this run's settings cannot continue."""
 
 
 RESUMABLE = ("out", "steps", "resume", "quiet", "threads", "eval_every", "no_probe", "backend", "device")
@@ -338,10 +342,8 @@ def main(argv=None):
             data, student, teacher, step, spe = train(a, info, log)
             train_s = time.perf_counter() - t0
             results = final_evaluation(a, info, log, data, student, teacher, step, spe)
-    except (DataError, ValueError) as e:
-        if isinstance(e, DataError) or str(e).startswith("--resume"):
-            parser.error(str(e))
-        raise
+    except (DataError, ResumeError) as e:
+        parser.error(str(e))
     finally:
         dist.cleanup()
     results.update(train_s=train_s, total_s=time.perf_counter() - t0, step=step, out=a.out)
