@@ -215,7 +215,8 @@ def compile_triton(module: str, index: int, target: str) -> dict:
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
-    cfg = importlib.import_module(f"sslkern.triton_ops.{module}").AOT_CONFIGS[index]
+    # ``module`` is a name in sslkern/triton_ops, or a dotted path (tests compile their own kernels).
+    cfg = importlib.import_module(module if "." in module else f"sslkern.triton_ops.{module}").AOT_CONFIGS[index]
     cc = TARGETS[target]
     signature = dict(cfg["signature"])
     signature.update({k: "constexpr" for k in cfg["constexprs"]})
@@ -318,6 +319,8 @@ def compile_cuda(source: str, targets: list[str]) -> list[dict]:
 
 
 def _run_job(job: dict) -> dict:
+    if job.get("sys_path") and job["sys_path"] not in sys.path:
+        sys.path.insert(0, job["sys_path"])
     try:
         if job["kind"] == "triton":
             return {**job, "ok": True, **compile_triton(job["module"], job["index"], job["target"])}
