@@ -209,18 +209,21 @@ def cuda_toolchain() -> tuple[bool, str]:
 _OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
 
 
-def compile_triton(module: str, index: int, target: str) -> dict:
+def compile_triton(module: str, index: int, target: str, import_name: str | None = None) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
-    # ``module`` is a name in sslkern/triton_ops, or a dotted path (tests compile their own kernels).
-    cfg = importlib.import_module(module if "." in module else f"sslkern.triton_ops.{module}").AOT_CONFIGS[index]
+    # ``module`` names a file in sslkern/triton_ops; ``import_name`` overrides (tests compile their own kernels).
+    cfg = importlib.import_module(import_name or f"sslkern.triton_ops.{module}").AOT_CONFIGS[index]
     cc = TARGETS[target]
     signature = dict(cfg["signature"])
     signature.update({k: "constexpr" for k in cfg["constexprs"]})
-    src = ASTSource(fn=cfg["kernel"], signature=signature, constexprs=dict(cfg["constexprs"]))
+    fn = cfg["kernel"]
+    while not isinstance(fn, triton.runtime.JITFunction) and hasattr(fn, "fn"):
+        fn = fn.fn  # @triton.autotune / @triton.heuristics wrappers: compile the kernel inside
+    src = ASTSource(fn=fn, signature=signature, constexprs=dict(cfg["constexprs"]))
     options = {k: cfg[k] for k in _OPTION_KEYS if k in cfg}
     options.setdefault("num_warps", 4)
     options.setdefault("num_stages", 3)
@@ -241,6 +244,17 @@ def compile_triton(module: str, index: int, target: str) -> dict:
     if len(entries) != 1 or entries[0]["regs"] is None:
         raise RuntimeError(f"could not parse ptxas output:\n{r.stderr}")
     e = entries[0]
+    # Cross-check against the cubin Triton itself built (same ptxas, same flags).
+    cuobjdump = os.path.join(os.path.dirname(ptxas), "cuobjdump")
+    if os.path.exists(cuobjdump):
+        with tempfile.TemporaryDirectory(prefix="sslkern_cubin_") as d:
+            cubin = os.path.join(d, "k.cubin")
+            with open(cubin, "wb") as f:
+                f.write(compiled.asm["cubin"])
+            usage = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True).stdout
+        m = re.search(r"REG:(\d+)", usage)
+        if m and int(m.group(1)) != e["regs"]:
+            raise RuntimeError(f"ptxas -v says {e['regs']} registers, Triton's cubin uses {m.group(1)}")
     md = compiled.metadata
     return {"regs": e["regs"], "stack": e["stack"], "spill_stores": e["spill_stores"],
             "spill_loads": e["spill_loads"], "barriers": e["barriers"],
@@ -323,7 +337,8 @@ def _run_job(job: dict) -> dict:
         sys.path.insert(0, job["sys_path"])
     try:
         if job["kind"] == "triton":
-            return {**job, "ok": True, **compile_triton(job["module"], job["index"], job["target"])}
+            return {**job, "ok": True, **compile_triton(job["module"], job["index"], job["target"],
+                                                            job.get("import_name"))}
         return {**job, "ok": True, "kernels": compile_cuda(job["source"], job["targets"])}
     except Exception as e:
         tb = traceback.format_exc(limit=3)
