@@ -126,7 +126,8 @@ def dino_account() -> Account:
     return Account("dino_loss", f"B={B}, K={K}, {T}+{V - T} crops (P={P} pairs), fp32, fwd+bwd; R = B·K", fused,
                    eager, "dino main_dino.py DINOLoss + autograd (lightly DINOLoss: same sequence)",
                    flops, flops,
-                   notes=f"A two-pass kernel (backward re-reads s and t) moves {(V + T) * R * e / 1e6:.0f} MB more. "
+                   notes="Where layer_norm needs a contiguous copy of the transposed y, add 2·N·4. "
+                         f"A two-pass kernel (backward re-reads s and t) moves {(V + T) * R * e / 1e6:.0f} MB more. "
                          "log_softmax of each student view is recomputed for every teacher view in the eager code.")
 
 
@@ -171,8 +172,11 @@ def gather_accounts() -> list[Account]:
         Step("ids_keep.unsqueeze(−1).repeat(1, 1, D)", "B·Lk·D·8", BKD * i64, 1),
         Step("torch.gather", "B·Lk·D·(8+4+4)", BKD * (i64 + 2 * e), 1),
         Step("cat(cls, x_vis)", "B·Lk·D·4 + B·(Lk+1)·D·4", BKD * e + B * (Lk + 1) * D * e, 2),
-        Step("bwd: zeros + scatter_add (gather bwd)", "B·L·D·4 + B·Lk·D·(4+8+4)", BLD * e + BKD * (2 * e + i64), 2),
+        Step("bwd: zeros, then out-of-place scatter_add (gather bwd)", "B·L·D·4·3 + B·Lk·D·(8+4)",
+             3 * BLD * e + BKD * (i64 + e), 2),
         Step("bwd: grad_pos = sum over B", "B·L·D·4", BLD * e, 1),
+        Step("CLS + pos[:, :1]; bwd: CLS sum, pos grad from two slices (slice bwd ×2, add)", "≈ 7·(L+1)·D·4",
+             7 * (L + 1) * D * e, 5),
     ]
     out.append(Account("gather_tokens", f"MAE encoder B={B}, L={L}+CLS, D={D}, mask {r} (Lk={Lk}), fp32, fwd+bwd",
                        fused, eager, "mae models_mae.py forward_encoder (random_masking + cat CLS)", 0, 0))
@@ -196,8 +200,9 @@ def gather_accounts() -> list[Account]:
         Step("cat(x[:, :1], x_)", "B·L·Dd·4 + B·(L+1)·Dd·4", BLd * e + B1d * e, 1),
         Step("+ decoder_pos_embed", "2·B·(L+1)·Dd·4", 2 * B1d * e, 1),
         Step("bwd: grad pos = sum over B", "B·(L+1)·Dd·4", B1d * e, 1),
-        Step("bwd: zeros + scatter_add (gather bwd)", "B·L·Dd·4 + B·L·Dd·(4+8+4)", BLd * e + BLd * (2 * e + i64), 2),
-        Step("bwd: slice bwd ×2 (zeros + copy) + add", "(2·1 + 2·2 + 3)·B·(Lk+1)·Dd·4", 9 * Bk1d * e, 5),
+        Step("bwd: zeros, then out-of-place scatter_add (gather bwd)", "B·L·Dd·4·3 + B·L·Dd·(8+4)",
+             3 * BLd * e + BLd * (i64 + e), 2),
+        Step("bwd: slice bwd of x[:, :1] and x[:, 1:], add", "(1 + 2 + 3)·B·(Lk+1)·Dd·4", 6 * Bk1d * e, 3),
         Step("bwd: grad mask token = sum", "B·(L−Lk)·Dd·4", BMd * e, 1),
     ]
     out.append(Account("restore_tokens", f"MAE decoder B={B}, L={L}+CLS, Dd={Dd}, mask {r}, fp32, fwd+bwd",
@@ -215,7 +220,8 @@ def gather_accounts() -> list[Account]:
         Step("x.repeat_interleave(M, 0)", "B·L·D·4 + M·B·L·D·4", (1 + M) * BLD * e, 1),
         Step("index repeat to (B·M, Lk, D) int64", "M·B·Lk·D·8", MBKD * i64, 1),
         Step("torch.gather", "M·B·Lk·D·(8+4+4)", MBKD * (i64 + 2 * e), 1),
-        Step("bwd: zeros + scatter_add", "M·B·L·D·4 + M·B·Lk·D·(4+8+4)", M * BLD * e + MBKD * (2 * e + i64), 2),
+        Step("bwd: zeros, then out-of-place scatter_add", "M·B·L·D·4·3 + M·B·Lk·D·(8+4)",
+             3 * M * BLD * e + MBKD * (i64 + e), 2),
         Step("bwd: repeat_interleave bwd (sum over M)", "M·B·L·D·4 + B·L·D·4", (M + 1) * BLD * e, 1),
     ]
     out.append(Account("gather_tokens (clone batch)", f"M={M} masks from B={B}, L={L}, D={D}, mask {r}, fp32, fwd+bwd",
@@ -238,18 +244,20 @@ def attention_accounts() -> list[Account]:
             Step("bwd: read q, k, v, o, dO, lse (+ delta)", "5·Q·2 + 2·B·H·L·4", 5 * Q * e + 2 * stats, 2),
             Step("bwd: write dq, dk, dv", "3·Q·2", 3 * Q * e, 0),
         ]
-        bias = (Step("bias (B, H, L, L) from gathered coords", "S·2 + 3·B·L²·4", S * e + 3 * B * L * L * 4, 4)
-                if per_batch_bias else Step("bias (H, L, L), broadcast", "3·H·L²·2 (build, write, read)", H * L * L * e * 3, 4))
+        Bb = B if per_batch_bias else 1  # the bias is per image only on gathered (masked) sequences
+        Sb = Bb * H * L * L
         eager = [
-            bias,
+            Step(f"bias ({'B' if per_batch_bias else '1'}, H, L, L): |Δrow|+|Δcol| (fp32), ·slope, to bf16",
+                 f"{'B' if per_batch_bias else '1'}·L²·4·10 + Sb·(4+4+2)", Bb * L * L * 4 * 10 + Sb * 10, 6),
             Step("q·scale; q kᵀ", "2·Q·2 + (2·Q + S)·2", (4 * Q + S) * e, 2),
-            Step("+ bias; softmax", "(2 + 2)·S·2", 4 * S * e, 2),
+            Step("+ bias; softmax", "(2·S + Sb + 2·S)·2", (4 * S + Sb) * e, 2),
             Step("P v", "(S + 2·Q)·2", (S + 2 * Q) * e, 1),
-            Step("bwd: dV = Pᵀ dO, dP = dO vᵀ", "(S + 2Q + 2Q + S)·2", (2 * S + 4 * Q) * e, 2),
+            Step("bwd: dP = dO vᵀ, dV = Pᵀ dO", "(S + 2Q + 2Q + S)·2", (2 * S + 4 * Q) * e, 2),
             Step("bwd: softmax bwd", "3·S·2", 3 * S * e, 1),
-            Step("bwd: dq = dS k, dk = dSᵀ q, scale bwd", "(2·(S + 2Q) + 2Q)·2", (2 * S + 6 * Q) * e, 3),
+            Step("bwd: dq = dS k, dk = dSᵀ q, dk to contiguous, scale bwd", "(2·(S + 2Q) + 2Q + 2Q)·2",
+                 (2 * S + 8 * Q) * e, 4),
         ]
-        out.append(Account("alibi_attention", f"{case}, bf16, fwd+bwd; Q = B·H·L·Dh, S = B·H·L²", fused, eager,
+        out.append(Account("alibi_attention", f"{case}, bf16, fwd+bwd; Q = B·H·L·Dh, S = B·H·L², Sb = bias elements", fused, eager,
                            "SDPA math with a materialized bias (the SPEC oracle)", 14 * S * Dh, 12 * S * Dh,
                            tensor_cores=True,
                            notes="Fused flops include the backward's recompute of q kᵀ (flash-attention style)."))
@@ -265,14 +273,15 @@ def d2v_accounts() -> list[Account]:
         Step("write targets y (once per image, reused by M clones)", "N·4", N * e, 0),
     ]
     eager = [
-        Step("layer 0: contiguous + instance_norm", "(2 + 3)·N·4", 5 * N * e, 3),
-        Step("layers 1..K−1: contiguous, instance_norm, y.add_", "(K−1)·(2 + 3 + 3)·N·4", (K - 1) * 8 * N * e, (K - 1) * 4),
-        Step("y.div_(K); contiguous; layer_norm", "(2 + 2 + 2)·N·4", 6 * N * e, 3),
+        Step("per layer: contiguous copy, instance_norm (batch_norm)", "K·(2 + 2)·N·4", K * 4 * N * e, K * 2),
+        Step("y.add_ of layers 1..K−1", "(K−1)·3·N·4", (K - 1) * 3 * N * e, K - 1),
+        Step("y.div_(K); layer_norm", "(2 + 2)·N·4", 4 * N * e, 2),
     ]
     out = [Account("layer_average_targets", f"K={K} layers of ({B}, {T}, {D}) fp32; N = B·T·D", fused, eager,
                    "fairseq data2vec2.py make_targets (instance_norm_target_layer, layer_norm_targets)",
                    8 * K * N, 8 * K * N,
-                   notes=f"A two-pass kernel (statistics pass, then normalize + average) reads the layers twice: "
+                   notes="Where layer_norm needs a contiguous copy of the transposed y, add 2·N·4. "
+                         f"A two-pass kernel (statistics pass, then normalize + average) reads the layers twice: "
                          f"{(2 * K + 1) * N * e / 1e6:.0f} MB.")]
     MN = M * N
     fused = [
@@ -285,7 +294,7 @@ def d2v_accounts() -> list[Account]:
         Step("x[mask], y[mask] (nonzero: host sync)", "2 · 2·r·M·N·4", 4 * r * MN * e, 4),
         Step("mse_loss(reduction='none'), sum(−1), /√D, sum", "(3 + 1)·r·M·N·4", 4 * r * MN * e, 4),
         Step("bwd: mse bwd", "3·r·M·N·4", 3 * r * MN * e, 2),
-        Step("bwd: index bwd (zeros + index_put)", "M·N·4 + 2·r·M·N·4", (MN + 2 * r * MN) * e, 2),
+        Step("bwd: index bwd (zeros, out-of-place index_put)", "M·N·4·3 + r·M·N·4", (3 * MN + r * MN) * e, 2),
     ]
     out.append(Account("masked_regression_loss", f"M={M} clones of ({B}, {T}, {D}) fp32, mask {r}, fwd+bwd",
                        fused, eager, "fairseq data2vec2.py (repeat_interleave targets, d2v_loss)", 5 * r * MN, 5 * r * MN))
@@ -307,6 +316,17 @@ def _us(x: float) -> str:
     return f"{x * 1e6:,.0f} µs"
 
 
+def counted_bytes(acc: Account) -> float | None:
+    """Eager bytes counted by running the public op sequence on meta tensors (None if not possible)."""
+    build = program_for(acc)
+    if build is None:
+        return None
+    try:
+        return float(count_eager(build())[0])
+    except Exception:  # e.g. an old torch without an op on meta: the formula column still stands
+        return None
+
+
 def render_markdown() -> str:
     accs = accounts()
     g_a, g_h = GPUS
@@ -323,15 +343,21 @@ def render_markdown() -> str:
         f"{g_h.bandwidth / 1e12:.2f} TB/s, {g_h.fp32 / 1e12:.0f} TF fp32, {g_h.tensor / 1e12:.0f} TF bf16 tensor; "
         "real kernels reach 70-90 % of peak bandwidth, which scales both sides alike. "
         "Expected speed-up = modelled eager time / modelled fused time. Sizes are the benchmark sizes of each "
-        "op's issue. Regenerate with `python -m sslkern.gpu_model`.",
+        "op's issue. The formulas are checked against a count: the public op sequence (autograd included) "
+        "run on meta tensors under a dispatch mode that adds up each aten op's input and output bytes "
+        "(`count_eager`; gather/index read only the selected elements) — column 'eager counted'. "
+        "Regenerate with `python -m sslkern.gpu_model`.",
         "",
-        "| op | case | fused bytes | eager bytes | byte ratio | kernels fused / eager | flops (fused) | "
-        f"model time fused / eager, {g_h.name} | expected speed-up {g_a.name} | expected speed-up {g_h.name} |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| op | case | fused bytes | eager bytes (formula) | eager counted | byte ratio | kernels fused / eager | "
+        f"flops (fused) | model time fused / eager, {g_h.name} | expected speed-up {g_a.name} | "
+        f"expected speed-up {g_h.name} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in accs:
+        counted = counted_bytes(a)
         lines.append(
             f"| {a.op} | {a.case} | {_mb(a.fused_bytes)} | {_mb(a.eager_bytes)} | "
+            f"{_mb(counted) if counted is not None else '—'} | "
             f"{a.eager_bytes / a.fused_bytes:.1f}× | {a.fused_kernels} / {a.eager_kernels} | "
             f"{a.flops_fused / 1e9:,.2f} G | {_us(a.time(g_h, True))} / {_us(a.time(g_h, False))} | "
             f"{a.time(g_a, False) / a.time(g_a, True):.1f}× (model) | {a.time(g_h, False) / a.time(g_h, True):.1f}× (model) |")
@@ -345,6 +371,229 @@ def render_markdown() -> str:
         lines += [f"| **total** | fused {_mb(a.fused_bytes)}, eager {_mb(a.eager_bytes)} | "
                   f"ratio {a.eager_bytes / a.fused_bytes:.1f}× | | {a.fused_kernels} / {a.eager_kernels} |", ""]
     return "\n".join(lines) + "\n"
+
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-check: count the bytes of the eager op sequences by running them on meta tensors
+# --------------------------------------------------------------------------------------------
+def _distinct_nbytes(t) -> int:
+    """Bytes of the distinct elements a kernel reads from ``t`` (stride-0 broadcast dims once)."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            n *= size
+    return n * t.element_size()
+
+
+_FREE_OPS = {"_local_scalar_dense", "lift_fresh", "_unsafe_view", "detach", "alias"}
+_FILL_OPS = {"new_zeros", "new_ones", "new_full", "zeros_like", "ones_like", "full_like", "zeros", "ones", "full",
+             "fill_", "zero_"}
+
+
+def count_eager(program, log: list | None = None) -> tuple[int, int]:
+    """(bytes, kernels) of ``program()``, counted per aten op as inputs read once + outputs written once.
+
+    Views and ``empty`` allocations are free; in-place ops read and write their target. Run it on
+    meta tensors: nothing is computed, only the op sequence (autograd included) is observed.
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    totals = [0, 0]
+
+    class ByteCounter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            schema = func._schema
+            name = schema.name.split("::")[-1]
+            views = schema.returns and all(r.alias_info is not None and not r.alias_info.is_write
+                                           for r in schema.returns)
+            if views or name.startswith(("empty", "new_empty")) or name in _FREE_OPS:
+                return out
+            tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+            writes = sum(o.numel() * o.element_size() for o in tree_leaves(out) if isinstance(o, torch.Tensor))
+            if name in _FILL_OPS:  # the tensor argument only gives shape and dtype
+                tensors = []
+            if name == "copy_":  # the destination is written, not read
+                tensors = tensors[1:]
+            if name in ("gather", "index", "index_select"):  # read the indices and only the selected elements
+                reads = writes + sum(_distinct_nbytes(a) for a in tensors[1:])
+            else:
+                reads = sum(_distinct_nbytes(a) for a in tensors)
+            totals[0] += reads + writes
+            totals[1] += 1
+            if log is not None:
+                log.append((name, reads, writes))
+            return out
+
+    with ByteCounter():
+        program()
+    return totals[0], totals[1]
+
+
+def _meta(*shape, dtype=None, grad=False, device="meta"):
+    import torch
+
+    return torch.empty(*shape, device=device, dtype=dtype or torch.float32, requires_grad=grad)
+
+
+def eager_programs() -> dict[tuple[str, str], object]:
+    """Public-code op sequences at the benchmark sizes, keyed by (op, first word of the case).
+
+    Each value builds its inputs and returns a zero-argument callable doing forward + backward
+    (where the op is differentiable), for ``count_eager``. Written from the public code named
+    in each account; inputs are meta tensors except where the code needs values (boolean masks).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    def ema(mixed):
+        def build():
+            from .reference.ema_update import ema_update_
+            d = 768  # timm vit_base_patch16_224: 12 blocks of 12 tensors + 8 others = 152, 86,567,656 elements
+            block = [d, d, 3 * d * d, 3 * d, d * d, d, d, d, 4 * d * d, 4 * d, 4 * d * d, d]
+            sizes = block * 12 + [d, 197 * d, d * 3 * 16 * 16, d, d, d, 1000 * d, 1000]
+            teachers = [_meta(n) for n in sizes]
+            students = [_meta(n, dtype=torch.bfloat16 if mixed else torch.float32) for n in sizes]
+            return lambda: ema_update_(teachers, students, 0.996)
+        return build
+
+    def dino():
+        B, K, V, T = 32, 65536, 8, 2
+        s, t, c = _meta(V * B, K, grad=True), _meta(T * B, K), _meta(1, K)
+
+        def run():  # dino main_dino.py DINOLoss.forward, update_center
+            student_out = (s / 0.1).chunk(V)
+            teacher_out = F.softmax((t - c) / 0.04, dim=-1).detach().chunk(T)
+            total, n = 0, 0
+            for iq, q in enumerate(teacher_out):
+                for v in range(V):
+                    if v == iq:
+                        continue
+                    total = total + torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1).mean()
+                    n += 1
+            total = total / n
+            with torch.no_grad():
+                batch_center = torch.sum(t, dim=0, keepdim=True) / len(t)
+                c.mul_(0.9).add_(batch_center * 0.1)
+            total.backward()
+        return lambda: run
+
+    def ibot():
+        N, K = 64 * 196, 8192
+        s, t, c, w = _meta(N, K, grad=True), _meta(N, K), _meta(1, K), _meta(N)
+
+        def run():  # dinov2 ibot_patch_loss.py softmax_center_teacher, forward_masked, update_center
+            p = F.softmax((t - c) / 0.04, dim=-1)
+            loss = torch.sum(p * F.log_softmax(s / 0.1, dim=-1), dim=-1)
+            loss = -(loss * w).sum() / 64
+            with torch.no_grad():
+                c.mul_(0.9).add_(t.sum(dim=0, keepdim=True) / N * 0.1)
+            loss.backward()
+        return lambda: run
+
+    def gather():
+        B, L, D, Lk = 64, 196, 768, 49
+        x, pos, cls = _meta(B, L, D, grad=True), _meta(1, L + 1, D, grad=True), _meta(1, 1, D, grad=True)
+        ids_keep = torch.empty(B, Lk, dtype=torch.int64, device="meta")
+
+        def run():  # mae models_mae.py forward_encoder (after patch_embed)
+            h = x + pos[:, 1:, :]
+            h = torch.gather(h, 1, ids_keep.unsqueeze(-1).repeat(1, 1, D))
+            c = (cls + pos[:, :1, :]).expand(B, -1, -1)
+            out = torch.cat((c, h), dim=1)
+            out.backward(torch.empty_like(out))
+        return lambda: run
+
+    def restore():
+        B, L, Dd, Lk = 64, 196, 512, 49
+        x, tok, pos = _meta(B, Lk + 1, Dd, grad=True), _meta(1, 1, Dd, grad=True), _meta(1, L + 1, Dd, grad=True)
+        ids_restore = torch.empty(B, L, dtype=torch.int64, device="meta")
+
+        def run():  # mae models_mae.py forward_decoder (after decoder_embed)
+            mask_tokens = tok.repeat(B, L + 1 - x.shape[1], 1)
+            h = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+            h = torch.gather(h, 1, ids_restore.unsqueeze(-1).repeat(1, 1, Dd))
+            h = torch.cat([x[:, :1, :], h], dim=1)
+            out = h + pos
+            out.backward(torch.empty_like(out))
+        return lambda: run
+
+    def clone():
+        B, L, D, Lk, M = 32, 196, 768, 49, 8
+        x = _meta(B, L, D, grad=True)
+        ids = torch.empty(B * M, Lk, dtype=torch.int64, device="meta")
+
+        def run():  # data2vec 2.0: repeat the batch per clone, then gather each clone's kept tokens
+            h = x.repeat_interleave(M, 0)
+            out = torch.gather(h, 1, ids.unsqueeze(-1).repeat(1, 1, D))
+            out.backward(torch.empty_like(out))
+        return lambda: run
+
+    def attention(B, L, per_batch):
+        H, Dh = 6, 64
+
+        def build():
+            q, k, v = (_meta(B, H, L, Dh, dtype=torch.bfloat16, grad=True) for _ in range(3))
+            rc = _meta(B if per_batch else 1, L, 2)
+            slopes = _meta(H)
+
+            def run():  # materialized 2D ALiBi bias (Manhattan distance), then softmax(q kᵀ·scale + bias) v
+                dist = (rc[:, :, None, :] - rc[:, None, :, :]).abs().sum(-1)
+                bias = (-slopes[None, :, None, None] * dist[:, None]).to(torch.bfloat16)
+                attn = (q * Dh ** -0.5) @ k.transpose(-2, -1)
+                attn = (attn + bias).softmax(dim=-1)
+                out = attn @ v
+                out.backward(torch.empty_like(out))
+            return run
+        return build
+
+    def targets():
+        B, T, D, K = 32, 196, 768, 10
+        layers = [_meta(B, T, D) for _ in range(K)]
+
+        def run():  # fairseq data2vec2.py make_targets (instance_norm_target_layer, layer_norm_targets)
+            ys = [F.instance_norm(tl.transpose(1, 2).float()).transpose(1, 2) for tl in layers]
+            y = ys[0].float()
+            for tl in ys[1:]:
+                y.add_(tl.float())
+            y = y.div_(K)
+            F.layer_norm(y, y.shape[-1:])
+        return lambda: run
+
+    def regression():
+        B, T, D, M = 32, 196, 768, 4
+
+        def build():  # needs mask values (boolean indexing): small real CPU tensors
+            x = torch.zeros(M * B, T, D, requires_grad=True)
+            y = torch.zeros(B, T, D)
+            g = torch.Generator().manual_seed(0)
+            mask = torch.rand(M * B, T, generator=g).argsort(1) < int(0.8 * T)
+
+            def run():  # fairseq data2vec2.py: targets repeated per clone, d2v_loss at masked tokens
+                yy = y.repeat_interleave(M, 0)
+                loss = F.mse_loss(x[mask].float(), yy[mask], reduction="none").sum(dim=-1) / math.sqrt(D)
+                loss.sum().backward()
+            return run
+        return build
+
+    return {
+        ("ema_update_", "student fp32"): ema(False), ("ema_update_", "student bf16"): ema(True),
+        ("dino_loss", ""): dino(), ("ibot_patch_loss", ""): ibot(), ("gather_tokens", ""): gather(),
+        ("restore_tokens", ""): restore(), ("gather_tokens (clone batch)", ""): clone(),
+        ("alibi_attention", "ViT-S"): attention(32, 197, False), ("alibi_attention", "masked"): attention(256, 40, True),
+        ("layer_average_targets", ""): targets(), ("masked_regression_loss", ""): regression(),
+    }
+
+
+def program_for(acc: Account):
+    for (op, key), build in eager_programs().items():
+        if op == acc.op and key in acc.case:
+            return build
+    return None
 
 
 if __name__ == "__main__":

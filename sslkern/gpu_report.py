@@ -508,7 +508,8 @@ def _versions() -> str:
         import triton
         from triton.backends.nvidia.compiler import get_ptxas
         v = subprocess.run([get_ptxas(90).path, "--version"], capture_output=True, text=True).stdout.strip()
-        parts.append(f"triton {triton.__version__} (ptxas {v.splitlines()[-1].split(',')[-1].strip() if v else '?'})")
+        m = re.search(r"release ([\d.]+)", v)
+        parts.append(f"triton {triton.__version__} (its ptxas {m.group(1) if m else '?'})")
     except Exception as e:  # pragma: no cover - reported, not fatal
         parts.append(f"triton unavailable ({e})")
     try:
@@ -517,8 +518,8 @@ def _versions() -> str:
     except ImportError:
         pass
     if shutil.which("nvcc"):
-        v = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()
-        parts.append(f"nvcc {v[-1] if v else '?'}")
+        m = re.search(r"release ([\d.]+)", subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout)
+        parts.append(f"nvcc {m.group(1) if m else '?'}")
     return ", ".join(parts)
 
 
