@@ -1,0 +1,2 @@
+"""Thin modules over the sslkern ops (losses, EMA teacher, attention for timm)."""
+from .ema import EMATeacher  # noqa: F401
