@@ -523,6 +523,22 @@ def _versions() -> str:
     return ", ".join(parts)
 
 
+def _findings(report: dict) -> list[str]:
+    """Spills and low occupancy, the rows worth a look."""
+    ok = [r for r in report["triton"] + report["cuda"] if r["ok"]]
+    label = lambda r: f"`{r.get('module', r.get('source'))}` {r.get('name', r.get('kernel'))} [{r['target']}]"
+    spills = [r for r in ok if r["spill_stores"] or r["spill_loads"]]
+    low = [r for r in ok if "occupancy" in r and r["occupancy"] < 0.25]
+    out = ["### Findings", ""]
+    if not spills and not low:
+        return out + ["No spills; every kernel reaches at least 25 % occupancy.", ""]
+    out += [f"- spills: {label(r)}: {r['spill_stores']} B stored / {r['spill_loads']} B loaded at {r['regs']} "
+            f"registers, stack {r['stack']} B" for r in spills]
+    out += [f"- occupancy below 25 %: {label(r)}: {r['regs']} registers × {r['threads']} threads → "
+            f"{r['warps_per_sm']} warps/SM ({100 * r['occupancy']:.0f} %)" for r in low]
+    return out + [""]
+
+
 def render_markdown(report: dict, command: str, elapsed: float) -> str:
     from . import gpu_model
 
@@ -557,6 +573,7 @@ def render_markdown(report: dict, command: str, elapsed: float) -> str:
         lines += ["### Compile failures", ""]
         lines += [f"- {r.get('name', r.get('source'))} [{r['target']}]: `{r['error'].splitlines()[0][:300]}`"
                   for r in failed] + [""]
+    lines += _findings(report)
     lines += ["## CUDA C++ kernels (`csrc/cuda/*.cu`, `nvcc -Xptxas -v`)", ""]
     if report["cuda_skipped"]:
         lines += [f"Skipped: {report['cuda_skipped']}.", ""]

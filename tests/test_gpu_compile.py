@@ -24,8 +24,14 @@ needs_nvcc = pytest.mark.skipif(not CUDA_OK, reason=f"cannot compile CUDA C++ he
 
 TARGETS = list(gr.TARGETS)  # sm_80 (A100), sm_90a (H100)
 
-# Kernels allowed to spill registers at their launch configuration: {(module, config name): reason}.
-SPILL_ALLOWED: dict[tuple[str, str], str] = {}
+# Kernels allowed to spill registers at their launch configuration:
+# {(module or .cu file, config or kernel name, target): reason}. Keep each reason honest and short.
+_TARGETS_SPILL_8B = ("8 B spill stores/loads (one 64-bit value, stack 8 B) on sm_80 only, at 96 registers; "
+                     "sm_90a does not spill. Small and L1-resident; owner (targets) to revisit BLOCK_T/BLOCK_D")
+SPILL_ALLOWED: dict[tuple[str, str, str], str] = {
+    ("layer_average_targets", f"instance_norm_average_kernel {dt} final_instance=True", "sm_80"): _TARGETS_SPILL_8B
+    for dt in ("fp32", "bf16", "fp16")
+}
 
 if HAVE_TRITON_NVIDIA:
     CONFIGS, DISCOVERY_ERRORS = gr.discover_triton()
@@ -96,8 +102,9 @@ def test_triton_config_does_not_spill(cfg, target, triton_results):
     r = triton_results[(cfg["module"], cfg["index"], target)]
     if not r["ok"]:
         pytest.fail(f"does not compile (see test_triton_config_compiles): {r['error'].splitlines()[0]}")
-    allowed = SPILL_ALLOWED.get((cfg["module"], cfg["name"]))
+    allowed = SPILL_ALLOWED.get((cfg["module"], cfg["name"], target))
     if allowed:
+        assert r["spill_stores"] + r["spill_loads"] > 0, "allowed to spill but does not: remove it from SPILL_ALLOWED"
         pytest.skip(f"spills allowed: {allowed}")
     assert (r["spill_stores"], r["spill_loads"]) == (0, 0), (
         f"{_cfg_id(cfg)} on {target} spills {r['spill_stores']} B stored / {r['spill_loads']} B loaded "
@@ -135,7 +142,7 @@ def test_cuda_source_compiles(source, cuda_results):
         assert k["threads"], f"{k['kernel']}: threads per block unknown (add `// gpu_report: threads=N` to {source})"
         occ = gr.occupancy(k["regs"], k["smem"], k["threads"], k["target"])
         assert occ["ctas_per_sm"] >= 1, f"{k['kernel']} cannot be resident on one {lim.gpu} SM: {occ}"
-        if (os.path.basename(source), k["kernel"]) not in SPILL_ALLOWED:
+        if (os.path.basename(source), k["kernel"], k["target"]) not in SPILL_ALLOWED:
             assert (k["spill_stores"], k["spill_loads"]) == (0, 0), f"{k['kernel']} on {k['target']} spills: {k}"
 
 
