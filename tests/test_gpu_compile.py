@@ -23,6 +23,7 @@ CUDA_OK, CUDA_WHY = gr.cuda_toolchain()
 needs_nvcc = pytest.mark.skipif(not CUDA_OK, reason=f"cannot compile CUDA C++ here: {CUDA_WHY}")
 
 TARGETS = list(gr.TARGETS)  # sm_80 (A100), sm_90a (H100)
+WORKERS = int(os.environ.get("SSLKERN_COMPILE_JOBS", "2"))  # compile processes (~1 s per config and target each)
 
 # Kernels allowed to spill registers at their launch configuration:
 # {(module or .cu file, config or kernel name, target): reason}. Keep each reason honest and short.
@@ -50,7 +51,7 @@ def compiled():
     jobs = [{"kind": "triton", "module": c["module"], "index": c["index"], "target": t} for c in CONFIGS for t in TARGETS]
     if CUDA_OK:
         jobs += [{"kind": "cuda", "source": f, "targets": TARGETS} for f in CUDA_FILES]
-    results = gr.run_jobs(jobs, workers=2)
+    results = gr.run_jobs(jobs, workers=WORKERS)
     return ({(r["module"], r["index"], r["target"]): r for r in results if r["kind"] == "triton"},
             {r["source"]: r for r in results if r["kind"] == "cuda"})
 
