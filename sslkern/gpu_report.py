@@ -608,6 +608,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    bad = [t for t in targets if t not in TARGETS]
+    if bad or not targets:
+        p.error(f"--targets expected a comma-separated subset of {','.join(TARGETS)}, got {args.targets!r}")
     report = collect(targets, args.only, args.jobs, cuda=not args.no_cuda)
     elapsed = time.perf_counter() - t0
     tri, cu = table_rows(report)
