@@ -5,6 +5,9 @@ run C++ kernels, CUDA tensors run Triton / CUDA C++; ``sslkern.reference`` holds
 oracles):
 
   ema_update_          multi-tensor EMA of teacher parameters
+  gather_tokens        fused masked-token gather (+ position add, multi-mask clone batch)
+  restore_tokens       MAE-style restore with mask token / fill (+ position add)
+  masks                mask generators (MAE random, block, data2vec 2.0 inverse block, I-JEPA)
 
 Force a backend with ``backend=`` on a call, ``with sslkern.use_backend(name):`` or the
 ``SSLKERN_BACKEND`` environment variable. ``python -m sslkern.info`` says what is available.
@@ -13,4 +16,6 @@ from .version import __version__  # noqa: F401
 from ._backend import BACKENDS, backend_status, use_backend  # noqa: F401
 from ._checks import ArgumentError  # noqa: F401
 from .ops import ema_update_  # noqa: F401
+from .ops import gather_tokens, restore_tokens  # noqa: F401
+from . import masks  # noqa: F401
 from . import nn, reference, schedules  # noqa: F401

@@ -1,0 +1,328 @@
+// gather_tokens / restore_tokens — masked-token gather and MAE-style restore, C++ CPU.
+//
+//   gather:  out[r, t]        = x[b, src(t)] (+ pos[src(t)]),  src(t) = t for prefix t < P,
+//                                                          else P + ids_keep[b, m, t - P];
+//            r = b*M + m (image-major, data2vec 2.0 clone batch) or m*B + b (mask-major, I-JEPA)
+//   restore: out[b, t]        = x_vis[b, t] for t < P, else with i = t - P, k = ids_restore[b, i]:
+//                               x_vis[b, P + k] if k < Nk, else mask_token / fill[b, i];  (+ pos[t])
+//
+// Every output row is an independent row copy (memcpy without a position table, else one
+// fused add), so the forward kernels split the output rows across threads. Backward of
+// gather scatter-adds into grad_x; it is split by image so no two threads touch one row
+// (a token kept by several clone masks is summed in fp32, rounded once). Backward of
+// restore is a gather (ids_restore is checked to be a permutation), plus a per-image fp32
+// partial sum of the removed slots for the mask token's gradient.
+//
+// Indices are read once and checked before any copy: out-of-range values raise an error
+// naming the argument, so no access ever leaves the tensors.
+#include "common.h"
+
+#include <type_traits>
+#include <vector>
+
+namespace sslkern {
+namespace {
+
+template <typename T> using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T> inline acc_t<T> ld(const T* p, int64_t i) {
+  if constexpr (std::is_same_v<T, double>) return p[i]; else return load_f(p, i);
+}
+template <typename T> inline void st(T* p, int64_t i, acc_t<T> v) {
+  if constexpr (std::is_same_v<T, double>) p[i] = v; else store_f(p, i, v);
+}
+
+// dst = src (+ pos), one row of D elements.
+template <typename T>
+inline void copy_row(T* __restrict dst, const T* __restrict src, const T* __restrict pos, int64_t D) {
+  if (pos == nullptr) {
+    std::memcpy(dst, src, D * sizeof(T));
+    return;
+  }
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) st(dst, d, ld(src, d) + ld(pos, d));
+}
+
+template <typename T> inline void zero_row(T* dst, int64_t D) { std::memset(dst, 0, D * sizeof(T)); }
+
+template <typename A, typename T> inline void add_to(A* __restrict acc, const T* __restrict src, int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) acc[d] += ld(src, d);
+}
+
+void check_ids_range(const at::Tensor& ids, int64_t hi, const char* op, const char* name) {
+  const int64_t* p = ids.data_ptr<int64_t>();
+  const int64_t n = ids.numel();
+  for (int64_t k = 0; k < n; ++k) {
+    if (p[k] < 0 || p[k] >= hi) {
+      TORCH_CHECK_INDEX(false, "sslkern.", op, ": ", name, " must hold indices in [0, ", hi, "), got ", p[k],
+                        " at flat position ", k);
+    }
+  }
+}
+
+// Each row of ids_restore (B, N) must be a permutation of 0..N-1.
+void check_permutation(const at::Tensor& ids, const char* op) {
+  const int64_t B = ids.size(0), N = ids.size(1);
+  check_ids_range(ids, N, op, "ids_restore");
+  const int64_t* p = ids.data_ptr<int64_t>();
+  std::vector<uint8_t> seen(N);
+  for (int64_t b = 0; b < B; ++b) {
+    std::fill(seen.begin(), seen.end(), 0);
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t k = p[b * N + i];
+      TORCH_CHECK_VALUE(!seen[k], "sslkern.", op, ": ids_restore[", b, "] must be a permutation of 0..", N - 1,
+                        ", but ", k, " appears twice");
+      seen[k] = 1;
+    }
+  }
+}
+
+void check_common(const at::Tensor& t, const char* op, const char* name, int64_t ndim) {
+  TORCH_CHECK(t.device().is_cpu(), "sslkern.", op, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.dim() == ndim, "sslkern.", op, ": ", name, " must have ", ndim, " dims, got ", t.dim());
+  TORCH_CHECK(t.is_contiguous(), "sslkern.", op, ": ", name, " must be contiguous");
+}
+
+void check_ids(const at::Tensor& t, const char* op, const char* name, int64_t ndim) {
+  check_common(t, op, name, ndim);
+  TORCH_CHECK(t.scalar_type() == at::kLong, "sslkern.", op, ": ", name, " must be int64");
+}
+
+// ---------------------------------------------------------------------------------------
+at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& ids_keep, const std::optional<at::Tensor>& pos,
+                             int64_t P, bool mask_major) {
+  const char* op = "gather_tokens";
+  check_common(x, op, "x", 3);
+  check_ids(ids_keep, op, "ids_keep", 3);
+  const int64_t B = x.size(0), L = x.size(1), D = x.size(2);
+  const int64_t M = ids_keep.size(1), Nk = ids_keep.size(2);
+  TORCH_CHECK(P >= 0 && P <= L, "sslkern.", op, ": num_prefix_tokens out of range");
+  TORCH_CHECK(ids_keep.size(0) == B, "sslkern.", op, ": ids_keep batch size differs from x");
+  const bool has_pos = pos.has_value() && pos->defined();
+  if (has_pos) {
+    check_common(*pos, op, "pos_embed", 2);
+    TORCH_CHECK(pos->size(0) == L && pos->size(1) == D && pos->scalar_type() == x.scalar_type(),
+                "sslkern.", op, ": pos_embed must be (", L, ", ", D, ") of x's dtype");
+  }
+  check_ids_range(ids_keep, L - P, op, "ids_keep");
+  const int64_t Lo = P + Nk;
+  at::Tensor out = at::empty({B * M, Lo, D}, x.options());
+  if (out.numel() == 0) return out;
+  const int64_t* ids = ids_keep.data_ptr<int64_t>();
+  dispatch_float(x.scalar_type(), "gather_tokens: x", [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = ptr<T>(x);
+    const T* pp = has_pos ? ptr<T>(*pos) : nullptr;
+    T* op_ = ptr<T>(out);
+    const int64_t rows = B * M * Lo;
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+    at::parallel_for(0, rows, grain, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const int64_t row = r / Lo, t = r % Lo;
+        const int64_t b = mask_major ? row % B : row / M;
+        const int64_t m = mask_major ? row / B : row % M;
+        const int64_t s = t < P ? t : P + ids[(b * M + m) * Nk + (t - P)];
+        copy_row(op_ + r * D, xp + (b * L + s) * D, pp ? pp + s * D : nullptr, D);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor gather_tokens_backward_cpu(const at::Tensor& grad_out, const at::Tensor& ids_keep, int64_t L, int64_t P,
+                                      bool mask_major) {
+  const char* op = "gather_tokens_backward";
+  check_common(grad_out, op, "grad_out", 3);
+  check_ids(ids_keep, op, "ids_keep", 3);
+  const int64_t B = ids_keep.size(0), M = ids_keep.size(1), Nk = ids_keep.size(2), D = grad_out.size(2);
+  const int64_t Lo = P + Nk;
+  TORCH_CHECK(grad_out.size(0) == B * M && grad_out.size(1) == Lo, "sslkern.", op, ": grad_out has the wrong shape");
+  TORCH_CHECK(P >= 0 && P <= L, "sslkern.", op, ": num_prefix_tokens out of range");
+  check_ids_range(ids_keep, L - P, op, "ids_keep");
+  at::Tensor grad_x = at::empty({B, L, D}, grad_out.options());
+  if (grad_x.numel() == 0) return grad_x;
+  const int64_t* ids = ids_keep.data_ptr<int64_t>();
+  dispatch_float(grad_out.scalar_type(), "gather_tokens_backward: grad_out", [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const T* gp = ptr<T>(grad_out);
+    T* gx = ptr<T>(grad_x);
+    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+      // first[s] = the grad_out row that first wrote source row s (-1: none yet);
+      // rows hit more than once are summed in an accumulation-precision buffer.
+      std::vector<int64_t> first(L);
+      std::vector<int32_t> slot(L);
+      std::vector<A> acc;
+      for (int64_t b = lo; b < hi; ++b) {
+        std::fill(first.begin(), first.end(), -1);
+        std::fill(slot.begin(), slot.end(), -1);
+        acc.clear();
+        int32_t nslots = 0;
+        T* gxb = gx + b * L * D;
+        for (int64_t m = 0; m < M; ++m) {
+          const int64_t row = mask_major ? m * B + b : b * M + m;
+          const T* g = gp + row * Lo * D;
+          for (int64_t t = 0; t < Lo; ++t) {
+            const int64_t s = t < P ? t : P + ids[(b * M + m) * Nk + (t - P)];
+            const T* src = g + t * D;
+            if (first[s] < 0) {
+              first[s] = row * Lo + t;
+              if constexpr (std::is_same_v<T, A>) {
+                std::memcpy(gxb + s * D, src, D * sizeof(T));
+              }
+            } else {
+              if constexpr (std::is_same_v<T, A>) {
+                add_to(gxb + s * D, src, D);
+              } else {
+                if (slot[s] < 0) {  // second hit: start an fp32 sum from the first row
+                  slot[s] = nslots++;
+                  acc.resize(static_cast<size_t>(nslots) * D, A(0));
+                  A* a = acc.data() + static_cast<int64_t>(slot[s]) * D;
+                  const T* f = gp + first[s] * D;
+                  for (int64_t d = 0; d < D; ++d) a[d] = ld(f, d);
+                }
+                add_to(acc.data() + static_cast<int64_t>(slot[s]) * D, src, D);
+              }
+            }
+          }
+        }
+        for (int64_t s = 0; s < L; ++s) {
+          if (first[s] < 0) {
+            zero_row(gxb + s * D, D);
+          } else if constexpr (!std::is_same_v<T, A>) {
+            if (slot[s] < 0) {
+              std::memcpy(gxb + s * D, gp + first[s] * D, D * sizeof(T));
+            } else {
+              const A* a = acc.data() + static_cast<int64_t>(slot[s]) * D;
+              for (int64_t d = 0; d < D; ++d) st(gxb + s * D, d, a[d]);
+            }
+          }
+        }
+      }
+    });
+  });
+  return grad_x;
+}
+
+// ---------------------------------------------------------------------------------------
+at::Tensor restore_tokens_cpu(const at::Tensor& x_vis, const at::Tensor& ids_restore,
+                              const std::optional<at::Tensor>& mask_token, const std::optional<at::Tensor>& fill,
+                              const std::optional<at::Tensor>& pos, int64_t P) {
+  const char* op = "restore_tokens";
+  check_common(x_vis, op, "x_vis", 3);
+  check_ids(ids_restore, op, "ids_restore", 2);
+  const int64_t B = x_vis.size(0), Lv = x_vis.size(1), D = x_vis.size(2);
+  const int64_t N = ids_restore.size(1), Nk = Lv - P, L = P + N;
+  TORCH_CHECK(P >= 0 && Nk >= 0 && Nk <= N && ids_restore.size(0) == B, "sslkern.", op, ": inconsistent sizes");
+  const bool has_mt = mask_token.has_value() && mask_token->defined();
+  const bool has_fill = fill.has_value() && fill->defined();
+  TORCH_CHECK(has_mt != has_fill, "sslkern.", op, ": exactly one of mask_token and fill must be given");
+  if (has_mt) {
+    check_common(*mask_token, op, "mask_token", 1);
+    TORCH_CHECK(mask_token->size(0) == D && mask_token->scalar_type() == x_vis.scalar_type(),
+                "sslkern.", op, ": mask_token must be (", D, ",) of x_vis's dtype");
+  } else {
+    check_common(*fill, op, "fill", 3);
+    TORCH_CHECK(fill->size(0) == B && fill->size(1) == N && fill->size(2) == D &&
+                    fill->scalar_type() == x_vis.scalar_type(),
+                "sslkern.", op, ": fill must be (", B, ", ", N, ", ", D, ") of x_vis's dtype");
+  }
+  const bool has_pos = pos.has_value() && pos->defined();
+  if (has_pos) {
+    check_common(*pos, op, "pos_embed", 2);
+    TORCH_CHECK(pos->size(0) == L && pos->size(1) == D && pos->scalar_type() == x_vis.scalar_type(),
+                "sslkern.", op, ": pos_embed must be (", L, ", ", D, ") of x_vis's dtype");
+  }
+  check_permutation(ids_restore, op);
+  at::Tensor out = at::empty({B, L, D}, x_vis.options());
+  if (out.numel() == 0) return out;
+  const int64_t* ids = ids_restore.data_ptr<int64_t>();
+  dispatch_float(x_vis.scalar_type(), "restore_tokens: x_vis", [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = ptr<T>(x_vis);
+    const T* mt = has_mt ? ptr<T>(*mask_token) : nullptr;
+    const T* fp = has_fill ? ptr<T>(*fill) : nullptr;
+    const T* pp = has_pos ? ptr<T>(*pos) : nullptr;
+    T* o = ptr<T>(out);
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+    at::parallel_for(0, B * L, grain, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const int64_t b = r / L, t = r % L;
+        const T* src;
+        if (t < P) {
+          src = xp + (b * Lv + t) * D;
+        } else {
+          const int64_t i = t - P, k = ids[b * N + i];
+          src = k < Nk ? xp + (b * Lv + P + k) * D : (mt ? mt : fp + (b * N + i) * D);
+        }
+        copy_row(o + r * D, src, pp ? pp + t * D : nullptr, D);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> restore_tokens_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& ids_restore, int64_t Nk, int64_t P, bool need_mask_token,
+    bool need_fill) {
+  const char* op = "restore_tokens_backward";
+  check_common(grad_out, op, "grad_out", 3);
+  check_ids(ids_restore, op, "ids_restore", 2);
+  const int64_t B = ids_restore.size(0), N = ids_restore.size(1), D = grad_out.size(2), L = P + N, Lv = P + Nk;
+  TORCH_CHECK(P >= 0 && Nk >= 0 && Nk <= N && grad_out.size(0) == B && grad_out.size(1) == L,
+              "sslkern.", op, ": inconsistent sizes");
+  check_permutation(ids_restore, op);
+  at::Tensor gxv = at::empty({B, Lv, D}, grad_out.options());
+  at::Tensor gfill = need_fill ? at::empty({B, N, D}, grad_out.options()) : at::empty({0}, grad_out.options());
+  const auto acc_dtype = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor partial = need_mask_token ? at::zeros({B, D}, grad_out.options().dtype(acc_dtype))
+                                       : at::empty({0}, grad_out.options().dtype(acc_dtype));
+  const int64_t* ids = ids_restore.data_ptr<int64_t>();
+  if (B * L * D > 0) {
+    dispatch_float(grad_out.scalar_type(), "restore_tokens_backward: grad_out", [&](auto tag) {
+      using T = decltype(tag);
+      using A = acc_t<T>;
+      const T* g = ptr<T>(grad_out);
+      T* gv = ptr<T>(gxv);
+      T* gf = need_fill ? ptr<T>(gfill) : nullptr;
+      A* part = need_mask_token ? partial.data_ptr<A>() : nullptr;
+      at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t b = lo; b < hi; ++b) {
+          if (P > 0) std::memcpy(gv + b * Lv * D, g + b * L * D, P * D * sizeof(T));
+          for (int64_t i = 0; i < N; ++i) {
+            const int64_t k = ids[b * N + i];
+            const T* src = g + (b * L + P + i) * D;
+            if (k < Nk) {
+              std::memcpy(gv + (b * Lv + P + k) * D, src, D * sizeof(T));
+              if (gf) zero_row(gf + (b * N + i) * D, D);
+            } else {
+              if (gf) std::memcpy(gf + (b * N + i) * D, src, D * sizeof(T));
+              if (part) add_to(part + b * D, src, D);
+            }
+          }
+        }
+      });
+    });
+  }
+  at::Tensor gmt = need_mask_token ? partial.sum(0).to(grad_out.scalar_type()) : at::empty({0}, grad_out.options());
+  return {gxv, gmt, gfill};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sslkern_C, m) {
+  m.def("gather_tokens_cpu(Tensor x, Tensor ids_keep, Tensor? pos_embed, int num_prefix_tokens, bool mask_major) -> Tensor",
+        &gather_tokens_cpu);
+  m.def("gather_tokens_backward_cpu(Tensor grad_out, Tensor ids_keep, int num_tokens, int num_prefix_tokens, "
+        "bool mask_major) -> Tensor",
+        &gather_tokens_backward_cpu);
+  m.def("restore_tokens_cpu(Tensor x_vis, Tensor ids_restore, Tensor? mask_token, Tensor? fill, Tensor? pos_embed, "
+        "int num_prefix_tokens) -> Tensor",
+        &restore_tokens_cpu);
+  m.def("restore_tokens_backward_cpu(Tensor grad_out, Tensor ids_restore, int num_visible, int num_prefix_tokens, "
+        "bool need_mask_token, bool need_fill) -> (Tensor, Tensor, Tensor)",
+        &restore_tokens_backward_cpu);
+}
+
+}  // namespace sslkern
