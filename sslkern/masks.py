@@ -96,9 +96,31 @@ def masks_from_bool(mask: torch.Tensor, num_keep: int | None = None) -> TokenMas
     R, N = mask.shape
     kept = (~mask).sum(1)
     k = int(kept.min()) if num_keep is None and R > 0 else (num_keep or 0)
-    order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)  # kept first, ascending
-    ids_restore = torch.argsort(order, dim=1)
+    order, ids_restore = _kept_first_order(mask)
     return TokenMasks(order[:, :k].contiguous(), ids_restore, ids_restore >= k)
+
+
+def _kept_first_order(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, ids_restore) listing kept positions ascending, then removed ones ascending.
+
+    Ranks come from two prefix sums (no sort): a kept position's rank is the number of kept
+    positions before it; a removed one's is (kept count) + (removed before it).
+    """
+    keep = (~mask).long()
+    n_keep = keep.sum(-1, keepdim=True)
+    ranks_keep = keep.cumsum(-1) - 1
+    ranks_drop = n_keep + (1 - keep).cumsum(-1) - 1
+    ids_restore = torch.where(mask, ranks_drop, ranks_keep)
+    pos = torch.arange(mask.shape[-1], device=mask.device).expand_as(ids_restore)
+    order = torch.empty_like(ids_restore).scatter_(-1, ids_restore, pos)
+    return order, ids_restore
+
+
+def _ranks(keys: torch.Tensor) -> torch.Tensor:
+    """Rank of every element within its row (0 = smallest): one sort and a scatter."""
+    order = torch.argsort(keys, dim=-1)
+    pos = torch.arange(keys.shape[-1], device=keys.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, pos)
 
 
 # ---------------------------------------------------------------------------------------
@@ -118,7 +140,8 @@ def random_mask(batch: int, num_tokens: int, mask_ratio: float, *, num_masks: in
     len_keep = int(num_tokens * (1 - mask_ratio))
     noise = torch.rand(R, num_tokens, generator=generator, device=_gen_device(generator, device))
     ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    pos = torch.arange(num_tokens, device=noise.device).expand_as(ids_shuffle)
+    ids_restore = torch.empty_like(ids_shuffle).scatter_(1, ids_shuffle, pos)  # = argsort(ids_shuffle)
     out = _out_device(generator, device)
     ids_keep = ids_shuffle[:, :len_keep].contiguous()
     mask = ids_restore >= len_keep
@@ -171,14 +194,15 @@ def block_mask(batch: int, grid_hw, mask_ratio=(0.1, 0.5), *, mask_probability: 
 
     mask = torch.zeros(batch, H, W, dtype=torch.bool, device=gdev)
     count = torch.zeros(batch, dtype=torch.int64, device=gdev)
-    tries = torch.zeros(batch, dtype=torch.int64, device=gdev)
     active = count < target
-    rows = torch.arange(H, device=gdev).view(1, H, 1)
-    cols = torch.arange(W, device=gdev).view(1, 1, W)
+    rows = torch.arange(H, device=gdev).view(1, 1, H, 1)
+    cols = torch.arange(W, device=gdev).view(1, 1, 1, W)
     while bool(active.any()):
-        # one try for every image still adding blocks (dinov2 _mask: one loop iteration)
+        # One block per image still below its target (dinov2 _mask). Its up-to-10 tries
+        # do not change the mask until one succeeds, so all 10 are drawn at once and the
+        # first acceptable one is used; an image with none stops (delta == 0 → break).
         remaining = torch.clamp(target - count, max=max_patches).to(torch.float64)
-        u = rand(4, batch)
+        u = rand(4, 10, batch)
         area = min_num_patches + (remaining - min_num_patches) * u[0]
         aspect = torch.exp(log_ar[0] + (log_ar[1] - log_ar[0]) * u[1])
         h = torch.round(torch.sqrt(area * aspect)).long()
@@ -186,14 +210,27 @@ def block_mask(batch: int, grid_hw, mask_ratio=(0.1, 0.5), *, mask_probability: 
         fits = (w < W) & (h < H)
         top = torch.floor(u[2] * (H - h + 1).clamp(min=1)).long()      # randint(0, H - h)
         left = torch.floor(u[3] * (W - w + 1).clamp(min=1)).long()
-        block = (rows >= top.view(-1, 1, 1)) & (rows < (top + h).view(-1, 1, 1)) & \
-                (cols >= left.view(-1, 1, 1)) & (cols < (left + w).view(-1, 1, 1))
-        new = (block & ~mask).flatten(1).sum(1)
-        ok = active & fits & (new > 0) & (new.to(torch.float64) <= remaining)
-        mask |= block & ok.view(-1, 1, 1)
-        count += torch.where(ok, new, 0)
-        tries = torch.where(ok, 0, tries + active.long())
-        active = active & (count < target) & (tries < 10)
+        # tokens already masked inside each candidate, from a summed-area table
+        sat = torch.zeros(batch, H + 1, W + 1, dtype=torch.int64, device=gdev)
+        sat[:, 1:, 1:] = mask.long().cumsum(1).cumsum(2)
+        sat = sat.view(1, batch, -1).expand(10, batch, -1)
+        r0, c0 = top.clamp(max=H), left.clamp(max=W)
+        r1, c1 = (top + h).clamp(max=H), (left + w).clamp(max=W)
+
+        def corner(r, c):
+            return sat.gather(2, (r * (W + 1) + c).unsqueeze(-1)).squeeze(-1)
+
+        inside = corner(r1, c1) - corner(r0, c1) - corner(r1, c0) + corner(r0, c0)
+        new = h * w - inside                                                  # (10, B)
+        ok = fits & (new > 0) & (new.to(torch.float64) <= remaining)
+        first = torch.argmax(ok.to(torch.uint8), dim=0, keepdim=True)         # first acceptable try
+        hit = active & ok.any(0)
+        pick = lambda v: v.gather(0, first)[0].view(batch, 1, 1)  # noqa: E731
+        t0, l0 = pick(top), pick(left)
+        chosen = ((rows[0] >= t0) & (rows[0] < t0 + pick(h)) & (cols[0] >= l0) & (cols[0] < l0 + pick(w)))
+        mask |= chosen & hit.view(-1, 1, 1)
+        count += torch.where(hit, new.gather(0, first)[0], 0)
+        active = hit & (count < target)
     mask = mask.flatten(1)
     tm = masks_from_bool(mask, num_keep)
     out = _out_device(generator, device)
@@ -235,14 +272,14 @@ def inverse_block_mask(batch: int, grid_hw, mask_prob: float, *, mask_length: in
         keep.scatter_(1, flat, True)
     # exact count: drop a uniform random subset of the surplus, or keep a uniform random
     # subset of the rest (= torch.multinomial over the 0/1 weights, without replacement)
+    # One random order with the kept tokens first: a surplus drops the first n − n_keep
+    # of them, a deficit adds the first n_keep − n others, i.e. keep ranks [s, s + n_keep).
     n = keep.sum(1, keepdim=True)
     noise = torch.rand(R, N, generator=generator, device=gdev)
-    surplus_rank = torch.argsort(torch.argsort(torch.where(keep, noise, 2.0), dim=1), dim=1)
-    deficit_rank = torch.argsort(torch.argsort(torch.where(keep, 2.0, noise), dim=1), dim=1)
-    keep = torch.where(n > n_keep, keep & ~(surplus_rank < (n - n_keep)), keep | (deficit_rank < (n_keep - n)))
-    mask = ~keep
-    order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
-    ids_restore = torch.argsort(order, dim=1)
+    rank = _ranks(torch.where(keep, noise, noise + 2.0))
+    start = (n - n_keep).clamp(min=0)
+    mask = ~((rank >= start) & (rank < start + n_keep))
+    order, ids_restore = _kept_first_order(mask)
     out = _out_device(generator, device)
     ids_keep = order[:, :n_keep].contiguous()
     return TokenMasks(*(_split(t.to(out), batch, num_masks) for t in (ids_keep, ids_restore, mask)))
@@ -313,8 +350,7 @@ def multiblock_masks(batch: int, grid_hw, *, num_targets: int = 4, target_scale=
 
     def cut(sets):  # (B, n, N) bool of kept → ascending indices cut to the batch minimum
         k = int(sets.sum(-1).min())
-        order = torch.argsort((~sets).to(torch.uint8), dim=-1, stable=True)
-        return order[..., :k].contiguous()
+        return _kept_first_order(~sets)[0][..., :k].contiguous()
 
     out = _out_device(generator, device)
     return MultiBlockMasks(cut(context).to(out), cut(targets).to(out))
