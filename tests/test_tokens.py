@@ -314,3 +314,45 @@ def test_bad_input(call, match):
     r = torch.stack([torch.randperm(9) for _ in range(2)])
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         call(x, i, r)
+
+
+@pytest.mark.parametrize("vit_kwargs", [{}, {"reg_tokens": 2}, {"no_embed_class": True},
+                                        {"class_token": False, "global_pool": "avg"}])
+def test_nn_timm_embed_and_encode_visible(vit_kwargs):
+    timm = pytest.importorskip("timm")
+    from sslkern.nn import embed_visible, encode_visible
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=64, **vit_kwargs).eval()
+    img = torch.randn(3, 3, 64, 64)
+    P, N = vit.num_prefix_tokens, 16
+    with torch.no_grad():
+        full = vit._pos_embed(vit.patch_embed(img))            # timm's own embedding, all tokens
+        # all tokens in order: the whole forward equals timm's
+        torch.testing.assert_close(encode_visible(vit, img, torch.arange(N).expand(3, N)), vit.forward_features(img),
+                                   atol=1e-5, rtol=1e-5)
+        tm = masks.random_mask(3, N, 0.75, num_masks=2)
+        for mm in (False, True):
+            got = embed_visible(vit, img, tm.ids_keep, mask_major=mm)
+            want = ref_gather(full, tm.ids_keep, num_prefix_tokens=P, mask_major=mm)
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_nn_decoder_input_modes():
+    from sslkern.nn import DecoderInput
+
+    B, P, N, D = 2, 1, 16, 8
+    tm = masks.random_mask(B, N, 0.75)
+    x_vis = torch.randn(B, P + tm.ids_keep.shape[1], D, requires_grad=True)
+    pos = torch.randn(1, P + N, D)
+    dec = DecoderInput(D, pos_embed=pos)
+    out = dec(x_vis, tm.ids_restore)
+    want = ref_restore(x_vis, tm.ids_restore, mask_token=dec.mask_token, pos_embed=pos, num_prefix_tokens=P)
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    out.sum().backward()
+    assert torch.allclose(dec.mask_token.grad, torch.full((D,), float(B * (N - 4))))
+    noisy = DecoderInput(D, mode="noise", noise_std=0.01)
+    y = noisy(x_vis, tm.ids_restore, generator=torch.Generator().manual_seed(0))
+    removed = y[:, P:][tm.mask]
+    assert 0.005 < removed.std() < 0.02 and removed.abs().max() < 0.1   # N(0, 0.01²) fill
+    torch.testing.assert_close(y[:, P:][~tm.mask], ref_restore(x_vis, tm.ids_restore, mask_token=torch.zeros(D),
+                                                               num_prefix_tokens=P)[:, P:][~tm.mask])
