@@ -17,6 +17,8 @@
 // naming the argument, so no access ever leaves the tensors.
 #include "common.h"
 
+#include <sys/mman.h>
+
 #include <type_traits>
 #include <vector>
 
@@ -48,6 +50,48 @@ template <typename T> inline void zero_row(T* dst, int64_t D) { std::memset(dst,
 template <typename A, typename T> inline void add_to(A* __restrict acc, const T* __restrict src, int64_t D) {
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) acc[d] += ld(src, d);
+}
+
+// Outputs here are large and written once, right after allocation: most of the time of a
+// naive kernel goes to faulting in fresh 4 KiB pages. Asking for transparent huge pages
+// on the (2 MiB-aligned interior of the) new buffer before the first touch cuts that
+// cost (what torch does process-wide with THP_MEM_ALLOC_ENABLE=1). A hint only: ignored
+// where THP is off.
+at::Tensor empty_out(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t nbytes = t.nbytes();
+  if (nbytes >= 2 * kHuge) {
+    const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + nbytes) & ~(kHuge - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
+#endif
+  return t;
+}
+
+// Batch ranges for backward kernels that also reduce over the batch: one contiguous range
+// of images per task, each task with its own accumulation buffer.
+struct Split {
+  int64_t tasks, per;
+  Split(int64_t B) {
+    tasks = std::max<int64_t>(1, std::min<int64_t>(B, at::get_num_threads()));
+    per = (B + tasks - 1) / std::max<int64_t>(tasks, 1);
+    tasks = B > 0 ? (B + per - 1) / per : 0;
+  }
+};
+
+// out[j] = sum_t partial[t][j] for j in [0, n), then rounded to T.
+template <typename T, typename A>
+void reduce_partials(T* out, const std::vector<std::vector<A>>& partials, int64_t n) {
+  at::parallel_for(0, n, 4096, [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) {
+      A acc = 0;
+      for (const auto& p : partials) acc += p[j];
+      st(out, j, acc);
+    }
+  });
 }
 
 void check_ids_range(const at::Tensor& ids, int64_t hi, const char* op, const char* name) {
@@ -107,7 +151,7 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& ids_keep, co
   }
   check_ids_range(ids_keep, L - P, op, "ids_keep");
   const int64_t Lo = P + Nk;
-  at::Tensor out = at::empty({B * M, Lo, D}, x.options());
+  at::Tensor out = empty_out({B * M, Lo, D}, x.options());
   if (out.numel() == 0) return out;
   const int64_t* ids = ids_keep.data_ptr<int64_t>();
   dispatch_float(x.scalar_type(), "gather_tokens: x", [&](auto tag) {
@@ -130,8 +174,8 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& ids_keep, co
   return out;
 }
 
-at::Tensor gather_tokens_backward_cpu(const at::Tensor& grad_out, const at::Tensor& ids_keep, int64_t L, int64_t P,
-                                      bool mask_major) {
+std::tuple<at::Tensor, at::Tensor> gather_tokens_backward_cpu(const at::Tensor& grad_out, const at::Tensor& ids_keep,
+                                                                int64_t L, int64_t P, bool mask_major, bool need_pos) {
   const char* op = "gather_tokens_backward";
   check_common(grad_out, op, "grad_out", 3);
   check_ids(ids_keep, op, "ids_keep", 3);
@@ -140,69 +184,86 @@ at::Tensor gather_tokens_backward_cpu(const at::Tensor& grad_out, const at::Tens
   TORCH_CHECK(grad_out.size(0) == B * M && grad_out.size(1) == Lo, "sslkern.", op, ": grad_out has the wrong shape");
   TORCH_CHECK(P >= 0 && P <= L, "sslkern.", op, ": num_prefix_tokens out of range");
   check_ids_range(ids_keep, L - P, op, "ids_keep");
-  at::Tensor grad_x = at::empty({B, L, D}, grad_out.options());
-  if (grad_x.numel() == 0) return grad_x;
+  at::Tensor grad_x = empty_out({B, L, D}, grad_out.options());
+  at::Tensor grad_pos = need_pos ? at::empty({L, D}, grad_out.options()) : at::empty({0}, grad_out.options());
+  if (grad_x.numel() == 0) {
+    if (need_pos) grad_pos.zero_();
+    return {grad_x, grad_pos};
+  }
   const int64_t* ids = ids_keep.data_ptr<int64_t>();
   dispatch_float(grad_out.scalar_type(), "gather_tokens_backward: grad_out", [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
     const T* gp = ptr<T>(grad_out);
     T* gx = ptr<T>(grad_x);
-    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+    const Split split(B);
+    // grad_pos[s] = sum over every grad_out row that came from source row s: each task
+    // sums its images into its own buffer (fused here, so grad_x is not read again).
+    std::vector<std::vector<A>> pos_part(need_pos ? split.tasks : 0);
+    at::parallel_for(0, split.tasks, 1, [&](int64_t task_lo, int64_t task_hi) {
       // first[s] = the grad_out row that first wrote source row s (-1: none yet);
       // rows hit more than once are summed in an accumulation-precision buffer.
       std::vector<int64_t> first(L);
       std::vector<int32_t> slot(L);
       std::vector<A> acc;
-      for (int64_t b = lo; b < hi; ++b) {
-        std::fill(first.begin(), first.end(), -1);
-        std::fill(slot.begin(), slot.end(), -1);
-        acc.clear();
-        int32_t nslots = 0;
-        T* gxb = gx + b * L * D;
-        for (int64_t m = 0; m < M; ++m) {
-          const int64_t row = mask_major ? m * B + b : b * M + m;
-          const T* g = gp + row * Lo * D;
-          for (int64_t t = 0; t < Lo; ++t) {
-            const int64_t s = t < P ? t : P + ids[(b * M + m) * Nk + (t - P)];
-            const T* src = g + t * D;
-            if (first[s] < 0) {
-              first[s] = row * Lo + t;
-              if constexpr (std::is_same_v<T, A>) {
-                std::memcpy(gxb + s * D, src, D * sizeof(T));
-              }
-            } else {
-              if constexpr (std::is_same_v<T, A>) {
-                add_to(gxb + s * D, src, D);
-              } else {
-                if (slot[s] < 0) {  // second hit: start an fp32 sum from the first row
-                  slot[s] = nslots++;
-                  acc.resize(static_cast<size_t>(nslots) * D, A(0));
-                  A* a = acc.data() + static_cast<int64_t>(slot[s]) * D;
-                  const T* f = gp + first[s] * D;
-                  for (int64_t d = 0; d < D; ++d) a[d] = ld(f, d);
+      for (int64_t task = task_lo; task < task_hi; ++task) {
+        A* pp = nullptr;
+        if (need_pos) {
+          pos_part[task].assign(static_cast<size_t>(L * D), A(0));
+          pp = pos_part[task].data();
+        }
+        for (int64_t b = task * split.per; b < std::min(B, (task + 1) * split.per); ++b) {
+          std::fill(first.begin(), first.end(), -1);
+          std::fill(slot.begin(), slot.end(), -1);
+          acc.clear();
+          int32_t nslots = 0;
+          T* gxb = gx + b * L * D;
+          for (int64_t m = 0; m < M; ++m) {
+            const int64_t row = mask_major ? m * B + b : b * M + m;
+            const T* g = gp + row * Lo * D;
+            for (int64_t t = 0; t < Lo; ++t) {
+              const int64_t s = t < P ? t : P + ids[(b * M + m) * Nk + (t - P)];
+              const T* src = g + t * D;
+              if (pp) add_to(pp + s * D, src, D);
+              if (first[s] < 0) {
+                first[s] = row * Lo + t;
+                if constexpr (std::is_same_v<T, A>) {
+                  std::memcpy(gxb + s * D, src, D * sizeof(T));
                 }
-                add_to(acc.data() + static_cast<int64_t>(slot[s]) * D, src, D);
+              } else {
+                if constexpr (std::is_same_v<T, A>) {
+                  add_to(gxb + s * D, src, D);
+                } else {
+                  if (slot[s] < 0) {  // second hit: start an fp32 sum from the first row
+                    slot[s] = nslots++;
+                    acc.resize(static_cast<size_t>(nslots) * D, A(0));
+                    A* a = acc.data() + static_cast<int64_t>(slot[s]) * D;
+                    const T* f = gp + first[s] * D;
+                    for (int64_t d = 0; d < D; ++d) a[d] = ld(f, d);
+                  }
+                  add_to(acc.data() + static_cast<int64_t>(slot[s]) * D, src, D);
+                }
               }
             }
           }
-        }
-        for (int64_t s = 0; s < L; ++s) {
-          if (first[s] < 0) {
-            zero_row(gxb + s * D, D);
-          } else if constexpr (!std::is_same_v<T, A>) {
-            if (slot[s] < 0) {
-              std::memcpy(gxb + s * D, gp + first[s] * D, D * sizeof(T));
-            } else {
-              const A* a = acc.data() + static_cast<int64_t>(slot[s]) * D;
-              for (int64_t d = 0; d < D; ++d) st(gxb + s * D, d, a[d]);
+          for (int64_t s = 0; s < L; ++s) {
+            if (first[s] < 0) {
+              zero_row(gxb + s * D, D);
+            } else if constexpr (!std::is_same_v<T, A>) {
+              if (slot[s] < 0) {
+                std::memcpy(gxb + s * D, gp + first[s] * D, D * sizeof(T));
+              } else {
+                const A* a = acc.data() + static_cast<int64_t>(slot[s]) * D;
+                for (int64_t d = 0; d < D; ++d) st(gxb + s * D, d, a[d]);
+              }
             }
           }
         }
       }
     });
+    if (need_pos) reduce_partials(ptr<T>(grad_pos), pos_part, L * D);
   });
-  return grad_x;
+  return {grad_x, grad_pos};
 }
 
 // ---------------------------------------------------------------------------------------
@@ -235,7 +296,7 @@ at::Tensor restore_tokens_cpu(const at::Tensor& x_vis, const at::Tensor& ids_res
                 "sslkern.", op, ": pos_embed must be (", L, ", ", D, ") of x_vis's dtype");
   }
   check_permutation(ids_restore, op);
-  at::Tensor out = at::empty({B, L, D}, x_vis.options());
+  at::Tensor out = empty_out({B, L, D}, x_vis.options());
   if (out.numel() == 0) return out;
   const int64_t* ids = ids_restore.data_ptr<int64_t>();
   dispatch_float(x_vis.scalar_type(), "restore_tokens: x_vis", [&](auto tag) {
@@ -263,9 +324,9 @@ at::Tensor restore_tokens_cpu(const at::Tensor& x_vis, const at::Tensor& ids_res
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> restore_tokens_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> restore_tokens_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& ids_restore, int64_t Nk, int64_t P, bool need_mask_token,
-    bool need_fill) {
+    bool need_fill, bool need_pos) {
   const char* op = "restore_tokens_backward";
   check_common(grad_out, op, "grad_out", 3);
   check_ids(ids_restore, op, "ids_restore", 2);
@@ -273,40 +334,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> restore_tokens_backward_cpu(
   TORCH_CHECK(P >= 0 && Nk >= 0 && Nk <= N && grad_out.size(0) == B && grad_out.size(1) == L,
               "sslkern.", op, ": inconsistent sizes");
   check_permutation(ids_restore, op);
-  at::Tensor gxv = at::empty({B, Lv, D}, grad_out.options());
-  at::Tensor gfill = need_fill ? at::empty({B, N, D}, grad_out.options()) : at::empty({0}, grad_out.options());
-  const auto acc_dtype = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor partial = need_mask_token ? at::zeros({B, D}, grad_out.options().dtype(acc_dtype))
-                                       : at::empty({0}, grad_out.options().dtype(acc_dtype));
+  const auto opts = grad_out.options();
+  at::Tensor gxv = empty_out({B, Lv, D}, opts);
+  at::Tensor gfill = need_fill ? empty_out({B, N, D}, opts) : at::empty({0}, opts);
+  at::Tensor gmt = need_mask_token ? at::empty({D}, opts) : at::empty({0}, opts);
+  at::Tensor gpos = need_pos ? at::empty({L, D}, opts) : at::empty({0}, opts);
   const int64_t* ids = ids_restore.data_ptr<int64_t>();
-  if (B * L * D > 0) {
-    dispatch_float(grad_out.scalar_type(), "restore_tokens_backward: grad_out", [&](auto tag) {
-      using T = decltype(tag);
-      using A = acc_t<T>;
-      const T* g = ptr<T>(grad_out);
-      T* gv = ptr<T>(gxv);
-      T* gf = need_fill ? ptr<T>(gfill) : nullptr;
-      A* part = need_mask_token ? partial.data_ptr<A>() : nullptr;
-      at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t b = lo; b < hi; ++b) {
+  dispatch_float(grad_out.scalar_type(), "restore_tokens_backward: grad_out", [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const T* g = ptr<T>(grad_out);
+    T* gv = ptr<T>(gxv);
+    T* gf = need_fill ? ptr<T>(gfill) : nullptr;
+    const Split split(B);
+    // per task: mask-token sum (D) and position sum (L × D) in accumulation precision
+    std::vector<std::vector<A>> mt_part(need_mask_token ? std::max<int64_t>(split.tasks, 1) : 0);
+    std::vector<std::vector<A>> pos_part(need_pos ? std::max<int64_t>(split.tasks, 1) : 0);
+    for (auto& v : mt_part) v.assign(static_cast<size_t>(D), A(0));
+    for (auto& v : pos_part) v.assign(static_cast<size_t>(L * D), A(0));
+    at::parallel_for(0, split.tasks, 1, [&](int64_t task_lo, int64_t task_hi) {
+      for (int64_t task = task_lo; task < task_hi; ++task) {
+        A* mp = need_mask_token ? mt_part[task].data() : nullptr;
+        A* pp = need_pos ? pos_part[task].data() : nullptr;
+        for (int64_t b = task * split.per; b < std::min(B, (task + 1) * split.per); ++b) {
           if (P > 0) std::memcpy(gv + b * Lv * D, g + b * L * D, P * D * sizeof(T));
+          if (pp) {
+            for (int64_t t = 0; t < P; ++t) add_to(pp + t * D, g + (b * L + t) * D, D);
+          }
           for (int64_t i = 0; i < N; ++i) {
             const int64_t k = ids[b * N + i];
             const T* src = g + (b * L + P + i) * D;
+            if (pp) add_to(pp + (P + i) * D, src, D);
             if (k < Nk) {
               std::memcpy(gv + (b * Lv + P + k) * D, src, D * sizeof(T));
               if (gf) zero_row(gf + (b * N + i) * D, D);
             } else {
               if (gf) std::memcpy(gf + (b * N + i) * D, src, D * sizeof(T));
-              if (part) add_to(part + b * D, src, D);
+              if (mp) add_to(mp, src, D);
             }
           }
         }
-      });
+      }
     });
-  }
-  at::Tensor gmt = need_mask_token ? partial.sum(0).to(grad_out.scalar_type()) : at::empty({0}, grad_out.options());
-  return {gxv, gmt, gfill};
+    if (need_mask_token) reduce_partials(ptr<T>(gmt), mt_part, D);
+    if (need_pos) reduce_partials(ptr<T>(gpos), pos_part, L * D);
+  });
+  return {gxv, gmt, gfill, gpos};
 }
 
 }  // namespace
@@ -315,13 +388,13 @@ TORCH_LIBRARY_FRAGMENT(sslkern_C, m) {
   m.def("gather_tokens_cpu(Tensor x, Tensor ids_keep, Tensor? pos_embed, int num_prefix_tokens, bool mask_major) -> Tensor",
         &gather_tokens_cpu);
   m.def("gather_tokens_backward_cpu(Tensor grad_out, Tensor ids_keep, int num_tokens, int num_prefix_tokens, "
-        "bool mask_major) -> Tensor",
+        "bool mask_major, bool need_pos) -> (Tensor, Tensor)",
         &gather_tokens_backward_cpu);
   m.def("restore_tokens_cpu(Tensor x_vis, Tensor ids_restore, Tensor? mask_token, Tensor? fill, Tensor? pos_embed, "
         "int num_prefix_tokens) -> Tensor",
         &restore_tokens_cpu);
   m.def("restore_tokens_backward_cpu(Tensor grad_out, Tensor ids_restore, int num_visible, int num_prefix_tokens, "
-        "bool need_mask_token, bool need_fill) -> (Tensor, Tensor, Tensor)",
+        "bool need_mask_token, bool need_fill, bool need_pos) -> (Tensor, Tensor, Tensor, Tensor)",
         &restore_tokens_backward_cpu);
 }
 

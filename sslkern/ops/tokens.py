@@ -74,14 +74,17 @@ def _(x, ids_keep, pos_embed, num_prefix_tokens, mask_major, backend):
 
 @torch.library.custom_op("sslkern::gather_tokens_backward", mutates_args=())
 def _gather_backward_op(grad_out: torch.Tensor, ids_keep: torch.Tensor, num_tokens: int, num_prefix_tokens: int,
-                        mask_major: bool, backend: str) -> torch.Tensor:
+                        mask_major: bool, need_pos: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_pos): grad_pos (num_tokens, D) = batch sum of grad_x, fused; empty if not needed."""
     return gather_backward_dispatch(grad_out.device, backend)(grad_out, ids_keep, num_tokens, num_prefix_tokens,
-                                                              mask_major)
+                                                              mask_major, need_pos)
 
 
 @_gather_backward_op.register_fake
-def _(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, backend):
-    return grad_out.new_empty(ids_keep.shape[0], num_tokens, grad_out.shape[2])
+def _(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos, backend):
+    D = grad_out.shape[2]
+    gpos = grad_out.new_empty(num_tokens, D) if need_pos else grad_out.new_empty(0)
+    return grad_out.new_empty(ids_keep.shape[0], num_tokens, D), gpos
 
 
 def _gather_setup(ctx, inputs, output):
@@ -93,12 +96,9 @@ def _gather_setup(ctx, inputs, output):
 def _gather_backward(ctx, grad):
     (ids_keep,) = ctx.saved_tensors
     L, P, mask_major, backend, has_pos = ctx.meta
-    grad_x = _gather_backward_op(grad.contiguous(), ids_keep, L, P, mask_major, backend)
-    grad_pos = None
-    if has_pos and ctx.needs_input_grad[2]:
-        acc = torch.float64 if grad_x.dtype == torch.float64 else torch.float32
-        grad_pos = grad_x.sum(0, dtype=acc).to(grad_x.dtype)  # pos is added to every image's row
-    return (grad_x if ctx.needs_input_grad[0] else None), None, grad_pos, None, None, None
+    need_pos = bool(has_pos and ctx.needs_input_grad[2])
+    grad_x, grad_pos = _gather_backward_op(grad.contiguous(), ids_keep, L, P, mask_major, need_pos, backend)
+    return (grad_x if ctx.needs_input_grad[0] else None), None, (grad_pos if need_pos else None), None, None, None
 
 
 _gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
@@ -177,20 +177,22 @@ def _(x_vis, ids_restore, mask_token, fill, pos_embed, num_prefix_tokens, backen
 
 @torch.library.custom_op("sslkern::restore_tokens_backward", mutates_args=())
 def _restore_backward_op(grad_out: torch.Tensor, ids_restore: torch.Tensor, num_visible: int,
-                         num_prefix_tokens: int, need_mask_token: bool, need_fill: bool,
-                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         num_prefix_tokens: int, need_mask_token: bool, need_fill: bool, need_pos: bool,
+                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x_vis, grad_mask_token, grad_fill, grad_pos); the last three empty if not needed."""
     return restore_backward_dispatch(grad_out.device, backend)(grad_out, ids_restore, num_visible, num_prefix_tokens,
-                                                               need_mask_token, need_fill)
+                                                               need_mask_token, need_fill, need_pos)
 
 
 @_restore_backward_op.register_fake
-def _(grad_out, ids_restore, num_visible, num_prefix_tokens, need_mask_token, need_fill, backend):
+def _(grad_out, ids_restore, num_visible, num_prefix_tokens, need_mask_token, need_fill, need_pos, backend):
     B, N = ids_restore.shape
     D = grad_out.shape[2]
     gv = grad_out.new_empty(B, num_prefix_tokens + num_visible, D)
     gm = grad_out.new_empty(D) if need_mask_token else grad_out.new_empty(0)
     gf = grad_out.new_empty(B, N, D) if need_fill else grad_out.new_empty(0)
-    return gv, gm, gf
+    gp = grad_out.new_empty(num_prefix_tokens + N, D) if need_pos else grad_out.new_empty(0)
+    return gv, gm, gf, gp
 
 
 def _restore_setup(ctx, inputs, output):
@@ -203,13 +205,11 @@ def _restore_backward(ctx, grad):
     (ids_restore,) = ctx.saved_tensors
     Nk, P, backend, has_pos = ctx.meta
     need_x, _, need_mt, need_fill, need_pos = ctx.needs_input_grad[:5]
-    grad = grad.contiguous()
-    gv, gm, gf = _restore_backward_op(grad, ids_restore, Nk, P, bool(need_mt), bool(need_fill), backend)
-    grad_pos = None
-    if has_pos and need_pos:
-        acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-        grad_pos = grad.sum(0, dtype=acc).to(grad.dtype)
-    return (gv if need_x else None), None, (gm if need_mt else None), (gf if need_fill else None), grad_pos, None, None
+    need_pos = bool(has_pos and need_pos)
+    gv, gm, gf, gp = _restore_backward_op(grad.contiguous(), ids_restore, Nk, P, bool(need_mt), bool(need_fill),
+                                          need_pos, backend)
+    return ((gv if need_x else None), None, (gm if need_mt else None), (gf if need_fill else None),
+            (gp if need_pos else None), None, None)
 
 
 _restore_op.register_autograd(_restore_backward, setup_context=_restore_setup)

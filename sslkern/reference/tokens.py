@@ -64,7 +64,7 @@ def restore_tokens(x_vis, ids_restore, *, mask_token=None, fill=None, pos_embed=
 
 # Explicit backward math (the ``reference`` backend of the backward custom ops; the
 # functions above get theirs from autograd).
-def gather_tokens_backward(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major):
+def gather_tokens_backward(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos):
     B, M, Nk = ids_keep.shape
     P, D = num_prefix_tokens, grad_out.shape[-1]
     g = grad_out.reshape(M, B, P + Nk, D).transpose(0, 1) if mask_major else grad_out.reshape(B, M, P + Nk, D)
@@ -73,10 +73,12 @@ def gather_tokens_backward(grad_out, ids_keep, num_tokens, num_prefix_tokens, ma
     grad_x[:, :P] = g[:, :, :P].to(acc).sum(1)
     idx = (ids_keep.long() + P).reshape(B, M * Nk, 1).expand(-1, -1, D)
     grad_x.scatter_add_(1, idx, g[:, :, P:].reshape(B, M * Nk, D).to(acc))
-    return grad_x.to(grad_out.dtype)
+    grad_pos = grad_x.sum(0).to(grad_out.dtype) if need_pos else grad_out.new_empty(0)
+    return grad_x.to(grad_out.dtype), grad_pos
 
 
-def restore_tokens_backward(grad_out, ids_restore, num_visible, num_prefix_tokens, need_mask_token, need_fill):
+def restore_tokens_backward(grad_out, ids_restore, num_visible, num_prefix_tokens, need_mask_token, need_fill,
+                            need_pos):
     B, N = ids_restore.shape
     P, Nk, D = num_prefix_tokens, num_visible, grad_out.shape[-1]
     g = grad_out[:, P:]
@@ -94,4 +96,5 @@ def restore_tokens_backward(grad_out, ids_restore, num_visible, num_prefix_token
     removed_g = torch.where(visible, torch.zeros((), dtype=g.dtype, device=g.device), g)
     gmt = removed_g.to(acc).sum((0, 1)).to(grad_out.dtype) if need_mask_token else grad_out.new_empty(0)
     gfill = removed_g if need_fill else grad_out.new_empty(0)
-    return grad_vis, gmt, gfill.contiguous()
+    gpos = grad_out.to(acc).sum(0).to(grad_out.dtype) if need_pos else grad_out.new_empty(0)
+    return grad_vis, gmt, gfill.contiguous(), gpos

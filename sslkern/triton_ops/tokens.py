@@ -58,8 +58,9 @@ def gather_rows_kernel(x_ptr, ids_ptr, pos_ptr, out_ptr, B, M, Nk, L, P, D, n_ro
 
 
 @triton.jit
-def gather_rows_backward_kernel(grad_out_ptr, ids_ptr, grad_x_ptr, B, M, Nk, L, P, D, n_rows,
-                                MASK_MAJOR: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def gather_rows_backward_kernel(grad_out_ptr, ids_ptr, grad_x_ptr, grad_pos_ptr, B, M, Nk, L, P, D, n_rows,
+                                MASK_MAJOR: tl.constexpr, NEED_POS: tl.constexpr,
+                                ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = r < n_rows
@@ -82,6 +83,8 @@ def gather_rows_backward_kernel(grad_out_ptr, ids_ptr, grad_x_ptr, B, M, Nk, L, 
                 other=0.0).to(grad_x_ptr.dtype.element_ty)
     dst = (b.to(tl.int64) * L + s)[:, None] * D + d[None, :]
     tl.atomic_add(grad_x_ptr + dst, g, mask=dst_ok[:, None] & d_ok[None, :])
+    if NEED_POS:
+        tl.atomic_add(grad_pos_ptr + (s.to(tl.int64)[:, None] * D + d[None, :]), g, mask=dst_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -122,9 +125,9 @@ def restore_rows_kernel(x_vis_ptr, ids_ptr, mask_token_ptr, fill_ptr, pos_ptr, o
 
 
 @triton.jit
-def restore_rows_backward_kernel(grad_out_ptr, ids_ptr, grad_vis_ptr, grad_fill_ptr, grad_mt_ptr, N, Nk, P, D,
-                                 n_rows, NEED_FILL: tl.constexpr, NEED_MT: tl.constexpr,
-                                 ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def restore_rows_backward_kernel(grad_out_ptr, ids_ptr, grad_vis_ptr, grad_fill_ptr, grad_mt_ptr, grad_pos_ptr,
+                                 N, Nk, P, D, n_rows, NEED_FILL: tl.constexpr, NEED_MT: tl.constexpr,
+                                 NEED_POS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = r < n_rows
@@ -152,6 +155,9 @@ def restore_rows_backward_kernel(grad_out_ptr, ids_ptr, grad_vis_ptr, grad_fill_
     if NEED_MT:
         part = tl.sum(tl.where(removed[:, None], g.to(grad_mt_ptr.dtype.element_ty), 0.0), axis=0)
         tl.atomic_add(grad_mt_ptr + d, part, mask=d_ok)
+    if NEED_POS:
+        tl.atomic_add(grad_pos_ptr + (t.to(tl.int64)[:, None] * D + d[None, :]), g.to(grad_pos_ptr.dtype.element_ty),
+                      mask=row_ok[:, None] & dm)
 
 
 # ---------------------------------------------------------------------------------------
@@ -189,18 +195,19 @@ def gather_tokens_triton(x, ids_keep, pos_embed, num_prefix_tokens, mask_major):
     return out
 
 
-def gather_tokens_backward_triton(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major):
+def gather_tokens_backward_triton(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos):
     B, M, Nk = ids_keep.shape
     D = grad_out.shape[2]
     P = num_prefix_tokens
     _check_index_range(ids_keep, num_tokens - P, "gather_tokens_backward", "ids_keep")
     grad_x = torch.zeros(B, num_tokens, D, dtype=_acc(grad_out.dtype), device=grad_out.device)
+    grad_pos = torch.zeros(num_tokens if need_pos else 0, D, dtype=_acc(grad_out.dtype), device=grad_out.device)
     n_rows = B * M * (P + Nk)
     if n_rows and D:
         gather_rows_backward_kernel[_grid(n_rows, D)](
-            grad_out, ids_keep, grad_x, B, M, Nk, num_tokens, P, D, n_rows,
-            MASK_MAJOR=bool(mask_major), ROWS=ROWS, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
-    return grad_x.to(grad_out.dtype)
+            grad_out, ids_keep, grad_x, grad_pos if need_pos else grad_x, B, M, Nk, num_tokens, P, D, n_rows,
+            MASK_MAJOR=bool(mask_major), NEED_POS=bool(need_pos), ROWS=ROWS, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
+    return grad_x.to(grad_out.dtype), (grad_pos.to(grad_out.dtype) if need_pos else grad_out.new_empty(0))
 
 
 def restore_tokens_triton(x_vis, ids_restore, mask_token, fill, pos_embed, num_prefix_tokens):
@@ -219,7 +226,8 @@ def restore_tokens_triton(x_vis, ids_restore, mask_token, fill, pos_embed, num_p
     return out
 
 
-def restore_tokens_backward_triton(grad_out, ids_restore, num_visible, num_prefix_tokens, need_mask_token, need_fill):
+def restore_tokens_backward_triton(grad_out, ids_restore, num_visible, num_prefix_tokens, need_mask_token, need_fill,
+                                   need_pos):
     B, N = ids_restore.shape
     D = grad_out.shape[2]
     P, Nk = num_prefix_tokens, num_visible
@@ -230,14 +238,16 @@ def restore_tokens_backward_triton(grad_out, ids_restore, num_visible, num_prefi
         else grad_out.new_empty(0)
     grad_mt = torch.zeros(D, dtype=_acc(grad_out.dtype), device=grad_out.device) if need_mask_token \
         else grad_out.new_empty(0)
+    grad_pos = torch.zeros(P + N if need_pos else 0, D, dtype=_acc(grad_out.dtype), device=grad_out.device)
     n_rows = B * (P + N)
     if n_rows and D:
         restore_rows_backward_kernel[_grid(n_rows, D)](
             grad_out, ids_restore, grad_vis, grad_fill if need_fill else grad_vis,
-            grad_mt if need_mask_token else grad_vis, N, Nk, P, D, n_rows,
-            NEED_FILL=bool(need_fill), NEED_MT=bool(need_mask_token), ROWS=ROWS, BLOCK_D=BLOCK_D,
-            num_warps=NUM_WARPS)
-    return grad_vis, (grad_mt.to(grad_out.dtype) if need_mask_token else grad_mt), grad_fill
+            grad_mt if need_mask_token else grad_vis, grad_pos if need_pos else grad_vis, N, Nk, P, D, n_rows,
+            NEED_FILL=bool(need_fill), NEED_MT=bool(need_mask_token), NEED_POS=bool(need_pos), ROWS=ROWS,
+            BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
+    return (grad_vis, (grad_mt.to(grad_out.dtype) if need_mask_token else grad_mt), grad_fill,
+            grad_pos.to(grad_out.dtype) if need_pos else grad_out.new_empty(0))
 
 
 # ---------------------------------------------------------------------------------------
@@ -257,22 +267,25 @@ AOT_CONFIGS = (
           constexprs={"HAS_POS": hp, "MASK_MAJOR": mm, "COMPUTE": tl.float64 if n == "fp64" else tl.float32, **_BASE},
           num_warps=NUM_WARPS, num_stages=3)
      for n, _ in _DT for hp in (False, True) for mm in (False, True)]
-    + [dict(name=f"gather_rows_backward_kernel {n} mask_major={mm}", kernel=gather_rows_backward_kernel,
+    + [dict(name=f"gather_rows_backward_kernel {n} mask_major={mm} pos={hp}", kernel=gather_rows_backward_kernel,
             signature=_sig({"grad_out_ptr": f"*{n}", "ids_ptr": "*i64",
-                            "grad_x_ptr": "*fp64" if n == "fp64" else "*fp32"}, _INTS),
-            constexprs={"MASK_MAJOR": mm, **_BASE}, num_warps=NUM_WARPS, num_stages=3)
-       for n, _ in _DT for mm in (False, True)]
+                            "grad_x_ptr": "*fp64" if n == "fp64" else "*fp32",
+                            "grad_pos_ptr": "*fp64" if n == "fp64" else "*fp32"}, _INTS),
+            constexprs={"MASK_MAJOR": mm, "NEED_POS": hp, **_BASE}, num_warps=NUM_WARPS, num_stages=3)
+       for n, _ in _DT for mm in (False, True) for hp in (False, True)]
     + [dict(name=f"restore_rows_kernel {n} fill={hf} pos={hp}", kernel=restore_rows_kernel,
             signature=_sig({"x_vis_ptr": f"*{n}", "ids_ptr": "*i64", "mask_token_ptr": f"*{n}", "fill_ptr": f"*{n}",
                             "pos_ptr": f"*{n}", "out_ptr": f"*{n}"}, ["N", "Nk", "P", "D", "n_rows"]),
             constexprs={"HAS_FILL": hf, "HAS_POS": hp, "COMPUTE": tl.float64 if n == "fp64" else tl.float32, **_BASE},
             num_warps=NUM_WARPS, num_stages=3)
        for n, _ in _DT for hf in (False, True) for hp in (False, True)]
-    + [dict(name=f"restore_rows_backward_kernel {n} fill={nf} mask_token={nm}", kernel=restore_rows_backward_kernel,
+    + [dict(name=f"restore_rows_backward_kernel {n} fill={nf} mask_token={nm} pos={hp}",
+            kernel=restore_rows_backward_kernel,
             signature=_sig({"grad_out_ptr": f"*{n}", "ids_ptr": "*i64", "grad_vis_ptr": f"*{n}",
                             "grad_fill_ptr": f"*{n}",
-                            "grad_mt_ptr": ("*fp64" if n == "fp64" else "*fp32") if nm else f"*{n}"},
+                            "grad_mt_ptr": ("*fp64" if n == "fp64" else "*fp32") if nm else f"*{n}",
+                            "grad_pos_ptr": ("*fp64" if n == "fp64" else "*fp32") if hp else f"*{n}"},
                            ["N", "Nk", "P", "D", "n_rows"]),
-            constexprs={"NEED_FILL": nf, "NEED_MT": nm, **_BASE}, num_warps=NUM_WARPS, num_stages=3)
-       for n, _ in _DT for nf in (False, True) for nm in (False, True)]
+            constexprs={"NEED_FILL": nf, "NEED_MT": nm, "NEED_POS": hp, **_BASE}, num_warps=NUM_WARPS, num_stages=3)
+       for n, _ in _DT for nf in (False, True) for nm in (False, True) for hp in (False, True)]
 )
