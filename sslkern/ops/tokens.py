@@ -24,21 +24,25 @@ gather_dispatch = Dispatch("gather_tokens", {
     "reference": lambda: _gather_reference,
     "cpu": ext_op("gather_tokens_cpu"),
     "triton": module_attr(_TRI, "gather_tokens_triton"),
+    "cuda": ext_op("gather_tokens_cuda"),
 })
 gather_backward_dispatch = Dispatch("gather_tokens", {
     "reference": module_attr(_REF, "gather_tokens_backward"),
     "cpu": ext_op("gather_tokens_backward_cpu"),
     "triton": module_attr(_TRI, "gather_tokens_backward_triton"),
+    "cuda": ext_op("gather_tokens_backward_cuda"),
 })
 restore_dispatch = Dispatch("restore_tokens", {
     "reference": lambda: _restore_reference,
     "cpu": ext_op("restore_tokens_cpu"),
     "triton": module_attr(_TRI, "restore_tokens_triton"),
+    "cuda": ext_op("restore_tokens_cuda"),
 })
 restore_backward_dispatch = Dispatch("restore_tokens", {
     "reference": module_attr(_REF, "restore_tokens_backward"),
     "cpu": ext_op("restore_tokens_backward_cpu"),
     "triton": module_attr(_TRI, "restore_tokens_backward_triton"),
+    "cuda": ext_op("restore_tokens_backward_cuda"),
 })
 dispatch = gather_dispatch  # the backends of this op family (tests parametrize over it)
 
@@ -132,7 +136,7 @@ def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, *, pos_embed: torch.T
         mask_major: for ``(B, M, Nk)`` ids, output row ``b·M + m`` (False: image-major, the
             data2vec 2.0 clone batch ``x.repeat_interleave(M, 0)``) or ``m·B + b`` (True:
             I-JEPA ``apply_masks`` order ``cat_m gather(x, masks[m])``).
-        backend: force ``"reference"``, ``"cpu"`` or ``"triton"`` (default: auto).
+        backend: force ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"`` (default: auto).
 
     Returns:
         ``(B, P + Nk, D)``, or ``(B·M, P + Nk, D)`` for multi-mask ids; the repeat of ``x``
@@ -237,7 +241,7 @@ def restore_tokens(x_vis: torch.Tensor, ids_restore: torch.Tensor, *, mask_token
             of ``mask_token`` and ``fill``. Only removed slots are read.
         pos_embed: ``None``, ``(P + N, D)`` or ``(1, P + N, D)`` added to every output token.
         num_prefix_tokens: ``P`` (CLS etc., copied first).
-        backend: force ``"reference"``, ``"cpu"`` or ``"triton"`` (default: auto).
+        backend: force ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"`` (default: auto).
 
     Returns ``(B, P + N, D)``. Matches mae ``models_mae.py: forward_decoder``
     (``cat([x[:, 1:], mask_tokens])``, ``torch.gather(…, ids_restore…)``, ``+ decoder_pos_embed``)
