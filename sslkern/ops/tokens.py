@@ -26,7 +26,7 @@ gather_dispatch = Dispatch("gather_tokens", {
     "triton": module_attr(_TRI, "gather_tokens_triton"),
     "cuda": ext_op("gather_tokens_cuda"),
 })
-gather_backward_dispatch = Dispatch("gather_tokens", {
+gather_backward_dispatch = Dispatch("gather_tokens_backward", {
     "reference": module_attr(_REF, "gather_tokens_backward"),
     "cpu": ext_op("gather_tokens_backward_cpu"),
     "triton": module_attr(_TRI, "gather_tokens_backward_triton"),
@@ -38,7 +38,7 @@ restore_dispatch = Dispatch("restore_tokens", {
     "triton": module_attr(_TRI, "restore_tokens_triton"),
     "cuda": ext_op("restore_tokens_cuda"),
 })
-restore_backward_dispatch = Dispatch("restore_tokens", {
+restore_backward_dispatch = Dispatch("restore_tokens_backward", {
     "reference": module_attr(_REF, "restore_tokens_backward"),
     "cpu": ext_op("restore_tokens_backward_cpu"),
     "triton": module_attr(_TRI, "restore_tokens_backward_triton"),
@@ -242,6 +242,9 @@ def restore_tokens(x_vis: torch.Tensor, ids_restore: torch.Tensor, *, mask_token
         pos_embed: ``None``, ``(P + N, D)`` or ``(1, P + N, D)`` added to every output token.
         num_prefix_tokens: ``P`` (CLS etc., copied first).
         backend: force ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"`` (default: auto).
+
+    Clone batch (``gather_tokens`` with ``(B, M, Nk)`` ids, image-major rows): pass the
+    encoder output ``(B·M, P + Nk, D)`` with ``ids_restore.reshape(B·M, N)``.
 
     Returns ``(B, P + N, D)``. Matches mae ``models_mae.py: forward_decoder``
     (``cat([x[:, 1:], mask_tokens])``, ``torch.gather(…, ids_restore…)``, ``+ decoder_pos_embed``)
