@@ -360,3 +360,20 @@ def test_nn_decoder_input_modes():
     assert 0.005 < removed.std() < 0.02 and removed.abs().max() < 0.1   # N(0, 0.01²) fill
     torch.testing.assert_close(y[:, P:][~tm.mask], ref_restore(x_vis, tm.ids_restore, mask_token=torch.zeros(D),
                                                                num_prefix_tokens=P)[:, P:][~tm.mask])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clone_batch_round_trip(backend):
+    """data2vec 2.0: M inverse-block masks per image, gather without the repeat, restore per clone."""
+    name, device = backend
+    B, M, P, D = 2, 3, 1, 9
+    tm = masks.inverse_block_mask(B, (7, 7), 0.6, num_masks=M, device=device)
+    x = torch.randn(B, P + 49, D, device=device)
+    vis = sslkern.gather_tokens(x, tm.ids_keep, num_prefix_tokens=P, backend=name)
+    fill = torch.randn(B * M, 49, D, device=device)
+    back = sslkern.restore_tokens(vis, tm.ids_restore.reshape(B * M, 49), fill=fill, num_prefix_tokens=P, backend=name)
+    rep = x.repeat_interleave(M, dim=0)
+    removed = tm.mask.reshape(B * M, 49)
+    torch.testing.assert_close(back[:, P:][~removed], rep[:, P:][~removed], atol=0, rtol=0)
+    torch.testing.assert_close(back[:, P:][removed], fill[removed], atol=0, rtol=0)
+    torch.testing.assert_close(back[:, :P], rep[:, :P], atol=0, rtol=0)
