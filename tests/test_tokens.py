@@ -415,3 +415,22 @@ def test_triton_aot_configs_compile():
     out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, cwd=root)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == f"compiled {2 * len(AOT_CONFIGS)}"
+
+
+def test_cpu_large_outputs_huge_page_path():
+    """Outputs >= 4 MiB take the huge-page allocation hint; results must not change."""
+    B, P, N, D = 8, 1, 196, 768  # 4.8 MB gradient, 4.8 MB decoder output
+    x = torch.randn(B, P + N, D, requires_grad=True)
+    pos = torch.randn(P + N, D, requires_grad=True)
+    tm = masks.random_mask(B, N, 0.75)
+    got = sslkern.gather_tokens(x, tm.ids_keep, pos_embed=pos, num_prefix_tokens=P, backend="cpu")
+    want = ref_gather(x, tm.ids_keep, pos_embed=pos, num_prefix_tokens=P)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    g = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, (x, pos), g), torch.autograd.grad(want, (x, pos), g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    mt = torch.randn(D)
+    y = sslkern.restore_tokens(got.detach(), tm.ids_restore, mask_token=mt, pos_embed=pos.detach(),
+                               num_prefix_tokens=P, backend="cpu")
+    torch.testing.assert_close(y, ref_restore(want.detach(), tm.ids_restore, mask_token=mt, pos_embed=pos.detach(),
+                                              num_prefix_tokens=P), atol=0, rtol=0)
