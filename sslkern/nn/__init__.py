@@ -1,2 +1,3 @@
 """Thin modules over the sslkern ops (losses, EMA teacher, attention for timm)."""
 from .ema import EMATeacher  # noqa: F401
+from .masking import DecoderInput, embed_visible, encode_visible  # noqa: F401
