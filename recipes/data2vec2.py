@@ -98,11 +98,11 @@ class Student(nn.Module):
         vit = self.encoder
         b, m, nk = ids_keep.shape
         x = vit._pos_embed(vit.patch_embed(images))  # (B, 1+N, D): one embedding pass for all clones
-        x = ops.gather_tokens(x, ids_keep, num_prefix_tokens=1)  # (B*M, 1+Nk, D), image-major
+        x = sslkern.gather_tokens(x, ids_keep, num_prefix_tokens=1)  # (B*M, 1+Nk, D), image-major
         alibi = getattr(vit, "alibi", None)  # ALiBi bias from the kept tokens' true grid coordinates
         with alibi.tokens(ids_keep=ids_keep.reshape(b * m, nk)) if alibi else contextlib.nullcontext():
             x = vit.norm(vit.blocks(vit.norm_pre(x)))
-        full = ops.restore_tokens(x, ids_restore, fill=noise.to(x), num_prefix_tokens=1)  # noise in masked slots
+        full = sslkern.restore_tokens(x, ids_restore, fill=noise.to(x), num_prefix_tokens=1)  # noise in masked slots
         return x[:, 0], self.decoder(full[:, 1:])  # CLS (B*M, D), predictions (B*M, N, D)
 
 
@@ -120,9 +120,9 @@ def teacher_targets(teacher_vit, images, top_k):
 
 def make_masks(a, batch, grid_hw, generator):
     if a.mask == "random":
-        return ops.masks.random_mask(batch, grid_hw[0] * grid_hw[1], a.mask_ratio, num_masks=a.clones,
+        return sslkern.masks.random_mask(batch, grid_hw[0] * grid_hw[1], a.mask_ratio, num_masks=a.clones,
                                      generator=generator, device=generator.device)
-    return ops.masks.inverse_block_mask(batch, grid_hw, a.mask_ratio, mask_length=a.mask_length, num_masks=a.clones,
+    return sslkern.masks.inverse_block_mask(batch, grid_hw, a.mask_ratio, mask_length=a.mask_length, num_masks=a.clones,
                                         generator=generator, device=generator.device)
 
 
