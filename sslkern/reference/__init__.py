@@ -4,3 +4,4 @@ Each function here follows the public code named in ``shared/SPEC.md`` for its o
 carries the op's name, e.g. ``sslkern.reference.ema_update_``.
 """
 from .ema_update import ema_update_  # noqa: F401
+from .alibi_attention import alibi_attention, alibi_slopes  # noqa: F401
