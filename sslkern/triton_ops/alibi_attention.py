@@ -26,9 +26,14 @@ import triton
 import triton.language as tl
 
 MAX_HEAD_DIM = 128
-FWD_BLOCK_M, FWD_BLOCK_N = 64, 64
-BWD_BLOCK_M, BWD_BLOCK_N = 32, 64    # dK/dV kernel: BLOCK_N keys resident, BLOCK_M queries streamed
-DQ_BLOCK_M, DQ_BLOCK_N = 64, 32      # dQ kernel: BLOCK_M queries resident, BLOCK_N keys streamed
+# Tile shapes and warps per kernel, by whether products run on fp32 (IEEE FMA or TF32) or
+# on fp16/bf16 tensor cores; picked with ptxas so the Dh ≤ 64 kernels do not spill (see
+# docs/ops/alibi_attention.md). dkdv: BLOCK_N keys resident, BLOCK_M queries streamed;
+# fwd / dq: BLOCK_M queries resident, BLOCK_N keys streamed.
+CONFIGS = {
+    "fp32": dict(fwd=(32, 64, 8), dkdv=(32, 32, 8), dq=(32, 64, 8)),
+    "half": dict(fwd=(64, 64, 4), dkdv=(32, 32, 4), dq=(32, 64, 4)),
+}
 PRE_BLOCK_M = 64
 NUM_WARPS, NUM_STAGES = 4, 2
 LOG2E = 1.4426950408889634
@@ -159,16 +164,16 @@ def alibi_attention_bwd_dkdv_kernel(
         lse2 = tl.load(lse_ptr + bh64 * L + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_ptr + bh64 * L + offs_m, mask=m_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        dist = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if mode != 0:
             dist = _alibi_dist(offs_m, offs_n, coords_b, L, P, mode)
-            s -= slope2 * dist
+        s -= slope2 * dist
         p = tl.math.exp2(s - lse2[:, None])
         p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
         dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        if mode != 0:
-            dslope -= tl.sum(ds * dist, 0)
+        dslope -= tl.sum(ds * dist, 0)
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
     out_idx = (bh64 * L + offs_n)[:, None] * D + offs_d[None, :]
     tl.store(dk_ptr + out_idx, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
@@ -246,6 +251,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def _config(dtype: torch.dtype) -> dict:
+    return CONFIGS["fp32" if dtype == torch.float32 else "half"]
+
+
 def _strides(*ts):
     return [s for t in ts for s in (t.stride(0), t.stride(1), t.stride(2))]
 
@@ -257,11 +266,11 @@ def alibi_attention_triton(q, k, v, slopes, coords, num_prefix_tokens, mode, sca
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    grid = (triton.cdiv(L, FWD_BLOCK_M), B * H)
-    alibi_attention_fwd_kernel[grid](
+    bm, bn, nw = _config(q.dtype)["fwd"]
+    alibi_attention_fwd_kernel[(triton.cdiv(L, bm), B * H)](
         q, k, v, out, lse, slopes, coords, *_strides(q, k, v), H, L, num_prefix_tokens, D, mode, scale,
-        BLOCK_M=FWD_BLOCK_M, BLOCK_N=FWD_BLOCK_N, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=nw, num_stages=NUM_STAGES)
     return out, lse
 
 
@@ -279,18 +288,19 @@ def alibi_attention_backward_triton(dout, q, k, v, out, lse, slopes, coords, num
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     alibi_attention_bwd_preprocess_kernel[(triton.cdiv(L, PRE_BLOCK_M), B * H)](
         out, dout, delta, L, D, BLOCK_M=PRE_BLOCK_M, BLOCK_D=bd, num_warps=NUM_WARPS)
-    n_blocks = triton.cdiv(L, BWD_BLOCK_N)
+    cfg = _config(q.dtype)
+    bm, bn, nw = cfg["dkdv"]
+    n_blocks = triton.cdiv(L, bn)
     dslope_part = torch.empty((B, H, n_blocks), dtype=torch.float32, device=q.device)
     alibi_attention_bwd_dkdv_kernel[(n_blocks, B * H)](
         q, k, v, dout, lse, delta, slopes, coords, dk, dv, dslope_part, *_strides(q, k, v),
         H, L, num_prefix_tokens, D, mode, scale,
-        BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, BLOCK_D=bd, DOT_PRECISION=prec,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    alibi_attention_bwd_dq_kernel[(triton.cdiv(L, DQ_BLOCK_M), B * H)](
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=prec, num_warps=nw, num_stages=NUM_STAGES)
+    bm, bn, nw = cfg["dq"]
+    alibi_attention_bwd_dq_kernel[(triton.cdiv(L, bm), B * H)](
         q, k, v, dout, lse, delta, slopes, coords, dq, *_strides(q, k, v),
         H, L, num_prefix_tokens, D, mode, scale,
-        BLOCK_M=DQ_BLOCK_M, BLOCK_N=DQ_BLOCK_N, BLOCK_D=bd, DOT_PRECISION=prec,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=prec, num_warps=nw, num_stages=NUM_STAGES)
     return dq, dk, dv, dslope_part.sum(-1).to(slopes.dtype)
 
 
@@ -307,27 +317,26 @@ def _aot_configs():
     for label, ty, prec in _DTYPES:
         for bd in (32, 64, 128):
             p = "*" + ty
-            common = dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+            cfg = CONFIGS["fp32" if ty == "fp32" else "half"]
+            blocks = {name: dict(constexprs=dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=prec),
+                                 num_warps=nw, num_stages=NUM_STAGES) for name, (bm, bn, nw) in cfg.items()}
             configs.append(dict(
                 name=f"alibi_attention_fwd {label} BLOCK_D={bd}", kernel=alibi_attention_fwd_kernel,
                 signature={"q_ptr": p, "k_ptr": p, "v_ptr": p, "out_ptr": p, "lse_ptr": "*fp32",
                            "slopes_ptr": "*fp32", "coords_ptr": "*fp32", **_STRIDES, **_SCALARS},
-                constexprs={"BLOCK_M": FWD_BLOCK_M, "BLOCK_N": FWD_BLOCK_N, "BLOCK_D": bd, "DOT_PRECISION": prec},
-                **common))
+                **blocks["fwd"]))
             configs.append(dict(
                 name=f"alibi_attention_bwd_dkdv {label} BLOCK_D={bd}", kernel=alibi_attention_bwd_dkdv_kernel,
                 signature={"q_ptr": p, "k_ptr": p, "v_ptr": p, "dout_ptr": p, "lse_ptr": "*fp32",
                            "delta_ptr": "*fp32", "slopes_ptr": "*fp32", "coords_ptr": "*fp32", "dk_ptr": p,
                            "dv_ptr": p, "dslope_part_ptr": "*fp32", **_STRIDES, **_SCALARS},
-                constexprs={"BLOCK_M": BWD_BLOCK_M, "BLOCK_N": BWD_BLOCK_N, "BLOCK_D": bd, "DOT_PRECISION": prec},
-                **common))
+                **blocks["dkdv"]))
             configs.append(dict(
                 name=f"alibi_attention_bwd_dq {label} BLOCK_D={bd}", kernel=alibi_attention_bwd_dq_kernel,
                 signature={"q_ptr": p, "k_ptr": p, "v_ptr": p, "dout_ptr": p, "lse_ptr": "*fp32",
                            "delta_ptr": "*fp32", "slopes_ptr": "*fp32", "coords_ptr": "*fp32", "dq_ptr": p,
                            **_STRIDES, **_SCALARS},
-                constexprs={"BLOCK_M": DQ_BLOCK_M, "BLOCK_N": DQ_BLOCK_N, "BLOCK_D": bd, "DOT_PRECISION": prec},
-                **common))
+                **blocks["dq"]))
             if prec == "ieee":
                 configs.append(dict(
                     name=f"alibi_attention_bwd_preprocess {label} BLOCK_D={bd}",
