@@ -16,3 +16,4 @@ from ._checks import ArgumentError  # noqa: F401
 from .ops import ema_update_  # noqa: F401
 from .ops import alibi_attention, alibi_slopes  # noqa: F401
 from . import reference  # noqa: F401
+from . import nn  # noqa: F401
