@@ -1,0 +1,173 @@
+"""Benchmark harness shared by every ``bench/bench_*.py``.
+
+``measure`` times one (case, provider) with pytest-benchmark and records the median, peak
+extra memory and achieved bandwidth; ``bench/conftest.py`` turns the records of a session
+into ratios (each provider's median over sslkern's, same run), a markdown table, a CSV and
+a PNG under ``docs/bench/``.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler quiet
+
+import torch  # noqa: E402
+
+RESULTS: list["Result"] = []
+
+
+@dataclass
+class Result:
+    op: str
+    case: str
+    provider: str
+    median_ms: float
+    iqr_ms: float
+    min_ms: float
+    rounds: int
+    peak_extra_mb: float | None
+    bytes_moved: float | None
+    gbps: float | None
+    target: float | None  # the speed-up sslkern should reach over this provider, if any
+    machine: str
+    torch_version: str
+    date: str
+    extra: dict = field(default_factory=dict)
+
+    def row(self) -> dict:
+        d = asdict(self)
+        d.pop("extra")
+        return d
+
+
+def machine() -> str:
+    """One line naming the hardware the figures were taken on."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+_copy_gbps: float | None = None
+
+
+def copy_bandwidth_gbps() -> float:
+    """The machine's measured copy bandwidth (read + write bytes per second), once per run."""
+    global _copy_gbps
+    if _copy_gbps is None:
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        n = 64 * 2**20  # 256 MiB of fp32
+        src = torch.randn(n, device=dev)
+        dst = torch.empty_like(src)
+        times = []
+        for _ in range(7):
+            _sync()
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            _sync()
+            times.append(time.perf_counter() - t0)
+        _copy_gbps = 2 * n * 4 / statistics.median(times) / 1e9
+    return _copy_gbps
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_extra_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated by one call of ``fn`` beyond what was live before it.
+
+    Replays the profiler's allocation events in time order (CPU allocator, and the CUDA
+    caching allocator's stats on a GPU).
+    """
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def measure(
+    benchmark,
+    *,
+    op: str,
+    case: str,
+    provider: str,
+    fn: Callable[[], object],
+    setup: Callable[[], object] | None = None,
+    bytes_moved: float | None = None,
+    target: float | None = None,
+    rounds: int = 10,
+    warmup: int = 2,
+) -> None:
+    """Time ``fn`` (after ``warmup`` calls, which also compile ``torch.compile`` providers).
+
+    Args:
+        op, case: the op and the sizes (the table groups by ``op: case``).
+        provider: "sslkern", "reference", "compiled" or a peer's name.
+        fn: zero-argument callable doing the timed work.
+        setup: optional untimed call before every timed call (e.g. to reset state).
+        bytes_moved: the fewest bytes the op must read + write, for GB/s.
+        target: the speed-up sslkern should reach over this provider (shown met/missed).
+    """
+
+    def call():
+        fn()
+        _sync()
+
+    for _ in range(warmup):
+        if setup is not None:
+            setup()
+        call()
+    if setup is not None:
+        setup()
+    peak = peak_extra_bytes(fn)
+
+    benchmark.group = f"{op}: {case}"
+    benchmark.extra_info.update(op=op, case=case, provider=provider)
+    if setup is None:
+        benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=0)
+    else:
+        benchmark.pedantic(call, setup=lambda: (setup(), None)[1], rounds=rounds, iterations=1, warmup_rounds=0)
+
+    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+    if stats is None:  # --benchmark-disable: ran once, nothing to record
+        return
+    median = stats.median
+    RESULTS.append(Result(
+        op=op, case=case, provider=provider,
+        median_ms=median * 1e3, iqr_ms=stats.iqr * 1e3, min_ms=stats.min * 1e3, rounds=stats.rounds,
+        peak_extra_mb=peak / 2**20,
+        bytes_moved=bytes_moved,
+        gbps=(bytes_moved / median / 1e9) if bytes_moved else None,
+        target=target,
+        machine=machine(), torch_version=torch.__version__,
+        date=datetime.date.today().isoformat(),
+    ))

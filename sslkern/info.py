@@ -1,0 +1,58 @@
+"""``python -m sslkern.info``: versions, available backends (and why not), and each op's backends."""
+from __future__ import annotations
+
+import importlib
+import platform
+import sys
+
+import torch
+
+from . import __version__
+from ._backend import backend_status, extension
+
+
+def _ops():
+    """(public name, Dispatch) for every op module in sslkern.ops."""
+    import pkgutil
+
+    from . import ops
+
+    found = []
+    for mod in pkgutil.iter_modules(ops.__path__):
+        m = importlib.import_module(f"{ops.__name__}.{mod.name}")
+        for value in vars(m).values():
+            if type(value).__name__ == "Dispatch" and value not in [d for _, d in found]:
+                found.append((value.op, value))
+    return sorted(found, key=lambda x: x[0])
+
+
+def report() -> str:
+    lines = [f"sslkern {__version__}", f"python {platform.python_version()} on {platform.machine()} ({platform.system()})"]
+    lines.append(f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'}; "
+                 f"CUDA devices: {torch.cuda.device_count() if torch.cuda.is_available() else 0}; "
+                 f"threads: {torch.get_num_threads()})")
+    try:
+        import triton
+
+        lines.append(f"triton {triton.__version__}")
+    except ImportError:
+        lines.append("triton not installed")
+    ext = extension()
+    if ext is not None:
+        lines.append(f"sslkern._C: {ext.__file__} (CUDA kernels built: {ext.cuda_built()})")
+    lines.append("")
+    lines.append("backends:")
+    for name, (ok, why) in backend_status().items():
+        lines.append(f"  {name:<10} {'yes' if ok else 'no ':<4} {why}")
+    lines.append("")
+    lines.append("ops (backends implemented; default on CPU / on CUDA):")
+    for name, d in _ops():
+        cpu_default = d.resolve(torch.device("cpu"))
+        gpu = next((b for b in d.gpu_order if b in d.backends), "reference")
+        lines.append(f"  {name:<26} {', '.join(d.backends):<32} cpu -> {cpu_default}; cuda -> {gpu}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())
+    sys.exit(0)

@@ -1,0 +1,201 @@
+"""``masked_regression_loss`` — data2vec / I-JEPA masked regression (SPEC section 5),
+and ``data2vec_cls_loss``, the data2vec 2.0 CLS term built on it."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .._backend import Dispatch, ext_op, module_attr
+from .._checks import FLOAT_DTYPES, check_choice, check_range, check_same_device, check_tensor, fail
+
+OP = "masked_regression_loss"
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+
+
+def _reference_fwd(pred, target, mask, ids, beta, scale, mean):
+    from ..reference.masked_regression_loss import masked_regression_loss
+
+    return masked_regression_loss(pred, target, mask, ids=ids, beta=beta, scale=scale,
+                                  reduction="mean" if mean else "sum")
+
+
+def _reference_bwd(grad_out, pred, target, mask, ids, beta, scale, mean):
+    from ..reference.masked_regression_loss import masked_regression_loss_backward
+
+    return masked_regression_loss_backward(grad_out, pred, target, mask, ids, beta, scale, mean)
+
+
+dispatch = Dispatch(
+    OP,
+    {
+        "reference": lambda: _reference_fwd,
+        "cpu": ext_op("masked_regression_loss_cpu"),
+        "triton": module_attr("sslkern.triton_ops.masked_regression_loss", "masked_regression_loss_triton"),
+    },
+)
+dispatch_backward = Dispatch(
+    OP + "_backward",
+    {
+        "reference": lambda: _reference_bwd,
+        "cpu": ext_op("masked_regression_loss_backward_cpu"),
+        "triton": module_attr("sslkern.triton_ops.masked_regression_loss", "masked_regression_loss_backward_triton"),
+    },
+)
+
+
+def _loss_dtype(pred: torch.Tensor) -> torch.dtype:
+    return torch.float64 if pred.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("sslkern::masked_regression_loss", mutates_args=())
+def _loss_op(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor], ids: Optional[torch.Tensor],
+             beta: float, scale: float, mean: bool, backend: str) -> torch.Tensor:
+    return dispatch(pred.device, backend)(pred, target, mask, ids, beta, scale, mean)
+
+
+@_loss_op.register_fake
+def _(pred, target, mask, ids, beta, scale, mean, backend):
+    return pred.new_empty((), dtype=_loss_dtype(pred))
+
+
+@torch.library.custom_op("sslkern::masked_regression_loss_backward", mutates_args=())
+def _loss_backward_op(grad_out: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor],
+                      ids: Optional[torch.Tensor], beta: float, scale: float, mean: bool,
+                      backend: str) -> torch.Tensor:
+    return dispatch_backward(pred.device, backend)(grad_out, pred, target, mask, ids, beta, scale, mean)
+
+
+@_loss_backward_op.register_fake
+def _(grad_out, pred, target, mask, ids, beta, scale, mean, backend):
+    return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    pred, target, mask, ids, beta, scale, mean, backend = inputs
+    ctx.save_for_backward(pred, target, mask, ids)
+    ctx.args = (beta, scale, mean, backend)
+
+
+def _backward(ctx, grad_out):
+    pred, target, mask, ids = ctx.saved_tensors
+    beta, scale, mean, backend = ctx.args
+    grad = torch.ops.sslkern.masked_regression_loss_backward(grad_out, pred, target, mask, ids, beta, scale, mean,
+                                                             backend)
+    return grad, None, None, None, None, None, None, None
+
+
+_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def masked_regression_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    ids: Optional[torch.Tensor] = None,
+    beta: float = 0.0,
+    scale: Optional[float] = None,
+    reduction: str = "sum",
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    r"""Regression of predictions onto per-image targets at masked tokens, clone batch aware.
+
+    ``loss = scale · Σ_{r, masked j} Σ_d ℓ(pred[r, j, d] − target[r // M, pos(r, j), d])``
+
+    Args:
+        pred: student predictions, rows for B·M clones, image-major (row r belongs to image
+            r // M, M = pred.shape[0] // B): (B·M, T, D) full sequences with ``mask``, or
+            (B·M, Nm, D) predicted tokens only with ``ids``. fp32, bf16, fp16 or fp64.
+        target: (B, T, D) per image, computed once (fp32 usually; any float dtype). No
+            gradient flows to it; the repeat over clones is never materialized.
+        mask: (B·M, T) bool, True = masked (this position counts). ``None`` with ``ids=None``
+            means every position counts.
+        ids: (B·M, Nm) integer token positions in [0, T) (values are checked; an out-of-range
+            index raises, a host sync on GPU); pred row j is compared with target position
+            ``ids[r, j]``.
+        beta: 0 → ``(pred − y)²``; > 0 → smooth-L1 with that beta
+            (``F.smooth_l1_loss(..., beta=beta)``, as fairseq ``d2v_loss`` with ``loss_beta``).
+        scale: per-token factor, default ``1/sqrt(D)`` (fairseq ``loss_scale=None``).
+        reduction: ``"sum"`` over masked tokens (fairseq: the caller divides by the global
+            masked count, ``sample_size``) or ``"mean"`` over masked tokens.
+        backend: force ``"reference"``, ``"cpu"`` or ``"triton"`` (default: auto).
+
+    Returns a 0-dim fp32 tensor (fp64 for fp64 pred); gradient to ``pred`` only, in pred's
+    dtype. No masked token → 0 (no NaN) for both reductions.
+
+    Matches fairseq ``data2vec2.py`` (``y.repeat_interleave(clone_batch, 0)[mask]`` then
+    ``d2v_loss(x[mask], y).sum()``). I-JEPA (``src/train.py``): ``masked_regression_loss(
+    pred, layer_average_targets([h], layer_norm="layer", final_norm="none"), ids=...,
+    beta=1.0, scale=1/D, reduction="mean")`` equals ``F.smooth_l1_loss(pred, h_masked)``
+    (which averages over tokens and D).
+    """
+    check_tensor(OP, "pred", pred, dtypes=FLOAT_DTYPES, ndim=3)
+    check_tensor(OP, "target", target, dtypes=FLOAT_DTYPES, ndim=3)
+    device = check_same_device(OP, {"pred": pred, "target": target, "mask": mask, "ids": ids})
+    B, T, D = (int(s) for s in target.shape)
+    R, N = int(pred.shape[0]), int(pred.shape[1])
+    if int(pred.shape[2]) != D:
+        fail(OP, f"pred expected last dim {D} like target, got shape {tuple(pred.shape)}")
+    if B == 0 or R % B != 0:
+        fail(OP, f"pred expected a multiple of target's batch {B} rows (B·M clones), got {R}")
+    if mask is not None and ids is not None:
+        fail(OP, "pass mask or ids, not both")
+    if ids is not None:
+        check_tensor(OP, "ids", ids, dtypes=_INDEX_DTYPES, shape=(R, N))
+        ids = ids.to(torch.int64).contiguous()
+    else:
+        if N != T:
+            fail(OP, f"pred expected {T} tokens like target (full sequences; use ids= for gathered predictions), "
+                     f"got shape {tuple(pred.shape)}")
+        if mask is not None:
+            check_tensor(OP, "mask", mask, dtypes=(torch.bool,), shape=(R, T))
+            mask = mask.contiguous()
+    check_choice(OP, "reduction", reduction, ("sum", "mean"))
+    beta = float(beta)
+    if not math.isfinite(beta):
+        fail(OP, f"beta must be finite and >= 0, got {beta}")
+    check_range(OP, "beta", beta, 0.0, None)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if pred.shape[-1] > 1 and pred.stride(-1) != 1:
+        pred = pred.contiguous()
+    target = target.detach()
+    if target.shape[-1] > 1 and target.stride(-1) != 1:
+        target = target.contiguous()
+    return torch.ops.sslkern.masked_regression_loss(pred, target, mask, ids, beta, scale, reduction == "mean",
+                                                    backend or "")
+
+
+def data2vec_cls_loss(
+    cls_pred: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    weight: float = 0.01,
+    beta: float = 0.0,
+    scale: Optional[float] = None,
+    reduction: str = "sum",
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    r"""data2vec 2.0 CLS term: ``weight · masked_regression_loss(cls_pred, mean_t target)``.
+
+    Args:
+        cls_pred: (B·M, D) student CLS outputs, image-major like ``pred``.
+        target: (B, T, D) the per-image targets (``layer_average_targets``); the CLS target
+            is their token mean (B, D), shared by an image's M clones (no repeat).
+        weight: fairseq ``cls_loss`` (0.01 in the image configs).
+        beta, scale, reduction, backend: as ``masked_regression_loss`` (scale default 1/sqrt(D)).
+
+    fairseq adds ``d2v_loss(cls_pred, cls_target).sum() · cls_loss · sample_size`` to the sum
+    it later divides by ``sample_size``, so with ``reduction="sum"``
+    ``masked_regression_loss(...) / n_masked + data2vec_cls_loss(...)`` is fairseq's loss.
+    """
+    check_tensor("data2vec_cls_loss", "cls_pred", cls_pred, dtypes=FLOAT_DTYPES, ndim=2)
+    check_tensor("data2vec_cls_loss", "target", target, dtypes=FLOAT_DTYPES, ndim=3)
+    with torch.no_grad():
+        cls_target = target.float().mean(dim=1, keepdim=True)  # (B, 1, D): B·D work, no clone repeat
+    if cls_pred.dtype == torch.float64:
+        cls_target = cls_target.double()
+    loss = masked_regression_loss(cls_pred.unsqueeze(1), cls_target, None, beta=beta, scale=scale,
+                                  reduction=reduction, backend=backend)
+    return loss * weight
