@@ -81,3 +81,13 @@ def test_bias_scale_learns_through_blocks_and_ids_checked():
     with pytest.raises(ValueError, match=r"ids_keep expected indices in \[0, 16\)"):
         with ctx.tokens(ids_keep=torch.tensor([[0, 16]])):
             pass
+
+
+def test_compiled_model_fullgraph_equals_eager():
+    model = tiny_vit()
+    ctx = use_alibi(model, mode="2d")
+    ctx.bias_scale = torch.rand(3)
+    x = torch.randn(2, 3, 32, 32)
+    want = model(x)
+    got = torch.compile(model, fullgraph=True, backend="inductor")(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
