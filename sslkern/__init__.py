@@ -5,6 +5,7 @@ run C++ kernels, CUDA tensors run Triton / CUDA C++; ``sslkern.reference`` holds
 oracles):
 
   ema_update_          multi-tensor EMA of teacher parameters
+  alibi_attention      attention with an in-kernel 1D/2D ALiBi bias (alibi_slopes: the slopes)
   layer_average_targets   data2vec targets: top-K layer average with per-layer norms
   masked_regression_loss  masked smooth-L1 / L2 regression onto per-image targets (clone batch)
   data2vec_cls_loss       data2vec 2.0 CLS term (student CLS vs token-mean target)
@@ -22,5 +23,6 @@ from ._checks import ArgumentError  # noqa: F401
 from .ops import ema_update_  # noqa: F401
 from .ops import gather_tokens, restore_tokens  # noqa: F401
 from . import masks  # noqa: F401
+from .ops import alibi_attention, alibi_slopes  # noqa: F401
 from . import nn, reference, schedules  # noqa: F401
 from .ops import data2vec_cls_loss, data2vec_loss, layer_average_targets, masked_regression_loss  # noqa: F401

@@ -287,5 +287,6 @@ AOT_CONFIGS = (
                             "grad_pos_ptr": ("*fp64" if n == "fp64" else "*fp32") if hp else f"*{n}"},
                            ["N", "Nk", "P", "D", "n_rows"]),
             constexprs={"NEED_FILL": nf, "NEED_MT": nm, "NEED_POS": hp, **_BASE}, num_warps=NUM_WARPS, num_stages=3)
-       for n, _ in _DT for nf in (False, True) for nm in (False, True) for hp in (False, True)]
+       # fill and mask_token are exclusive (restore_tokens takes exactly one), so never both
+       for n, _ in _DT for nf, nm in ((False, False), (True, False), (False, True)) for hp in (False, True)]
 )
