@@ -6,8 +6,9 @@ dim 64. One timed call = masks, teacher targets, student + decoder, loss, backwa
 step and EMA, on the same images each call, 1 torch thread (the recipe default).
 
 Providers: ``sslkern`` (auto backend: C++ kernels on CPU) and ``reference`` (the same
-recipe under ``sslkern.use_backend("reference")``: eager reference ops). Ops not yet on
-main run as the recipe's eager stand-ins in both providers (see the run's config).
+recipe under ``sslkern.use_backend("reference")``: eager reference ops for masks, gather,
+restore, targets, loss and EMA). timm's linear layers, the decoder and AdamW are the same
+in both.
 """
 import importlib.util
 import os

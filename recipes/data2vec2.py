@@ -42,7 +42,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sslkern  # noqa: E402
-from sslkern.train import _pending_ops as ops  # noqa: E402  TEMPORARY: becomes `sslkern` when all ops land
 from sslkern.train import checkpoint as ckpt  # noqa: E402
 from sslkern.train import distributed as dist  # noqa: E402
 from sslkern.train.data import DataError, augment, epoch_batches, load_dataset  # noqa: E402
@@ -63,7 +62,7 @@ def build_encoder(a, in_chans):
 
     vit = VisionTransformer(**timm_kwargs(a, in_chans))
     if a.alibi:  # AlibiAttention keeps timm's parameter names, so the state dict is unchanged
-        vit.alibi = ops.use_alibi(vit, mode="2d")  # shared context: coordinates of the current tokens
+        vit.alibi = sslkern.nn.use_alibi(vit, mode="2d")  # shared context: coordinates of the current tokens
     return vit
 
 
@@ -332,8 +331,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads or max(1, (os.cpu_count() or 1) // info.world_size))
     if info.device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
-    config = {**vars(a), "world_size": info.world_size, "torch": torch.__version__, "sslkern": sslkern.__version__,
-              "standin_ops": ops.PENDING}
+    config = {**vars(a), "world_size": info.world_size, "torch": torch.__version__, "sslkern": sslkern.__version__}
     log = RunLogger(a.out, config, is_main=info.is_main, quiet=a.quiet,
                     resume_step=None if not a.resume else ckpt.checkpoint_step(os.path.join(a.out, "checkpoint.safetensors")))
     t0 = time.perf_counter()
@@ -351,7 +349,7 @@ def main(argv=None):
     row = lambda k: [k, *(f"{results[k][m]:.1f}" if m in results[k] else "-" for m in ("knn", "probe"))]  # noqa: E731
     log.summary(f"data2vec 2.0 on {data.name} — seed {a.seed}, {step} steps, world {info.world_size}, backend {a.backend}",
                 [("train time", f"{train_s:.0f} s"), ("total time", f"{results['total_s']:.0f} s"),
-                 ("run directory", a.out), ("stand-in ops", ", ".join(ops.PENDING) or "none")],
+                 ("run directory", a.out)],
                 [["encoder", "kNN %", "probe %"], row("teacher"), row("student"), row("random")])
     return results
 
