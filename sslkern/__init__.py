@@ -5,6 +5,7 @@ run C++ kernels, CUDA tensors run Triton / CUDA C++; ``sslkern.reference`` holds
 oracles):
 
   ema_update_          multi-tensor EMA of teacher parameters
+  dino_loss            DINO multi-crop loss (centering/Sinkhorn teacher), fused; ibot_patch_loss, koleo_loss
   layer_average_targets   data2vec targets: top-K layer average with per-layer norms
   masked_regression_loss  masked smooth-L1 / L2 regression onto per-image targets (clone batch)
   data2vec_cls_loss       data2vec 2.0 CLS term (student CLS vs token-mean target)
@@ -19,3 +20,4 @@ from ._checks import ArgumentError  # noqa: F401
 from .ops import ema_update_  # noqa: F401
 from . import nn, reference, schedules  # noqa: F401
 from .ops import data2vec_cls_loss, data2vec_loss, layer_average_targets, masked_regression_loss  # noqa: F401
+from .ops import dino_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp_teacher  # noqa: F401
