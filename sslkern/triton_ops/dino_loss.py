@@ -23,10 +23,11 @@ _TL = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 @triton.jit
-def dino_row_stats_kernel(x_ptr, c_ptr, max_ptr, logz_ptr, K, inv_temp, has_center,
+def dino_row_stats_kernel(x_ptr, c_ptr, max_ptr, logz_ptr, inv_temp_ptr, K, has_center,
                           COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * K
+    inv_temp = tl.load(inv_temp_ptr)
     m = tl.full((), float("-inf"), COMPUTE)
     z = tl.zeros((), COMPUTE)
     n_nan = tl.zeros((), tl.int32)
@@ -49,8 +50,8 @@ def dino_row_stats_kernel(x_ptr, c_ptr, max_ptr, logz_ptr, K, inv_temp, has_cent
 
 @triton.jit
 def dino_pairs_kernel(s_ptr, t_ptr, c_ptr, w_ptr, s_max_ptr, s_logz_ptr, t_max_ptr, t_logz_ptr,
-                      grad_ptr, partial_ptr, colsum_ptr,
-                      B, K, V, T, scale, inv_ts, inv_tt,
+                      grad_ptr, partial_ptr, colsum_ptr, params_ptr,
+                      B, K, V, T,
                       skip_same_view, teacher_is_probs, has_weights, compute_grad, center_sum,
                       COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
     j = tl.program_id(0)
@@ -61,7 +62,10 @@ def dino_pairs_kernel(s_ptr, t_ptr, c_ptr, w_ptr, s_max_ptr, s_logz_ptr, t_max_p
     c = tl.zeros((BLOCK,), COMPUTE)
     if teacher_is_probs == 0:
         c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    w = scale.to(COMPUTE)
+    # scalars travel in a COMPUTE-dtype buffer (fp64 stays fp64): scale, 1/τs, 1/τt
+    w = tl.load(params_ptr)
+    inv_ts = tl.load(params_ptr + 1)
+    inv_tt = tl.load(params_ptr + 2)
     if has_weights:
         w = w * tl.load(w_ptr + b).to(COMPUTE)
     # Sum of every teacher crop's probabilities on this block (+ raw column sum).
@@ -140,26 +144,26 @@ def dino_loss_triton(student, teacher, center, weights, scale, student_temp, tea
     csum = torch.zeros(K if center_sum else 0, dtype=acc, device=dev)
     if B == 0 or K == 0:
         return torch.zeros((), dtype=acc, device=dev), grad, csum
-    inv_ts, inv_tt = 1.0 / student_temp, 1.0 / teacher_temp
+    params = torch.tensor([scale, 1.0 / student_temp, 1.0 / teacher_temp], dtype=acc).to(dev)
     s_max = torch.empty(V * B, dtype=acc, device=dev)
     s_logz = torch.empty_like(s_max)
     sb = _stats_block(K)
-    dino_row_stats_kernel[(V * B,)](student, dummy, s_max, s_logz, K, inv_ts, 0,
+    dino_row_stats_kernel[(V * B,)](student, dummy, s_max, s_logz, params[1:], K, 0,
                                     COMPUTE=COMPUTE, BLOCK=sb, num_warps=_warps(sb))
     if teacher_is_probs:
         t_max, t_logz = dummy, dummy
     else:
         t_max = torch.empty(T * B, dtype=acc, device=dev)
         t_logz = torch.empty_like(t_max)
-        dino_row_stats_kernel[(T * B,)](teacher, c, t_max, t_logz, K, inv_tt, 1,
+        dino_row_stats_kernel[(T * B,)](teacher, c, t_max, t_logz, params[2:], K, 1,
                                         COMPUTE=COMPUTE, BLOCK=sb, num_warps=_warps(sb))
     pb = _pairs_block(K)
     n_blocks = triton.cdiv(K, pb)
     partial = torch.empty(B, n_blocks, dtype=acc, device=dev)
     dino_pairs_kernel[(n_blocks, B)](
         student, teacher, c, w, s_max, s_logz, t_max, t_logz,
-        grad if compute_grad else dummy, partial, csum if center_sum else dummy,
-        B, K, V, T, float(scale), inv_ts, inv_tt,
+        grad if compute_grad else dummy, partial, csum if center_sum else dummy, params,
+        B, K, V, T,
         int(skip_same_view), int(teacher_is_probs), int(weights is not None), int(compute_grad), int(center_sum),
         COMPUTE=COMPUTE, BLOCK=pb, num_warps=_warps(pb))
     return partial.sum(), grad, csum
@@ -178,8 +182,8 @@ def _compute(sn, tn):
 
 AOT_CONFIGS = [
     dict(name=f"dino_row_stats_kernel x={xn} BLOCK={blk}", kernel=dino_row_stats_kernel,
-         signature={"x_ptr": _DT[xn], "c_ptr": _DT[cn], "max_ptr": _DT[cn], "logz_ptr": _DT[cn], "K": "i32",
-                    "inv_temp": "fp32", "has_center": "i32"},
+         signature={"x_ptr": _DT[xn], "c_ptr": _DT[cn], "max_ptr": _DT[cn], "logz_ptr": _DT[cn],
+                    "inv_temp_ptr": _DT[cn], "K": "i32", "has_center": "i32"},
          constexprs={"COMPUTE": tl.float64 if cn == "fp64" else tl.float32, "BLOCK": blk},
          num_warps=_warps(blk), num_stages=3)
     for xn, cn in [("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("fp64", "fp64")]
@@ -190,8 +194,8 @@ AOT_CONFIGS = [
                     "s_max_ptr": _DT[_compute(sn, tn)], "s_logz_ptr": _DT[_compute(sn, tn)],
                     "t_max_ptr": _DT[_compute(sn, tn)], "t_logz_ptr": _DT[_compute(sn, tn)],
                     "grad_ptr": _DT[sn], "partial_ptr": _DT[_compute(sn, tn)], "colsum_ptr": _DT[_compute(sn, tn)],
-                    "B": "i32", "K": "i32", "V": "i32", "T": "i32", "scale": "fp32", "inv_ts": "fp32",
-                    "inv_tt": "fp32", "skip_same_view": "i32", "teacher_is_probs": "i32", "has_weights": "i32",
+                    "params_ptr": _DT[_compute(sn, tn)],
+                    "B": "i32", "K": "i32", "V": "i32", "T": "i32", "skip_same_view": "i32", "teacher_is_probs": "i32", "has_weights": "i32",
                     "compute_grad": "i32", "center_sum": "i32"},
          constexprs={"COMPUTE": tl.float64 if _compute(sn, tn) == "fp64" else tl.float32, "BLOCK": blk},
          num_warps=_warps(blk), num_stages=3)
