@@ -29,7 +29,9 @@ def _shapes(name):
     small = [(3, 4, 2, 37), (2, 2, 2, 197), (1, 3, 2, 50), (4, 6, 2, 1031)]
     if name == "triton":
         return small[:3] + [(2, 5, 2, 2500)]
-    return small + [(5, 8, 2, 4099), (2, 3, 1, 197), (3, 5, 3, 300)]
+    # the C++ kernel takes whole images when (V + T)·K <= 65,536 and column chunks above:
+    # (3, 8, 2, 7001) and (2, 4, 2, 11000) run the chunked path
+    return small + [(5, 8, 2, 4099), (2, 3, 1, 197), (3, 5, 3, 300), (3, 8, 2, 7001), (2, 4, 2, 11000)]
 
 
 def make(B, V, T, K, dtype, device, scale=3.0):
@@ -405,3 +407,20 @@ def test_aot_configs_cover_launcher_choices():
     for K in (5, 2048, 2049, 8192, 8193, 65536):
         assert f"dino_row_stats_kernel x=fp32 BLOCK={tmod._stats_block(K)}" in names
         assert f"dino_pairs_kernel s=fp32 t=fp32 BLOCK={tmod._pairs_block(K)}" in names
+
+
+def test_ibot_chunked_path_cpu():
+    # 2·K > 65,536: the C++ kernel's column-chunked path with per-token weights
+    B_g, K = 5, 40001
+    masks = make_masks(B_g, 3, 4, "cpu")
+    M = int(masks.sum())
+    s, t, c = torch.randn(M, K) * 3, torch.randn(M, K) * 3, torch.randn(K) * 0.3
+    s_ref = s.clone().requires_grad_(True)
+    want = R.ibot_patch_loss(s_ref, t, masks, c, 0.1, 0.04)
+    want.backward()
+    s2 = s.clone().requires_grad_(True)
+    loss, new_c = sslkern.ibot_patch_loss(s2, t, masks, c, center_momentum=0.9, backend="cpu")
+    loss.backward()
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s2.grad, s_ref.grad, atol=1e-9, rtol=1e-4)
+    torch.testing.assert_close(new_c, 0.9 * c + 0.1 * t.mean(0), atol=1e-6, rtol=1e-5)

@@ -88,6 +88,10 @@ void student_grad_chunk(const TS* __restrict x, const A* __restrict e, TS* __res
   }
 }
 
+// Images whose V + T rows hold at most this many elements (256 KiB of fp32) take the
+// row-major path.
+constexpr int64_t kRowMajorElems = 1 << 16;
+
 struct Config {
   int64_t B, K, V, T;
   bool skip, probs, grad, colsum;
@@ -117,113 +121,151 @@ void dino_loss_kernel(const Config& cfg, const TS* s, const TT* t, const A* cent
   const A inv_tt = static_cast<A>(1.0 / cfg.tt);
   const A nan = std::numeric_limits<A>::quiet_NaN();
 
-  // Phase 1: per row the max of the raw (centered, for the teacher) logits and the log
-  // normalizer of the scaled ones: p = exp((x - c - m) / temp - logZ). Subtracting m before
+  // Row statistics: the max of the raw (centered, for the teacher) logits and the log
+  // normalizer of the scaled ones, p = exp((x - c - m) / temp - logZ). Subtracting m before
   // scaling keeps p exact for logits of 1e4 at tt = 0.01 (where x/tt = 1e6 has no digits left).
+  // Rows are numbered students first (v * B + b), then teachers (V * B + q * B + b).
   std::vector<A> s_max(V * B), s_logz(V * B), t_max(cfg.probs ? 0 : T * B), t_logz(cfg.probs ? 0 : T * B);
-  const int64_t n_rows = V * B + (cfg.probs ? 0 : T * B);
-  at::parallel_for(0, n_rows, 1, [&, inv_ts, inv_tt](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r) {
-      bool has_nan = false;
-      if (r < V * B) {
-        const TS* x = s + r * K;
-        const A m = row_max<TS, A>(x, nullptr, A(1), K, has_nan);
-        A z = 0;
+  auto row_stats = [&, inv_ts, inv_tt](int64_t r) {
+    bool has_nan = false;
+    if (r < V * B) {
+      const TS* x = s + r * K;
+      const A m = row_max<TS, A>(x, nullptr, A(1), K, has_nan);
+      A z = 0;
 #pragma omp simd reduction(+ : z)
-        for (int64_t k = 0; k < K; ++k) z += exp_fast((load_a<TS, A>(x, k) - m) * inv_ts);
-        s_max[r] = has_nan ? nan : m;
-        s_logz[r] = has_nan ? nan : std::log(z);
+      for (int64_t k = 0; k < K; ++k) z += exp_fast((load_a<TS, A>(x, k) - m) * inv_ts);
+      s_max[r] = has_nan ? nan : m;
+      s_logz[r] = has_nan ? nan : std::log(z);
+    } else {
+      const int64_t rt = r - V * B;
+      const TT* x = t + rt * K;
+      const A m = row_max<TT, A>(x, center, A(1), K, has_nan);
+      A z = 0;
+#pragma omp simd reduction(+ : z)
+      for (int64_t k = 0; k < K; ++k) z += exp_fast((load_a<TT, A>(x, k) - center[k] - m) * inv_tt);
+      t_max[rt] = has_nan ? nan : m;
+      t_logz[rt] = has_nan ? nan : std::log(z);
+    }
+  };
+
+  // Image b on columns [k0, k0 + n): rebuild its teacher probabilities in pq (T x n), add
+  // its raw teacher logits to colsum, return its loss terms and write its gradient.
+  // Scalars are captured by value: read through a reference, the compiler would have to
+  // assume every float store may change them and keeps the loops scalar.
+  auto image_chunk = [&, inv_ts, inv_tt](int64_t b, int64_t k0, int64_t n, int64_t ld, A* pq, A* pex,
+                                         A* colsum) -> double {
+    for (int64_t q = 0; q < T; ++q) {
+      const TT* x = t + (q * B + b) * K + k0;
+      A* p = pq + q * ld;
+      if (cfg.probs) {
+#pragma omp simd
+        for (int64_t k = 0; k < n; ++k) p[k] = load_a<TT, A>(x, k);
       } else {
-        const int64_t rt = r - V * B;
-        const TT* x = t + rt * K;
-        const A m = row_max<TT, A>(x, center, A(1), K, has_nan);
-        A z = 0;
-#pragma omp simd reduction(+ : z)
-        for (int64_t k = 0; k < K; ++k) z += exp_fast((load_a<TT, A>(x, k) - center[k] - m) * inv_tt);
-        t_max[rt] = has_nan ? nan : m;
-        t_logz[rt] = has_nan ? nan : std::log(z);
+        teacher_probs_chunk<TT, A>(x, center + k0, p, n, t_max[q * B + b], inv_tt, t_logz[q * B + b]);
+      }
+      if (colsum) {
+#pragma omp simd
+        for (int64_t k = 0; k < n; ++k) colsum[k] += load_a<TT, A>(x, k);
       }
     }
-  });
-
-  // Phase 2: column chunks. Enough chunks to feed every thread a few, at most 4096 wide.
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t C = (K + 4 * threads - 1) / (4 * threads);
-  C = std::clamp<int64_t>((C + 15) / 16 * 16, 256, 4096);
-  const int64_t n_chunks = (K + C - 1) / C;
-  std::vector<double> partial(n_chunks, 0.0);
-
-  at::parallel_for(0, n_chunks, 1, [&, inv_ts, inv_tt](int64_t lo, int64_t hi) {
-    // Scalars captured by value: read through a reference, the compiler would have to
-    // assume every float store may change them and keeps the loops scalar.
-    std::vector<A> pq(T * C), pex(C), colsum(cfg.colsum ? C : 0);
-    for (int64_t j = lo; j < hi; ++j) {
-      const int64_t k0 = j * C;
-      const int64_t n = std::min(C, K - k0);
-      double acc = 0.0;
-      if (cfg.colsum) std::fill(colsum.begin(), colsum.end(), A(0));
-      for (int64_t b = 0; b < B; ++b) {
-        // Teacher probabilities of image b on this chunk.
+    const A w = static_cast<A>(cfg.scale) * (weights ? weights[b] : A(1));
+    double acc = 0.0;
+    // Sum of the teacher probabilities paired with each student crop: every teacher crop,
+    // or every one but the crop itself (v < T with skip), summed afresh (not total - p_v:
+    // exact, and a NaN in teacher crop v stays out of student crop v, as in the reference).
+    int64_t built_for = -2;  // which exclusion pex holds (-1: none excluded)
+    for (int64_t v = 0; v < V; ++v) {
+      const int64_t excl = (cfg.skip && v < T) ? v : -1;
+      const int64_t n_v = excl >= 0 ? T - 1 : T;
+      const int64_t row = v * B + b;
+      if (n_v == 0) {
+        if (cfg.grad) {
+          for (int64_t k = 0; k < n; ++k) store_a<TS, A>(grad + row * K + k0, k, A(0));
+        }
+        continue;
+      }
+      if (built_for != excl) {
+        std::fill(pex, pex + n, A(0));
         for (int64_t q = 0; q < T; ++q) {
-          const TT* x = t + (q * B + b) * K + k0;
-          A* p = pq.data() + q * C;
-          if (cfg.probs) {
+          if (q == excl) continue;
+          const A* p = pq + q * ld;
 #pragma omp simd
-            for (int64_t k = 0; k < n; ++k) p[k] = load_a<TT, A>(x, k);
-          } else {
-            teacher_probs_chunk<TT, A>(x, center + k0, p, n, t_max[q * B + b], inv_tt, t_logz[q * B + b]);
-          }
-          if (cfg.colsum) {
-            A* cs = colsum.data();
-#pragma omp simd
-            for (int64_t k = 0; k < n; ++k) cs[k] += load_a<TT, A>(x, k);
-          }
+          for (int64_t k = 0; k < n; ++k) pex[k] += p[k];
         }
-        const A w = static_cast<A>(cfg.scale) * (weights ? weights[b] : A(1));
-        // Sum of the teacher probabilities paired with each student crop: every teacher
-        // crop, or every one but the crop itself (v < T with skip). Built in pex.
-        int64_t built_for = -2;  // which exclusion pex currently holds (-1: none excluded)
-        for (int64_t v = 0; v < V; ++v) {
-          const int64_t excl = (cfg.skip && v < T) ? v : -1;
-          const int64_t n_v = excl >= 0 ? T - 1 : T;
-          if (n_v == 0) {
-            if (cfg.grad) {
-              TS* g = grad + (v * B + b) * K + k0;
-              for (int64_t k = 0; k < n; ++k) store_a<TS, A>(g, k, A(0));
-            }
-            continue;
-          }
-          if (built_for != excl) {
-            std::fill(pex.begin(), pex.begin() + n, A(0));
-            for (int64_t q = 0; q < T; ++q) {
-              if (q == excl) continue;
-              const A* p = pq.data() + q * C;
-              A* e = pex.data();
-#pragma omp simd
-              for (int64_t k = 0; k < n; ++k) e[k] += p[k];
-            }
-            built_for = excl;
-          }
-          const int64_t row = v * B + b;
-          const TS* x = s + row * K + k0;
-          const A m = s_max[row];
-          const A* e = pex.data();
-          A dot = 0;
+        built_for = excl;
+      }
+      const TS* x = s + row * K + k0;
+      const A m = s_max[row];
+      A dot = 0;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t k = 0; k < n; ++k) dot += e[k] * (load_a<TS, A>(x, k) - m);
-          // logZ_v counts once per pair for the whole row: add it on the first chunk only.
-          const double lz = j == 0 ? static_cast<double>(n_v) * static_cast<double>(s_logz[row]) : 0.0;
-          acc += static_cast<double>(w) * (lz - static_cast<double>(dot) * static_cast<double>(inv_ts));
-          if (cfg.grad) {
-            student_grad_chunk<TS, A>(x, e, grad + row * K + k0, n, m, inv_ts, s_logz[row], w * inv_ts,
-                                      static_cast<A>(n_v));
+      for (int64_t k = 0; k < n; ++k) dot += pex[k] * (load_a<TS, A>(x, k) - m);
+      // log Z_v counts once per pair for the whole row: add it with the row's first column.
+      const double lz = k0 == 0 ? static_cast<double>(n_v) * static_cast<double>(s_logz[row]) : 0.0;
+      acc += static_cast<double>(w) * (lz - static_cast<double>(dot) * static_cast<double>(inv_ts));
+      if (cfg.grad) {
+        student_grad_chunk<TS, A>(x, pex, grad + row * K + k0, n, m, inv_ts, s_logz[row], w * inv_ts,
+                                  static_cast<A>(n_v));
+      }
+    }
+    return acc;
+  };
+
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<double> partial;
+  if ((V + T) * K <= kRowMajorElems) {
+    // Row-major: an image's V + T rows fit in L2, so each task takes whole images (stats,
+    // then dots and gradient while the rows are cached): one DRAM read of the logits.
+    // Column sums go to one K-buffer per task (K is small here), added in a fixed order.
+    const int64_t n_tasks = std::min<int64_t>(threads, B);
+    partial.assign(B, 0.0);
+    std::vector<std::vector<A>> colsums(cfg.colsum ? n_tasks : 0);
+    at::parallel_for(0, n_tasks, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<A> pq(T * K), pex(K);
+      for (int64_t task = lo; task < hi; ++task) {
+        A* cs = nullptr;
+        if (cfg.colsum) {
+          colsums[task].assign(K, A(0));
+          cs = colsums[task].data();
+        }
+        for (int64_t b = task * B / n_tasks; b < (task + 1) * B / n_tasks; ++b) {
+          for (int64_t v = 0; v < V; ++v) row_stats(v * B + b);
+          if (!cfg.probs) {
+            for (int64_t q = 0; q < T; ++q) row_stats(V * B + q * B + b);
           }
+          partial[b] = image_chunk(b, 0, K, K, pq.data(), pex.data(), cs);
         }
       }
-      partial[j] = acc;
-      if (cfg.colsum) std::copy(colsum.begin(), colsum.begin() + n, colsum_out + k0);
+    });
+    for (const auto& cs : colsums) {
+      for (int64_t k = 0; k < K; ++k) colsum_out[k] += cs[k];
     }
-  });
+  } else {
+    // Column-chunked: statistics for every row first (parallel over rows), then chunks of
+    // C prototypes (parallel over chunks, every image per chunk), so the scratch per task
+    // is O(T * C) with C <= 4096 whatever K is, and the column sums need no reduction.
+    const int64_t n_rows = V * B + (cfg.probs ? 0 : T * B);
+    at::parallel_for(0, n_rows, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) row_stats(r);
+    });
+    int64_t C = (K + 4 * threads - 1) / (4 * threads);
+    C = std::clamp<int64_t>((C + 15) / 16 * 16, 256, 4096);
+    const int64_t n_chunks = (K + C - 1) / C;
+    partial.assign(n_chunks, 0.0);
+    at::parallel_for(0, n_chunks, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<A> pq(T * C), pex(C), colsum(cfg.colsum ? C : 0);
+      for (int64_t j = lo; j < hi; ++j) {
+        const int64_t k0 = j * C;
+        const int64_t n = std::min(C, K - k0);
+        std::fill(colsum.begin(), colsum.end(), A(0));
+        double acc = 0.0;
+        for (int64_t b = 0; b < B; ++b) {
+          acc += image_chunk(b, k0, n, C, pq.data(), pex.data(), cfg.colsum ? colsum.data() : nullptr);
+        }
+        partial[j] = acc;
+        if (cfg.colsum) std::copy(colsum.begin(), colsum.begin() + n, colsum_out + k0);
+      }
+    });
+  }
   double total = 0.0;
   for (double p : partial) total += p;  // fixed order: deterministic
   *loss_out = static_cast<A>(total);
