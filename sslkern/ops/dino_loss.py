@@ -106,6 +106,13 @@ def _setup_context(ctx, inputs, output):
     ctx.compute_grad = inputs[11]
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no (V·B, K) zeros for the unused outputs' gradients
+
+
+def _is_eager_cpu_scalar(x: torch.Tensor) -> bool:
+    """A real CPU tensor (not traced by torch.compile / AOT autograd): its value can be read."""
+    return (type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and torch._guards.detect_fake_mode((x,)) is None)
 
 
 def _backward(ctx, g_loss, g_grad, g_csum):
@@ -113,6 +120,12 @@ def _backward(ctx, g_loss, g_grad, g_csum):
         raise RuntimeError("sslkern.dino_loss: backward through a call made without compute_grad "
                            "(the student did not require grad when the loss was computed)")
     (grad,) = ctx.saved_tensors
+    if g_loss is None:
+        return (None,) * 14
+    if _is_eager_cpu_scalar(g_loss) and float(g_loss) == 1.0:
+        # the usual case (loss.backward()): the stored gradient is the answer, no copy
+        # (Liger cross-entropy does the same); a CPU scalar, so no device sync
+        return (grad,) + (None,) * 13
     return (grad * g_loss.to(grad.dtype),) + (None,) * 13
 
 
