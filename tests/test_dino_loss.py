@@ -424,3 +424,51 @@ def test_ibot_chunked_path_cpu():
     torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s2.grad, s_ref.grad, atol=1e-9, rtol=1e-4)
     torch.testing.assert_close(new_c, 0.9 * c + 0.1 * t.mean(0), atol=1e-6, rtol=1e-5)
+
+
+def _distributed_worker(rank, world, port, result_queue):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(123)  # same full batch on every rank; each takes its shard
+        B, V, T, K = 4, 3, 2, 33
+        s_all, t_all = torch.randn(V, world * B, K), torch.randn(T, world * B, K)
+        c = torch.randn(K)
+        sl = slice(rank * B, (rank + 1) * B)
+        s, t = s_all[:, sl].reshape(V * B, K), t_all[:, sl].reshape(T * B, K)
+        _, new_c = sslkern.dino_loss(s, t, c, n_global_crops=T, center_momentum=0.9)
+        p = sslkern.sinkhorn_knopp_teacher(t_all[0, sl], 0.1)
+        result_queue.put((rank, new_c.tolist(), p.tolist()))  # plain lists: the worker exits right after
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_distributed_center_and_sinkhorn():
+    """Two gloo ranks: the center and the Sinkhorn teacher equal the single-process result
+    on the full batch (dino all-reduces the center sum, dinov2 the Sinkhorn sums)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_distributed_worker, args=(r, 2, port, q)) for r in range(2)]
+    for pr in procs:
+        pr.start()
+    results = {r: (torch.tensor(c), torch.tensor(p)) for r, c, p in (q.get(timeout=120) for _ in procs)}
+    for pr in procs:
+        pr.join(timeout=60)
+    torch.manual_seed(123)
+    B, V, T, K, world = 4, 3, 2, 33, 2
+    s_all, t_all = torch.randn(V, world * B, K), torch.randn(T, world * B, K)
+    c = torch.randn(K)
+    want_c = R.center_update(c.reshape(1, K), t_all.reshape(-1, K), 0.9).reshape(-1)
+    want_p = R.sinkhorn_knopp_teacher(t_all[0], 0.1)
+    for r in range(world):
+        torch.testing.assert_close(results[r][0], want_c, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(results[r][1], want_p[r * B:(r + 1) * B], atol=1e-7, rtol=1e-4)

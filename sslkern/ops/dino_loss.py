@@ -200,10 +200,13 @@ def _teacher_input(teacher, center, teacher_temp, teacher_mode, sinkhorn_iterati
 
 
 def _new_center(center, csum, n_rows, center_momentum):
+    # Per-rank mean, then the mean over ranks: dino's all-reduced sum / (rows·world) when every
+    # rank has the same rows; dinov2's patch center (mean of per-rank token means) otherwise.
     with torch.no_grad():
+        batch_center = csum / n_rows
         if _world() > 1:
-            torch.distributed.all_reduce(csum)
-        batch_center = csum / (n_rows * _world())
+            torch.distributed.all_reduce(batch_center)
+            batch_center = batch_center / _world()
         new = center.reshape(-1).to(csum.dtype) * center_momentum + batch_center * (1 - center_momentum)
         return new.to(center.dtype).reshape(center.shape)
 
