@@ -405,8 +405,10 @@ def test_aot_configs_cover_launcher_choices():
 
     names = {c["name"] for c in tmod.AOT_CONFIGS}
     for K in (5, 2048, 2049, 8192, 8193, 65536):
-        assert f"dino_row_stats_kernel x=fp32 BLOCK={tmod._stats_block(K)}" in names
-        assert f"dino_pairs_kernel s=fp32 t=fp32 BLOCK={tmod._pairs_block(K)}" in names
+        assert f"dino_row_stats_kernel x=fp32 compute=fp32 BLOCK={tmod._stats_block(K)}" in names
+        for sn in ("fp32", "bf16", "fp16", "fp64"):
+            for tn in ("fp32", "bf16", "fp16", "fp64"):
+                assert f"dino_pairs_kernel s={sn} t={tn} BLOCK={tmod._pairs_block(K)}" in names
 
 
 def test_ibot_chunked_path_cpu():
@@ -472,3 +474,23 @@ def test_distributed_center_and_sinkhorn():
     for r in range(world):
         torch.testing.assert_close(results[r][0], want_c, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(results[r][1], want_p[r * B:(r + 1) * B], atol=1e-7, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_dtypes_bf16_student_fp32_teacher(backend):
+    # bf16 student with an fp32 teacher (e.g. fp32 Sinkhorn probabilities); compared with the
+    # fp32 reference on the rounded student. Tolerance: bf16 gradient storage (one rounding).
+    name, device = backend
+    B, V, T, K = 3, 4, 2, 150
+    s, t, c = make(B, V, T, K, torch.float32, device, scale=1.0)
+    s = s.to(torch.bfloat16)
+    for mode in ("center", "sinkhorn"):
+        s_ref = s.float().requires_grad_(True)
+        p = R.sinkhorn_knopp_teacher(t, 0.05) if mode == "sinkhorn" else None
+        want = R.dino_loss(s_ref, t, c, 0.1, 0.05, T, teacher_probs=p)
+        want.backward()
+        s2 = s.clone().requires_grad_(True)
+        loss = sslkern.dino_loss(s2, t, c, teacher_temp=0.05, n_global_crops=T, teacher_mode=mode, backend=name)
+        loss.backward()
+        torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(s2.grad.float(), s_ref.grad, atol=1e-5, rtol=1e-2)

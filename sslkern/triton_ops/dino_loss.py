@@ -11,9 +11,12 @@ Two launches (K = 65,536 never fits one block):
      to a (B, n_blocks) buffer summed afterwards (deterministic); the raw teacher column
      sum for the center update is accumulated with atomics.
 Runtime flags (ints) rather than constexprs keep the compiled variants few: the only
-constexprs are the block size and the compute dtype.
+constexprs are the block size and the compute dtype. The scalars (scale, 1/τs, 1/τt) are read
+from a small cached device buffer, so fp64 inputs keep fp64 temperatures.
 """
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 import triton
@@ -127,6 +130,22 @@ def _warps(block: int) -> int:
     return 8 if block >= 4096 else 4
 
 
+_param_cache: OrderedDict = OrderedDict()
+
+
+def _params(scale: float, student_temp: float, teacher_temp: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """[scale, 1/τs, 1/τt] on the device, cached (the values change once per epoch at most),
+    so a training step does no host-to-device copy."""
+    key = (scale, student_temp, teacher_temp, dtype, str(device))
+    t = _param_cache.get(key)
+    if t is None:
+        t = _param_cache[key] = torch.tensor([scale, 1.0 / student_temp, 1.0 / teacher_temp], dtype=dtype).to(device)
+        while len(_param_cache) > 64:
+            _param_cache.popitem(last=False)
+    _param_cache.move_to_end(key)
+    return t
+
+
 def dino_loss_triton(student, teacher, center, weights, scale, student_temp, teacher_temp, n_student_views,
                      n_teacher_views, skip_same_view, teacher_is_probs, compute_grad, center_sum):
     acc = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
@@ -144,7 +163,7 @@ def dino_loss_triton(student, teacher, center, weights, scale, student_temp, tea
     csum = torch.zeros(K if center_sum else 0, dtype=acc, device=dev)
     if B == 0 or K == 0:
         return torch.zeros((), dtype=acc, device=dev), grad, csum
-    params = torch.tensor([scale, 1.0 / student_temp, 1.0 / teacher_temp], dtype=acc).to(dev)
+    params = _params(float(scale), float(student_temp), float(teacher_temp), acc, dev)
     s_max = torch.empty(V * B, dtype=acc, device=dev)
     s_logz = torch.empty_like(s_max)
     sb = _stats_block(K)
@@ -169,11 +188,11 @@ def dino_loss_triton(student, teacher, center, weights, scale, student_temp, tea
     return partial.sum(), grad, csum
 
 
-# Every configuration the launchers can pick (block choices × storage dtype pairs), for
-# the GPU report. Pairs: same dtype for student and teacher, plus fp32 teacher
-# probabilities (Sinkhorn) with a half-precision student.
+# Every configuration the launchers can pick (block choices × every student / teacher
+# storage dtype pair: the teacher may differ, e.g. fp32 Sinkhorn probabilities with a bf16
+# student), for the GPU report.
 _DT = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16", "fp64": "*fp64"}
-_PAIRS = [("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("fp64", "fp64"), ("bf16", "fp32"), ("fp16", "fp32")]
+_PAIRS = [(sn, tn) for sn in _DT for tn in _DT]
 
 
 def _compute(sn, tn):
@@ -181,12 +200,12 @@ def _compute(sn, tn):
 
 
 AOT_CONFIGS = [
-    dict(name=f"dino_row_stats_kernel x={xn} BLOCK={blk}", kernel=dino_row_stats_kernel,
+    dict(name=f"dino_row_stats_kernel x={xn} compute={cn} BLOCK={blk}", kernel=dino_row_stats_kernel,
          signature={"x_ptr": _DT[xn], "c_ptr": _DT[cn], "max_ptr": _DT[cn], "logz_ptr": _DT[cn],
                     "inv_temp_ptr": _DT[cn], "K": "i32", "has_center": "i32"},
          constexprs={"COMPUTE": tl.float64 if cn == "fp64" else tl.float32, "BLOCK": blk},
          num_warps=_warps(blk), num_stages=3)
-    for xn, cn in [("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("fp64", "fp64")]
+    for xn, cn in [(xn, cn) for xn in _DT for cn in ("fp32", "fp64") if cn == "fp64" or xn != "fp64"]
     for blk in (1024, 4096)
 ] + [
     dict(name=f"dino_pairs_kernel s={sn} t={tn} BLOCK={blk}", kernel=dino_pairs_kernel,
