@@ -4,7 +4,7 @@ Two launches (K = 65,536 never fits one block):
   1. ``dino_row_stats_kernel`` — one program per row, walking the row in BLOCK columns
      with the online max / rescaled sum: ``m = max_k x'[k]``, ``logZ = log Σ_k exp((x'[k] − m)·inv)``
      with ``x' = x − c`` for teacher rows (centering) and ``x' = x`` for student rows.
-  2. ``dino_pairs_kernel`` — one program per (column block, image b): rebuilds the teacher
+  2. ``dino_pairs_kernel`` — one program per (image b, column block): rebuilds the teacher
      probabilities ``p_q = exp((t_q − c − m_q)·inv_tt − logZ_q)`` of image b on its block,
      and for every student crop v accumulates ``Σ_k p_paired[k]·(s_v[k] − m_v)`` into the loss
      and writes the gradient ``w/τs·(n_v softmax(s_v/τs) − p_paired)``. Partial losses go
@@ -57,9 +57,9 @@ def dino_pairs_kernel(s_ptr, t_ptr, c_ptr, w_ptr, s_max_ptr, s_logz_ptr, t_max_p
                       B, K, V, T,
                       skip_same_view, teacher_is_probs, has_weights, compute_grad, center_sum,
                       COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
-    j = tl.program_id(0)
-    b = tl.program_id(1)
-    n_blocks = tl.num_programs(0)
+    b = tl.program_id(0)  # images / tokens on axis 0 (up to 2^31 - 1; axis 1 stops at 65,535)
+    j = tl.program_id(1)
+    n_blocks = tl.num_programs(1)
     offs = j * BLOCK + tl.arange(0, BLOCK)
     mask = offs < K
     c = tl.zeros((BLOCK,), COMPUTE)
@@ -179,7 +179,7 @@ def dino_loss_triton(student, teacher, center, weights, scale, student_temp, tea
     pb = _pairs_block(K)
     n_blocks = triton.cdiv(K, pb)
     partial = torch.empty(B, n_blocks, dtype=acc, device=dev)
-    dino_pairs_kernel[(n_blocks, B)](
+    dino_pairs_kernel[(B, n_blocks)](
         student, teacher, c, w, s_max, s_logz, t_max, t_logz,
         grad if compute_grad else dummy, partial, csum if center_sum else dummy, params,
         B, K, V, T,
