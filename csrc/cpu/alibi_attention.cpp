@@ -1,0 +1,414 @@
+// alibi_attention — memory-efficient attention with an in-kernel ALiBi bias, C++ CPU kernel.
+//
+//   out = softmax(scale·q·kᵀ + bias)·v,   bias[i, j] = −slope[b, h] · dist(x_i, x_j)
+//
+// dist is Manhattan (1D positions and 2D grids) or Euclidean over the (row, col) coordinates
+// of the patch tokens; the first P (prefix, CLS) tokens get zero bias to and from everything.
+// Nothing of size L×L is allocated: each task holds one (query tile × key tile) score block.
+//
+// Forward: parallel over (b, h, query tile); key tiles are folded in with the online softmax
+// (running max m and sum l per row; on a new max the accumulated row is rescaled by
+// exp(m_old − m_new)). The tile products run on BLAS (ATen's cpublas::gemm). It returns the
+// output and the row log-sum-exp (lse = m + log l) for the backward.
+// Backward (FlashAttention-2 recomputation): parallel over (b, h); for every tile pair
+// P = exp(scale·S + bias − lse), dV += Pᵀ·dO, dP = dO·Vᵀ, dS = P ∘ (dP − rowsum(dO ∘ O)),
+// dQ += scale·dS·K, dK += scale·dSᵀ·Q and d slope += Σ dS ∘ (−dist).
+// fp16 / bf16 tiles are converted to fp32 before the products; fp64 runs in fp64.
+#include "common.h"
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <vector>
+
+namespace sslkern {
+namespace {
+
+constexpr int64_t kFwdBQ = 64, kFwdBK = 256;
+constexpr int64_t kBwdBQ = 128, kBwdBK = 128;
+
+}  // namespace
+}  // namespace sslkern
+
+// The Fortran BLAS that libtorch_cpu links and exports (MKL or OpenBLAS); ATen declares
+// these the same way. cpublas::gemm itself is not exported to extensions.
+extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+                       const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc);
+extern "C" void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+                       const double* a, const int* lda, const double* b, const int* ldb, const double* beta,
+                       double* c, const int* ldc);
+
+namespace sslkern {
+namespace {
+
+// Row-major C[m×n] = alpha·op(A)[m×k]·op(B)[k×n] + beta·C. BLAS is column-major and a
+// row-major matrix is its column-major transpose, so this computes Cᵀ = op(B)ᵀ·op(A)ᵀ.
+template <typename acc_t>
+inline void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, acc_t alpha, const acc_t* A, int64_t lda,
+               const acc_t* B, int64_t ldb, acc_t beta, acc_t* C, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const char tA = tb ? 'T' : 'N', tB = ta ? 'T' : 'N';
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  const int LA = static_cast<int>(std::max<int64_t>(ldb, 1)), LB = static_cast<int>(std::max<int64_t>(lda, 1));
+  const int LC = static_cast<int>(std::max<int64_t>(ldc, 1));
+  if constexpr (std::is_same_v<acc_t, double>) dgemm_(&tA, &tB, &M, &N, &K, &alpha, B, &LA, A, &LB, &beta, C, &LC);
+  else sgemm_(&tA, &tB, &M, &N, &K, &alpha, B, &LA, A, &LB, &beta, C, &LC);
+}
+
+// exp for the softmax loops, written so that gcc vectorizes it (std::exp does not, and float
+// compares or clamps would keep the loop scalar without -fno-trapping-math): Cody–Waite
+// reduction x = k·ln2 + r, e^r by Cephes' degree-6 polynomial, times 2^k built in the
+// exponent bits; results below 2^−126 are flushed to 0 with an integer mask. Max relative
+// error 8e-8 on [−87, 0] (checked against exp in double). Valid for x ≤ 88; every caller
+// passes x ≤ 0 up to rounding (scores minus the row max, or minus the row log-sum-exp).
+inline float exp_vec(float x) {
+  const float kf = x * 1.44269504088896341f;
+  const int32_t ki = static_cast<int32_t>(kf + std::copysign(0.5f, kf));
+  const float k = static_cast<float>(ki);
+  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = std::bit_cast<int32_t>(y * std::bit_cast<float>((std::max(ki, -126) + 127) << 23));
+  return std::bit_cast<float>(bits & ~((ki + 126) >> 31));
+}
+inline double exp_vec(double x) { return std::exp(x); }
+
+// Row kernels of the softmax. The reductions keep kLanes partial results so that gcc
+// vectorizes them without -ffast-math (a sequential float max / sum is not reassociated).
+constexpr int64_t kLanes = 16;
+
+// row[j] = scale·row[j] − slope·dist[j]; returns max(m0, max_j row[j]).
+template <typename acc_t>
+acc_t scores_and_max(acc_t* __restrict row, const acc_t* __restrict dist, int64_t n, acc_t scale, acc_t slope,
+                            acc_t m0) {
+  acc_t lane[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) lane[l] = m0;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const acc_t x = scale * row[j + l] - slope * dist[j + l];
+      row[j + l] = x;
+      lane[l] = std::max(lane[l], x);
+    }
+  acc_t mx = m0;
+  for (; j < n; ++j) {
+    row[j] = scale * row[j] - slope * dist[j];
+    mx = mx > row[j] ? mx : row[j];
+  }
+  for (int64_t l = 0; l < kLanes; ++l) mx = mx > lane[l] ? mx : lane[l];
+  return mx;
+}
+
+// row[j] = exp(row[j] − shift); returns Σ_j row[j].
+template <typename acc_t>
+acc_t exp_and_sum(acc_t* __restrict row, int64_t n, acc_t shift) {
+  for (int64_t j = 0; j < n; ++j) row[j] = exp_vec(row[j] - shift);
+  acc_t lane[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] += row[j + l];
+  acc_t sum = 0;
+  for (; j < n; ++j) sum += row[j];
+  for (int64_t l = 0; l < kLanes; ++l) sum += lane[l];
+  return sum;
+}
+
+// Backward row: p[j] = exp(scale·s[j] − slope·dist[j] − lse) (in s), dS = p·(dP − Δ) (in dp);
+// returns Σ_j dS[j]·dist[j].
+template <typename acc_t>
+acc_t probs_and_dscores(acc_t* __restrict s, acc_t* __restrict dp, const acc_t* __restrict dist,
+                                          int64_t n, acc_t scale, acc_t slope, acc_t lse, acc_t delta) {
+  for (int64_t j = 0; j < n; ++j) s[j] = exp_vec(scale * s[j] - slope * dist[j] - lse);
+  acc_t lane[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      dp[j + l] = s[j + l] * (dp[j + l] - delta);
+      lane[l] += dp[j + l] * dist[j + l];
+    }
+  acc_t acc = 0;
+  for (; j < n; ++j) {
+    dp[j] = s[j] * (dp[j] - delta);
+    acc += dp[j] * dist[j];
+  }
+  for (int64_t l = 0; l < kLanes; ++l) acc += lane[l];
+  return acc;
+}
+
+template <typename T> inline double load_d(const T* p, int64_t i) {
+  if constexpr (std::is_same_v<T, double>) return p[i]; else return static_cast<double>(load_f(p, i));
+}
+
+// A (b, h) slice of an (B, H, L, Dh) tensor with unit stride on Dh, seen in the compute
+// type acc_t: the memory itself when T == acc_t, else an fp32 copy of rows [r0, r0 + n).
+template <typename T, typename acc_t>
+struct Rows {
+  const acc_t* ptr;
+  int64_t ld;
+  std::vector<acc_t> buf;
+  Rows(const at::Tensor& t, int64_t b, int64_t h, int64_t r0, int64_t n) {
+    const T* base = sslkern::ptr<T>(t) + b * t.stride(0) + h * t.stride(1) + r0 * t.stride(2);
+    const int64_t d = t.size(3);
+    if constexpr (std::is_same_v<T, acc_t>) {
+      ptr = base;
+      ld = t.stride(2);
+    } else {
+      buf.resize(n * d);
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t c = 0; c < d; ++c) buf[r * d + c] = static_cast<acc_t>(load_f(base, r * t.stride(2) + c));
+      ptr = buf.data();
+      ld = d;
+    }
+  }
+};
+
+// dst[c, r] = src[r, c] for an (n × d) block with row stride ld: MKL's gemm is much faster
+// on N·N products than with a transposed operand at these sizes, so K and V go in as Kᵀ, Vᵀ.
+template <typename acc_t>
+inline void transpose_into(std::vector<acc_t>& dst, const acc_t* src, int64_t n, int64_t d, int64_t ld) {
+  dst.resize(n * d);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c = 0; c < d; ++c) dst[c * n + r] = src[r * ld + c];
+}
+
+template <typename T, typename acc_t>
+inline void store_row(T* dst, const acc_t* src, int64_t n, acc_t mul) {
+  for (int64_t c = 0; c < n; ++c) {
+    if constexpr (std::is_same_v<T, double>) dst[c] = src[c] * mul;
+    else store_f(dst, c, static_cast<float>(src[c] * mul));
+  }
+}
+
+// Per-token coordinates of one batch row over all L tokens; weight 0 marks prefix tokens
+// (zero bias to and from them).
+template <typename acc_t>
+struct Geometry {
+  std::vector<acc_t> r, c, w;
+  Geometry(const at::Tensor& coords, int64_t b, int64_t L, int64_t P) : r(L, 0), c(L, 0), w(L, 0) {
+    const float* cb = coords.data_ptr<float>() + b * coords.stride(0);
+    for (int64_t j = P; j < L; ++j) {
+      r[j] = cb[(j - P) * coords.stride(1)];
+      c[j] = cb[(j - P) * coords.stride(1) + coords.stride(2)];
+      w[j] = 1;
+    }
+  }
+};
+
+// dist row: out[j] = w_i·w_j·dist(x_i, x_j) for j in [j0, j0 + n).
+template <typename acc_t>
+inline void dist_row(const Geometry<acc_t>& g, int64_t i, int64_t j0, int64_t n, int64_t mode, acc_t* out) {
+  const acc_t ri = g.r[i], ci = g.c[i], wi = g.w[i];
+  const acc_t* r = g.r.data() + j0;
+  const acc_t* c = g.c.data() + j0;
+  const acc_t* w = g.w.data() + j0;
+  if (mode == 0 || wi == 0) {
+    for (int64_t j = 0; j < n; ++j) out[j] = 0;
+  } else if (mode == 1) {
+    for (int64_t j = 0; j < n; ++j) out[j] = w[j] * (std::abs(ri - r[j]) + std::abs(ci - c[j]));
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t dr = ri - r[j], dc = ci - c[j];
+      out[j] = w[j] * std::sqrt(dr * dr + dc * dc);
+    }
+  }
+}
+
+void check_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                const at::Tensor& slopes, const at::Tensor& coords, int64_t P, int64_t mode) {
+  TORCH_CHECK(q.dim() == 4, op, ": q must be (B, H, L, Dh), got ", q.sizes());
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op, ": q, k, v must have equal shapes, got ",
+              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k, v must have one dtype");
+  for (const at::Tensor* t : {&q, &k, &v})
+    TORCH_CHECK(t->device().is_cpu() && (t->size(3) <= 1 || t->stride(3) == 1), op,
+                ": q, k, v must be CPU tensors with unit stride on the last dim");
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2);
+  TORCH_CHECK(P >= 0 && P <= L, op, ": num_prefix_tokens must be in [0, L], got ", P);
+  TORCH_CHECK(mode >= 0 && mode <= 2, op, ": mode must be 0 (none), 1 (manhattan) or 2 (euclidean), got ", mode);
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(slopes.scalar_type() == acc && slopes.dim() == 2 && slopes.size(0) == B && slopes.size(1) == H &&
+                  slopes.is_contiguous(),
+              op, ": slopes must be a contiguous (B, H) = (", B, ", ", H, ") ", acc, " tensor, got ", slopes.sizes(),
+              " ", slopes.scalar_type());
+  TORCH_CHECK(coords.scalar_type() == at::kFloat && coords.dim() == 3 && coords.size(0) == B &&
+                  coords.size(1) == L - P && coords.size(2) == 2,
+              op, ": coords must be a (B, L - P, 2) = (", B, ", ", L - P, ", 2) float32 tensor, got ", coords.sizes(),
+              " ", coords.scalar_type());
+}
+
+template <typename T, typename acc_t>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slopes,
+                  const at::Tensor& coords, int64_t P, int64_t mode, acc_t scale, at::Tensor& out, at::Tensor& lse) {
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
+  const int64_t n_qt = (L + kFwdBQ - 1) / kFwdBQ;
+  const acc_t* slope_p = slopes.data_ptr<acc_t>();
+  at::parallel_for(0, B * H * n_qt, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> S(kFwdBQ * kFwdBK), O(kFwdBQ * D), m(kFwdBQ), l(kFwdBQ), dist(kFwdBK), KT;
+    int64_t geom_b = -1, kt_bh = -1;
+    std::unique_ptr<Geometry<acc_t>> g;
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t qt = task % n_qt, bh = task / n_qt, b = bh / H, h = bh % H;
+      if (b != geom_b) { g = std::make_unique<Geometry<acc_t>>(coords, b, L, P); geom_b = b; }
+      const acc_t slope = slope_p[b * H + h];
+      const int64_t q0 = qt * kFwdBQ, nq = std::min(kFwdBQ, L - q0);
+      Rows<T, acc_t> Q(q, b, h, q0, nq), V(v, b, h, 0, L);
+      if (bh != kt_bh) {  // Kᵀ (D × L) of this (b, h), shared by its query tiles
+        Rows<T, acc_t> K(k, b, h, 0, L);
+        transpose_into(KT, K.ptr, L, D, K.ld);
+        kt_bh = bh;
+      }
+      std::fill(O.begin(), O.end(), acc_t(0));
+      std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
+      std::fill(l.begin(), l.end(), acc_t(0));
+      for (int64_t k0 = 0; k0 < L; k0 += kFwdBK) {
+        const int64_t nk = std::min(kFwdBK, L - k0);
+        mm<acc_t>(false, false, nq, nk, D, 1, Q.ptr, Q.ld, KT.data() + k0, L, 0, S.data(), kFwdBK);
+        for (int64_t i = 0; i < nq; ++i) {
+          acc_t* row = S.data() + i * kFwdBK;
+          dist_row(*g, q0 + i, k0, nk, mode, dist.data());
+          const acc_t mx = scores_and_max(row, dist.data(), nk, scale, slope, m[i]);
+          const acc_t alpha = std::exp(m[i] - mx);  // 0 on the first tile (m = −inf)
+          const acc_t sum = exp_and_sum(row, nk, mx);
+          l[i] = l[i] * alpha + sum;
+          m[i] = mx;
+          if (alpha != acc_t(1))
+            for (int64_t c = 0; c < D; ++c) O[i * D + c] *= alpha;
+        }
+        mm<acc_t>(false, false, nq, D, nk, 1, S.data(), kFwdBK, V.ptr + k0 * V.ld, V.ld, 1, O.data(), D);
+      }
+      T* out_p = ptr<T>(out) + (bh * L + q0) * D;
+      acc_t* lse_p = lse.data_ptr<acc_t>() + bh * L + q0;
+      for (int64_t i = 0; i < nq; ++i) {
+        store_row(out_p + i * D, O.data() + i * D, D, acc_t(1) / l[i]);
+        lse_p[i] = m[i] + std::log(l[i]);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> alibi_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                       const at::Tensor& slopes, const at::Tensor& coords, int64_t P,
+                                                       int64_t mode, double scale) {
+  check_args("alibi_attention", q, k, v, slopes, coords, P, mode);
+  auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(slopes.scalar_type()));
+  if (q.numel() == 0) return {out, lse.fill_(-std::numeric_limits<double>::infinity())};
+  dispatch_float(q.scalar_type(), "alibi_attention: q", [&](auto t) {
+    using T = decltype(t);
+    if constexpr (std::is_same_v<T, double>) forward_impl<T, double>(q, k, v, slopes, coords, P, mode, scale, out, lse);
+    else forward_impl<T, float>(q, k, v, slopes, coords, P, mode, static_cast<float>(scale), out, lse);
+  });
+  return {out, lse};
+}
+
+template <typename T, typename acc_t>
+void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& out, const at::Tensor& lse, const at::Tensor& slopes, const at::Tensor& coords,
+                   int64_t P, int64_t mode, acc_t scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                   at::Tensor& dslopes) {
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
+  const acc_t* slope_p = slopes.data_ptr<acc_t>();
+  at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> S(kBwdBQ * kBwdBK), dP(kBwdBQ * kBwdBK), dist(kBwdBQ * kBwdBK);
+    std::vector<acc_t> dQ(L * D), dK(L * D), dV(L * D), Drow(L), KT, VT;
+    for (int64_t bh = lo; bh < hi; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      Geometry<acc_t> g(coords, b, L, P);
+      const acc_t slope = slope_p[b * H + h];
+      Rows<T, acc_t> Q(q, b, h, 0, L), K(k, b, h, 0, L), V(v, b, h, 0, L), dO(dout, b, h, 0, L);
+      transpose_into(KT, K.ptr, L, D, K.ld);
+      transpose_into(VT, V.ptr, L, D, V.ld);
+      const acc_t* lse_p = lse.data_ptr<acc_t>() + bh * L;
+      {
+        const T* o = ptr<T>(out) + bh * L * D;  // out is contiguous (made by the forward)
+        for (int64_t i = 0; i < L; ++i) {
+          acc_t s = 0;
+          for (int64_t c = 0; c < D; ++c) s += dO.ptr[i * dO.ld + c] * static_cast<acc_t>(load_d(o, i * D + c));
+          Drow[i] = s;
+        }
+      }
+      std::fill(dQ.begin(), dQ.end(), acc_t(0));
+      std::fill(dK.begin(), dK.end(), acc_t(0));
+      std::fill(dV.begin(), dV.end(), acc_t(0));
+      acc_t dslope = 0;
+      for (int64_t q0 = 0; q0 < L; q0 += kBwdBQ) {
+        const int64_t nq = std::min(kBwdBQ, L - q0);
+        for (int64_t k0 = 0; k0 < L; k0 += kBwdBK) {
+          const int64_t nk = std::min(kBwdBK, L - k0);
+          mm<acc_t>(false, false, nq, nk, D, 1, Q.ptr + q0 * Q.ld, Q.ld, KT.data() + k0, L, 0, S.data(), kBwdBK);
+          mm<acc_t>(false, false, nq, nk, D, 1, dO.ptr + q0 * dO.ld, dO.ld, VT.data() + k0, L, 0, dP.data(), kBwdBK);
+          for (int64_t i = 0; i < nq; ++i) {
+            acc_t* s = S.data() + i * kBwdBK;
+            acc_t* dp = dP.data() + i * kBwdBK;
+            acc_t* dr = dist.data() + i * kBwdBK;
+            dist_row(g, q0 + i, k0, nk, mode, dr);
+            const acc_t li = lse_p[q0 + i], Di = Drow[q0 + i];
+            dslope -= probs_and_dscores(s, dp, dr, nk, scale, slope, li, Di);
+          }
+          // dV[k] += Pᵀ·dO[q]; dQ[q] += scale·dS·K[k]; dK[k] += scale·dSᵀ·Q[q]
+          mm<acc_t>(true, false, nk, D, nq, 1, S.data(), kBwdBK, dO.ptr + q0 * dO.ld, dO.ld, 1, dV.data() + k0 * D, D);
+          mm<acc_t>(false, false, nq, D, nk, scale, dP.data(), kBwdBK, K.ptr + k0 * K.ld, K.ld, 1, dQ.data() + q0 * D,
+                    D);
+          mm<acc_t>(true, false, nk, D, nq, scale, dP.data(), kBwdBK, Q.ptr + q0 * Q.ld, Q.ld, 1, dK.data() + k0 * D,
+                    D);
+        }
+      }
+      for (int64_t i = 0; i < L; ++i) {
+        store_row(ptr<T>(dq) + (bh * L + i) * D, dQ.data() + i * D, D, acc_t(1));
+        store_row(ptr<T>(dk) + (bh * L + i) * D, dK.data() + i * D, D, acc_t(1));
+        store_row(ptr<T>(dv) + (bh * L + i) * D, dV.data() + i * D, D, acc_t(1));
+      }
+      dslopes.data_ptr<acc_t>()[bh] = dslope;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> alibi_attention_backward_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& slopes, const at::Tensor& coords, int64_t P, int64_t mode, double scale) {
+  check_args("alibi_attention_backward", q, k, v, slopes, coords, P, mode);
+  TORCH_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type() &&
+                  (dout.size(3) <= 1 || dout.stride(3) == 1),
+              "alibi_attention_backward: dout must match q with unit stride on the last dim");
+  TORCH_CHECK(out.sizes() == q.sizes() && out.is_contiguous() && out.scalar_type() == q.scalar_type(),
+              "alibi_attention_backward: out must be a contiguous tensor like q");
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2) &&
+                  lse.is_contiguous() && lse.scalar_type() == slopes.scalar_type(),
+              "alibi_attention_backward: lse must be a contiguous (B, H, L) tensor of the slopes' dtype");
+  auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
+  auto dq = at::empty(q.sizes(), opts), dk = at::empty(q.sizes(), opts), dv = at::empty(q.sizes(), opts);
+  auto dslopes = at::zeros({q.size(0), q.size(1)}, slopes.options());
+  if (q.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_(), dslopes};
+  dispatch_float(q.scalar_type(), "alibi_attention_backward: q", [&](auto t) {
+    using T = decltype(t);
+    if constexpr (std::is_same_v<T, double>)
+      backward_impl<T, double>(dout, q, k, v, out, lse, slopes, coords, P, mode, scale, dq, dk, dv, dslopes);
+    else
+      backward_impl<T, float>(dout, q, k, v, out, lse, slopes, coords, P, mode, static_cast<float>(scale), dq, dk,
+                              dv, dslopes);
+  });
+  return {dq, dk, dv, dslopes};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sslkern_C, m) {
+  m.def("alibi_attention_cpu(Tensor q, Tensor k, Tensor v, Tensor slopes, Tensor coords, int num_prefix_tokens, "
+        "int mode, float scale) -> (Tensor, Tensor)",
+        &alibi_attention_cpu);
+  m.def("alibi_attention_backward_cpu(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor slopes, Tensor coords, int num_prefix_tokens, int mode, float scale) "
+        "-> (Tensor, Tensor, Tensor, Tensor)",
+        &alibi_attention_backward_cpu);
+}
+
+}  // namespace sslkern

@@ -1,0 +1,278 @@
+"""``gather_tokens`` / ``restore_tokens`` — fused masked-token gather and restore (SPEC section 3).
+
+MAE, data2vec 2.0, I-JEPA and iBOT all keep a subset of patch tokens for the encoder and
+put the encoder output back in place (with mask tokens) for the decoder. Done eagerly this
+is an ``x + pos`` pass, a gather, a ``repeat_interleave`` for clone batches, a ``cat`` with
+mask tokens, an unshuffle gather and another ``+ pos``. Here each direction is one pass:
+every output row is read once from its source row (position embedding added on the way)
+and written once; the clone batch is never materialized.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._backend import Dispatch, ext_op, module_attr
+from .._checks import FLOAT_DTYPES, check_range, check_tensor, fail
+
+_INT_DTYPES = (torch.int64, torch.int32)
+_REF = "sslkern.reference.tokens"
+_TRI = "sslkern.triton_ops.tokens"
+
+gather_dispatch = Dispatch("gather_tokens", {
+    "reference": lambda: _gather_reference,
+    "cpu": ext_op("gather_tokens_cpu"),
+    "triton": module_attr(_TRI, "gather_tokens_triton"),
+    "cuda": ext_op("gather_tokens_cuda"),
+})
+gather_backward_dispatch = Dispatch("gather_tokens_backward", {
+    "reference": module_attr(_REF, "gather_tokens_backward"),
+    "cpu": ext_op("gather_tokens_backward_cpu"),
+    "triton": module_attr(_TRI, "gather_tokens_backward_triton"),
+    "cuda": ext_op("gather_tokens_backward_cuda"),
+})
+restore_dispatch = Dispatch("restore_tokens", {
+    "reference": lambda: _restore_reference,
+    "cpu": ext_op("restore_tokens_cpu"),
+    "triton": module_attr(_TRI, "restore_tokens_triton"),
+    "cuda": ext_op("restore_tokens_cuda"),
+})
+restore_backward_dispatch = Dispatch("restore_tokens_backward", {
+    "reference": module_attr(_REF, "restore_tokens_backward"),
+    "cpu": ext_op("restore_tokens_backward_cpu"),
+    "triton": module_attr(_TRI, "restore_tokens_backward_triton"),
+    "cuda": ext_op("restore_tokens_backward_cuda"),
+})
+dispatch = gather_dispatch  # the backends of this op family (tests parametrize over it)
+
+
+def _gather_reference(x, ids_keep, pos_embed, num_prefix_tokens, mask_major):
+    from ..reference.tokens import gather_tokens
+
+    return gather_tokens(x, ids_keep, pos_embed=pos_embed, num_prefix_tokens=num_prefix_tokens,
+                         mask_major=mask_major).contiguous()
+
+
+def _restore_reference(x_vis, ids_restore, mask_token, fill, pos_embed, num_prefix_tokens):
+    from ..reference.tokens import restore_tokens
+
+    return restore_tokens(x_vis, ids_restore, mask_token=mask_token, fill=fill, pos_embed=pos_embed,
+                          num_prefix_tokens=num_prefix_tokens).contiguous()
+
+
+# ---------------------------------------------------------------------------------------
+# gather
+# ---------------------------------------------------------------------------------------
+@torch.library.custom_op("sslkern::gather_tokens", mutates_args=())
+def _gather_op(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: Optional[torch.Tensor], num_prefix_tokens: int,
+               mask_major: bool, backend: str) -> torch.Tensor:
+    return gather_dispatch(x.device, backend)(x, ids_keep, pos_embed, num_prefix_tokens, mask_major)
+
+
+@_gather_op.register_fake
+def _(x, ids_keep, pos_embed, num_prefix_tokens, mask_major, backend):
+    B, M, Nk = ids_keep.shape
+    return x.new_empty(B * M, num_prefix_tokens + Nk, x.shape[2])
+
+
+@torch.library.custom_op("sslkern::gather_tokens_backward", mutates_args=())
+def _gather_backward_op(grad_out: torch.Tensor, ids_keep: torch.Tensor, num_tokens: int, num_prefix_tokens: int,
+                        mask_major: bool, need_pos: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_pos): grad_pos (num_tokens, D) = batch sum of grad_x, fused; empty if not needed."""
+    return gather_backward_dispatch(grad_out.device, backend)(grad_out, ids_keep, num_tokens, num_prefix_tokens,
+                                                              mask_major, need_pos)
+
+
+@_gather_backward_op.register_fake
+def _(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos, backend):
+    D = grad_out.shape[2]
+    gpos = grad_out.new_empty(num_tokens, D) if need_pos else grad_out.new_empty(0)
+    return grad_out.new_empty(ids_keep.shape[0], num_tokens, D), gpos
+
+
+def _gather_setup(ctx, inputs, output):
+    x, ids_keep, pos_embed, P, mask_major, backend = inputs
+    ctx.save_for_backward(ids_keep)
+    ctx.meta = (x.shape[1], P, mask_major, backend, pos_embed is not None)
+
+
+def _gather_backward(ctx, grad):
+    (ids_keep,) = ctx.saved_tensors
+    L, P, mask_major, backend, has_pos = ctx.meta
+    need_pos = bool(has_pos and ctx.needs_input_grad[2])
+    grad_x, grad_pos = _gather_backward_op(grad.contiguous(), ids_keep, L, P, mask_major, need_pos, backend)
+    return (grad_x if ctx.needs_input_grad[0] else None), None, (grad_pos if need_pos else None), None, None, None
+
+
+_gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
+
+
+def _check_pos(op, pos_embed, n_total, d, dtype, device):
+    if pos_embed is None:
+        return None
+    check_tensor(op, "pos_embed", pos_embed, dtypes=FLOAT_DTYPES, ndim=(2, 3), device=device)
+    want = (n_total, d) if pos_embed.dim() == 2 else (1, n_total, d)
+    check_tensor(op, "pos_embed", pos_embed, shape=want)
+    return pos_embed.reshape(n_total, d).to(dtype).contiguous()
+
+
+def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, *, pos_embed: torch.Tensor | None = None,
+                  num_prefix_tokens: int = 0, mask_major: bool = False, backend: str | None = None) -> torch.Tensor:
+    r"""Keep the tokens ``ids_keep`` of every image (prefix tokens first), adding positions.
+
+    ``out[r, t] = x[b, s] + pos_embed[s]`` with ``s = t`` for the ``P`` prefix tokens
+    (CLS, registers: never masked) and ``s = P + ids_keep[b, (m,) t − P]`` after them.
+
+    Args:
+        x: ``(B, P + N, D)`` tokens, fp32 / bf16 / fp16 (fp64 for gradcheck).
+        ids_keep: ``(B, Nk)`` or ``(B, M, Nk)`` int64/int32 indices into the ``N`` patch
+            tokens, each in ``[0, N)`` (checked: an error names ``ids_keep``; on CUDA the check
+            is one device reduction and a host sync). Order is kept as given (MAE's shuffle
+            order, or ascending for block masks). Repeats are allowed (gradients add up).
+        pos_embed: ``None``, ``(P + N, D)`` or ``(1, P + N, D)``: added to each output token at
+            its original position (prefix too), fused into the copy; cast to ``x.dtype``.
+        num_prefix_tokens: ``P``.
+        mask_major: for ``(B, M, Nk)`` ids, output row ``b·M + m`` (False: image-major, the
+            data2vec 2.0 clone batch ``x.repeat_interleave(M, 0)``) or ``m·B + b`` (True:
+            I-JEPA ``apply_masks`` order ``cat_m gather(x, masks[m])``).
+        backend: force ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"`` (default: auto).
+
+    Returns:
+        ``(B, P + Nk, D)``, or ``(B·M, P + Nk, D)`` for multi-mask ids; the repeat of ``x``
+        is never materialized. Backward scatter-adds into ``x``'s gradient (fp32 sums for
+        tokens kept by several masks) and sums over the batch for ``pos_embed``.
+
+    Matches mae ``models_mae.py: random_masking`` (``torch.gather(x, 1, ids_keep…)``) after
+    ``x + pos_embed[:, 1:]`` and ``cls_token + pos_embed[:, :1]``; lightly
+    ``utils.get_at_index``; I-JEPA ``src/masks/utils.py: apply_masks``.
+    """
+    op = "gather_tokens"
+    check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, ndim=3)
+    B, L, D = x.shape
+    check_tensor(op, "ids_keep", ids_keep, dtypes=_INT_DTYPES, ndim=(2, 3), device=x.device)
+    if ids_keep.shape[0] != B:
+        fail(op, f"ids_keep expected batch size {B} (x.shape[0]), got shape {tuple(ids_keep.shape)}")
+    if not isinstance(num_prefix_tokens, int) or isinstance(num_prefix_tokens, bool):
+        fail(op, f"num_prefix_tokens expected an int, got {type(num_prefix_tokens).__name__}", TypeError)
+    check_range(op, "num_prefix_tokens", num_prefix_tokens, 0, L)
+    if mask_major and ids_keep.dim() != 3:
+        fail(op, f"mask_major=True needs ids_keep of shape (B, M, Nk), got {tuple(ids_keep.shape)}")
+    pos = _check_pos(op, pos_embed, L, D, x.dtype, x.device)
+    ids = ids_keep if ids_keep.dim() == 3 else ids_keep.unsqueeze(1)
+    ids = ids.to(torch.int64).contiguous()
+    return _gather_op(x.contiguous(), ids, pos, num_prefix_tokens, bool(mask_major), backend or "")
+
+
+# ---------------------------------------------------------------------------------------
+# restore
+# ---------------------------------------------------------------------------------------
+@torch.library.custom_op("sslkern::restore_tokens", mutates_args=())
+def _restore_op(x_vis: torch.Tensor, ids_restore: torch.Tensor, mask_token: Optional[torch.Tensor],
+                fill: Optional[torch.Tensor], pos_embed: Optional[torch.Tensor], num_prefix_tokens: int,
+                backend: str) -> torch.Tensor:
+    return restore_dispatch(x_vis.device, backend)(x_vis, ids_restore, mask_token, fill, pos_embed, num_prefix_tokens)
+
+
+@_restore_op.register_fake
+def _(x_vis, ids_restore, mask_token, fill, pos_embed, num_prefix_tokens, backend):
+    return x_vis.new_empty(x_vis.shape[0], num_prefix_tokens + ids_restore.shape[1], x_vis.shape[2])
+
+
+@torch.library.custom_op("sslkern::restore_tokens_backward", mutates_args=())
+def _restore_backward_op(grad_out: torch.Tensor, ids_restore: torch.Tensor, num_visible: int,
+                         num_prefix_tokens: int, need_mask_token: bool, need_fill: bool, need_pos: bool,
+                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x_vis, grad_mask_token, grad_fill, grad_pos); the last three empty if not needed."""
+    return restore_backward_dispatch(grad_out.device, backend)(grad_out, ids_restore, num_visible, num_prefix_tokens,
+                                                               need_mask_token, need_fill, need_pos)
+
+
+@_restore_backward_op.register_fake
+def _(grad_out, ids_restore, num_visible, num_prefix_tokens, need_mask_token, need_fill, need_pos, backend):
+    B, N = ids_restore.shape
+    D = grad_out.shape[2]
+    gv = grad_out.new_empty(B, num_prefix_tokens + num_visible, D)
+    gm = grad_out.new_empty(D) if need_mask_token else grad_out.new_empty(0)
+    gf = grad_out.new_empty(B, N, D) if need_fill else grad_out.new_empty(0)
+    gp = grad_out.new_empty(num_prefix_tokens + N, D) if need_pos else grad_out.new_empty(0)
+    return gv, gm, gf, gp
+
+
+def _restore_setup(ctx, inputs, output):
+    x_vis, ids_restore, mask_token, fill, pos_embed, P, backend = inputs
+    ctx.save_for_backward(ids_restore)
+    ctx.meta = (x_vis.shape[1] - P, P, backend, pos_embed is not None)
+
+
+def _restore_backward(ctx, grad):
+    (ids_restore,) = ctx.saved_tensors
+    Nk, P, backend, has_pos = ctx.meta
+    need_x, _, need_mt, need_fill, need_pos = ctx.needs_input_grad[:5]
+    need_pos = bool(has_pos and need_pos)
+    gv, gm, gf, gp = _restore_backward_op(grad.contiguous(), ids_restore, Nk, P, bool(need_mt), bool(need_fill),
+                                          need_pos, backend)
+    return ((gv if need_x else None), None, (gm if need_mt else None), (gf if need_fill else None),
+            (gp if need_pos else None), None, None)
+
+
+_restore_op.register_autograd(_restore_backward, setup_context=_restore_setup)
+
+
+def restore_tokens(x_vis: torch.Tensor, ids_restore: torch.Tensor, *, mask_token: torch.Tensor | None = None,
+                   fill: torch.Tensor | None = None, pos_embed: torch.Tensor | None = None,
+                   num_prefix_tokens: int = 0, backend: str | None = None) -> torch.Tensor:
+    r"""Put visible tokens back in place and fill the removed slots (MAE decoder input).
+
+    ``out[b, t] = x_vis[b, t]`` for prefix ``t < P``; for patch ``i`` (``t = P + i``) with
+    ``k = ids_restore[b, i]``: ``x_vis[b, P + k]`` if ``k < Nk`` else ``mask_token`` (or
+    ``fill[b, i]``); then ``+ pos_embed[t]``.
+
+    Args:
+        x_vis: ``(B, P + Nk, D)`` encoder output (visible tokens in ``ids_keep`` order).
+        ids_restore: ``(B, N)`` int64/int32, MAE semantics: original position ``i`` holds
+            shuffle rank ``ids_restore[b, i]``; each row must be a permutation of ``0..N−1``
+            (checked on CPU: an error names ``ids_restore``; on CUDA only the range is checked,
+            with one device reduction and a host sync — a non-permutation there gives an
+            output row per slot but ``x_vis`` gradients of ranks that never appear are zero,
+            and of ranks that appear twice are one of the two).
+        mask_token: ``(D,)``, ``(1, 1, D)`` learned token (MAE); gradient = sum over removed slots.
+        fill: ``(B, N, D)`` per-slot values (data2vec 2.0 ``N(0, 0.01²)`` noise); exactly one
+            of ``mask_token`` and ``fill``. Only removed slots are read.
+        pos_embed: ``None``, ``(P + N, D)`` or ``(1, P + N, D)`` added to every output token.
+        num_prefix_tokens: ``P`` (CLS etc., copied first).
+        backend: force ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"`` (default: auto).
+
+    Clone batch (``gather_tokens`` with ``(B, M, Nk)`` ids, image-major rows): pass the
+    encoder output ``(B·M, P + Nk, D)`` with ``ids_restore.reshape(B·M, N)``.
+
+    Returns ``(B, P + N, D)``. Matches mae ``models_mae.py: forward_decoder``
+    (``cat([x[:, 1:], mask_tokens])``, ``torch.gather(…, ids_restore…)``, ``+ decoder_pos_embed``)
+    and lightly ``utils.set_at_index`` on a mask-token filled sequence.
+    """
+    op = "restore_tokens"
+    check_tensor(op, "x_vis", x_vis, dtypes=FLOAT_DTYPES, ndim=3)
+    B, Lv, D = x_vis.shape
+    check_tensor(op, "ids_restore", ids_restore, dtypes=_INT_DTYPES, ndim=2, device=x_vis.device)
+    N = ids_restore.shape[1]
+    if ids_restore.shape[0] != B:
+        fail(op, f"ids_restore expected batch size {B} (x_vis.shape[0]), got shape {tuple(ids_restore.shape)}")
+    if not isinstance(num_prefix_tokens, int) or isinstance(num_prefix_tokens, bool):
+        fail(op, f"num_prefix_tokens expected an int, got {type(num_prefix_tokens).__name__}", TypeError)
+    check_range(op, "num_prefix_tokens", num_prefix_tokens, 0, Lv)
+    Nk = Lv - num_prefix_tokens
+    if Nk > N:
+        fail(op, f"x_vis expected at most {num_prefix_tokens} + {N} tokens (ids_restore has N = {N}), got {Lv}")
+    if (mask_token is None) == (fill is None):
+        fail(op, "exactly one of mask_token and fill must be given")
+    if mask_token is not None:
+        check_tensor(op, "mask_token", mask_token, dtypes=FLOAT_DTYPES, device=x_vis.device)
+        if mask_token.numel() != D or any(s != 1 for s in mask_token.shape[:-1]) or mask_token.dim() == 0:
+            fail(op, f"mask_token expected shape ({D},) or (1, 1, {D}), got {tuple(mask_token.shape)}")
+        mask_token = mask_token.reshape(D).to(x_vis.dtype).contiguous()
+    if fill is not None:
+        check_tensor(op, "fill", fill, dtypes=FLOAT_DTYPES, shape=(B, N, D), device=x_vis.device)
+        fill = fill.to(x_vis.dtype).contiguous()
+    pos = _check_pos(op, pos_embed, num_prefix_tokens + N, D, x_vis.dtype, x_vis.device)
+    ids = ids_restore.to(torch.int64).contiguous()
+    return _restore_op(x_vis.contiguous(), ids, mask_token, fill, pos, num_prefix_tokens, backend or "")

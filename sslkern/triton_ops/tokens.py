@@ -1,0 +1,292 @@
+"""``gather_tokens`` / ``restore_tokens`` — Triton kernels (SPEC section 3).
+
+Every kernel works on a ``ROWS × BLOCK_D`` tile of output rows: it computes each row's
+source row from the index tensor (prefix rows copy themselves), loads the tile with one
+gathered 2-D access (contiguous along D, so loads/stores vectorize to 16 bytes), adds the
+position rows in fp32 and stores once. The clone batch is an index computation, never a
+copy. Backward of gather scatter-adds with fp32 atomics (tokens kept by several masks add
+up); backward of restore is a scatter of visible rows plus one atomic add per tile for the
+mask token's gradient.
+
+Index values are validated by the launchers with one device reduction (a host sync) and
+an error naming the argument; the kernels additionally mask any out-of-range row, so no
+access leaves the tensors even if the check is bypassed. ``ids_restore`` is only range
+checked here (a permutation check would cost a sort): see ``restore_tokens``' docstring.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ROWS = 16
+BLOCK_D = 128
+NUM_WARPS = 4
+
+_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
+
+
+@triton.jit
+def gather_rows_kernel(x_ptr, ids_ptr, pos_ptr, out_ptr, B, M, Nk, L, P, D, n_rows,
+                       HAS_POS: tl.constexpr, MASK_MAJOR: tl.constexpr, COMPUTE: tl.constexpr,
+                       ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = r < n_rows
+    d_ok = d < D
+    Lo = P + Nk
+    row = r // Lo
+    t = r % Lo
+    if MASK_MAJOR:
+        b = row % B
+        m = row // B
+    else:
+        b = row // M
+        m = row % M
+    patch = t >= P
+    k = tl.load(ids_ptr + ((b * M + m) * Nk + (t - P)).to(tl.int64), mask=row_ok & patch, other=0)
+    s = tl.where(patch, P + k, t)
+    src_ok = row_ok & (s >= 0) & (s < L)
+    s = tl.where(src_ok, s, 0)
+    ld_mask = src_ok[:, None] & d_ok[None, :]
+    src = (b.to(tl.int64) * L + s)[:, None] * D + d[None, :]
+    v = tl.load(x_ptr + src, mask=ld_mask, other=0.0).to(COMPUTE)
+    if HAS_POS:
+        v += tl.load(pos_ptr + (s.to(tl.int64)[:, None] * D + d[None, :]), mask=ld_mask, other=0.0).to(COMPUTE)
+    dst = r.to(tl.int64)[:, None] * D + d[None, :]
+    tl.store(out_ptr + dst, v.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def gather_rows_backward_kernel(grad_out_ptr, ids_ptr, grad_x_ptr, grad_pos_ptr, B, M, Nk, L, P, D, n_rows,
+                                MASK_MAJOR: tl.constexpr, NEED_POS: tl.constexpr,
+                                ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = r < n_rows
+    d_ok = d < D
+    Lo = P + Nk
+    row = r // Lo
+    t = r % Lo
+    if MASK_MAJOR:
+        b = row % B
+        m = row // B
+    else:
+        b = row // M
+        m = row % M
+    patch = t >= P
+    k = tl.load(ids_ptr + ((b * M + m) * Nk + (t - P)).to(tl.int64), mask=row_ok & patch, other=0)
+    s = tl.where(patch, P + k, t)
+    dst_ok = row_ok & (s >= 0) & (s < L)
+    s = tl.where(dst_ok, s, 0)
+    g = tl.load(grad_out_ptr + (r.to(tl.int64)[:, None] * D + d[None, :]), mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0).to(grad_x_ptr.dtype.element_ty)
+    dst = (b.to(tl.int64) * L + s)[:, None] * D + d[None, :]
+    tl.atomic_add(grad_x_ptr + dst, g, mask=dst_ok[:, None] & d_ok[None, :])
+    if NEED_POS:
+        tl.atomic_add(grad_pos_ptr + (s.to(tl.int64)[:, None] * D + d[None, :]), g, mask=dst_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def restore_rows_kernel(x_vis_ptr, ids_ptr, mask_token_ptr, fill_ptr, pos_ptr, out_ptr, N, Nk, P, D, n_rows,
+                        HAS_FILL: tl.constexpr, HAS_POS: tl.constexpr, COMPUTE: tl.constexpr,
+                        ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = r < n_rows
+    d_ok = d < D
+    L = P + N
+    Lv = P + Nk
+    b = r // L
+    t = r % L
+    i = t - P
+    patch = t >= P
+    k = tl.load(ids_ptr + (b * N + i).to(tl.int64), mask=row_ok & patch, other=0)
+    k_ok = (k >= 0) & (k < N)
+    visible = row_ok & ((~patch) | (k_ok & (k < Nk)))
+    removed = row_ok & patch & k_ok & (k >= Nk)
+    s = tl.where(patch, P + k, t)
+    s = tl.where(visible, s, 0)
+    b64 = b.to(tl.int64)
+    dm = d_ok[None, :]
+    v = tl.load(x_vis_ptr + ((b64 * Lv + s)[:, None] * D + d[None, :]), mask=visible[:, None] & dm,
+                other=0.0).to(COMPUTE)
+    if HAS_FILL:
+        f = tl.load(fill_ptr + ((b64 * N + tl.where(removed, i, 0))[:, None] * D + d[None, :]),
+                    mask=removed[:, None] & dm, other=0.0).to(COMPUTE)
+    else:
+        f = tl.load(mask_token_ptr + d, mask=d_ok, other=0.0).to(COMPUTE)[None, :]
+    v = tl.where(removed[:, None], f, v)
+    if HAS_POS:
+        v += tl.load(pos_ptr + (t.to(tl.int64)[:, None] * D + d[None, :]), mask=row_ok[:, None] & dm,
+                     other=0.0).to(COMPUTE)
+    tl.store(out_ptr + (r.to(tl.int64)[:, None] * D + d[None, :]), v.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & dm)
+
+
+@triton.jit
+def restore_rows_backward_kernel(grad_out_ptr, ids_ptr, grad_vis_ptr, grad_fill_ptr, grad_mt_ptr, grad_pos_ptr,
+                                 N, Nk, P, D, n_rows, NEED_FILL: tl.constexpr, NEED_MT: tl.constexpr,
+                                 NEED_POS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = r < n_rows
+    d_ok = d < D
+    dm = d_ok[None, :]
+    L = P + N
+    Lv = P + Nk
+    b = r // L
+    t = r % L
+    i = t - P
+    patch = t >= P
+    k = tl.load(ids_ptr + (b * N + i).to(tl.int64), mask=row_ok & patch, other=0)
+    k_ok = (k >= 0) & (k < N)
+    visible = row_ok & ((~patch) | (k_ok & (k < Nk)))
+    removed = row_ok & patch & k_ok & (k >= Nk)
+    b64 = b.to(tl.int64)
+    g = tl.load(grad_out_ptr + (r.to(tl.int64)[:, None] * D + d[None, :]), mask=row_ok[:, None] & dm, other=0.0)
+    s = tl.where(visible, tl.where(patch, P + k, t), 0)
+    tl.store(grad_vis_ptr + ((b64 * Lv + s)[:, None] * D + d[None, :]), g, mask=visible[:, None] & dm)
+    if NEED_FILL:
+        fill_row = row_ok & patch
+        gf = tl.where(removed[:, None], g, tl.zeros_like(g))
+        tl.store(grad_fill_ptr + ((b64 * N + tl.where(fill_row, i, 0))[:, None] * D + d[None, :]), gf,
+                 mask=fill_row[:, None] & dm)
+    if NEED_MT:
+        part = tl.sum(tl.where(removed[:, None], g.to(grad_mt_ptr.dtype.element_ty), 0.0), axis=0)
+        tl.atomic_add(grad_mt_ptr + d, part, mask=d_ok)
+    if NEED_POS:
+        tl.atomic_add(grad_pos_ptr + (t.to(tl.int64)[:, None] * D + d[None, :]), g.to(grad_pos_ptr.dtype.element_ty),
+                      mask=row_ok[:, None] & dm)
+
+
+# ---------------------------------------------------------------------------------------
+def _check_index_range(ids: torch.Tensor, hi: int, op: str, name: str) -> None:
+    # one device reduction and a host sync; the kernels mask bad rows regardless
+    if ids.numel() and bool(((ids < 0) | (ids >= hi)).any()):
+        bad = ids[(ids < 0) | (ids >= hi)][0].item()
+        raise IndexError(f"sslkern.{op}: {name} must hold indices in [0, {hi}), got {bad}")
+
+
+def _compute(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grid(n_rows, D):
+    return (triton.cdiv(n_rows, ROWS), triton.cdiv(D, BLOCK_D))
+
+
+def gather_tokens_triton(x, ids_keep, pos_embed, num_prefix_tokens, mask_major):
+    B, L, D = x.shape
+    _, M, Nk = ids_keep.shape
+    P = num_prefix_tokens
+    _check_index_range(ids_keep, L - P, "gather_tokens", "ids_keep")
+    out = torch.empty(B * M, P + Nk, D, dtype=x.dtype, device=x.device)
+    n_rows = B * M * (P + Nk)
+    if out.numel():
+        gather_rows_kernel[_grid(n_rows, D)](
+            x, ids_keep, pos_embed if pos_embed is not None else x, out, B, M, Nk, L, P, D, n_rows,
+            HAS_POS=pos_embed is not None, MASK_MAJOR=bool(mask_major), COMPUTE=_compute(x.dtype),
+            ROWS=ROWS, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
+    return out
+
+
+def gather_tokens_backward_triton(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos):
+    B, M, Nk = ids_keep.shape
+    D = grad_out.shape[2]
+    P = num_prefix_tokens
+    _check_index_range(ids_keep, num_tokens - P, "gather_tokens_backward", "ids_keep")
+    grad_x = torch.zeros(B, num_tokens, D, dtype=_acc(grad_out.dtype), device=grad_out.device)
+    grad_pos = torch.zeros(num_tokens if need_pos else 0, D, dtype=_acc(grad_out.dtype), device=grad_out.device)
+    n_rows = B * M * (P + Nk)
+    if n_rows and D:
+        gather_rows_backward_kernel[_grid(n_rows, D)](
+            grad_out, ids_keep, grad_x, grad_pos if need_pos else grad_x, B, M, Nk, num_tokens, P, D, n_rows,
+            MASK_MAJOR=bool(mask_major), NEED_POS=bool(need_pos), ROWS=ROWS, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
+    return grad_x.to(grad_out.dtype), (grad_pos.to(grad_out.dtype) if need_pos else grad_out.new_empty(0))
+
+
+def restore_tokens_triton(x_vis, ids_restore, mask_token, fill, pos_embed, num_prefix_tokens):
+    B, Lv, D = x_vis.shape
+    N = ids_restore.shape[1]
+    P = num_prefix_tokens
+    _check_index_range(ids_restore, N, "restore_tokens", "ids_restore")
+    out = torch.empty(B, P + N, D, dtype=x_vis.dtype, device=x_vis.device)
+    n_rows = B * (P + N)
+    if out.numel():
+        restore_rows_kernel[_grid(n_rows, D)](
+            x_vis, ids_restore, mask_token if mask_token is not None else x_vis,
+            fill if fill is not None else x_vis, pos_embed if pos_embed is not None else x_vis, out,
+            N, Lv - P, P, D, n_rows, HAS_FILL=fill is not None, HAS_POS=pos_embed is not None,
+            COMPUTE=_compute(x_vis.dtype), ROWS=ROWS, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
+    return out
+
+
+def restore_tokens_backward_triton(grad_out, ids_restore, num_visible, num_prefix_tokens, need_mask_token, need_fill,
+                                   need_pos):
+    B, N = ids_restore.shape
+    D = grad_out.shape[2]
+    P, Nk = num_prefix_tokens, num_visible
+    _check_index_range(ids_restore, N, "restore_tokens_backward", "ids_restore")
+    # zeros: a rank that never appears (not a permutation) leaves a zero gradient row
+    grad_vis = torch.zeros(B, P + Nk, D, dtype=grad_out.dtype, device=grad_out.device)
+    grad_fill = torch.empty(B, N, D, dtype=grad_out.dtype, device=grad_out.device) if need_fill \
+        else grad_out.new_empty(0)
+    grad_mt = torch.zeros(D, dtype=_acc(grad_out.dtype), device=grad_out.device) if need_mask_token \
+        else grad_out.new_empty(0)
+    grad_pos = torch.zeros(P + N if need_pos else 0, D, dtype=_acc(grad_out.dtype), device=grad_out.device)
+    n_rows = B * (P + N)
+    if n_rows and D:
+        restore_rows_backward_kernel[_grid(n_rows, D)](
+            grad_out, ids_restore, grad_vis, grad_fill if need_fill else grad_vis,
+            grad_mt if need_mask_token else grad_vis, grad_pos if need_pos else grad_vis, N, Nk, P, D, n_rows,
+            NEED_FILL=bool(need_fill), NEED_MT=bool(need_mask_token), NEED_POS=bool(need_pos), ROWS=ROWS,
+            BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
+    return (grad_vis, (grad_mt.to(grad_out.dtype) if need_mask_token else grad_mt), grad_fill,
+            grad_pos.to(grad_out.dtype) if need_pos else grad_out.new_empty(0))
+
+
+# ---------------------------------------------------------------------------------------
+# Every configuration the launchers can pick, for the GPU report (compiled ahead of time).
+_DT = [("fp32", tl.float32), ("bf16", tl.bfloat16), ("fp16", tl.float16), ("fp64", tl.float64)]
+_BASE = dict(ROWS=ROWS, BLOCK_D=BLOCK_D)
+_INTS = ["B", "M", "Nk", "L", "P", "D", "n_rows"]
+
+
+def _sig(ptrs: dict, ints: list) -> dict:
+    return {**ptrs, **{n: "i32" for n in ints}}
+
+
+AOT_CONFIGS = (
+    [dict(name=f"gather_rows_kernel {n} pos={hp} mask_major={mm}", kernel=gather_rows_kernel,
+          signature=_sig({"x_ptr": f"*{n}", "ids_ptr": "*i64", "pos_ptr": f"*{n}", "out_ptr": f"*{n}"}, _INTS),
+          constexprs={"HAS_POS": hp, "MASK_MAJOR": mm, "COMPUTE": tl.float64 if n == "fp64" else tl.float32, **_BASE},
+          num_warps=NUM_WARPS, num_stages=3)
+     for n, _ in _DT for hp in (False, True) for mm in (False, True)]
+    + [dict(name=f"gather_rows_backward_kernel {n} mask_major={mm} pos={hp}", kernel=gather_rows_backward_kernel,
+            signature=_sig({"grad_out_ptr": f"*{n}", "ids_ptr": "*i64",
+                            "grad_x_ptr": "*fp64" if n == "fp64" else "*fp32",
+                            "grad_pos_ptr": "*fp64" if n == "fp64" else "*fp32"}, _INTS),
+            constexprs={"MASK_MAJOR": mm, "NEED_POS": hp, **_BASE}, num_warps=NUM_WARPS, num_stages=3)
+       for n, _ in _DT for mm in (False, True) for hp in (False, True)]
+    + [dict(name=f"restore_rows_kernel {n} fill={hf} pos={hp}", kernel=restore_rows_kernel,
+            signature=_sig({"x_vis_ptr": f"*{n}", "ids_ptr": "*i64", "mask_token_ptr": f"*{n}", "fill_ptr": f"*{n}",
+                            "pos_ptr": f"*{n}", "out_ptr": f"*{n}"}, ["N", "Nk", "P", "D", "n_rows"]),
+            constexprs={"HAS_FILL": hf, "HAS_POS": hp, "COMPUTE": tl.float64 if n == "fp64" else tl.float32, **_BASE},
+            num_warps=NUM_WARPS, num_stages=3)
+       for n, _ in _DT for hf in (False, True) for hp in (False, True)]
+    + [dict(name=f"restore_rows_backward_kernel {n} fill={nf} mask_token={nm} pos={hp}",
+            kernel=restore_rows_backward_kernel,
+            signature=_sig({"grad_out_ptr": f"*{n}", "ids_ptr": "*i64", "grad_vis_ptr": f"*{n}",
+                            "grad_fill_ptr": f"*{n}",
+                            "grad_mt_ptr": ("*fp64" if n == "fp64" else "*fp32") if nm else f"*{n}",
+                            "grad_pos_ptr": ("*fp64" if n == "fp64" else "*fp32") if hp else f"*{n}"},
+                           ["N", "Nk", "P", "D", "n_rows"]),
+            constexprs={"NEED_FILL": nf, "NEED_MT": nm, "NEED_POS": hp, **_BASE}, num_warps=NUM_WARPS, num_stages=3)
+       # fill and mask_token are exclusive (restore_tokens takes exactly one), so never both
+       for n, _ in _DT for nf, nm in ((False, False), (True, False), (False, True)) for hp in (False, True)]
+)

@@ -1,0 +1,379 @@
+"""alibi_attention: every backend against the materialized-bias reference (SPEC section 4)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sslkern
+from sslkern.ops.alibi_attention import dispatch
+from sslkern.reference import alibi_attention as ref_alibi_attention
+from sslkern.reference.alibi_attention import alibi_bias, fairseq_get_alibi, fairseq_masked_alibi, grid_coords
+
+from conftest import backend_params
+
+BACKENDS = backend_params(dispatch)
+ON_GPU = torch.cuda.is_available()
+
+# Tolerances vs the reference (which computes in fp32, or fp64, and rounds the output once):
+# fp32 differs by summation order only; fp16 / bf16 round P (and dS) to the input dtype
+# before the second product, as every flash attention does.
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-10),
+       torch.float16: dict(atol=4e-3, rtol=4e-3), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+# The bias_scale / slope gradients sum dS·dist over all L² pairs: looser, relative to their size.
+TOL_SCALE = {torch.float32: dict(atol=1e-3, rtol=1e-3), torch.float64: dict(atol=1e-9, rtol=1e-9),
+             torch.float16: dict(atol=5e-2, rtol=5e-2), torch.bfloat16: dict(atol=2e-1, rtol=1e-1)}
+
+
+def _skip_unsupported(name, dtype):
+    if name == "triton" and dtype == torch.float64:
+        pytest.skip("the triton backend takes fp32/fp16/bf16 (fp64 runs on cpu/reference)")
+    if name == "triton" and dtype == torch.bfloat16 and not ON_GPU:
+        pytest.skip("bf16 tl.dot is wrong in the Triton interpreter; bf16 Triton runs only on a GPU")
+
+
+def random_mask_coords(B, side, n_keep, device="cpu"):
+    """MAE-style random masks on a side×side grid: ids_keep (B, n_keep), sorted, and their
+    true (row, col) coordinates (B, n_keep, 2)."""
+    noise = torch.rand(B, side * side, device=device)
+    ids_keep = torch.argsort(noise, dim=1)[:, :n_keep].sort(dim=1).values
+    return ids_keep, torch.stack([ids_keep // side, ids_keep % side], dim=-1)
+
+
+def run_both(name, device, dtype, B, H, L, Dh, *, mode, P, coords=None, slopes_shape="h", scale=None):
+    """Forward + backward of the backend and of the reference on the same fresh inputs."""
+    q, k, v = (torch.randn(B, H, L, Dh, device=device, dtype=dtype) for _ in range(3))
+    slopes = sslkern.alibi_slopes(H).to(device)
+    if slopes_shape == "bh":
+        slopes = slopes[None] * (0.5 + torch.rand(B, H, device=device))
+    bias_scale = 0.5 + torch.rand(H, device=device)
+    dout = torch.randn(B, H, L, Dh, device=device, dtype=dtype)
+    results = []
+    for impl in ("backend", "reference"):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, slopes, bias_scale)]
+        kw = dict(slopes=leaves[3], mode=mode, coords=coords, num_prefix_tokens=P, bias_scale=leaves[4], scale=scale)
+        out = (sslkern.alibi_attention(*leaves[:3], backend=name, **kw) if impl == "backend"
+               else ref_alibi_attention(*leaves[:3], **kw))
+        out.backward(dout)
+        results.append((out.detach(), [t.grad for t in leaves]))
+    return results
+
+
+def assert_results_close(results, dtype):
+    (out, grads), (out_ref, grads_ref) = results
+    assert out.dtype == dtype and out.shape == out_ref.shape
+    torch.testing.assert_close(out, out_ref, **TOL[dtype])
+    for name, g, gr in zip(("dq", "dk", "dv"), grads[:3], grads_ref[:3]):
+        assert g.dtype == dtype, name
+        torch.testing.assert_close(g, gr, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+    for name, g, gr in zip(("dslopes", "dbias_scale"), grads[3:], grads_ref[3:]):
+        torch.testing.assert_close(g, gr, **TOL_SCALE[dtype], msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------
+# Slopes
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("H", [3, 6, 8, 12, 16])
+def test_slopes_match_alibi_paper(H):
+    s = sslkern.alibi_slopes(H)
+    assert s.dtype == torch.float32 and s.shape == (H,)
+    def power2(n):
+        return [(2.0 ** (-8.0 / n)) ** (i + 1) for i in range(n)]
+    p = 2 ** int(math.floor(math.log2(H)))
+    want = power2(H) if p == H else power2(p) + power2(2 * p)[0::2][: H - p]
+    torch.testing.assert_close(s, torch.tensor(want), atol=0, rtol=1e-7)
+    # the values SPEC section 4 spells out
+    if H == 3:
+        torch.testing.assert_close(s, torch.tensor([1 / 16, 1 / 256, 1 / 4]), atol=0, rtol=0)
+    if H == 6:
+        torch.testing.assert_close(s, torch.tensor([1 / 4, 1 / 16, 1 / 64, 1 / 256, 1 / 2, 1 / 8]), atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Backends against the reference
+# ---------------------------------------------------------------------------------------
+CPU_CASES = [(L, Dh, H) for L in (1, 37, 50, 197, 257) for Dh, H in ((32, 3), (64, 6))] + [(50, 64, 3), (197, 32, 6)]
+TRITON_CASES = [(1, 32, 3), (37, 32, 3), (50, 64, 2), (26, 16, 1)]  # interpreter: small L, B·H
+
+
+def _case_params():
+    """(backend, (L, Dh, H)) pairs: the issue's sizes on cpu (and on a GPU); small ones for
+    the Triton interpreter."""
+    out = []
+    for p in BACKENDS:
+        name = p.values[0][0]
+        cases = CPU_CASES if name == "cpu" or ON_GPU else TRITON_CASES
+        out += [pytest.param(p.values[0], c, id=f"{p.id}-L{c[0]}-Dh{c[1]}-H{c[2]}", marks=p.marks) for c in cases]
+    return out
+
+
+@pytest.mark.parametrize("backend,case", _case_params())
+@pytest.mark.parametrize("mode", ["2d", "1d", "2d_euclidean", "none"])
+def test_full_sequence_matches_reference(backend, case, mode):
+    name, device = backend
+    L, Dh, H = case
+    P = 1 if L > 1 and mode != "1d" else 0
+    lp = L - P
+    coords = None
+    if mode in ("2d", "2d_euclidean") and math.isqrt(lp) ** 2 != lp:
+        side = math.isqrt(lp) + 1  # not a square: tokens are the first lp cells of a grid
+        coords = grid_coords(side * side)[:lp]
+    B = 2
+    results = run_both(name, device, torch.float32, B, H, L, Dh, mode=mode, P=P, coords=coords,
+                       slopes_shape="bh" if (L + Dh) % 2 else "h")
+    assert_results_close(results, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtypes(backend, dtype):
+    name, device = backend
+    _skip_unsupported(name, dtype)
+    L, Dh, H = (197, 64, 6) if name == "cpu" or ON_GPU else (37, 32, 2)
+    results = run_both(name, device, dtype, 2, H, L, Dh, mode="2d", P=1,
+                       coords=None if L == 197 else grid_coords(36).flip(0))
+    assert_results_close(results, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gathered_tokens_use_true_coordinates(backend, dtype):
+    """data2vec 2.0: 1 CLS + kept tokens of a 14×14 grid, coordinates from random masks."""
+    name, device = backend
+    _skip_unsupported(name, dtype)
+    B, H, n_keep = (4, 6, 39) if name == "cpu" or ON_GPU else (2, 2, 20)
+    _, coords = random_mask_coords(B, 14, n_keep, device)
+    for mode in ("2d", "2d_euclidean"):
+        results = run_both(name, device, dtype, B, H, 1 + n_keep, 64, mode=mode, P=1, coords=coords)
+        assert_results_close(results, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_qkv_from_timm_layout(backend):
+    """q, k, v as the permuted views timm's qkv produces (non-contiguous; no copy needed)."""
+    name, device = backend
+    B, L, H, Dh = 2, 37, 3, 32
+    qkv = torch.randn(B, L, 3, H, Dh, device=device).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    assert not q.is_contiguous()
+    out = sslkern.alibi_attention(q, k, v, mode="2d", num_prefix_tokens=1, backend=name)
+    want = ref_alibi_attention(q, k, v, mode="2d", num_prefix_tokens=1)
+    torch.testing.assert_close(out, want, **TOL[torch.float32])
+
+
+# ---------------------------------------------------------------------------------------
+# The fairseq construction (data2vec 2.0) and other oracles
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("distance", ["manhattan", "euclidean"])
+def test_bias_equals_fairseq_get_alibi_masked_alibi(distance):
+    """Our per-token-coordinate bias == fairseq get_alibi(dims=2) + masked_alibi + CLS pad,
+    and attention with it == SDPA fed fairseq's materialized bias (× clamped alibi_scale)."""
+    B, H, side, n_keep, Dh = 3, 6, 14, 39, 64
+    full = fairseq_get_alibi(side * side, H, dims=2, distance=distance)  # (H, 196, 196)
+    ids_keep, coords = random_mask_coords(B, side, n_keep)
+    fair = F.pad(fairseq_masked_alibi(full[None], ids_keep), (1, 0, 1, 0))  # CLS: zero bias
+    mode = "2d" if distance == "manhattan" else "2d_euclidean"
+    ours = alibi_bias(sslkern.alibi_slopes(H).expand(B, H), coords.float(), mode, num_prefix_tokens=1)
+    torch.testing.assert_close(ours, fair, atol=1e-6, rtol=1e-6)
+    # full (unmasked) grid, default raster coords
+    ours_full = alibi_bias(sslkern.alibi_slopes(H)[None], grid_coords(side * side)[None], mode)
+    torch.testing.assert_close(ours_full[0], full, atol=1e-6, rtol=1e-6)
+
+    alibi_scale = torch.randn(H).clamp(min=0)  # data2vec 2.0 learns it and clamps it ≥ 0
+    q, k, v = (torch.randn(B, H, 1 + n_keep, Dh) for _ in range(3))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=fair * alibi_scale[None, :, None, None])
+    got = sslkern.alibi_attention(q, k, v, mode=mode, coords=coords, num_prefix_tokens=1, bias_scale=alibi_scale)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_1d_equals_fairseq_and_flash_attention_contract():
+    H, L, Dh = 8, 50, 32
+    full = fairseq_get_alibi(L, H, dims=1)
+    ours = alibi_bias(sslkern.alibi_slopes(H)[None], torch.stack([torch.arange(L.__int__()).float(),
+                                                                  torch.zeros(L)], -1)[None], "1d")
+    torch.testing.assert_close(ours[0], full, atol=0, rtol=0)
+    q, k, v = (torch.randn(2, H, L, Dh) for _ in range(3))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=full[None])
+    torch.testing.assert_close(sslkern.alibi_attention(q, k, v, mode="1d"), want, atol=2e-5, rtol=1e-4)
+    # explicit positions (e.g. gathered tokens of a sequence) shift-invariant
+    pos = torch.arange(L) + 7
+    torch.testing.assert_close(sslkern.alibi_attention(q, k, v, mode="1d", coords=pos), want, atol=2e-5, rtol=1e-4)
+
+
+def test_mode_none_is_plain_attention_and_flex_attention_oracle():
+    q, k, v = (torch.randn(2, 3, 50, 32) for _ in range(3))
+    torch.testing.assert_close(sslkern.alibi_attention(q, k, v, mode="none"),
+                               F.scaled_dot_product_attention(q, k, v), atol=2e-5, rtol=1e-4)
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    slopes = sslkern.alibi_slopes(3)
+    coords = grid_coords(49)
+
+    def score_mod(score, b, h, qi, kv):
+        both = (qi > 0) & (kv > 0)
+        ri, ci = coords[(qi - 1).clamp(min=0)].unbind(-1)
+        rj, cj = coords[(kv - 1).clamp(min=0)].unbind(-1)
+        return score - torch.where(both, slopes[h] * ((ri - rj).abs() + (ci - cj).abs()), 0.0)
+
+    try:
+        want = flex.flex_attention(q, k, v, score_mod=score_mod)
+    except Exception as e:  # FlexAttention eager on CPU is version dependent
+        pytest.skip(f"flex_attention unavailable here: {e}")
+    torch.testing.assert_close(sslkern.alibi_attention(q, k, v, mode="2d", num_prefix_tokens=1), want,
+                               atol=2e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# gradcheck, opcheck, compile
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("mode", ["2d", "2d_euclidean", "1d"])
+def test_gradcheck_float64(backend, mode):
+    B, H, L, Dh = 2, 2, 10, 4
+    q, k, v = (torch.randn(B, H, L, Dh, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    slopes = torch.rand(B, H, dtype=torch.float64, requires_grad=True)
+    bias_scale = (0.5 + torch.rand(H, dtype=torch.float64)).requires_grad_(True)
+    coords = torch.randint(0, 4, (B, L - 1, 2)).double() + 0.25 if mode != "1d" else None
+    P = 1 if mode != "1d" else 0
+
+    def f(q, k, v, slopes, bias_scale):
+        return sslkern.alibi_attention(q, k, v, slopes=slopes, mode=mode, coords=coords, num_prefix_tokens=P,
+                                       bias_scale=bias_scale, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, slopes, bias_scale), eps=1e-6, atol=1e-7)
+
+
+def _op_args(dtype=torch.float32, B=2, H=3, L=17, Dh=8, P=1):
+    q, k, v = (torch.randn(B, H, L, Dh, dtype=dtype, requires_grad=True) for _ in range(3))
+    slopes = torch.rand(B, H, dtype=torch.float32, requires_grad=True)
+    coords = torch.randint(0, 5, (B, L - P, 2)).float()
+    return q, k, v, slopes, coords, P
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_opcheck(mode):
+    q, k, v, slopes, coords, P = _op_args()
+    torch.library.opcheck(torch.ops.sslkern.alibi_attention.default, (q, k, v, slopes, coords, P, mode, 0.3, ""))
+    out, lse = torch.ops.sslkern.alibi_attention(q, k, v, slopes, coords, P, mode, 0.3, "")
+    dout = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.sslkern.alibi_attention_backward.default,
+                          (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), slopes.detach(),
+                           coords, P, mode, 0.3, ""))
+
+
+def test_compile_fullgraph_equals_eager():
+    B, H, L, Dh = 2, 3, 37, 16
+    _, coords = random_mask_coords(B, 7, L - 1)
+    q, k, v = (torch.randn(B, H, L, Dh, requires_grad=True) for _ in range(3))
+    bias_scale = torch.rand(H, requires_grad=True)
+
+    def f(q, k, v, bias_scale):
+        out = sslkern.alibi_attention(q, k, v, coords=coords, num_prefix_tokens=1, bias_scale=bias_scale.clamp(min=0))
+        return (out * out).sum()
+
+    eager = torch.autograd.grad(f(q, k, v, bias_scale), (q, k, v, bias_scale))
+    compiled = torch.compile(f, fullgraph=True, backend="inductor")
+    loss = compiled(q, k, v, bias_scale)
+    torch.testing.assert_close(loss, f(q, k, v, bias_scale), atol=1e-5, rtol=1e-5)
+    got = torch.autograd.grad(loss, (q, k, v, bias_scale))
+    for g, e in zip(got, eager):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------
+def _qkv(B=2, H=3, L=10, Dh=8, dtype=torch.float32):
+    return tuple(torch.randn(B, H, L, Dh, dtype=dtype) for _ in range(3))
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda q, k, v: sslkern.alibi_attention(q, k, v, slopes=torch.rand(4)), ValueError,
+     r"slopes expected shape \(3,\) or \(2, 3\)"),
+    (lambda q, k, v: sslkern.alibi_attention(q, k, v, slopes=torch.rand(3, 3)), ValueError, "slopes expected shape"),
+    (lambda q, k, v: sslkern.alibi_attention(q, k, v, bias_scale=torch.rand(4), num_prefix_tokens=1), ValueError,
+     r"bias_scale expected shape \(3,\)"),
+    (lambda q, k, v: sslkern.alibi_attention(q, k, v, coords=torch.rand(2, 11, 2)), ValueError,
+     r"coords expected shape \(10, 2\) or \(2, 10, 2\)"),
+    (lambda q, k, v: sslkern.alibi_attention(q, k, v, coords=torch.rand(2, 9, 3), num_prefix_tokens=1), ValueError,
+     "coords expected shape"),
+    (lambda q, k, v: sslkern.alibi_attention(q, k, v, mode="1d", coords=torch.rand(3, 10)), ValueError,
+     r"coords expected shape \(10,\) or \(2, 10\)"),
+    (lambda q, k, v: sslkern.alibi_attention(q, k, v), ValueError, "must form a square grid"),
+    (lambda q, k, v: sslkern.alibi_attention(q, k, v, mode="3d"), ValueError, "mode must be one of"),
+    (lambda q, k, v: sslkern.alibi_attention(q, k, v, num_prefix_tokens=11), ValueError, "num_prefix_tokens"),
+    (lambda q, k, v: sslkern.alibi_attention(q, k[:, :2], v, num_prefix_tokens=1), ValueError,
+     r"k expected shape \(2, 3, 10, 8\)"),
+    (lambda q, k, v: sslkern.alibi_attention(q, k.half(), v, num_prefix_tokens=1), TypeError, "k expected dtype"),
+    (lambda q, k, v: sslkern.alibi_attention(q[0], k[0], v[0]), ValueError, "q expected 4 dims"),
+])
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(*_qkv())
+
+
+@pytest.mark.skipif(not ON_GPU and "triton" not in [p.id for p in BACKENDS if not p.marks], reason="no triton")
+def test_triton_rejects_unsupported_head_dim_and_fp64():
+    if not dispatch._usable("triton", torch.device("cuda" if ON_GPU else "cpu"))[0]:
+        pytest.skip("triton backend not usable here")
+    dev = "cuda" if ON_GPU else "cpu"
+    q, k, v = (t.to(dev) for t in _qkv(L=5, Dh=256))
+    with pytest.raises(ValueError, match=r"q expected head dim Dh <= 128 for the triton backend, got 256"):
+        sslkern.alibi_attention(q, k, v, num_prefix_tokens=1, backend="triton")
+    q, k, v = (t.to(dev) for t in _qkv(L=5, dtype=torch.float64))
+    with pytest.raises(TypeError, match="fp64 runs on backend='cpu'"):
+        sslkern.alibi_attention(q, k, v, num_prefix_tokens=1, backend="triton")
+
+
+def test_cpu_kernel_checks_direct_calls():
+    q, k, v = _qkv()
+    slopes, coords = torch.rand(2, 3), torch.zeros(2, 9, 2)
+    with pytest.raises(RuntimeError, match="coords must be a"):
+        torch.ops.sslkern_C.alibi_attention_cpu(q, k, v, slopes, coords[:, :5], 1, 1, 0.3)
+    with pytest.raises(RuntimeError, match="slopes must be a"):
+        torch.ops.sslkern_C.alibi_attention_cpu(q, k, v, slopes[:1], coords, 1, 1, 0.3)
+    with pytest.raises(RuntimeError, match="num_prefix_tokens"):
+        torch.ops.sslkern_C.alibi_attention_cpu(q, k, v, slopes, coords, 11, 1, 0.3)
+
+
+# ---------------------------------------------------------------------------------------
+# Triton: every configuration the launchers can pick compiles for sm_80 and sm_90a
+# ---------------------------------------------------------------------------------------
+_AOT_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sslkern.triton_ops.alibi_attention import AOT_CONFIGS
+assert AOT_CONFIGS
+for cfg in AOT_CONFIGS:
+    sig = dict(cfg["signature"], **{k: "constexpr" for k in cfg["constexprs"]})
+    for cap in (80, 90):
+        src = ASTSource(fn=cfg["kernel"], signature=sig, constexprs=cfg["constexprs"])
+        k = triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                           options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+        assert k.asm.get("cubin"), cfg["name"]
+print("compiled", 2 * len(AOT_CONFIGS))
+"""
+
+
+@pytest.mark.slow
+def test_triton_aot_configs_compile():
+    """Compiled in a subprocess (this process may run Triton in the interpreter)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    from sslkern.triton_ops.alibi_attention import AOT_CONFIGS, CONFIGS, MAX_HEAD_DIM
+
+    # the table covers every launcher choice: 4 dtype/precision variants x BLOCK_D 32/64/128
+    names = {c["name"] for c in AOT_CONFIGS}
+    for label in ("fp32", "fp32/tf32", "fp16", "bf16"):
+        for bd in (32, 64, MAX_HEAD_DIM):
+            for kern in ("fwd", "bwd_dkdv", "bwd_dq"):
+                assert f"alibi_attention_{kern} {label} BLOCK_D={bd}" in names
+    assert set(CONFIGS) == {"fp32", "half"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("compiled")
