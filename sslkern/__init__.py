@@ -4,15 +4,20 @@ Public ops (each a ``torch.library`` custom op ``torch.ops.sslkern.<name>``; CPU
 run C++ kernels, CUDA tensors run Triton / CUDA C++; ``sslkern.reference`` holds the eager
 oracles):
 
-  ema_update_          multi-tensor EMA of teacher parameters
-  alibi_attention      attention with an in-kernel 1D/2D ALiBi bias (alibi_slopes: the slopes)
+  ema_update_             multi-tensor EMA of teacher parameters
+  dino_loss               DINO multi-crop loss (centering or Sinkhorn teacher), fused
+  ibot_patch_loss         iBOT / DINOv2 masked patch loss; koleo_loss, sinkhorn_knopp_teacher
+  gather_tokens           masked-token gather (+ position add, multi-mask clone batch)
+  restore_tokens          MAE-style restore with mask token / fill (+ position add)
+  alibi_attention         attention with an in-kernel 1D/2D ALiBi bias (alibi_slopes: the slopes)
   layer_average_targets   data2vec targets: top-K layer average with per-layer norms
   masked_regression_loss  masked smooth-L1 / L2 regression onto per-image targets (clone batch)
   data2vec_cls_loss       data2vec 2.0 CLS term (student CLS vs token-mean target)
   data2vec_loss           the two above from the teacher layers in one call (composition)
-  gather_tokens        fused masked-token gather (+ position add, multi-mask clone batch)
-  restore_tokens       MAE-style restore with mask token / fill (+ position add)
-  masks                mask generators (MAE random, block, data2vec 2.0 inverse block, I-JEPA)
+
+Modules: ``sslkern.masks`` (mask generators: MAE random, block, data2vec 2.0 inverse block,
+I-JEPA multiblock), ``sslkern.nn`` (EMA teacher, DINO/iBOT losses, ALiBi attention for timm,
+masked-encoder helpers), ``sslkern.schedules``, ``sslkern.reference`` (eager oracles).
 
 Force a backend with ``backend=`` on a call, ``with sslkern.use_backend(name):`` or the
 ``SSLKERN_BACKEND`` environment variable. ``python -m sslkern.info`` says what is available.
@@ -20,9 +25,19 @@ Force a backend with ``backend=`` on a call, ``with sslkern.use_backend(name):``
 from .version import __version__  # noqa: F401
 from ._backend import BACKENDS, backend_status, use_backend  # noqa: F401
 from ._checks import ArgumentError  # noqa: F401
-from .ops import ema_update_  # noqa: F401
-from .ops import gather_tokens, restore_tokens  # noqa: F401
-from . import masks  # noqa: F401
-from .ops import alibi_attention, alibi_slopes  # noqa: F401
-from . import nn, reference, schedules  # noqa: F401
-from .ops import data2vec_cls_loss, data2vec_loss, layer_average_targets, masked_regression_loss  # noqa: F401
+from .ops import (  # noqa: F401
+    alibi_attention,
+    alibi_slopes,
+    data2vec_cls_loss,
+    data2vec_loss,
+    dino_loss,
+    ema_update_,
+    gather_tokens,
+    ibot_patch_loss,
+    koleo_loss,
+    layer_average_targets,
+    masked_regression_loss,
+    restore_tokens,
+    sinkhorn_knopp_teacher,
+)
+from . import masks, nn, reference, schedules  # noqa: F401

@@ -1,0 +1,333 @@
+// dino_loss — sharpened-softmax cross-entropy over multi-crop (teacher, student) pairs,
+// C++ CPU kernel. Serves the DINO loss (V student crops, T teacher crops, same-view pairs
+// skipped) and the iBOT patch loss (V = T = 1, one weight per token row).
+//
+// For image b, student crop v and teacher crop q (a pair unless skip_same_view && q == v):
+//   p_q = softmax((t_q - c) / tt)  (or t_q itself when the teacher is given as probabilities)
+//   ce(q, v) = -sum_k p_q[k] log_softmax(s_v / ts)[k] = logZ_v - sum_k p_q[k] (s_v[k] - m_v) / ts
+// with m_v = max_k s_v[k] and logZ_v = log sum_k exp((s_v[k] - m_v) / ts); taking the dot
+// relative to the row max keeps the loss accurate for logits of +-1e4. Then
+//   loss      = scale * sum_b w_b sum_v sum_{q paired with v} ce(q, v)
+//   d loss/ds_v = scale * w_b / ts * (n_v softmax(s_v / ts) - sum_{q paired with v} p_q)
+// No probability tensor is materialized: phase 1 computes per-row statistics (max and log
+// normalizer, parallel over rows); phase 2 walks column chunks of C prototypes (parallel
+// over chunks), rebuilding the T teacher probabilities of one image in a T x C scratch,
+// accumulating the dots and writing the gradient. Scratch per task is O(T*C) with C <= 4096,
+// so K of 131072 or more costs no full-row buffer. The raw teacher column sum (for the
+// center update) is accumulated in the same pass.
+//
+// NaN: a NaN in a student row makes that row's loss term and gradient NaN; a NaN in a
+// teacher row makes the p of that row NaN, hence the loss and the gradient of every student
+// row paired with it — exactly where the eager reference has NaN.
+#include "common.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace sslkern {
+namespace {
+
+// exp for float, vectorizable: Cody-Waite range reduction and Cephes' degree-6 polynomial
+// (~1 ulp). Inputs below -87 return exactly 0 (exp(-87) ~ 1.6e-38 is the smallest normal
+// range: returning tiny values there would feed denormals into the gradient, which cost
+// ~100 cycles per operation on x86). Callers only pass x <= ~0. NaN stays NaN.
+inline float exp_fast(float x) {
+  const bool underflow = x < -87.0f;
+  x = underflow ? -87.0f : x;
+  x = x > 88.3f ? 88.3f : x;
+  // round to nearest by the 1.5*2^23 trick (std::floor would be a libm call, not vectorized)
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return underflow ? 0.0f : e * scale;
+}
+inline double exp_fast(double x) { return std::exp(x); }
+
+template <typename T, typename A> inline A load_a(const T* p, int64_t i) {
+  if constexpr (std::is_same_v<T, double>) {
+    return static_cast<A>(p[i]);
+  } else {
+    return static_cast<A>(load_f(p, i));
+  }
+}
+template <typename T, typename A> inline void store_a(T* p, int64_t i, A v) {
+  if constexpr (std::is_same_v<T, double>) {
+    p[i] = static_cast<double>(v);
+  } else {
+    store_f(p, i, static_cast<float>(v));
+  }
+}
+
+// The inner loops, as functions of restrict pointers and scalars so they vectorize.
+template <typename TT, typename A>
+void teacher_probs_chunk(const TT* __restrict x, const A* __restrict c, A* __restrict p, int64_t n, A m, A inv, A lz) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) p[k] = exp_fast((load_a<TT, A>(x, k) - c[k] - m) * inv - lz);
+}
+
+template <typename TS, typename A>
+void student_grad_chunk(const TS* __restrict x, const A* __restrict e, TS* __restrict g, int64_t n, A m, A inv, A lz,
+                        A gs, A nv) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    const A sm = exp_fast((load_a<TS, A>(x, k) - m) * inv - lz);
+    store_a<TS, A>(g, k, gs * (nv * sm - e[k]));
+  }
+}
+
+// Images whose V + T rows hold at most this many elements (256 KiB of fp32) take the
+// row-major path.
+constexpr int64_t kRowMajorElems = 1 << 16;
+
+struct Config {
+  int64_t B, K, V, T;
+  bool skip, probs, grad, colsum;
+  double scale, ts, tt;
+};
+
+// Max of a row (raw values) and whether it holds a NaN.
+template <typename T, typename A>
+inline A row_max(const T* x, const A* center, A inv, int64_t K, bool& has_nan) {
+  A m = -std::numeric_limits<A>::infinity();
+  int nan_count = 0;
+#pragma omp simd reduction(max : m) reduction(+ : nan_count)
+  for (int64_t k = 0; k < K; ++k) {
+    const A y = center ? (load_a<T, A>(x, k) - center[k]) * inv : load_a<T, A>(x, k);
+    m = std::max(m, y);
+    nan_count += (y != y);
+  }
+  has_nan = nan_count != 0;
+  return m;
+}
+
+template <typename TS, typename TT, typename A>
+void dino_loss_kernel(const Config& cfg, const TS* s, const TT* t, const A* center, const A* weights, A* loss_out,
+                      TS* grad, A* colsum_out) {
+  const int64_t B = cfg.B, K = cfg.K, V = cfg.V, T = cfg.T;
+  const A inv_ts = static_cast<A>(1.0 / cfg.ts);
+  const A inv_tt = static_cast<A>(1.0 / cfg.tt);
+  const A nan = std::numeric_limits<A>::quiet_NaN();
+
+  // Row statistics: the max of the raw (centered, for the teacher) logits and the log
+  // normalizer of the scaled ones, p = exp((x - c - m) / temp - logZ). Subtracting m before
+  // scaling keeps p exact for logits of 1e4 at tt = 0.01 (where x/tt = 1e6 has no digits left).
+  // Rows are numbered students first (v * B + b), then teachers (V * B + q * B + b).
+  std::vector<A> s_max(V * B), s_logz(V * B), t_max(cfg.probs ? 0 : T * B), t_logz(cfg.probs ? 0 : T * B);
+  auto row_stats = [&, inv_ts, inv_tt](int64_t r) {
+    bool has_nan = false;
+    if (r < V * B) {
+      const TS* x = s + r * K;
+      const A m = row_max<TS, A>(x, nullptr, A(1), K, has_nan);
+      A z = 0;
+#pragma omp simd reduction(+ : z)
+      for (int64_t k = 0; k < K; ++k) z += exp_fast((load_a<TS, A>(x, k) - m) * inv_ts);
+      s_max[r] = has_nan ? nan : m;
+      s_logz[r] = has_nan ? nan : std::log(z);
+    } else {
+      const int64_t rt = r - V * B;
+      const TT* x = t + rt * K;
+      const A m = row_max<TT, A>(x, center, A(1), K, has_nan);
+      A z = 0;
+#pragma omp simd reduction(+ : z)
+      for (int64_t k = 0; k < K; ++k) z += exp_fast((load_a<TT, A>(x, k) - center[k] - m) * inv_tt);
+      t_max[rt] = has_nan ? nan : m;
+      t_logz[rt] = has_nan ? nan : std::log(z);
+    }
+  };
+
+  // Image b on columns [k0, k0 + n): rebuild its teacher probabilities in pq (T x n), add
+  // its raw teacher logits to colsum, return its loss terms and write its gradient.
+  // Scalars are captured by value: read through a reference, the compiler would have to
+  // assume every float store may change them and keeps the loops scalar.
+  auto image_chunk = [&, inv_ts, inv_tt](int64_t b, int64_t k0, int64_t n, int64_t ld, A* pq, A* pex,
+                                         A* colsum) -> double {
+    for (int64_t q = 0; q < T; ++q) {
+      const TT* x = t + (q * B + b) * K + k0;
+      A* p = pq + q * ld;
+      if (cfg.probs) {
+#pragma omp simd
+        for (int64_t k = 0; k < n; ++k) p[k] = load_a<TT, A>(x, k);
+      } else {
+        teacher_probs_chunk<TT, A>(x, center + k0, p, n, t_max[q * B + b], inv_tt, t_logz[q * B + b]);
+      }
+      if (colsum) {
+#pragma omp simd
+        for (int64_t k = 0; k < n; ++k) colsum[k] += load_a<TT, A>(x, k);
+      }
+    }
+    const A w = static_cast<A>(cfg.scale) * (weights ? weights[b] : A(1));
+    double acc = 0.0;
+    // Sum of the teacher probabilities paired with each student crop: every teacher crop,
+    // or every one but the crop itself (v < T with skip), summed afresh (not total - p_v:
+    // exact, and a NaN in teacher crop v stays out of student crop v, as in the reference).
+    int64_t built_for = -2;  // which exclusion pex holds (-1: none excluded)
+    for (int64_t v = 0; v < V; ++v) {
+      const int64_t excl = (cfg.skip && v < T) ? v : -1;
+      const int64_t n_v = excl >= 0 ? T - 1 : T;
+      const int64_t row = v * B + b;
+      if (n_v == 0) {
+        if (cfg.grad) {
+          for (int64_t k = 0; k < n; ++k) store_a<TS, A>(grad + row * K + k0, k, A(0));
+        }
+        continue;
+      }
+      if (built_for != excl) {
+        std::fill(pex, pex + n, A(0));
+        for (int64_t q = 0; q < T; ++q) {
+          if (q == excl) continue;
+          const A* p = pq + q * ld;
+#pragma omp simd
+          for (int64_t k = 0; k < n; ++k) pex[k] += p[k];
+        }
+        built_for = excl;
+      }
+      const TS* x = s + row * K + k0;
+      const A m = s_max[row];
+      A dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t k = 0; k < n; ++k) dot += pex[k] * (load_a<TS, A>(x, k) - m);
+      // log Z_v counts once per pair for the whole row: add it with the row's first column.
+      const double lz = k0 == 0 ? static_cast<double>(n_v) * static_cast<double>(s_logz[row]) : 0.0;
+      acc += static_cast<double>(w) * (lz - static_cast<double>(dot) * static_cast<double>(inv_ts));
+      if (cfg.grad) {
+        student_grad_chunk<TS, A>(x, pex, grad + row * K + k0, n, m, inv_ts, s_logz[row], w * inv_ts,
+                                  static_cast<A>(n_v));
+      }
+    }
+    return acc;
+  };
+
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<double> partial;
+  if ((V + T) * K <= kRowMajorElems) {
+    // Row-major: an image's V + T rows fit in L2, so each task takes whole images (stats,
+    // then dots and gradient while the rows are cached): one DRAM read of the logits.
+    // Column sums go to one K-buffer per task (K is small here), added in a fixed order.
+    const int64_t n_tasks = std::min<int64_t>(threads, B);
+    partial.assign(B, 0.0);
+    std::vector<std::vector<A>> colsums(cfg.colsum ? n_tasks : 0);
+    at::parallel_for(0, n_tasks, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<A> pq(T * K), pex(K);
+      for (int64_t task = lo; task < hi; ++task) {
+        A* cs = nullptr;
+        if (cfg.colsum) {
+          colsums[task].assign(K, A(0));
+          cs = colsums[task].data();
+        }
+        for (int64_t b = task * B / n_tasks; b < (task + 1) * B / n_tasks; ++b) {
+          for (int64_t v = 0; v < V; ++v) row_stats(v * B + b);
+          if (!cfg.probs) {
+            for (int64_t q = 0; q < T; ++q) row_stats(V * B + q * B + b);
+          }
+          partial[b] = image_chunk(b, 0, K, K, pq.data(), pex.data(), cs);
+        }
+      }
+    });
+    for (const auto& cs : colsums) {
+      for (int64_t k = 0; k < K; ++k) colsum_out[k] += cs[k];
+    }
+  } else {
+    // Column-chunked: statistics for every row first (parallel over rows), then chunks of
+    // C prototypes (parallel over chunks, every image per chunk), so the scratch per task
+    // is O(T * C) with C <= 4096 whatever K is, and the column sums need no reduction.
+    const int64_t n_rows = V * B + (cfg.probs ? 0 : T * B);
+    at::parallel_for(0, n_rows, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) row_stats(r);
+    });
+    int64_t C = (K + 4 * threads - 1) / (4 * threads);
+    C = std::clamp<int64_t>((C + 15) / 16 * 16, 256, 4096);
+    const int64_t n_chunks = (K + C - 1) / C;
+    partial.assign(n_chunks, 0.0);
+    at::parallel_for(0, n_chunks, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<A> pq(T * C), pex(C), colsum(cfg.colsum ? C : 0);
+      for (int64_t j = lo; j < hi; ++j) {
+        const int64_t k0 = j * C;
+        const int64_t n = std::min(C, K - k0);
+        std::fill(colsum.begin(), colsum.end(), A(0));
+        double acc = 0.0;
+        for (int64_t b = 0; b < B; ++b) {
+          acc += image_chunk(b, k0, n, C, pq.data(), pex.data(), cfg.colsum ? colsum.data() : nullptr);
+        }
+        partial[j] = acc;
+        if (cfg.colsum) std::copy(colsum.begin(), colsum.begin() + n, colsum_out + k0);
+      }
+    });
+  }
+  double total = 0.0;
+  for (double p : partial) total += p;  // fixed order: deterministic
+  *loss_out = static_cast<A>(total);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dino_loss_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& center,
+    const std::optional<at::Tensor>& weights, double scale, double student_temp, double teacher_temp,
+    int64_t n_student_views, int64_t n_teacher_views, bool skip_same_view, bool teacher_is_probs,
+    bool compute_grad, bool center_sum) {
+  TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu(), "dino_loss: tensors must be on the CPU");
+  TORCH_CHECK(student.dim() == 2 && teacher.dim() == 2, "dino_loss: student and teacher must be 2-D");
+  TORCH_CHECK(student.is_contiguous() && teacher.is_contiguous(), "dino_loss: student and teacher must be contiguous");
+  const int64_t K = student.size(1);
+  TORCH_CHECK(teacher.size(1) == K, "dino_loss: teacher has ", teacher.size(1), " columns, student ", K);
+  TORCH_CHECK(n_student_views > 0 && n_teacher_views > 0, "dino_loss: view counts must be positive");
+  TORCH_CHECK(student.size(0) % n_student_views == 0, "dino_loss: student rows not divisible by the views");
+  const int64_t B = student.size(0) / n_student_views;
+  TORCH_CHECK(teacher.size(0) == n_teacher_views * B, "dino_loss: teacher must have ", n_teacher_views * B, " rows");
+  TORCH_CHECK(student_temp > 0 && teacher_temp > 0, "dino_loss: temperatures must be positive");
+  const bool dbl = student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble;
+  const auto acc_dtype = dbl ? at::kDouble : at::kFloat;
+  at::Tensor c;
+  if (!teacher_is_probs) {
+    TORCH_CHECK(center.has_value() && center->defined(), "dino_loss: center is required for logits teachers");
+    TORCH_CHECK(center->numel() == K, "dino_loss: center must have ", K, " elements");
+    c = center->to(acc_dtype).contiguous();
+  }
+  at::Tensor w;
+  if (weights.has_value() && weights->defined()) {
+    TORCH_CHECK(weights->numel() == B, "dino_loss: weights must have ", B, " elements");
+    w = weights->to(acc_dtype).contiguous();
+  }
+  at::Tensor loss = at::zeros({}, student.options().dtype(acc_dtype));
+  at::Tensor grad = compute_grad ? at::empty_like(student) : at::empty({0}, student.options());
+  at::Tensor csum = center_sum ? at::zeros({K}, student.options().dtype(acc_dtype)) : at::empty({0}, student.options().dtype(acc_dtype));
+  if (B == 0 || K == 0) return {loss, grad, csum};
+  Config cfg{B, K, n_student_views, n_teacher_views, skip_same_view, teacher_is_probs, compute_grad, center_sum,
+             scale, student_temp, teacher_temp};
+  dispatch_float(student.scalar_type(), "dino_loss: student", [&](auto s_tag) {
+    using TS = decltype(s_tag);
+    dispatch_float(teacher.scalar_type(), "dino_loss: teacher", [&](auto t_tag) {
+      using TT = decltype(t_tag);
+      auto run = [&](auto a_tag) {
+        using A = decltype(a_tag);
+        dino_loss_kernel<TS, TT, A>(cfg, ptr<TS>(student), ptr<TT>(teacher), c.defined() ? ptr<A>(c) : nullptr,
+                                    w.defined() ? ptr<A>(w) : nullptr, ptr<A>(loss),
+                                    compute_grad ? ptr<TS>(grad) : nullptr, center_sum ? ptr<A>(csum) : nullptr);
+      };
+      if (dbl) run(double{}); else run(float{});
+    });
+  });
+  return {loss, grad, csum};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sslkern_C, m) {
+  m.def("dino_loss_cpu(Tensor student, Tensor teacher, Tensor? center, Tensor? weights, float scale, "
+        "float student_temp, float teacher_temp, int n_student_views, int n_teacher_views, bool skip_same_view, "
+        "bool teacher_is_probs, bool compute_grad, bool center_sum) -> (Tensor, Tensor, Tensor)",
+        &dino_loss_cpu);
+}
+
+}  // namespace sslkern
