@@ -9,6 +9,7 @@
 // kept by several clone masks adds up); restore scatters visible rows, and sums the mask
 // token's and the positions' gradients with atomics. The accumulation buffers are cast to
 // the input dtype by the launcher.
+// gpu_report: threads=128
 // Index values are checked by the launchers (one device reduction + host sync, an error
 // naming the argument); the kernels also skip any out-of-range row.
 #include <torch/library.h>
