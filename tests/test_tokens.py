@@ -379,45 +379,6 @@ def test_clone_batch_round_trip(backend):
     torch.testing.assert_close(back[:, :P], rep[:, :P], atol=0, rtol=0)
 
 
-_AOT_SCRIPT = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from sslkern.triton_ops.tokens import AOT_CONFIGS
-n = 0
-for cfg in AOT_CONFIGS:
-    sig = dict(cfg["signature"], **{k: "constexpr" for k in cfg["constexprs"]})
-    for cap in (80, 90):
-        src = ASTSource(fn=cfg["kernel"], signature=sig, constexprs=cfg["constexprs"])
-        k = triton.compile(src, target=GPUTarget("cuda", cap, 32),
-                           options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
-        assert k.asm.get("ptx"), cfg["name"]
-        n += 1
-print("compiled", n)
-"""
-
-
-@pytest.mark.slow
-def test_triton_aot_configs_compile():
-    """Every (kernel, constexprs) the launchers can pick compiles for sm_80 and sm_90 (subprocess:
-    this process runs Triton in the interpreter)."""
-    pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-
-    from sslkern.triton_ops.tokens import AOT_CONFIGS
-
-    names = {c["name"] for c in AOT_CONFIGS}
-    # 4 dtypes x every flag combination of the 4 kernels, less restore backward with both fill and mask_token
-    assert len(names) == len(AOT_CONFIGS) == 72
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, cwd=root)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip() == f"compiled {2 * len(AOT_CONFIGS)}"
-
-
 def test_cpu_large_outputs_huge_page_path():
     """Outputs >= 4 MiB take the huge-page allocation hint; results must not change."""
     B, P, N, D = 8, 1, 196, 768  # 4.8 MB gradient, 4.8 MB decoder output
