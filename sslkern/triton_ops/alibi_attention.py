@@ -48,8 +48,9 @@ _OVERRIDES = {
 }
 BLOCK_DS = (32, 64, 128)
 CONFIGS = {(cls, bd): {**cfg, **_OVERRIDES.get((cls, bd), {})} for cls, cfg in _DEFAULT.items() for bd in BLOCK_DS}
-PRE_BLOCK_M = 64
-PRE_NUM_WARPS, PRE_NUM_STAGES = 4, 1  # no loop: nothing to pipeline
+# Δ preprocess (a row reduction, bandwidth-bound): (BLOCK_M, num_warps, num_stages) by BLOCK_D,
+# 2048 elements per tile so each thread holds 16 of O and 16 of dO; no loop, nothing to pipeline.
+PRE_CONFIGS = {32: (64, 4, 1), 64: (32, 4, 1), 128: (16, 4, 1)}
 LOG2E = 1.4426950408889634
 
 
@@ -303,9 +304,9 @@ def alibi_attention_backward_triton(dout, q, k, v, out, lse, slopes, coords, num
     bd = _block_d(D)
     prec = _dot_precision(q.dtype)
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    alibi_attention_bwd_preprocess_kernel[(triton.cdiv(L, PRE_BLOCK_M), B * H)](
-        out, dout, delta, L, D, BLOCK_M=PRE_BLOCK_M, BLOCK_D=bd, num_warps=PRE_NUM_WARPS,
-        num_stages=PRE_NUM_STAGES)
+    bm, nw, ns = PRE_CONFIGS[bd]
+    alibi_attention_bwd_preprocess_kernel[(triton.cdiv(L, bm), B * H)](
+        out, dout, delta, L, D, BLOCK_M=bm, BLOCK_D=bd, num_warps=nw, num_stages=ns)
     cfg = _config(q.dtype, bd)
     bm, bn, nw, ns = cfg["dkdv"]
     n_blocks = triton.cdiv(L, bn)
@@ -361,8 +362,8 @@ def _aot_configs():
                     name=f"alibi_attention_bwd_preprocess {label} BLOCK_D={bd}",
                     kernel=alibi_attention_bwd_preprocess_kernel,
                     signature={"out_ptr": p, "dout_ptr": p, "delta_ptr": "*fp32", "L": "i32", "D": "i32"},
-                    constexprs={"BLOCK_M": PRE_BLOCK_M, "BLOCK_D": bd}, num_warps=PRE_NUM_WARPS,
-                    num_stages=PRE_NUM_STAGES))
+                    constexprs={"BLOCK_M": PRE_CONFIGS[bd][0], "BLOCK_D": bd}, num_warps=PRE_CONFIGS[bd][1],
+                    num_stages=PRE_CONFIGS[bd][2]))
     return configs
 
 
