@@ -125,6 +125,20 @@ def test_full_sequence_matches_reference(backend, case, mode):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,Dh", [(torch.float32, 96), (torch.float32, 128), (torch.float16, 128),
+                                      (torch.bfloat16, 128)])
+def test_large_head_dim(backend, dtype, Dh):
+    """BLOCK_D=128: the Triton launchers use smaller tiles / other warps there (CONFIGS), so
+    the query and key loops run over more, partly masked blocks."""
+    name, device = backend
+    _skip_unsupported(name, dtype)
+    L = 197 if name == "cpu" or ON_GPU else 37
+    coords = None if L == 197 else grid_coords(36).flip(0)
+    results = run_both(name, device, dtype, 1, 2, L, Dh, mode="2d", P=1, coords=coords, slopes_shape="bh")
+    assert_results_close(results, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_dtypes(backend, dtype):
     name, device = backend
@@ -338,6 +352,56 @@ def test_cpu_kernel_checks_direct_calls():
 # ---------------------------------------------------------------------------------------
 # Triton: every configuration the launchers can pick compiles for sm_80 and sm_90a
 # ---------------------------------------------------------------------------------------
+class _RecordingKernel:
+    """Stands in for a Triton kernel: records what the launcher passes (grid, constexprs, options)."""
+
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((self.name, {k: v for k, v in kwargs.items()}))
+        return launch
+
+
+@pytest.mark.parametrize("dtype,tf32", [(torch.float32, False), (torch.float32, True), (torch.float16, False),
+                                        (torch.bfloat16, False)])
+@pytest.mark.parametrize("head_dim", [8, 33, 64, 100, 128])
+def test_triton_launch_configs_are_in_aot_configs(monkeypatch, dtype, tf32, head_dim):
+    """The launchers pick their tiles / warps / stages from CONFIGS, and every pick is an AOT_CONFIGS entry
+    (so the GPU report and its zero-spill test see exactly what runs). No kernel runs here."""
+    pytest.importorskip("triton")
+    from sslkern.triton_ops import alibi_attention as ta
+
+    calls = []
+    for name in ("alibi_attention_fwd_kernel", "alibi_attention_bwd_preprocess_kernel",
+                 "alibi_attention_bwd_dkdv_kernel", "alibi_attention_bwd_dq_kernel"):
+        monkeypatch.setattr(ta, name, _RecordingKernel(name, calls))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    q = torch.zeros(1, 2, 5, head_dim, dtype=dtype)
+    slopes, coords = torch.ones(1, 2), torch.zeros(1, 5, 2)
+    out, lse = ta.alibi_attention_triton(q, q, q, slopes, coords, 0, 2, 0.5)
+    ta.alibi_attention_backward_triton(out, q, q, q, out, lse, slopes, coords, 0, 2, 0.5)
+    assert [c[0] for c in calls] == ["alibi_attention_fwd_kernel", "alibi_attention_bwd_preprocess_kernel",
+                                     "alibi_attention_bwd_dkdv_kernel", "alibi_attention_bwd_dq_kernel"]
+    aot = [(c["kernel"].__name__ if hasattr(c["kernel"], "__name__") else c["kernel"].fn.__name__,
+            c["signature"]["out_ptr" if "out_ptr" in c["signature"] else "dk_ptr" if "dk_ptr" in c["signature"]
+                           else "dq_ptr"],
+            tuple(sorted(c["constexprs"].items())), c["num_warps"], c["num_stages"]) for c in ta.AOT_CONFIGS]
+    ptr = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    bd = max(32, 1 << (head_dim - 1).bit_length())
+    cls = "half" if dtype != torch.float32 else ("tf32" if tf32 else "ieee")
+    for name, kw in calls:
+        options = (kw.pop("num_warps"), kw.pop("num_stages"))
+        assert kw["BLOCK_D"] == bd
+        if name != "alibi_attention_bwd_preprocess_kernel":
+            assert kw["DOT_PRECISION"] == ("tf32" if tf32 and dtype == torch.float32 else "ieee")
+            kern = {"alibi_attention_fwd_kernel": "fwd", "alibi_attention_bwd_dkdv_kernel": "dkdv",
+                    "alibi_attention_bwd_dq_kernel": "dq"}[name]
+            assert (kw["BLOCK_M"], kw["BLOCK_N"]) + options == ta.CONFIGS[(cls, bd)][kern]
+        assert (name, ptr, tuple(sorted(kw.items())), *options) in aot, (name, kw, options)
+
+
 _AOT_SCRIPT = """
 import triton
 from triton.backends.compiler import GPUTarget
@@ -371,7 +435,7 @@ def test_triton_aot_configs_compile():
         for bd in (32, 64, MAX_HEAD_DIM):
             for kern in ("fwd", "bwd_dkdv", "bwd_dq"):
                 assert f"alibi_attention_{kern} {label} BLOCK_D={bd}" in names
-    assert set(CONFIGS) == {"fp32", "half"}
+    assert set(CONFIGS) == {(cls, bd) for cls in ("ieee", "tf32", "half") for bd in (32, 64, MAX_HEAD_DIM)}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, cwd=root)

@@ -26,16 +26,31 @@ import triton
 import triton.language as tl
 
 MAX_HEAD_DIM = 128
-# Tile shapes and warps per kernel, by whether products run on fp32 (IEEE FMA or TF32) or
-# on fp16/bf16 tensor cores; picked with ptxas so the Dh ≤ 64 kernels do not spill (see
-# docs/ops/alibi_attention.md). dkdv: BLOCK_N keys resident, BLOCK_M queries streamed;
-# fwd / dq: BLOCK_M queries resident, BLOCK_N keys streamed.
-CONFIGS = {
-    "fp32": dict(fwd=(32, 64, 8), dkdv=(32, 32, 8), dq=(32, 64, 8)),
-    "half": dict(fwd=(64, 64, 4), dkdv=(32, 32, 4), dq=(32, 64, 4)),
+# Launch configuration per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages), keyed by the
+# product class and the head-dim padding BLOCK_D. Classes: "ieee" (fp32 × fp32 as exact FMA
+# loops: operand tiles live in registers, so register pressure grows with BLOCK_D), "tf32"
+# (fp32 on TF32 tensor cores) and "half" (fp16 / bf16 tensor cores). Every entry compiles
+# without register spills for sm_80 and sm_90a (ptxas figures in docs/ops/alibi_attention.md);
+# the launchers and AOT_CONFIGS both read this table only. dkdv: BLOCK_N keys resident,
+# BLOCK_M queries streamed; fwd / dq: BLOCK_M queries resident, BLOCK_N keys streamed.
+# num_stages=1 where the FMA path would otherwise spill: software pipelining keeps a second
+# copy of the streamed operand tiles live, which IEEE fp32 products cannot afford at large tiles.
+_DEFAULT = {
+    "ieee": dict(fwd=(32, 64, 8, 2), dkdv=(32, 32, 8, 2), dq=(32, 64, 8, 2)),
+    "tf32": dict(fwd=(32, 64, 8, 2), dkdv=(32, 32, 8, 2), dq=(32, 64, 8, 2)),
+    "half": dict(fwd=(64, 64, 4, 2), dkdv=(32, 32, 4, 2), dq=(32, 64, 4, 2)),
 }
-PRE_BLOCK_M = 64
-NUM_WARPS, NUM_STAGES = 4, 2
+_OVERRIDES = {
+    ("ieee", 32): dict(dq=(32, 64, 8, 1)),
+    ("ieee", 64): dict(dkdv=(32, 32, 8, 1)),
+    ("ieee", 128): dict(fwd=(32, 32, 8, 2), dkdv=(32, 32, 16, 1), dq=(32, 32, 8, 2)),
+    ("half", 128): dict(dq=(32, 32, 4, 2)),
+}
+BLOCK_DS = (32, 64, 128)
+CONFIGS = {(cls, bd): {**cfg, **_OVERRIDES.get((cls, bd), {})} for cls, cfg in _DEFAULT.items() for bd in BLOCK_DS}
+# Δ preprocess (a row reduction, bandwidth-bound): (BLOCK_M, num_warps, num_stages) by BLOCK_D,
+# 2048 elements per tile so each thread holds 16 of O and 16 of dO; no loop, nothing to pipeline.
+PRE_CONFIGS = {32: (64, 4, 1), 64: (32, 4, 1), 128: (16, 4, 1)}
 LOG2E = 1.4426950408889634
 
 
@@ -251,8 +266,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _config(dtype: torch.dtype) -> dict:
-    return CONFIGS["fp32" if dtype == torch.float32 else "half"]
+def _config(dtype: torch.dtype, block_d: int) -> dict:
+    """The CONFIGS entry for q's dtype (and the TF32 switch) and the padded head dim."""
+    cls = "half" if dtype != torch.float32 else _dot_precision(dtype)
+    return CONFIGS[(cls, block_d)]
 
 
 def _strides(*ts):
@@ -266,11 +283,12 @@ def alibi_attention_triton(q, k, v, slopes, coords, num_prefix_tokens, mode, sca
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    bm, bn, nw = _config(q.dtype)["fwd"]
+    bd = _block_d(D)
+    bm, bn, nw, ns = _config(q.dtype, bd)["fwd"]
     alibi_attention_fwd_kernel[(triton.cdiv(L, bm), B * H)](
         q, k, v, out, lse, slopes, coords, *_strides(q, k, v), H, L, num_prefix_tokens, D, mode, scale,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=nw, num_stages=NUM_STAGES)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=nw, num_stages=ns)
     return out, lse
 
 
@@ -286,21 +304,22 @@ def alibi_attention_backward_triton(dout, q, k, v, out, lse, slopes, coords, num
     bd = _block_d(D)
     prec = _dot_precision(q.dtype)
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    alibi_attention_bwd_preprocess_kernel[(triton.cdiv(L, PRE_BLOCK_M), B * H)](
-        out, dout, delta, L, D, BLOCK_M=PRE_BLOCK_M, BLOCK_D=bd, num_warps=NUM_WARPS)
-    cfg = _config(q.dtype)
-    bm, bn, nw = cfg["dkdv"]
+    bm, nw, ns = PRE_CONFIGS[bd]
+    alibi_attention_bwd_preprocess_kernel[(triton.cdiv(L, bm), B * H)](
+        out, dout, delta, L, D, BLOCK_M=bm, BLOCK_D=bd, num_warps=nw, num_stages=ns)
+    cfg = _config(q.dtype, bd)
+    bm, bn, nw, ns = cfg["dkdv"]
     n_blocks = triton.cdiv(L, bn)
     dslope_part = torch.empty((B, H, n_blocks), dtype=torch.float32, device=q.device)
     alibi_attention_bwd_dkdv_kernel[(n_blocks, B * H)](
         q, k, v, dout, lse, delta, slopes, coords, dk, dv, dslope_part, *_strides(q, k, v),
         H, L, num_prefix_tokens, D, mode, scale,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=prec, num_warps=nw, num_stages=NUM_STAGES)
-    bm, bn, nw = cfg["dq"]
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=prec, num_warps=nw, num_stages=ns)
+    bm, bn, nw, ns = cfg["dq"]
     alibi_attention_bwd_dq_kernel[(triton.cdiv(L, bm), B * H)](
         q, k, v, dout, lse, delta, slopes, coords, dq, *_strides(q, k, v),
         H, L, num_prefix_tokens, D, mode, scale,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=prec, num_warps=nw, num_stages=NUM_STAGES)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=prec, num_warps=nw, num_stages=ns)
     return dq, dk, dv, dslope_part.sum(-1).to(slopes.dtype)
 
 
@@ -309,17 +328,18 @@ def alibi_attention_backward_triton(dout, q, k, v, out, lse, slopes, coords, num
 # ---------------------------------------------------------------------------------------
 _STRIDES = {f"stride_{t}{d}": "i32" for t in "qkv" for d in "bhl"}
 _SCALARS = {"H": "i32", "L": "i32", "P": "i32", "D": "i32", "mode": "i32", "scale": "fp32"}
-_DTYPES = [("fp32", "fp32", "ieee"), ("fp32/tf32", "fp32", "tf32"), ("fp16", "fp16", "ieee"), ("bf16", "bf16", "ieee")]
+# (report label, pointer type, DOT_PRECISION, CONFIGS class)
+_DTYPES = [("fp32", "fp32", "ieee", "ieee"), ("fp32/tf32", "fp32", "tf32", "tf32"),
+           ("fp16", "fp16", "ieee", "half"), ("bf16", "bf16", "ieee", "half")]
 
 
 def _aot_configs():
     configs = []
-    for label, ty, prec in _DTYPES:
-        for bd in (32, 64, 128):
+    for label, ty, prec, cls in _DTYPES:
+        for bd in BLOCK_DS:
             p = "*" + ty
-            cfg = CONFIGS["fp32" if ty == "fp32" else "half"]
             blocks = {name: dict(constexprs=dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=prec),
-                                 num_warps=nw, num_stages=NUM_STAGES) for name, (bm, bn, nw) in cfg.items()}
+                                 num_warps=nw, num_stages=ns) for name, (bm, bn, nw, ns) in CONFIGS[(cls, bd)].items()}
             configs.append(dict(
                 name=f"alibi_attention_fwd {label} BLOCK_D={bd}", kernel=alibi_attention_fwd_kernel,
                 signature={"q_ptr": p, "k_ptr": p, "v_ptr": p, "out_ptr": p, "lse_ptr": "*fp32",
@@ -342,7 +362,8 @@ def _aot_configs():
                     name=f"alibi_attention_bwd_preprocess {label} BLOCK_D={bd}",
                     kernel=alibi_attention_bwd_preprocess_kernel,
                     signature={"out_ptr": p, "dout_ptr": p, "delta_ptr": "*fp32", "L": "i32", "D": "i32"},
-                    constexprs={"BLOCK_M": PRE_BLOCK_M, "BLOCK_D": bd}, num_warps=NUM_WARPS, num_stages=NUM_STAGES))
+                    constexprs={"BLOCK_M": PRE_CONFIGS[bd][0], "BLOCK_D": bd}, num_warps=PRE_CONFIGS[bd][1],
+                    num_stages=PRE_CONFIGS[bd][2]))
     return configs
 
 
