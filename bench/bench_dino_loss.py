@@ -94,7 +94,9 @@ def _fn(provider, kind):
             step = lambda: (crit(list(t.chunk(T)), list(s.chunk(V)), epoch=0), None)  # noqa: E731
         else:
             crit = lightly_loss.IBOTPatchLoss(output_dim=IK).to(_dev())
-            step = lambda: (crit(t, s, masks), None)  # noqa: E731
+            grid = int(round(masks.shape[1] ** 0.5))  # lightly takes the mask as (B, H, W)
+            masks_hw = masks.reshape(masks.shape[0], grid, grid)
+            step = lambda: (crit(t, s, masks_hw), None)  # noqa: E731
     else:
         raise ValueError(provider)
 

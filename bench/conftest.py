@@ -142,8 +142,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr = terminalreporter
     tr.section("sslkern benchmark summary")
     tr.write_line(f"machine: {harness.machine()}")
-    if rows and rows[0].get("copy_gbps"):
-        tr.write_line(f"measured copy bandwidth: {rows[0]['copy_gbps']:.1f} GB/s")
+    copy_gbps = next((r["copy_gbps"] for r in rows if r.get("copy_gbps")), None)
+    if copy_gbps:
+        tr.write_line(f"measured copy bandwidth: {copy_gbps:.1f} GB/s")
     for (op, case), rs in _cases(rows).items():
         tr.write_line(f"{op}: {case}")
         for r in rs:
