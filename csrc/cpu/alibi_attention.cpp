@@ -58,28 +58,6 @@ inline void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, acc_t alpha, c
   else sgemm_(&tA, &tB, &M, &N, &K, &alpha, B, &LA, A, &LB, &beta, C, &LC);
 }
 
-// exp for the softmax loops, written so that gcc vectorizes it (std::exp does not, and float
-// compares or clamps would keep the loop scalar without -fno-trapping-math): Cody–Waite
-// reduction x = k·ln2 + r, e^r by Cephes' degree-6 polynomial, times 2^k built in the
-// exponent bits; results below 2^−126 are flushed to 0 with an integer mask. Max relative
-// error 8e-8 on [−87, 0] (checked against exp in double). Valid for x ≤ 88; every caller
-// passes x ≤ 0 up to rounding (scores minus the row max, or minus the row log-sum-exp).
-inline float exp_vec(float x) {
-  const float kf = x * 1.44269504088896341f;
-  const int32_t ki = static_cast<int32_t>(kf + std::copysign(0.5f, kf));
-  const float k = static_cast<float>(ki);
-  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  const int32_t bits = std::bit_cast<int32_t>(y * std::bit_cast<float>((std::max(ki, -126) + 127) << 23));
-  return std::bit_cast<float>(bits & ~((ki + 126) >> 31));
-}
-inline double exp_vec(double x) { return std::exp(x); }
 
 // Row kernels of the softmax. The reductions keep kLanes partial results so that gcc
 // vectorizes them without -ffast-math (a sequential float max / sum is not reassociated).
@@ -110,7 +88,7 @@ acc_t scores_and_max(acc_t* __restrict row, const acc_t* __restrict dist, int64_
 // row[j] = exp(row[j] − shift); returns Σ_j row[j].
 template <typename acc_t>
 acc_t exp_and_sum(acc_t* __restrict row, int64_t n, acc_t shift) {
-  for (int64_t j = 0; j < n; ++j) row[j] = exp_vec(row[j] - shift);
+  for (int64_t j = 0; j < n; ++j) row[j] = exp_fast(row[j] - shift);
   acc_t lane[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
@@ -126,7 +104,7 @@ acc_t exp_and_sum(acc_t* __restrict row, int64_t n, acc_t shift) {
 template <typename acc_t>
 acc_t probs_and_dscores(acc_t* __restrict s, acc_t* __restrict dp, const acc_t* __restrict dist,
                                           int64_t n, acc_t scale, acc_t slope, acc_t lse, acc_t delta) {
-  for (int64_t j = 0; j < n; ++j) s[j] = exp_vec(scale * s[j] - slope * dist[j] - lse);
+  for (int64_t j = 0; j < n; ++j) s[j] = exp_fast(scale * s[j] - slope * dist[j] - lse);
   acc_t lane[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)

@@ -30,31 +30,6 @@
 namespace sslkern {
 namespace {
 
-// exp for float, vectorizable: Cody-Waite range reduction and Cephes' degree-6 polynomial
-// (~1 ulp). Inputs below -87 return exactly 0 (exp(-87) ~ 1.6e-38 is the smallest normal
-// range: returning tiny values there would feed denormals into the gradient, which cost
-// ~100 cycles per operation on x86). Callers only pass x <= ~0. NaN stays NaN.
-inline float exp_fast(float x) {
-  const bool underflow = x < -87.0f;
-  x = underflow ? -87.0f : x;
-  x = x > 88.3f ? 88.3f : x;
-  // round to nearest by the 1.5*2^23 trick (std::floor would be a libm call, not vectorized)
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return underflow ? 0.0f : e * scale;
-}
-inline double exp_fast(double x) { return std::exp(x); }
 
 template <typename T, typename A> inline A load_a(const T* p, int64_t i) {
   if constexpr (std::is_same_v<T, double>) {
