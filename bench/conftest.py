@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import os
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import harness
 
@@ -106,6 +106,11 @@ def _write_markdown(rows: list[dict]) -> None:
         f.write("\n".join(lines))
 
 
+def _short(label: str, width: int = 95) -> str:
+    # keep both ends: the op and sizes lead, the dtype often closes the case name
+    return label if len(label) <= width else label[: width - 30] + " … " + label[-27:]
+
+
 def _write_png(rows: list[dict]) -> None:
     try:
         import matplotlib
@@ -115,12 +120,12 @@ def _write_png(rows: list[dict]) -> None:
     except ImportError:
         return
     runs_by_case = {(r["op"], r["case"]): r["run_id"] for r in rows if r["provider"] == "sslkern"}
-    bars = [(f"{r['op']}: {r['case']}"[:60], r["provider"], float(r["speedup"])) for r in rows
+    bars = [(_short(f"{r['op']}: {r['case']}"), r["provider"], float(r["speedup"])) for r in rows
             if r["provider"] != "sslkern" and r.get("speedup") not in (None, "")
             and runs_by_case.get((r["op"], r["case"])) == r["run_id"]]
     if not bars:
         return
-    fig, ax = plt.subplots(figsize=(10, 0.32 * len(bars) + 1.5))
+    fig, ax = plt.subplots(figsize=(15, 0.32 * len(bars) + 1.5))
     labels = [f"{c}  vs {p}" for c, p, _ in bars]
     vals = [v for _, _, v in bars]
     ax.barh(range(len(bars)), vals, color=["tab:green" if v >= 1 else "tab:red" for v in vals])
@@ -129,7 +134,8 @@ def _write_png(rows: list[dict]) -> None:
     ax.set_xscale("log")
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set_xlabel("sslkern speed-up (provider median / sslkern median, log scale)")
-    ax.set_title(f"sslkern vs providers — {sorted({r['machine'] for r in rows})[0]}", fontsize=9)
+    machines = Counter(r["machine"] for r in rows)
+    ax.set_title(f"sslkern vs providers — {machines.most_common(1)[0][0]}", fontsize=9)
     fig.tight_layout()
     fig.savefig(PNG_PATH, dpi=110)
     plt.close(fig)
