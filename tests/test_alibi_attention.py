@@ -377,11 +377,17 @@ def test_triton_launch_configs_are_in_aot_configs(monkeypatch, dtype, tf32, head
     for name in ("alibi_attention_fwd_kernel", "alibi_attention_bwd_preprocess_kernel",
                  "alibi_attention_bwd_dkdv_kernel", "alibi_attention_bwd_dq_kernel"):
         monkeypatch.setattr(ta, name, _RecordingKernel(name, calls))
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
     q = torch.zeros(1, 2, 5, head_dim, dtype=dtype)
     slopes, coords = torch.ones(1, 2), torch.zeros(1, 5, 2)
-    out, lse = ta.alibi_attention_triton(q, q, q, slopes, coords, 0, 2, 0.5)
-    ta.alibi_attention_backward_triton(out, q, q, q, out, lse, slopes, coords, 0, 2, 0.5)
+    # allow_tf32 is a dynamic attribute of torch's cuBLAS module: monkeypatch cannot always undo
+    # it (pytest >= 9.1 deletes it on teardown), so set and restore it here.
+    matmul, old_tf32 = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32
+    matmul.allow_tf32 = tf32
+    try:
+        out, lse = ta.alibi_attention_triton(q, q, q, slopes, coords, 0, 2, 0.5)
+        ta.alibi_attention_backward_triton(out, q, q, q, out, lse, slopes, coords, 0, 2, 0.5)
+    finally:
+        matmul.allow_tf32 = old_tf32
     assert [c[0] for c in calls] == ["alibi_attention_fwd_kernel", "alibi_attention_bwd_preprocess_kernel",
                                      "alibi_attention_bwd_dkdv_kernel", "alibi_attention_bwd_dq_kernel"]
     aot = [(c["kernel"].__name__ if hasattr(c["kernel"], "__name__") else c["kernel"].fn.__name__,
