@@ -38,6 +38,19 @@ def _zero_grads(*ts):
     return setup
 
 
+def _reference_fn(provider, q, k, v, dout, **kwargs):
+    """fwd+bwd of the materialized-bias reference, eager or under torch.compile."""
+    ref = sslkern.reference.alibi_attention
+    if provider == "compiled":
+        ref = torch.compile(ref)
+
+    def fn():
+        out = ref(q, k, v, mode="2d", num_prefix_tokens=1, **kwargs)
+        out.backward(dout)
+
+    return fn
+
+
 def full_fn(provider):
     B, L = 32, 1 + SIDE * SIDE
     q, k, v, dout, bias_scale = _inputs(B, L)
@@ -55,13 +68,7 @@ def full_fn(provider):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
             out.backward(dout)
     elif provider in ("eager", "compiled"):
-        ref = sslkern.reference.alibi_attention
-        if provider == "compiled":
-            ref = torch.compile(ref)
-
-        def fn():
-            out = ref(q, k, v, slopes=slopes, mode="2d", num_prefix_tokens=1, bias_scale=bias_scale)
-            out.backward(dout)
+        fn = _reference_fn(provider, q, k, v, dout, slopes=slopes, bias_scale=bias_scale)
     else:
         raise ValueError(provider)
     return fn, _zero_grads(q, k, v, bias_scale)
@@ -85,13 +92,7 @@ def masked_fn(provider):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
             out.backward(dout)
     elif provider in ("eager", "compiled"):
-        ref = sslkern.reference.alibi_attention
-        if provider == "compiled":
-            ref = torch.compile(ref)
-
-        def fn():
-            out = ref(q, k, v, mode="2d", coords=coords, num_prefix_tokens=1, bias_scale=bias_scale)
-            out.backward(dout)
+        fn = _reference_fn(provider, q, k, v, dout, coords=coords, bias_scale=bias_scale)
     else:
         raise ValueError(provider)
     return fn, _zero_grads(q, k, v, bias_scale)

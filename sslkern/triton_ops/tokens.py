@@ -27,13 +27,9 @@ _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.
 
 
 @triton.jit
-def gather_rows_kernel(x_ptr, ids_ptr, pos_ptr, out_ptr, B, M, Nk, L, P, D, n_rows,
-                       HAS_POS: tl.constexpr, MASK_MAJOR: tl.constexpr, COMPUTE: tl.constexpr,
-                       ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = r < n_rows
-    d_ok = d < D
+def _gather_source(r, row_ok, ids_ptr, B, M, Nk, L, P, MASK_MAJOR: tl.constexpr):
+    """Output row r of gather_tokens (P prefix rows, then Nk kept rows, per clone) -> its image b,
+    its source row s in x (0 where invalid) and whether that source is valid (in range)."""
     Lo = P + Nk
     row = r // Lo
     t = r % Lo
@@ -46,8 +42,37 @@ def gather_rows_kernel(x_ptr, ids_ptr, pos_ptr, out_ptr, B, M, Nk, L, P, D, n_ro
     patch = t >= P
     k = tl.load(ids_ptr + ((b * M + m) * Nk + (t - P)).to(tl.int64), mask=row_ok & patch, other=0)
     s = tl.where(patch, P + k, t)
-    src_ok = row_ok & (s >= 0) & (s < L)
-    s = tl.where(src_ok, s, 0)
+    ok = row_ok & (s >= 0) & (s < L)
+    return b, tl.where(ok, s, 0), ok
+
+
+@triton.jit
+def _restore_source(r, row_ok, ids_ptr, N, Nk, P):
+    """Output row r of restore_tokens (P prefix rows, then N patch rows per image) -> image b, token t,
+    patch index i = t - P, is-patch flag, its row s in x_vis (0 unless visible), and whether the row
+    is visible (prefix, or a patch of rank < Nk) or removed (rank >= Nk); out-of-range ranks are neither."""
+    L = P + N
+    b = r // L
+    t = r % L
+    i = t - P
+    patch = t >= P
+    k = tl.load(ids_ptr + (b * N + i).to(tl.int64), mask=row_ok & patch, other=0)
+    k_ok = (k >= 0) & (k < N)
+    visible = row_ok & ((~patch) | (k_ok & (k < Nk)))
+    removed = row_ok & patch & k_ok & (k >= Nk)
+    s = tl.where(visible, tl.where(patch, P + k, t), 0)
+    return b, t, i, patch, s, visible, removed
+
+
+@triton.jit
+def gather_rows_kernel(x_ptr, ids_ptr, pos_ptr, out_ptr, B, M, Nk, L, P, D, n_rows,
+                       HAS_POS: tl.constexpr, MASK_MAJOR: tl.constexpr, COMPUTE: tl.constexpr,
+                       ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = r < n_rows
+    d_ok = d < D
+    b, s, src_ok = _gather_source(r, row_ok, ids_ptr, B, M, Nk, L, P, MASK_MAJOR)
     ld_mask = src_ok[:, None] & d_ok[None, :]
     src = (b.to(tl.int64) * L + s)[:, None] * D + d[None, :]
     v = tl.load(x_ptr + src, mask=ld_mask, other=0.0).to(COMPUTE)
@@ -65,20 +90,7 @@ def gather_rows_backward_kernel(grad_out_ptr, ids_ptr, grad_x_ptr, grad_pos_ptr,
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = r < n_rows
     d_ok = d < D
-    Lo = P + Nk
-    row = r // Lo
-    t = r % Lo
-    if MASK_MAJOR:
-        b = row % B
-        m = row // B
-    else:
-        b = row // M
-        m = row % M
-    patch = t >= P
-    k = tl.load(ids_ptr + ((b * M + m) * Nk + (t - P)).to(tl.int64), mask=row_ok & patch, other=0)
-    s = tl.where(patch, P + k, t)
-    dst_ok = row_ok & (s >= 0) & (s < L)
-    s = tl.where(dst_ok, s, 0)
+    b, s, dst_ok = _gather_source(r, row_ok, ids_ptr, B, M, Nk, L, P, MASK_MAJOR)
     g = tl.load(grad_out_ptr + (r.to(tl.int64)[:, None] * D + d[None, :]), mask=row_ok[:, None] & d_ok[None, :],
                 other=0.0).to(grad_x_ptr.dtype.element_ty)
     dst = (b.to(tl.int64) * L + s)[:, None] * D + d[None, :]
@@ -95,18 +107,8 @@ def restore_rows_kernel(x_vis_ptr, ids_ptr, mask_token_ptr, fill_ptr, pos_ptr, o
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = r < n_rows
     d_ok = d < D
-    L = P + N
     Lv = P + Nk
-    b = r // L
-    t = r % L
-    i = t - P
-    patch = t >= P
-    k = tl.load(ids_ptr + (b * N + i).to(tl.int64), mask=row_ok & patch, other=0)
-    k_ok = (k >= 0) & (k < N)
-    visible = row_ok & ((~patch) | (k_ok & (k < Nk)))
-    removed = row_ok & patch & k_ok & (k >= Nk)
-    s = tl.where(patch, P + k, t)
-    s = tl.where(visible, s, 0)
+    b, t, i, patch, s, visible, removed = _restore_source(r, row_ok, ids_ptr, N, Nk, P)
     b64 = b.to(tl.int64)
     dm = d_ok[None, :]
     v = tl.load(x_vis_ptr + ((b64 * Lv + s)[:, None] * D + d[None, :]), mask=visible[:, None] & dm,
@@ -133,19 +135,10 @@ def restore_rows_backward_kernel(grad_out_ptr, ids_ptr, grad_vis_ptr, grad_fill_
     row_ok = r < n_rows
     d_ok = d < D
     dm = d_ok[None, :]
-    L = P + N
     Lv = P + Nk
-    b = r // L
-    t = r % L
-    i = t - P
-    patch = t >= P
-    k = tl.load(ids_ptr + (b * N + i).to(tl.int64), mask=row_ok & patch, other=0)
-    k_ok = (k >= 0) & (k < N)
-    visible = row_ok & ((~patch) | (k_ok & (k < Nk)))
-    removed = row_ok & patch & k_ok & (k >= Nk)
+    b, t, i, patch, s, visible, removed = _restore_source(r, row_ok, ids_ptr, N, Nk, P)
     b64 = b.to(tl.int64)
     g = tl.load(grad_out_ptr + (r.to(tl.int64)[:, None] * D + d[None, :]), mask=row_ok[:, None] & dm, other=0.0)
-    s = tl.where(visible, tl.where(patch, P + k, t), 0)
     tl.store(grad_vis_ptr + ((b64 * Lv + s)[:, None] * D + d[None, :]), g, mask=visible[:, None] & dm)
     if NEED_FILL:
         fill_row = row_ok & patch
