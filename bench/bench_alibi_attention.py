@@ -101,16 +101,16 @@ def masked_fn(provider):
 FULL_TARGETS = {"sdpa_bias": 1.0, "eager": 2.0}
 
 
-@pytest.mark.parametrize("provider", ["sslkern", "sdpa_bias", "eager", "compiled"])
+@pytest.mark.parametrize("provider", ["sslkern", "sslkern_nocache", "sdpa_bias", "eager", "compiled"])
 def test_alibi_attention_full_vit_s(benchmark, provider):
-    fn, setup = full_fn(provider)
+    fn, setup = full_fn(provider.removesuffix("_nocache"))
     measure(benchmark, op="alibi_attention", case="ViT-S B=32 H=6 L=197 Dh=64 2D ALiBi fp32 fwd+bwd",
             provider=provider, fn=fn, setup=setup, target=FULL_TARGETS.get(provider), rounds=5, warmup=2)
 
 
-@pytest.mark.parametrize("provider", ["sslkern", "fairseq_sdpa", "eager", "compiled"])
+@pytest.mark.parametrize("provider", ["sslkern", "sslkern_nocache", "fairseq_sdpa", "eager", "compiled"])
 def test_alibi_attention_masked_d2v(benchmark, provider):
-    fn, setup = masked_fn(provider)
+    fn, setup = masked_fn(provider.removesuffix("_nocache"))
     measure(benchmark, op="alibi_attention",
             case="data2vec2 masked B=256 H=6 L=1+39 of 14x14 Dh=64 2D ALiBi fp32 fwd+bwd",
             provider=provider, fn=fn, setup=setup, target=2.0 if provider == "fairseq_sdpa" else None,

@@ -81,12 +81,12 @@ def make_fn(provider):
     return run
 
 
-@pytest.mark.parametrize("provider", ["sslkern", "reference", "compiled"])
+@pytest.mark.parametrize("provider", ["sslkern", "sslkern_nocache", "reference", "compiled"])
 def test_d2v_targets_base(benchmark, provider):
     n_btd = B * T * D
     # fewest bytes: read the K layers once, write + read the targets, read pred (forward and
     # backward: masked rows only, 80 %), write its gradient; fp32 everywhere.
     bytes_moved = 4 * (K * n_btd + 2 * n_btd + 2 * MASK_PROB * M * n_btd + M * n_btd)
     measure(benchmark, op="data2vec targets + loss", case=f"K={K} B={B} T={T} D={D} M={M} mask 80% fp32 fwd+bwd",
-            provider=provider, fn=make_fn(provider), bytes_moved=bytes_moved,
+            provider=provider, fn=make_fn(provider.removesuffix("_nocache")), bytes_moved=bytes_moved,
             target={"reference": 4.0, "compiled": 2.0}.get(provider), rounds=5, warmup=2)

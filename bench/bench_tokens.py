@@ -64,10 +64,10 @@ def mae_sslkern(x, pos, ids_keep, xv, mt, dpos, ids_restore):
 _compiled = {}
 
 
-@pytest.mark.parametrize("provider", ["sslkern", "reference", "compiled"])
+@pytest.mark.parametrize("provider", ["sslkern", "sslkern_nocache", "reference", "compiled"])
 def test_mae_gather_restore(benchmark, provider):
     tm, x, pos, xv, mt, dpos, g_enc, g_dec = mae_inputs()
-    fwd = {"sslkern": mae_sslkern, "reference": mae_reference}.get(provider)
+    fwd = {"sslkern": mae_sslkern, "sslkern_nocache": mae_sslkern, "reference": mae_reference}.get(provider)
     if provider == "compiled":
         fwd = _compiled.setdefault("mae", torch.compile(mae_reference))
     params = (x, pos, xv, mt, dpos)

@@ -98,8 +98,8 @@ def _sync():
 def peak_extra_bytes(fn: Callable[[], object]) -> int:
     """Peak bytes allocated by one call of ``fn`` beyond what was live before it.
 
-    Replays the profiler's allocation events in time order (CPU allocator, and the CUDA
-    caching allocator's stats on a GPU).
+    Replays the profiler's allocation events in time order (CPU allocator, with sslkern's
+    output cache off; the CUDA caching allocator's stats on a GPU).
     """
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -110,7 +110,12 @@ def peak_extra_bytes(fn: Callable[[], object]) -> int:
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    import sslkern
+
+    # sslkern's CPU output cache would serve this call from blocks kept since the warm-up
+    # calls, which the profiler does not see as allocations: measure with it off, so the
+    # figure counts every byte the call needs (what a first call, or a cache-less run, uses)
+    with sslkern.cpu_cache_disabled(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     live = peak = 0
@@ -137,7 +142,8 @@ def measure(
 
     Args:
         op, case: the op and the sizes (the table groups by ``op: case``).
-        provider: "sslkern", "reference", "compiled" or a peer's name.
+        provider: "sslkern", "reference", "compiled" or a peer's name; "sslkern_nocache" is
+            sslkern with its CPU output cache off (fresh output memory every call).
         fn: zero-argument callable doing the timed work.
         setup: optional untimed call before every timed call (e.g. to reset state).
         bytes_moved: the fewest bytes the op must read + write, for GB/s.
@@ -145,6 +151,15 @@ def measure(
     """
 
     rounds, warmup = max(rounds, MIN_ROUNDS), max(warmup, MIN_WARMUP)
+
+    if provider == "sslkern_nocache":
+        import sslkern
+
+        inner = fn
+
+        def fn():
+            with sslkern.cpu_cache_disabled():
+                inner()
 
     def call():
         fn()

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace sslkern {
 
@@ -79,5 +80,13 @@ inline float exp_fast(float x) {
 inline double exp_fast(double x) { return std::exp(x); }
 
 template <typename T> inline T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+
+// A contiguous uninitialized CPU tensor for a kernel output, from the output cache
+// (csrc/cpu/output_cache.cpp): storage that no tensor refers to any more is reused instead
+// of faulting in fresh pages every step. Use it for large outputs only a kernel writes.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+void output_cache_clear();
+void output_cache_set_limit(int64_t bytes);
+std::vector<int64_t> output_cache_info();
 
 }  // namespace sslkern

@@ -3,6 +3,8 @@
 // defines the namespace and the build facts the Python side reports.
 #include <torch/extension.h>
 
+#include "common.h"
+
 TORCH_LIBRARY(sslkern_C, m) {}
 
 PYBIND11_MODULE(_C, m) {
@@ -15,4 +17,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
   });
   m.def("openmp_threads", []() { return at::get_num_threads(); });
+  m.def("output_cache_clear", &sslkern::output_cache_clear);
+  m.def("output_cache_set_limit", &sslkern::output_cache_set_limit);
+  m.def("output_cache_info", &sslkern::output_cache_info);
 }

@@ -28,8 +28,10 @@ def _shapes(name):
     small = [(3, 4, 2, 37), (2, 2, 2, 197), (1, 3, 2, 50), (4, 6, 2, 1031)]
     if name == "triton":
         return small[:3] + [(2, 5, 2, 2500)]
-    # the C++ kernel takes whole images when (V + T)·K <= 65,536 and column chunks above:
-    # (3, 8, 2, 7001) and (2, 4, 2, 11000) run the chunked path
+    # the C++ kernel takes whole images when (V + T)·K <= 65,536, or when T·K <= 2^18 and
+    # B >= 2·threads, and column chunks otherwise: with 2 threads (5, 8, 2, 7001) runs whole
+    # images of large rows, (3, 8, 2, 7001) and (2, 4, 2, 11000) the chunked path
+    # (test_cpu_paths_agree pins the thread count)
     return small + [(5, 8, 2, 4099), (2, 3, 1, 197), (3, 5, 3, 300), (3, 8, 2, 7001), (2, 4, 2, 11000)]
 
 
@@ -94,6 +96,31 @@ def test_matches_lightly(backend):
     torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s.grad, s_ref.grad, atol=1e-7, rtol=1e-4)
     torch.testing.assert_close(new_center, crit.center.reshape(-1), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_paths_agree(dtype):
+    # (3, 8, 2, 7001): 1 thread takes whole rows (exponentials stored in the gradient for
+    # fp32, recomputed for bf16), 3 threads take column chunks; both match the reference.
+    B, V, T, K = 3, 8, 2, 7001
+    student, teacher, center = make(B, V, T, K, dtype, "cpu")
+    want_loss, want_grad, want_center = reference_all(student, teacher, center, 0.1, 0.05, T)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            s = student.clone().requires_grad_(True)
+            loss, c = sslkern.dino_loss(s, teacher, center, teacher_temp=0.05, n_global_crops=T, center_momentum=0.9,
+                                        backend="cpu")
+            loss.backward()
+            tol = TOL[dtype]
+            torch.testing.assert_close(loss, want_loss, **tol)
+            g_scale = 1.0 / (0.1 * B)
+            torch.testing.assert_close(s.grad.double() / g_scale, want_grad.double() / g_scale,
+                                       atol=tol["atol"] * 10, rtol=tol["rtol"] * 10)
+            torch.testing.assert_close(c, want_center, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_large_k_cpu():

@@ -18,6 +18,9 @@
 
 #include <algorithm>
 #include <bit>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -59,65 +62,53 @@ inline void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, acc_t alpha, c
 }
 
 
-// Row kernels of the softmax. The reductions keep kLanes partial results so that gcc
-// vectorizes them without -ffast-math (a sequential float max / sum is not reassociated).
+// Row kernels of the softmax. The reductions are `omp simd` reductions: vector partial
+// results combined by a shuffle tree (a sequential float max / sum is not reassociated
+// without -ffast-math, and a spilled lane array costs 16 dependent scalar adds per row,
+// most of the work on rows as short as 40 keys).
 constexpr int64_t kLanes = 16;
 
 // row[j] = scale·row[j] − slope·dist[j]; returns max(m0, max_j row[j]).
 template <typename acc_t>
 acc_t scores_and_max(acc_t* __restrict row, const acc_t* __restrict dist, int64_t n, acc_t scale, acc_t slope,
-                            acc_t m0) {
-  acc_t lane[kLanes];
-  for (int64_t l = 0; l < kLanes; ++l) lane[l] = m0;
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const acc_t x = scale * row[j + l] - slope * dist[j + l];
-      row[j + l] = x;
-      lane[l] = std::max(lane[l], x);
-    }
+                     acc_t m0) {
   acc_t mx = m0;
-  for (; j < n; ++j) {
-    row[j] = scale * row[j] - slope * dist[j];
-    mx = mx > row[j] ? mx : row[j];
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t x = scale * row[j] - slope * dist[j];
+    row[j] = x;
+    mx = mx > x ? mx : x;
   }
-  for (int64_t l = 0; l < kLanes; ++l) mx = mx > lane[l] ? mx : lane[l];
   return mx;
 }
 
 // row[j] = exp(row[j] − shift); returns Σ_j row[j].
 template <typename acc_t>
 acc_t exp_and_sum(acc_t* __restrict row, int64_t n, acc_t shift) {
-  for (int64_t j = 0; j < n; ++j) row[j] = exp_fast(row[j] - shift);
-  acc_t lane[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) lane[l] += row[j + l];
   acc_t sum = 0;
-  for (; j < n; ++j) sum += row[j];
-  for (int64_t l = 0; l < kLanes; ++l) sum += lane[l];
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t e = exp_fast(row[j] - shift);
+    row[j] = e;
+    sum += e;
+  }
   return sum;
 }
 
 // Backward row: p[j] = exp(scale·s[j] − slope·dist[j] − lse) (in s), dS = p·(dP − Δ) (in dp);
 // returns Σ_j dS[j]·dist[j].
 template <typename acc_t>
-acc_t probs_and_dscores(acc_t* __restrict s, acc_t* __restrict dp, const acc_t* __restrict dist,
-                                          int64_t n, acc_t scale, acc_t slope, acc_t lse, acc_t delta) {
-  for (int64_t j = 0; j < n; ++j) s[j] = exp_fast(scale * s[j] - slope * dist[j] - lse);
-  acc_t lane[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) {
-      dp[j + l] = s[j + l] * (dp[j + l] - delta);
-      lane[l] += dp[j + l] * dist[j + l];
-    }
+acc_t probs_and_dscores(acc_t* __restrict s, acc_t* __restrict dp, const acc_t* __restrict dist, int64_t n,
+                        acc_t scale, acc_t slope, acc_t lse, acc_t delta) {
   acc_t acc = 0;
-  for (; j < n; ++j) {
-    dp[j] = s[j] * (dp[j] - delta);
-    acc += dp[j] * dist[j];
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t p = exp_fast(scale * s[j] - slope * dist[j] - lse);
+    s[j] = p;
+    const acc_t ds = p * (dp[j] - delta);
+    dp[j] = ds;
+    acc += ds * dist[j];
   }
-  for (int64_t l = 0; l < kLanes; ++l) acc += lane[l];
   return acc;
 }
 
@@ -148,14 +139,70 @@ struct Rows {
   }
 };
 
+#if defined(__AVX512F__)
+// dst (nc × nr, row stride ldd) = transpose of src (nr × nc, row stride lds), nr, nc <= 16,
+// in registers: 32-bit and 64-bit unpacks give, per 128-bit lane k, column 4k + c of four
+// rows; two rounds of 128-bit lane shuffles gather the four row groups of each column.
+// Masked loads and stores handle partial blocks without touching memory outside them.
+inline void transpose_block16(const float* src, int64_t lds, int64_t nr, int64_t nc, float* dst, int64_t ldd) {
+  const __mmask16 cmask = nc >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nc) - 1);
+  const __mmask16 rmask = nr >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nr) - 1);
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = i < nr ? _mm512_maskz_loadu_ps(cmask, src + i * lds) : _mm512_setzero_ps();
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  auto pd = [](__m512 x) { return _mm512_castps_pd(x); };
+  __m512 u[4][4];  // u[g][c]: lane k = column 4k + c of rows 4g .. 4g + 3
+  for (int g = 0; g < 4; ++g) {
+    const int i = 4 * g;
+    u[g][0] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[i]), pd(t[i + 2])));
+    u[g][1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[i]), pd(t[i + 2])));
+    u[g][2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[i + 1]), pd(t[i + 3])));
+    u[g][3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[i + 1]), pd(t[i + 3])));
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[0][c], u[1][c], 0x44), v1 = _mm512_shuffle_f32x4(u[0][c], u[1][c], 0xEE);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[2][c], u[3][c], 0x44), v3 = _mm512_shuffle_f32x4(u[2][c], u[3][c], 0xEE);
+    const __m512 out[4] = {_mm512_shuffle_f32x4(v0, v2, 0x88), _mm512_shuffle_f32x4(v0, v2, 0xDD),
+                           _mm512_shuffle_f32x4(v1, v3, 0x88), _mm512_shuffle_f32x4(v1, v3, 0xDD)};
+    for (int k = 0; k < 4; ++k) {
+      const int64_t j = 4 * k + c;
+      if (j < nc) _mm512_mask_storeu_ps(dst + j * ldd, rmask, out[k]);
+    }
+  }
+}
+#endif
+
 // dst[c, r] = src[r, c] for an (n × d) block with row stride ld: MKL's gemm is much faster
 // on N·N products than with a transposed operand at these sizes, so K and V go in as Kᵀ, Vᵀ.
+// 16 × 16 blocks (in registers with AVX-512 for fp32).
 template <typename acc_t>
-inline void transpose_into(std::vector<acc_t>& dst, const acc_t* src, int64_t n, int64_t d, int64_t ld) {
+inline void transpose_into(std::vector<acc_t>& dst, const acc_t* __restrict src, int64_t n, int64_t d, int64_t ld) {
   dst.resize(n * d);
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t c = 0; c < d; ++c) dst[c * n + r] = src[r * ld + c];
+  acc_t* __restrict out = dst.data();
+  constexpr int64_t kB = 16;
+  for (int64_t r0 = 0; r0 < n; r0 += kB) {
+    const int64_t r1 = std::min(n, r0 + kB);
+    for (int64_t c0 = 0; c0 < d; c0 += kB) {
+      const int64_t c1 = std::min(d, c0 + kB);
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<acc_t, float>) {
+        transpose_block16(src + r0 * ld + c0, ld, r1 - r0, c1 - c0, out + c0 * n + r0, n);
+        continue;
+      }
+#endif
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) out[c * n + r] = src[r * ld + c];
+    }
+  }
 }
+
+// Sequences at least this long copy Kᵀ (and Vᵀ) once per (b, h) for N·N tile products;
+// shorter ones hand BLAS the transposed operand (the copy costs more than it saves there:
+// measured at L = 40 and 197, Dh = 64).
+constexpr int64_t kTransposeMinLen = 64;
 
 template <typename T, typename acc_t>
 inline void store_row(T* dst, const acc_t* src, int64_t n, acc_t mul) {
@@ -165,12 +212,23 @@ inline void store_row(T* dst, const acc_t* src, int64_t n, acc_t mul) {
   }
 }
 
+// Row lengths are padded to whole vectors: the padded scores are set to −inf (so their
+// exponentials are 0) and their distances to 0, and the row loops run without remainders
+// (short rows, e.g. 40 kept tokens, otherwise spend much of their time in scalar tails).
+inline int64_t pad_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+template <typename acc_t>
+inline void mask_padding(acc_t* row, int64_t n, int64_t n_pad) {
+  for (int64_t j = n; j < n_pad; ++j) row[j] = -std::numeric_limits<acc_t>::infinity();
+}
+
 // Per-token coordinates of one batch row over all L tokens; weight 0 marks prefix tokens
 // (zero bias to and from them).
 template <typename acc_t>
 struct Geometry {
-  std::vector<acc_t> r, c, w;
-  Geometry(const at::Tensor& coords, int64_t b, int64_t L, int64_t P) : r(L, 0), c(L, 0), w(L, 0) {
+  std::vector<acc_t> r, c, w;  // padded to a multiple of kLanes tokens with weight 0
+  Geometry(const at::Tensor& coords, int64_t b, int64_t L, int64_t P)
+      : r(pad_lanes(L), 0), c(pad_lanes(L), 0), w(pad_lanes(L), 0) {
     const float* cb = coords.data_ptr<float>() + b * coords.stride(0);
     for (int64_t j = P; j < L; ++j) {
       r[j] = cb[(j - P) * coords.stride(1)];
@@ -229,6 +287,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
   const int64_t n_qt = (L + kFwdBQ - 1) / kFwdBQ;
   const acc_t* slope_p = slopes.data_ptr<acc_t>();
+  const bool kt_copy = L >= kTransposeMinLen;
   at::parallel_for(0, B * H * n_qt, 1, [&](int64_t lo, int64_t hi) {
     std::vector<acc_t> S(kFwdBQ * kFwdBK), O(kFwdBQ * D), m(kFwdBQ), l(kFwdBQ), dist(kFwdBK), KT;
     int64_t geom_b = -1, kt_bh = -1;
@@ -239,8 +298,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const acc_t slope = slope_p[b * H + h];
       const int64_t q0 = qt * kFwdBQ, nq = std::min(kFwdBQ, L - q0);
       Rows<T, acc_t> Q(q, b, h, q0, nq), V(v, b, h, 0, L);
-      if (bh != kt_bh) {  // Kᵀ (D × L) of this (b, h), shared by its query tiles
-        Rows<T, acc_t> K(k, b, h, 0, L);
+      Rows<T, acc_t> K(k, b, h, 0, L);
+      if (kt_copy && bh != kt_bh) {  // Kᵀ (D × L) of this (b, h), shared by its query tiles
         transpose_into(KT, K.ptr, L, D, K.ld);
         kt_bh = bh;
       }
@@ -249,13 +308,16 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       std::fill(l.begin(), l.end(), acc_t(0));
       for (int64_t k0 = 0; k0 < L; k0 += kFwdBK) {
         const int64_t nk = std::min(kFwdBK, L - k0);
-        mm<acc_t>(false, false, nq, nk, D, 1, Q.ptr, Q.ld, KT.data() + k0, L, 0, S.data(), kFwdBK);
+        if (kt_copy) mm<acc_t>(false, false, nq, nk, D, 1, Q.ptr, Q.ld, KT.data() + k0, L, 0, S.data(), kFwdBK);
+        else mm<acc_t>(false, true, nq, nk, D, 1, Q.ptr, Q.ld, K.ptr + k0 * K.ld, K.ld, 0, S.data(), kFwdBK);
+        const int64_t nk_pad = pad_lanes(nk);  // <= kFwdBK, and k0 + nk_pad <= the padded geometry
         for (int64_t i = 0; i < nq; ++i) {
           acc_t* row = S.data() + i * kFwdBK;
-          dist_row(*g, q0 + i, k0, nk, mode, dist.data());
-          const acc_t mx = scores_and_max(row, dist.data(), nk, scale, slope, m[i]);
+          mask_padding(row, nk, nk_pad);
+          dist_row(*g, q0 + i, k0, nk_pad, mode, dist.data());
+          const acc_t mx = scores_and_max(row, dist.data(), nk_pad, scale, slope, m[i]);
           const acc_t alpha = std::exp(m[i] - mx);  // 0 on the first tile (m = −inf)
-          const acc_t sum = exp_and_sum(row, nk, mx);
+          const acc_t sum = exp_and_sum(row, nk_pad, mx);
           l[i] = l[i] * alpha + sum;
           m[i] = mx;
           if (alpha != acc_t(1))
@@ -277,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor> alibi_attention_cpu(const at::Tensor& q, cons
                                                        const at::Tensor& slopes, const at::Tensor& coords, int64_t P,
                                                        int64_t mode, double scale) {
   check_args("alibi_attention", q, k, v, slopes, coords, P, mode);
-  auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto out = empty_output(q.sizes(), q.options());
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(slopes.scalar_type()));
   if (q.numel() == 0) return {out, lse.fill_(-std::numeric_limits<double>::infinity())};
   dispatch_float(q.scalar_type(), "alibi_attention: q", [&](auto t) {
@@ -295,22 +357,36 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                    at::Tensor& dslopes) {
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
   const acc_t* slope_p = slopes.data_ptr<acc_t>();
+  const bool kt_copy = L >= kTransposeMinLen;
+  T* dq_p = ptr<T>(dq);
+  T* dk_p = ptr<T>(dk);
+  T* dv_p = ptr<T>(dv);
+  acc_t* dslopes_p = dslopes.data_ptr<acc_t>();
+  const T* out_p = ptr<T>(out);
+  const acc_t* lse_all = lse.data_ptr<acc_t>();
   at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
     std::vector<acc_t> S(kBwdBQ * kBwdBK), dP(kBwdBQ * kBwdBK), dist(kBwdBQ * kBwdBK);
     std::vector<acc_t> dQ(L * D), dK(L * D), dV(L * D), Drow(L), KT, VT;
+    int64_t geom_b = -1;
+    std::unique_ptr<Geometry<acc_t>> geom;
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      Geometry<acc_t> g(coords, b, L, P);
+      if (b != geom_b) { geom = std::make_unique<Geometry<acc_t>>(coords, b, L, P); geom_b = b; }
+      const Geometry<acc_t>& g = *geom;
       const acc_t slope = slope_p[b * H + h];
       Rows<T, acc_t> Q(q, b, h, 0, L), K(k, b, h, 0, L), V(v, b, h, 0, L), dO(dout, b, h, 0, L);
-      transpose_into(KT, K.ptr, L, D, K.ld);
-      transpose_into(VT, V.ptr, L, D, V.ld);
-      const acc_t* lse_p = lse.data_ptr<acc_t>() + bh * L;
+      if (kt_copy) {
+        transpose_into(KT, K.ptr, L, D, K.ld);
+        transpose_into(VT, V.ptr, L, D, V.ld);
+      }
+      const acc_t* lse_p = lse_all + bh * L;
       {
-        const T* o = ptr<T>(out) + bh * L * D;  // out is contiguous (made by the forward)
+        const T* o = out_p + bh * L * D;  // out is contiguous (made by the forward)
         for (int64_t i = 0; i < L; ++i) {
+          const acc_t* __restrict g = dO.ptr + i * dO.ld;
           acc_t s = 0;
-          for (int64_t c = 0; c < D; ++c) s += dO.ptr[i * dO.ld + c] * static_cast<acc_t>(load_d(o, i * D + c));
+#pragma omp simd reduction(+ : s)
+          for (int64_t c = 0; c < D; ++c) s += g[c] * static_cast<acc_t>(load_d(o, i * D + c));
           Drow[i] = s;
         }
       }
@@ -322,15 +398,25 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
         const int64_t nq = std::min(kBwdBQ, L - q0);
         for (int64_t k0 = 0; k0 < L; k0 += kBwdBK) {
           const int64_t nk = std::min(kBwdBK, L - k0);
-          mm<acc_t>(false, false, nq, nk, D, 1, Q.ptr + q0 * Q.ld, Q.ld, KT.data() + k0, L, 0, S.data(), kBwdBK);
-          mm<acc_t>(false, false, nq, nk, D, 1, dO.ptr + q0 * dO.ld, dO.ld, VT.data() + k0, L, 0, dP.data(), kBwdBK);
+          if (kt_copy) {
+            mm<acc_t>(false, false, nq, nk, D, 1, Q.ptr + q0 * Q.ld, Q.ld, KT.data() + k0, L, 0, S.data(), kBwdBK);
+            mm<acc_t>(false, false, nq, nk, D, 1, dO.ptr + q0 * dO.ld, dO.ld, VT.data() + k0, L, 0, dP.data(), kBwdBK);
+          } else {
+            mm<acc_t>(false, true, nq, nk, D, 1, Q.ptr + q0 * Q.ld, Q.ld, K.ptr + k0 * K.ld, K.ld, 0, S.data(), kBwdBK);
+            mm<acc_t>(false, true, nq, nk, D, 1, dO.ptr + q0 * dO.ld, dO.ld, V.ptr + k0 * V.ld, V.ld, 0, dP.data(),
+                      kBwdBK);
+          }
+          // padded columns: S = −inf gives P = 0, so dS = 0 there (dP's padding stays finite:
+          // zero-initialized, then only ever written as 0 · finite)
+          const int64_t nk_pad = pad_lanes(nk);
           for (int64_t i = 0; i < nq; ++i) {
             acc_t* s = S.data() + i * kBwdBK;
             acc_t* dp = dP.data() + i * kBwdBK;
             acc_t* dr = dist.data() + i * kBwdBK;
-            dist_row(g, q0 + i, k0, nk, mode, dr);
+            mask_padding(s, nk, nk_pad);
+            dist_row(g, q0 + i, k0, nk_pad, mode, dr);
             const acc_t li = lse_p[q0 + i], Di = Drow[q0 + i];
-            dslope -= probs_and_dscores(s, dp, dr, nk, scale, slope, li, Di);
+            dslope -= probs_and_dscores(s, dp, dr, nk_pad, scale, slope, li, Di);
           }
           // dV[k] += Pᵀ·dO[q]; dQ[q] += scale·dS·K[k]; dK[k] += scale·dSᵀ·Q[q]
           mm<acc_t>(true, false, nk, D, nq, 1, S.data(), kBwdBK, dO.ptr + q0 * dO.ld, dO.ld, 1, dV.data() + k0 * D, D);
@@ -341,11 +427,11 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
         }
       }
       for (int64_t i = 0; i < L; ++i) {
-        store_row(ptr<T>(dq) + (bh * L + i) * D, dQ.data() + i * D, D, acc_t(1));
-        store_row(ptr<T>(dk) + (bh * L + i) * D, dK.data() + i * D, D, acc_t(1));
-        store_row(ptr<T>(dv) + (bh * L + i) * D, dV.data() + i * D, D, acc_t(1));
+        store_row(dq_p + (bh * L + i) * D, dQ.data() + i * D, D, acc_t(1));
+        store_row(dk_p + (bh * L + i) * D, dK.data() + i * D, D, acc_t(1));
+        store_row(dv_p + (bh * L + i) * D, dV.data() + i * D, D, acc_t(1));
       }
-      dslopes.data_ptr<acc_t>()[bh] = dslope;
+      dslopes_p[bh] = dslope;
     }
   });
 }
@@ -363,7 +449,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> alibi_attention_backw
                   lse.is_contiguous() && lse.scalar_type() == slopes.scalar_type(),
               "alibi_attention_backward: lse must be a contiguous (B, H, L) tensor of the slopes' dtype");
   auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
-  auto dq = at::empty(q.sizes(), opts), dk = at::empty(q.sizes(), opts), dv = at::empty(q.sizes(), opts);
+  auto dq = empty_output(q.sizes(), opts), dk = empty_output(q.sizes(), opts), dv = empty_output(q.sizes(), opts);
   auto dslopes = at::zeros({q.size(0), q.size(1)}, slopes.options());
   if (q.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_(), dslopes};
   dispatch_float(q.scalar_type(), "alibi_attention_backward: q", [&](auto t) {

@@ -63,9 +63,34 @@ void student_grad_chunk(const TS* __restrict x, const A* __restrict e, TS* __res
   }
 }
 
+// z = sum_k exp((x_k - c_k - m) * inv) (c_k = 0 without a center), each term also stored
+// in e: the full-row path keeps the exponentials instead of computing them twice.
+template <typename T, typename A, bool kCenter>
+A exp_sum_store(const T* __restrict x, const A* __restrict c, A* __restrict e, int64_t n, A m, A inv) {
+  A z = 0;
+#pragma omp simd reduction(+ : z)
+  for (int64_t k = 0; k < n; ++k) {
+    const A y = exp_fast(((kCenter ? load_a<T, A>(x, k) - c[k] : load_a<T, A>(x, k)) - m) * inv);
+    e[k] = y;
+    z += y;
+  }
+  return z;
+}
+
+// The gradient from stored exponentials e = exp((x - m) / ts), in place:
+// g = gs * (nv * e / Z - pex).
+template <typename A>
+void student_grad_from_exp(A* __restrict g, const A* __restrict pex, int64_t n, A inv_z, A gs, A nv) {
+  const A a = gs * nv * inv_z;
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) g[k] = a * g[k] - gs * pex[k];
+}
+
 // Images whose V + T rows hold at most this many elements (256 KiB of fp32) take the
-// row-major path.
+// full-row path whatever the batch; larger rows take it while the T teacher rows of an image
+// (kept as probabilities) stay within kFullRowTeacherElems and the batch feeds every thread.
 constexpr int64_t kRowMajorElems = 1 << 16;
+constexpr int64_t kFullRowTeacherElems = 1 << 18;
 
 struct Config {
   int64_t B, K, V, T;
@@ -127,14 +152,25 @@ void dino_loss_kernel(const Config& cfg, const TS* s, const TT* t, const A* cent
   // its raw teacher logits to colsum, return its loss terms and write its gradient.
   // Scalars are captured by value: read through a reference, the compiler would have to
   // assume every float store may change them and keeps the loops scalar.
+  // full_row (k0 = 0, n = K): the row statistics are computed here, while the row is in
+  // cache, and the exponentials are stored (teacher: in pq; fp32/fp64 student: in its
+  // gradient row) rather than computed a second time.
+  constexpr bool kExpInGrad = std::is_same_v<TS, A>;
   auto image_chunk = [&, inv_ts, inv_tt](int64_t b, int64_t k0, int64_t n, int64_t ld, A* pq, A* pex,
-                                         A* colsum) -> double {
+                                         A* colsum, bool full_row) -> double {
     for (int64_t q = 0; q < T; ++q) {
       const TT* x = t + (q * B + b) * K + k0;
       A* p = pq + q * ld;
       if (cfg.probs) {
 #pragma omp simd
         for (int64_t k = 0; k < n; ++k) p[k] = load_a<TT, A>(x, k);
+      } else if (full_row) {
+        bool has_nan = false;
+        const A m = row_max<TT, A>(x, center, A(1), K, has_nan);
+        const A z = exp_sum_store<TT, A, true>(x, center, p, K, m, inv_tt);
+        const A inv_z = has_nan ? nan : A(1) / z;
+#pragma omp simd
+        for (int64_t k = 0; k < n; ++k) p[k] *= inv_z;
       } else {
         teacher_probs_chunk<TT, A>(x, center + k0, p, n, t_max[q * B + b], inv_tt, t_logz[q * B + b]);
       }
@@ -170,6 +206,22 @@ void dino_loss_kernel(const Config& cfg, const TS* s, const TT* t, const A* cent
         built_for = excl;
       }
       const TS* x = s + row * K + k0;
+      bool exp_stored = false;
+      if (full_row) {
+        bool has_nan = false;
+        const A mx = row_max<TS, A>(x, nullptr, A(1), K, has_nan);
+        A z;
+        if (kExpInGrad && cfg.grad) {
+          z = exp_sum_store<TS, A, false>(x, nullptr, reinterpret_cast<A*>(grad + row * K), K, mx, inv_ts);
+          exp_stored = true;
+        } else {
+          z = 0;
+#pragma omp simd reduction(+ : z)
+          for (int64_t k = 0; k < K; ++k) z += exp_fast((load_a<TS, A>(x, k) - mx) * inv_ts);
+        }
+        s_max[row] = has_nan ? nan : mx;
+        s_logz[row] = has_nan ? nan : std::log(z);
+      }
       const A m = s_max[row];
       A dot = 0;
 #pragma omp simd reduction(+ : dot)
@@ -177,7 +229,10 @@ void dino_loss_kernel(const Config& cfg, const TS* s, const TT* t, const A* cent
       // log Z_v counts once per pair for the whole row: add it with the row's first column.
       const double lz = k0 == 0 ? static_cast<double>(n_v) * static_cast<double>(s_logz[row]) : 0.0;
       acc += static_cast<double>(w) * (lz - static_cast<double>(dot) * static_cast<double>(inv_ts));
-      if (cfg.grad) {
+      if (exp_stored) {
+        student_grad_from_exp<A>(reinterpret_cast<A*>(grad + row * K), pex, K, std::exp(-s_logz[row]), w * inv_ts,
+                                 static_cast<A>(n_v));
+      } else if (cfg.grad) {
         student_grad_chunk<TS, A>(x, pex, grad + row * K + k0, n, m, inv_ts, s_logz[row], w * inv_ts,
                                   static_cast<A>(n_v));
       }
@@ -187,10 +242,11 @@ void dino_loss_kernel(const Config& cfg, const TS* s, const TT* t, const A* cent
 
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   std::vector<double> partial;
-  if ((V + T) * K <= kRowMajorElems) {
-    // Row-major: an image's V + T rows fit in L2, so each task takes whole images (stats,
-    // then dots and gradient while the rows are cached): one DRAM read of the logits.
-    // Column sums go to one K-buffer per task (K is small here), added in a fixed order.
+  if ((V + T) * K <= kRowMajorElems || (T * K <= kFullRowTeacherElems && B >= 2 * threads)) {
+    // Full rows: each task takes whole images, one row at a time (statistics, then dots and
+    // gradient while the row is in cache): one read of the logits from memory, one exp per
+    // element. Scratch per task: T + 1 rows (teacher probabilities and their pair sums) and
+    // a K-buffer of column sums, added in a fixed order.
     const int64_t n_tasks = std::min<int64_t>(threads, B);
     partial.assign(B, 0.0);
     std::vector<std::vector<A>> colsums(cfg.colsum ? n_tasks : 0);
@@ -203,11 +259,7 @@ void dino_loss_kernel(const Config& cfg, const TS* s, const TT* t, const A* cent
           cs = colsums[task].data();
         }
         for (int64_t b = task * B / n_tasks; b < (task + 1) * B / n_tasks; ++b) {
-          for (int64_t v = 0; v < V; ++v) row_stats(v * B + b);
-          if (!cfg.probs) {
-            for (int64_t q = 0; q < T; ++q) row_stats(V * B + q * B + b);
-          }
-          partial[b] = image_chunk(b, 0, K, K, pq.data(), pex.data(), cs);
+          partial[b] = image_chunk(b, 0, K, K, pq.data(), pex.data(), cs, true);
         }
       }
     });
@@ -234,7 +286,7 @@ void dino_loss_kernel(const Config& cfg, const TS* s, const TT* t, const A* cent
         std::fill(colsum.begin(), colsum.end(), A(0));
         double acc = 0.0;
         for (int64_t b = 0; b < B; ++b) {
-          acc += image_chunk(b, k0, n, C, pq.data(), pex.data(), cfg.colsum ? colsum.data() : nullptr);
+          acc += image_chunk(b, k0, n, C, pq.data(), pex.data(), cfg.colsum ? colsum.data() : nullptr, false);
         }
         partial[j] = acc;
         if (cfg.colsum) std::copy(colsum.begin(), colsum.begin() + n, colsum_out + k0);
@@ -275,7 +327,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dino_loss_cpu(
     w = weights->to(acc_dtype).contiguous();
   }
   at::Tensor loss = at::zeros({}, student.options().dtype(acc_dtype));
-  at::Tensor grad = compute_grad ? at::empty_like(student) : at::empty({0}, student.options());
+  at::Tensor grad = compute_grad ? empty_output(student.sizes(), student.options()) : at::empty({0}, student.options());
   at::Tensor csum = center_sum ? at::zeros({K}, student.options().dtype(acc_dtype)) : at::empty({0}, student.options().dtype(acc_dtype));
   if (B == 0 || K == 0) return {loss, grad, csum};
   Config cfg{B, K, n_student_views, n_teacher_views, skip_same_view, teacher_is_probs, compute_grad, center_sum,

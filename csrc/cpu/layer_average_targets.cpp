@@ -160,7 +160,7 @@ at::Tensor layer_average_targets_cpu(at::TensorList layers, std::string layer_no
     TORCH_CHECK(x.strides() == first.strides() && (D <= 1 || x.stride(2) == 1),
                 "layer_average_targets: layers must share strides with a unit stride on D");
   }
-  at::Tensor out = at::empty({B, T, D}, first.options().dtype(at::kFloat));
+  at::Tensor out = empty_output({B, T, D}, first.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
   const int64_t sb = first.stride(0), st = first.stride(1);
   dispatch_float(first.scalar_type(), "layer_average_targets: layers", [&](auto tag) {

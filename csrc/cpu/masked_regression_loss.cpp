@@ -174,7 +174,7 @@ at::Tensor masked_regression_loss_backward_cpu(const at::Tensor& grad_out, const
                                                bool mean) {
   const Geometry g = geometry(pred, target, mask, ids);
   TORCH_CHECK(grad_out.numel() == 1 && grad_out.device().is_cpu(), "masked_regression_loss_backward: grad_out must be a CPU scalar");
-  at::Tensor grad = at::empty(pred.sizes(), pred.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad = empty_output(pred.sizes(), pred.options());
   if (grad.numel() == 0) return grad;
   double coef = grad_out.item<double>() * scale;
   if (mean) {

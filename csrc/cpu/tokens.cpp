@@ -17,7 +17,6 @@
 // naming the argument, so no access ever leaves the tensors.
 #include "common.h"
 
-#include <sys/mman.h>
 
 #include <type_traits>
 #include <vector>
@@ -50,25 +49,6 @@ template <typename T> inline void zero_row(T* dst, int64_t D) { std::memset(dst,
 template <typename A, typename T> inline void add_to(A* __restrict acc, const T* __restrict src, int64_t D) {
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) acc[d] += ld(src, d);
-}
-
-// Outputs here are large and written once, right after allocation: most of the time of a
-// naive kernel goes to faulting in fresh 4 KiB pages. Asking for transparent huge pages
-// on the (2 MiB-aligned interior of the) new buffer before the first touch cuts that
-// cost (what torch does process-wide with THP_MEM_ALLOC_ENABLE=1). A hint only: ignored
-// where THP is off.
-at::Tensor empty_out(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options);
-#ifdef MADV_HUGEPAGE
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const size_t nbytes = t.nbytes();
-  if (nbytes >= 2 * kHuge) {
-    const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + nbytes) & ~(kHuge - 1);
-    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-  }
-#endif
-  return t;
 }
 
 // Batch ranges for backward kernels that also reduce over the batch: one contiguous range
@@ -151,7 +131,7 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& ids_keep, co
   }
   check_ids_range(ids_keep, L - P, op, "ids_keep");
   const int64_t Lo = P + Nk;
-  at::Tensor out = empty_out({B * M, Lo, D}, x.options());
+  at::Tensor out = empty_output({B * M, Lo, D}, x.options());
   if (out.numel() == 0) return out;
   const int64_t* ids = ids_keep.data_ptr<int64_t>();
   dispatch_float(x.scalar_type(), "gather_tokens: x", [&](auto tag) {
@@ -184,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor> gather_tokens_backward_cpu(const at::Tensor& 
   TORCH_CHECK(grad_out.size(0) == B * M && grad_out.size(1) == Lo, "sslkern.", op, ": grad_out has the wrong shape");
   TORCH_CHECK(P >= 0 && P <= L, "sslkern.", op, ": num_prefix_tokens out of range");
   check_ids_range(ids_keep, L - P, op, "ids_keep");
-  at::Tensor grad_x = empty_out({B, L, D}, grad_out.options());
+  at::Tensor grad_x = empty_output({B, L, D}, grad_out.options());
   at::Tensor grad_pos = need_pos ? at::empty({L, D}, grad_out.options()) : at::empty({0}, grad_out.options());
   if (grad_x.numel() == 0) {
     if (need_pos) grad_pos.zero_();
@@ -296,7 +276,7 @@ at::Tensor restore_tokens_cpu(const at::Tensor& x_vis, const at::Tensor& ids_res
                 "sslkern.", op, ": pos_embed must be (", L, ", ", D, ") of x_vis's dtype");
   }
   check_permutation(ids_restore, op);
-  at::Tensor out = empty_out({B, L, D}, x_vis.options());
+  at::Tensor out = empty_output({B, L, D}, x_vis.options());
   if (out.numel() == 0) return out;
   const int64_t* ids = ids_restore.data_ptr<int64_t>();
   dispatch_float(x_vis.scalar_type(), "restore_tokens: x_vis", [&](auto tag) {
@@ -335,8 +315,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> restore_tokens_backwa
               "sslkern.", op, ": inconsistent sizes");
   check_permutation(ids_restore, op);
   const auto opts = grad_out.options();
-  at::Tensor gxv = empty_out({B, Lv, D}, opts);
-  at::Tensor gfill = need_fill ? empty_out({B, N, D}, opts) : at::empty({0}, opts);
+  at::Tensor gxv = empty_output({B, Lv, D}, opts);
+  at::Tensor gfill = need_fill ? empty_output({B, N, D}, opts) : at::empty({0}, opts);
   at::Tensor gmt = need_mask_token ? at::empty({D}, opts) : at::empty({0}, opts);
   at::Tensor gpos = need_pos ? at::empty({L, D}, opts) : at::empty({0}, opts);
   const int64_t* ids = ids_restore.data_ptr<int64_t>();
