@@ -140,6 +140,9 @@ struct Rows {
 };
 
 #if defined(__AVX512F__)
+// (gcc 12 reports the intrinsics' internal _mm512_undefined operands as maybe-uninitialized)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // dst (nc × nr, row stride ldd) = transpose of src (nr × nc, row stride lds), nr, nc <= 16,
 // in registers: 32-bit and 64-bit unpacks give, per 128-bit lane k, column 4k + c of four
 // rows; two rounds of 128-bit lane shuffles gather the four row groups of each column.
@@ -173,6 +176,7 @@ inline void transpose_block16(const float* src, int64_t lds, int64_t nr, int64_t
     }
   }
 }
+#pragma GCC diagnostic pop
 #endif
 
 // dst[c, r] = src[r, c] for an (n × d) block with row stride ld: MKL's gemm is much faster
@@ -289,7 +293,10 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const acc_t* slope_p = slopes.data_ptr<acc_t>();
   const bool kt_copy = L >= kTransposeMinLen;
   at::parallel_for(0, B * H * n_qt, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> S(kFwdBQ * kFwdBK), O(kFwdBQ * D), m(kFwdBQ), l(kFwdBQ), dist(kFwdBK), KT;
+    // fp32 / fp64 accumulate straight into the output rows (rescaled in place); half types
+    // accumulate in an fp32 buffer
+    constexpr bool kDirect = std::is_same_v<T, acc_t>;
+    std::vector<acc_t> S(kFwdBQ * kFwdBK), O(kDirect ? 0 : kFwdBQ * D), m(kFwdBQ), l(kFwdBQ), dist(kFwdBK), KT;
     int64_t geom_b = -1, kt_bh = -1;
     std::unique_ptr<Geometry<acc_t>> g;
     for (int64_t task = lo; task < hi; ++task) {
@@ -303,7 +310,9 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         transpose_into(KT, K.ptr, L, D, K.ld);
         kt_bh = bh;
       }
-      std::fill(O.begin(), O.end(), acc_t(0));
+      T* out_tile = ptr<T>(out) + (bh * L + q0) * D;
+      acc_t* Op;
+      if constexpr (kDirect) Op = out_tile; else Op = O.data();
       std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
       std::fill(l.begin(), l.end(), acc_t(0));
       for (int64_t k0 = 0; k0 < L; k0 += kFwdBK) {
@@ -320,15 +329,20 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           const acc_t sum = exp_and_sum(row, nk_pad, mx);
           l[i] = l[i] * alpha + sum;
           m[i] = mx;
-          if (alpha != acc_t(1))
-            for (int64_t c = 0; c < D; ++c) O[i * D + c] *= alpha;
+          if (k0 > 0 && alpha != acc_t(1))  // nothing accumulated before the first tile
+            for (int64_t c = 0; c < D; ++c) Op[i * D + c] *= alpha;
         }
-        mm<acc_t>(false, false, nq, D, nk, 1, S.data(), kFwdBK, V.ptr + k0 * V.ld, V.ld, 1, O.data(), D);
+        mm<acc_t>(false, false, nq, D, nk, 1, S.data(), kFwdBK, V.ptr + k0 * V.ld, V.ld, k0 == 0 ? 0 : 1, Op, D);
       }
-      T* out_p = ptr<T>(out) + (bh * L + q0) * D;
       acc_t* lse_p = lse.data_ptr<acc_t>() + bh * L + q0;
       for (int64_t i = 0; i < nq; ++i) {
-        store_row(out_p + i * D, O.data() + i * D, D, acc_t(1) / l[i]);
+        if constexpr (kDirect) {
+          const acc_t inv = acc_t(1) / l[i];
+#pragma omp simd
+          for (int64_t c = 0; c < D; ++c) Op[i * D + c] *= inv;
+        } else {
+          store_row(out_tile + i * D, O.data() + i * D, D, acc_t(1) / l[i]);
+        }
         lse_p[i] = m[i] + std::log(l[i]);
       }
     }
@@ -366,7 +380,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const acc_t* lse_all = lse.data_ptr<acc_t>();
   at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
     std::vector<acc_t> S(kBwdBQ * kBwdBK), dP(kBwdBQ * kBwdBK), dist(kBwdBQ * kBwdBK);
-    std::vector<acc_t> dQ(L * D), dK(L * D), dV(L * D), Drow(L), KT, VT;
+    constexpr bool kDirect = std::is_same_v<T, acc_t>;
+    std::vector<acc_t> dQ(kDirect ? 0 : L * D), dK(kDirect ? 0 : L * D), dV(kDirect ? 0 : L * D), Drow(L), KT, VT;
     int64_t geom_b = -1;
     std::unique_ptr<Geometry<acc_t>> geom;
     for (int64_t bh = lo; bh < hi; ++bh) {
@@ -390,9 +405,18 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
           Drow[i] = s;
         }
       }
-      std::fill(dQ.begin(), dQ.end(), acc_t(0));
-      std::fill(dK.begin(), dK.end(), acc_t(0));
-      std::fill(dV.begin(), dV.end(), acc_t(0));
+      // fp32 / fp64: the products accumulate straight into the outputs (beta = 0 on a tile's
+      // first contribution); half types accumulate in fp32 buffers, converted at the end
+      acc_t *dQp, *dKp, *dVp;
+      if constexpr (kDirect) {
+        dQp = dq_p + bh * L * D;
+        dKp = dk_p + bh * L * D;
+        dVp = dv_p + bh * L * D;
+      } else {
+        dQp = dQ.data();
+        dKp = dK.data();
+        dVp = dV.data();
+      }
       acc_t dslope = 0;
       for (int64_t q0 = 0; q0 < L; q0 += kBwdBQ) {
         const int64_t nq = std::min(kBwdBQ, L - q0);
@@ -419,17 +443,20 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
             dslope -= probs_and_dscores(s, dp, dr, nk_pad, scale, slope, li, Di);
           }
           // dV[k] += Pᵀ·dO[q]; dQ[q] += scale·dS·K[k]; dK[k] += scale·dSᵀ·Q[q]
-          mm<acc_t>(true, false, nk, D, nq, 1, S.data(), kBwdBK, dO.ptr + q0 * dO.ld, dO.ld, 1, dV.data() + k0 * D, D);
-          mm<acc_t>(false, false, nq, D, nk, scale, dP.data(), kBwdBK, K.ptr + k0 * K.ld, K.ld, 1, dQ.data() + q0 * D,
+          const acc_t beta_kv = q0 == 0 ? 0 : 1, beta_q = k0 == 0 ? 0 : 1;
+          mm<acc_t>(true, false, nk, D, nq, 1, S.data(), kBwdBK, dO.ptr + q0 * dO.ld, dO.ld, beta_kv, dVp + k0 * D, D);
+          mm<acc_t>(false, false, nq, D, nk, scale, dP.data(), kBwdBK, K.ptr + k0 * K.ld, K.ld, beta_q, dQp + q0 * D,
                     D);
-          mm<acc_t>(true, false, nk, D, nq, scale, dP.data(), kBwdBK, Q.ptr + q0 * Q.ld, Q.ld, 1, dK.data() + k0 * D,
+          mm<acc_t>(true, false, nk, D, nq, scale, dP.data(), kBwdBK, Q.ptr + q0 * Q.ld, Q.ld, beta_kv, dKp + k0 * D,
                     D);
         }
       }
-      for (int64_t i = 0; i < L; ++i) {
-        store_row(dq_p + (bh * L + i) * D, dQ.data() + i * D, D, acc_t(1));
-        store_row(dk_p + (bh * L + i) * D, dK.data() + i * D, D, acc_t(1));
-        store_row(dv_p + (bh * L + i) * D, dV.data() + i * D, D, acc_t(1));
+      if constexpr (!kDirect) {
+        for (int64_t i = 0; i < L; ++i) {
+          store_row(dq_p + (bh * L + i) * D, dQ.data() + i * D, D, acc_t(1));
+          store_row(dk_p + (bh * L + i) * D, dK.data() + i * D, D, acc_t(1));
+          store_row(dv_p + (bh * L + i) * D, dV.data() + i * D, D, acc_t(1));
+        }
       }
       dslopes_p[bh] = dslope;
     }

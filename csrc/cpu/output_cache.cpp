@@ -7,14 +7,16 @@
 // faults on a 2-core VM, against ~1.5 ms to write it. The CUDA caching allocator avoids
 // this on GPUs; this cache does the same for the outputs of sslkern's CPU kernels only.
 //
-// How: an output's storage owns a block allocated here, and the storage's deleter returns
-// the block to a free list instead of freeing it. A block is therefore reused only after
+// How: an output's storage owns a block (memory from PyTorch's CPU allocator, so profilers
+// see it), and the storage's deleter returns the block to a free list instead of freeing it. A block is therefore reused only after
 // its storage was destroyed, when no tensor, view, storage object or autograd record can
 // refer to it. Requests reuse a free block of exactly their size (training repeats shapes).
 // Free blocks are kept up to SSLKERN_CPU_CACHE_MB MiB (default 2048; 0 disables the cache),
 // dropping the least recently freed ones first; outputs below 1 MiB bypass the cache.
 // sslkern.empty_cpu_cache() frees the free blocks; sslkern.cpu_cache_info() reports.
 #include "common.h"
+
+#include <c10/core/CPUAllocator.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -24,22 +26,22 @@
 #include <vector>
 
 #include <pthread.h>
-#include <sys/mman.h>
 
 namespace sslkern {
 namespace {
 
 constexpr size_t kMinBytes = size_t(1) << 20;
-constexpr size_t kHuge = size_t(2) << 20;
 
+// A block: memory from PyTorch's CPU allocator (so the profiler and memory tools see it
+// allocated and freed as usual), owned here while no storage holds it.
 struct Block {
-  void* ptr;
+  at::DataPtr memory;
   size_t nbytes;
 };
 
 struct Cache {
   std::mutex mu;
-  std::deque<Block> free;  // least recently freed first
+  std::deque<Block*> free;  // least recently freed first
   size_t free_bytes = 0;
   size_t limit = 0;
   bool limit_read = false;
@@ -54,13 +56,13 @@ struct Cache {
     }
     return limit;
   }
-  // Frees free blocks, oldest first, until free_bytes + extra fits the limit; the blocks to
-  // free are returned so that they are released outside the lock.
-  std::vector<Block> trim_locked(size_t extra) {
-    std::vector<Block> out;
+  // Takes free blocks, oldest first, until free_bytes + extra fits the limit; they are
+  // deleted by the caller outside the lock.
+  std::vector<Block*> trim_locked(size_t extra) {
+    std::vector<Block*> out;
     while (!free.empty() && free_bytes + extra > limit_locked()) {
       out.push_back(free.front());
-      free_bytes -= free.front().nbytes;
+      free_bytes -= free.front()->nbytes;
       free.pop_front();
     }
     return out;
@@ -69,41 +71,25 @@ struct Cache {
 
 Cache* g_cache = new Cache();  // never destroyed: deleters may run during interpreter exit
 
-void release_block(const Block& b) { std::free(b.ptr); }
-
-// 2 MiB-aligned blocks for large outputs, with transparent huge pages asked for before the
-// first touch (one fault per 2 MiB instead of 512; a hint, ignored where THP is off).
-Block allocate_block(size_t nbytes) {
-  const size_t align = nbytes >= 2 * kHuge ? kHuge : 64;
-  const size_t padded = (nbytes + align - 1) / align * align;
-  void* p = std::aligned_alloc(align, padded);
-  if (p == nullptr) throw std::bad_alloc();
-#ifdef MADV_HUGEPAGE
-  if (align == kHuge) madvise(p, padded, MADV_HUGEPAGE);
-#endif
-  return {p, nbytes};
+void delete_blocks(const std::vector<Block*>& blocks) {
+  for (Block* b : blocks) delete b;  // the DataPtr returns the memory to the allocator
 }
 
-struct Owner {  // the DataPtr context: the block to return when the storage dies
-  Block block;
-};
-
+// The deleter of an output's storage: the block goes back on the free list.
 void return_block(void* ctx) {
-  Owner* owner = static_cast<Owner*>(ctx);
-  const Block b = owner->block;
-  delete owner;
-  std::vector<Block> drop;
+  Block* b = static_cast<Block*>(ctx);
+  std::vector<Block*> drop;
   {
     std::lock_guard<std::mutex> lock(g_cache->mu);
-    if (g_cache->limit_locked() >= b.nbytes) {
-      drop = g_cache->trim_locked(b.nbytes);
+    if (g_cache->limit_locked() >= b->nbytes) {
+      drop = g_cache->trim_locked(b->nbytes);
       g_cache->free.push_back(b);
-      g_cache->free_bytes += b.nbytes;
+      g_cache->free_bytes += b->nbytes;
     } else {
       drop.push_back(b);
     }
   }
-  for (const Block& d : drop) release_block(d);
+  delete_blocks(drop);
 }
 
 void after_fork_in_child() { new (&g_cache->mu) std::mutex(); }  // a fork may copy a held lock
@@ -119,7 +105,7 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
   const size_t nbytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
   if (nbytes < kMinBytes) return at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
 
-  Block block{nullptr, 0};
+  Block* block = nullptr;
   {
     std::lock_guard<std::mutex> lock(g_cache->mu);
     if (g_cache->limit_locked() == 0) {
@@ -128,18 +114,18 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
       auto& fl = g_cache->free;
       // the most recently freed block of this size (warmest in cache)
       for (auto it = fl.rbegin(); it != fl.rend(); ++it) {
-        if (it->nbytes == nbytes) {
+        if ((*it)->nbytes == nbytes) {
           block = *it;
           g_cache->free_bytes -= nbytes;
           fl.erase(std::next(it).base());
           break;
         }
       }
-      ++(block.ptr ? g_cache->hits : g_cache->misses);
+      ++(block ? g_cache->hits : g_cache->misses);
     }
   }
-  if (!block.ptr) block = allocate_block(nbytes);
-  at::DataPtr data(block.ptr, new Owner{block}, &return_block, at::Device(at::kCPU));
+  if (!block) block = new Block{c10::GetCPUAllocator()->allocate(nbytes), nbytes};
+  at::DataPtr data(block->memory.get(), block, &return_block, at::Device(at::kCPU));
   c10::Storage storage(c10::Storage::use_byte_size_t(), nbytes, std::move(data), /*allocator=*/nullptr,
                        /*resizable=*/false);
   auto t = at::detail::make_tensor<c10::TensorImpl>(std::move(storage), c10::DispatchKeySet(c10::DispatchKey::CPU),
@@ -150,24 +136,25 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
 
 // Python-facing controls (bound in module.cpp).
 void output_cache_clear() {
-  std::deque<Block> drop;
+  std::vector<Block*> drop;
   {
     std::lock_guard<std::mutex> lock(g_cache->mu);
-    drop.swap(g_cache->free);
+    drop.assign(g_cache->free.begin(), g_cache->free.end());
+    g_cache->free.clear();
     g_cache->free_bytes = 0;
   }
-  for (const Block& b : drop) release_block(b);
+  delete_blocks(drop);
 }
 
 void output_cache_set_limit(int64_t bytes) {
-  std::vector<Block> drop;
+  std::vector<Block*> drop;
   {
     std::lock_guard<std::mutex> lock(g_cache->mu);
     g_cache->limit = bytes > 0 ? static_cast<size_t>(bytes) : 0;
     g_cache->limit_read = true;
     drop = g_cache->trim_locked(0);
   }
-  for (const Block& b : drop) release_block(b);
+  delete_blocks(drop);
 }
 
 std::vector<int64_t> output_cache_info() {
