@@ -13,6 +13,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace sslkern {
 
 // Storage types. fp16 uses the compiler's _Float16 (vectorizes to F16C conversions);
@@ -78,6 +82,31 @@ inline float exp_fast(float x) {
   return underflow ? 0.0f : e * scale;
 }
 inline double exp_fast(double x) { return std::exp(x); }
+
+#if defined(__AVX512F__)
+// gcc 12 flags the intrinsics' internal _mm512_undefined operands (GCC bug 105593); every
+// file that includes this header and uses AVX-512 intrinsics is covered by this pragma.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+// exp_fast on 16 lanes with AVX-512's scalef (2^n · e without bit tricks or clamps): the same
+// range reduction and polynomial, ~40 % fewer instructions. Lanes below -87 (and -inf) give
+// exactly 0, NaN stays NaN. For loops whose trip count is a multiple of 16.
+inline __m512 exp16(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 e = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+  return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~underflow), e, n);
+}
+#endif
 
 template <typename T> inline T* ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 

@@ -83,8 +83,21 @@ acc_t scores_and_max(acc_t* __restrict row, const acc_t* __restrict dist, int64_
 }
 
 // row[j] = exp(row[j] − shift); returns Σ_j row[j].
+// (n is a multiple of kLanes: rows are padded, see pad_lanes)
 template <typename acc_t>
 acc_t exp_and_sum(acc_t* __restrict row, int64_t n, acc_t shift) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    __m512 acc = _mm512_setzero_ps();
+    const __m512 sh = _mm512_set1_ps(shift);
+    for (int64_t j = 0; j < n; j += 16) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), sh));
+      _mm512_storeu_ps(row + j, e);
+      acc = _mm512_add_ps(acc, e);
+    }
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
@@ -100,6 +113,23 @@ acc_t exp_and_sum(acc_t* __restrict row, int64_t n, acc_t shift) {
 template <typename acc_t>
 acc_t probs_and_dscores(acc_t* __restrict s, acc_t* __restrict dp, const acc_t* __restrict dist, int64_t n,
                         acc_t scale, acc_t slope, acc_t lse, acc_t delta) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<acc_t, float>) {  // n is a multiple of 16 (padded rows)
+    __m512 acc = _mm512_setzero_ps();
+    const __m512 vs = _mm512_set1_ps(scale), vsl = _mm512_set1_ps(slope), vl = _mm512_set1_ps(lse),
+                 vd = _mm512_set1_ps(delta);
+    for (int64_t j = 0; j < n; j += 16) {
+      const __m512 d = _mm512_loadu_ps(dist + j);
+      const __m512 x = _mm512_sub_ps(_mm512_fnmadd_ps(vsl, d, _mm512_mul_ps(vs, _mm512_loadu_ps(s + j))), vl);
+      const __m512 p = exp16(x);
+      _mm512_storeu_ps(s + j, p);
+      const __m512 ds = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp + j), vd));
+      _mm512_storeu_ps(dp + j, ds);
+      acc = _mm512_fmadd_ps(ds, d, acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
   acc_t acc = 0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t j = 0; j < n; ++j) {
@@ -140,9 +170,6 @@ struct Rows {
 };
 
 #if defined(__AVX512F__)
-// (gcc 12 reports the intrinsics' internal _mm512_undefined operands as maybe-uninitialized)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // dst (nc × nr, row stride ldd) = transpose of src (nr × nc, row stride lds), nr, nc <= 16,
 // in registers: 32-bit and 64-bit unpacks give, per 128-bit lane k, column 4k + c of four
 // rows; two rounds of 128-bit lane shuffles gather the four row groups of each column.
@@ -176,7 +203,6 @@ inline void transpose_block16(const float* src, int64_t lds, int64_t nr, int64_t
     }
   }
 }
-#pragma GCC diagnostic pop
 #endif
 
 // dst[c, r] = src[r, c] for an (n × d) block with row stride ld: MKL's gemm is much faster
