@@ -120,6 +120,25 @@ def test_storage_object_keeps_the_block():
     assert sslkern.cpu_cache_info()["free_blocks"] == 2  # both returned once unreferenced
 
 
+def test_outputs_behave_like_ordinary_tensors():
+    # resize (the old block returns to the cache), in-place ops, out=, pickling, numpy
+    import io
+    x, ids = _inputs()
+    out = _gather(x, ids)
+    want = out.clone()
+    out.resize_(8, 128, 1024)
+    torch.testing.assert_close(out[:4], want, rtol=0, atol=0)
+    assert sslkern.cpu_cache_info()["free_blocks"] == 1
+    out2 = _gather(x, ids)
+    torch.add(out2, 1, out=out2)
+    torch.testing.assert_close(out2, want + 1, rtol=0, atol=0)
+    buf = io.BytesIO()
+    torch.save(out2, buf)
+    buf.seek(0)
+    torch.testing.assert_close(torch.load(buf), want + 1, rtol=0, atol=0)
+    assert (out2.numpy() == (want + 1).numpy()).all()
+
+
 def test_limit_zero_disables_and_context_restores():
     x, ids = _inputs()
     with sslkern.cpu_cache_disabled():

@@ -126,8 +126,10 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
   }
   if (!block) block = new Block{c10::GetCPUAllocator()->allocate(nbytes), nbytes};
   at::DataPtr data(block->memory.get(), block, &return_block, at::Device(at::kCPU));
-  c10::Storage storage(c10::Storage::use_byte_size_t(), nbytes, std::move(data), /*allocator=*/nullptr,
-                       /*resizable=*/false);
+  // resizable like at::empty's storages: a resize allocates from the CPU allocator and the
+  // old block comes back here through its deleter
+  c10::Storage storage(c10::Storage::use_byte_size_t(), nbytes, std::move(data), c10::GetCPUAllocator(),
+                       /*resizable=*/true);
   auto t = at::detail::make_tensor<c10::TensorImpl>(std::move(storage), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                                     options.dtype());
   t.unsafeGetTensorImpl()->set_sizes_contiguous(sizes);
