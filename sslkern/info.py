@@ -40,6 +40,9 @@ def report() -> str:
     ext = extension()
     if ext is not None:
         lines.append(f"sslkern._C: {ext.__file__} (CUDA kernels built: {ext.cuda_built()})")
+        limit = ext.output_cache_info()[0]
+        lines.append(f"CPU output cache: {f'up to {limit >> 20} MiB of free blocks' if limit else 'off'} "
+                     "(SSLKERN_CPU_CACHE_MB)")
     lines.append("")
     lines.append("backends:")
     for name, (ok, why) in backend_status().items():

@@ -62,10 +62,10 @@ inline void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, acc_t alpha, c
 }
 
 
-// Row kernels of the softmax. The reductions are `omp simd` reductions: vector partial
-// results combined by a shuffle tree (a sequential float max / sum is not reassociated
-// without -ffast-math, and a spilled lane array costs 16 dependent scalar adds per row,
-// most of the work on rows as short as 40 keys).
+// Row kernels of the softmax. The reductions are `omp simd` reductions, and explicit
+// 16-lane accumulators with AVX-512 (a sequential float max / sum is not reassociated
+// without -ffast-math). Rows are padded to whole 16-lane vectors (pad_lanes), so rows as
+// short as 40 keys run without scalar tails.
 constexpr int64_t kLanes = 16;
 
 // row[j] = scale·row[j] − slope·dist[j]; returns max(m0, max_j row[j]).
