@@ -19,6 +19,8 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler quiet
 
 import torch  # noqa: E402
 
+import sslkern  # noqa: E402
+
 RESULTS: list["Result"] = []
 
 # Floors on rounds and warm-up calls: on this class of machine (a VM, 2 cores) the first
@@ -110,8 +112,6 @@ def peak_extra_bytes(fn: Callable[[], object]) -> int:
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
 
-    import sslkern
-
     # sslkern's CPU output cache would serve this call from blocks kept since the warm-up
     # calls, which the profiler does not see as allocations: measure with it off, so the
     # figure counts every byte the call needs (what a first call, or a cache-less run, uses)
@@ -153,8 +153,6 @@ def measure(
     rounds, warmup = max(rounds, MIN_ROUNDS), max(warmup, MIN_WARMUP)
 
     if provider == "sslkern_nocache":
-        import sslkern
-
         inner = fn
 
         def fn():

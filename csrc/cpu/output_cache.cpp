@@ -18,9 +18,9 @@
 
 #include <c10/core/CPUAllocator.h>
 
-#include <algorithm>
 #include <cstdlib>
 #include <deque>
+#include <iterator>
 #include <mutex>
 #include <new>
 #include <vector>
