@@ -1,17 +1,25 @@
-"""One data2vec 2.0 training step of the default recipe model (issue #7).
+"""One training step of each recipe: sslkern ops vs the same recipe on the eager reference ops.
 
-Default model: ViT dim 96, depth 4, 3 heads on 16×16 digits (patch 4: 16 tokens + CLS),
-batch 128, 4 clone masks (512 student sequences of 1 + 4 visible tokens), conv decoder
-dim 64. One timed call = masks, teacher targets, student + decoder, loss, backward, AdamW
-step and EMA, on the same images each call, 1 torch thread (the recipe default).
+One timed call = the loop's ``train_step`` (views / masks, teacher, student, fused loss,
+backward, clipping, AdamW, EMA) on fixed images, 1 torch thread (the recipes' default) at
+the default size, 2 threads at ViT-S/16 224. Providers: ``sslkern`` (auto backend: C++
+kernels on CPU) and ``reference`` (``sslkern.use_backend("reference")``: eager reference
+ops for the losses, masks, gather / restore, targets and EMA; timm layers and AdamW are
+the same in both).
 
-Providers: ``sslkern`` (auto backend: C++ kernels on CPU) and ``reference`` (the same
-recipe under ``sslkern.use_backend("reference")``: eager reference ops for masks, gather,
-restore, targets, loss and EMA). timm's linear layers, the decoder and AdamW are the same
-in both.
+Sizes: ``default`` is the recipe's default model and batch; ``vits`` is ViT-S/16 at 224
+(dim 384, depth 12, 6 heads) with the method's real head (DINO / iBOT: K = 65,536, MLP
+2048, bottleneck 256) at a batch this 2-core machine runs in seconds.
+
+``test_profile_shares`` profiles one sslkern step per case and writes the share of the step
+spent in sslkern ops, in GEMMs (mm / addmm / bmm / attention) and in everything else to
+``docs/bench/recipe_profile.md``.
 """
+from __future__ import annotations
+
 import importlib.util
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,34 +28,115 @@ import sslkern
 from harness import measure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VITS = ["--image-size", "224", "--patch-size", "16", "--dim", "384", "--depth", "12", "--heads", "6"]
+DISTILL_VITS = VITS + ["--out-dim", "65536", "--hidden-dim", "2048", "--bottleneck-dim", "256", "--local-size", "96"]
+# (recipe, Method class, size name, extra argv, threads)
+CASES = [
+    ("data2vec2", "Data2Vec2", "default", [], 1),
+    ("dino", "DINO", "default", [], 1),
+    ("ibot", "IBOT", "default", [], 1),
+    ("data2vec2", "Data2Vec2", "vits", VITS + ["--batch-size", "8", "--clones", "8"], 2),
+    ("dino", "DINO", "vits", DISTILL_VITS + ["--batch-size", "4", "--local-crops", "4"], 2),
+    ("ibot", "IBOT", "vits", DISTILL_VITS + ["--batch-size", "4", "--local-crops", "4"], 2),
+]
+IDS = [f"{c[0]}-{c[2]}" for c in CASES]
 
 
-def _recipe():
-    spec = importlib.util.spec_from_file_location("recipe_data2vec2", os.path.join(ROOT, "recipes", "data2vec2.py"))
+def _recipe(name):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", os.path.join(ROOT, "recipes", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-@pytest.mark.parametrize("provider", ["sslkern", "reference"])
-def test_data2vec2_train_step_default(benchmark, provider):
-    from sslkern.train.data import augment, load_dataset
-    from sslkern.train.distributed import DistInfo
+def make_step(name, cls, extra, threads):
+    """(step closure, args, reset) for one recipe at one size, on synthetic images."""
+    from sslkern.train.loop import StepContext, make_optimizer, parse_args, train_step
 
-    recipe = _recipe()
-    _, a = recipe.parse_args(["--out", "/tmp/sslkern-bench-recipe"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(a.threads)  # the recipe's default (1 thread per rank)
-    data = load_dataset(None, a.image_size)
-    student, teacher, model, opt = recipe.build(a, data.in_chans, DistInfo())
+    mod = _recipe(name)
+    method_cls = getattr(mod, cls)
+    _, a = parse_args(method_cls, ["--out", "/tmp/sslkern-bench-recipe", "--threads", str(threads)] + extra)
+    chans = 1 if a.image_size <= 32 else 3  # digits are grey; ViT-S/16 224 gets RGB
+    data = SimpleNamespace(in_chans=chans, mean=torch.zeros(1, chans, 1, 1), std=torch.ones(1, chans, 1, 1))
+    torch.manual_seed(0)
+    method = method_cls(a, data)
+    opt = make_optimizer(method, a)
+    images = torch.randn(a.batch_size, chans, a.image_size, a.image_size)
     gen = torch.Generator()
-    images = augment(data.train_images[: a.batch_size], gen.manual_seed(0))
-    backend = None if provider == "sslkern" else "reference"
+    # epoch 1 of 10: past the frozen last layer, EMA and temperatures mid-schedule
+    ctx = StepContext(10, 1, 100, 10, gen, lr=a.lr, weight_decay=a.weight_decay)
+    ctx.values = method.schedule(ctx)
 
     def step():
-        with sslkern.use_backend(backend):
-            recipe.train_step(a, model, student, teacher, opt, images, gen, 0.995)
+        train_step(a, method, method, opt, images, ctx)
 
-    measure(benchmark, op="data2vec2 recipe", case=f"train step, default model, B={a.batch_size}x{a.clones} masks, fp32",
-            provider=provider, fn=step, setup=lambda: gen.manual_seed(1), rounds=10)
+    return step, a, lambda: gen.manual_seed(1)
+
+
+@pytest.mark.parametrize("provider", ["sslkern", "reference"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_train_step(benchmark, case, provider):
+    name, cls, size, extra, threads = case
+    prev = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        step, a, reset = make_step(name, cls, extra, threads)
+        backend = None if provider == "sslkern" else "reference"
+
+        def call():
+            with sslkern.use_backend(backend):
+                step()
+
+        label = (f"train step, {size} ({a.image_size}px, dim {a.dim}, depth {a.depth}), B={a.batch_size}, "
+                 f"{threads} thread{'s' if threads > 1 else ''}, fp32")
+        measure(benchmark, op=f"{name} recipe", case=label, provider=provider, fn=call, setup=reset,
+                rounds=10 if size == "default" else 3)
+    finally:
+        torch.set_num_threads(prev)
+
+
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product",
+            "aten::scaled_dot_product", "aten::_flash_attention", "aten::convolution", "aten::mkldnn_convolution")
+
+
+def _shares(prof) -> dict[str, float]:
+    buckets = {"sslkern": 0.0, "gemm": 0.0, "other": 0.0}
+    for e in prof.key_averages():
+        t = e.self_cpu_time_total
+        if e.key.startswith(("sslkern::", "sslkern_C::")):
+            buckets["sslkern"] += t
+        elif e.key.startswith(GEMM_OPS):
+            buckets["gemm"] += t
+        elif e.key.startswith("aten::") or e.key.startswith("Optimizer") or e.key.startswith("autograd::"):
+            buckets["other"] += t
+    total = sum(buckets.values()) or 1.0
+    return {k: 100.0 * v / total for k, v in buckets.items()}
+
+
+def test_profile_shares(benchmark):
+    """Where one sslkern training step spends its time (self CPU time per op)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
+    prev = torch.get_num_threads()
+    for name, cls, size, extra, threads in CASES:
+        torch.set_num_threads(threads)
+        step, a, reset = make_step(name, cls, extra, threads)
+        reset(), step(), reset(), step()  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            reset()
+            step()
+        s = _shares(prof)
+        rows.append(f"| {name} | {size} | {a.batch_size} | {s['sslkern']:.1f} % | {s['gemm']:.1f} % | {s['other']:.1f} % |")
+    torch.set_num_threads(prev)
+    from harness import machine
+
+    text = ["# Where a training step spends its time (sslkern backend, torch profiler, self CPU time)", "",
+            f"Machine: {machine()}; torch {torch.__version__}. Written by `pytest bench/bench_recipe.py "
+            "--benchmark-only -k profile`.", "",
+            "| recipe | size | batch | sslkern ops | GEMMs (mm/addmm/bmm/attention/conv) | everything else |",
+            "|---|---|---:|---:|---:|---:|", *rows, ""]
+    with open(os.path.join(ROOT, "docs", "bench", "recipe_profile.md"), "w") as f:
+        f.write("\n".join(text))
+    print("\n".join(text))
+    benchmark.pedantic(lambda: None, rounds=1)

@@ -48,7 +48,7 @@ def test_smoke_run_directory_and_timm_export(tmp_path):
     res = _recipe().main(TINY + ["--out", out, "--steps", "3"])
     assert res["step"] == 3
     for name in ("config.json", "metrics.jsonl", "checkpoint.safetensors", "encoder_teacher.safetensors",
-                 "encoder_student.safetensors", "loss.png", "eval.png", "summary.txt"):
+                 "encoder_student.safetensors", "loss.png", "eval.png", "summary.txt", "summary.json"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     rows = RunLogger.read_metrics(os.path.join(out, "metrics.jsonl"))
     train = [r for r in rows if r["kind"] == "train"]
@@ -62,7 +62,7 @@ def test_smoke_run_directory_and_timm_export(tmp_path):
     model = ckpt.load_exported_encoder(os.path.join(out, "encoder_teacher.safetensors"))
     tensors, _ = ckpt.load_tensors(os.path.join(out, "checkpoint.safetensors"))
     for k, v in model.state_dict().items():
-        torch.testing.assert_close(v, tensors[f"teacher/{k}"], rtol=0, atol=0)
+        torch.testing.assert_close(v, tensors[f"method/teacher.module.{k}"], rtol=0, atol=0)
     # ... that runs: features of the right width.
     assert model.forward_features(torch.randn(2, 1, 16, 16)).shape == (2, 17, 32)
 

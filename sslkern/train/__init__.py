@@ -1,4 +1,6 @@
-"""Shared recipe plumbing: data, evaluation, checkpoints, run logging, torchrun helpers.
+"""Shared recipe plumbing: the training loop, views, data, evaluation, checkpoints, logging.
 
 Written once and used by every recipe under ``recipes/``; not imported by ``import sslkern``.
+A recipe subclasses :class:`Method` and calls :func:`run` (see :mod:`sslkern.train.loop`).
 """
+from .loop import Method, StepContext, build_vit, parse_args, run  # noqa: F401

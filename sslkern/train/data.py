@@ -43,6 +43,8 @@ class ImageDataset:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     classes: list[str]
+    mean: torch.Tensor | None = None  # (1, C, 1, 1) per-channel normalisation (train set)
+    std: torch.Tensor | None = None
 
     @property
     def in_chans(self) -> int:
@@ -200,7 +202,8 @@ def load_dataset(path: str | None = None, image_size: int = 16) -> ImageDataset:
             name = f"imagefolder:{os.path.basename(os.path.normpath(path))}"
     mean = xtr.mean(dim=(0, 2, 3), keepdim=True)
     std = xtr.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    return ImageDataset(name, ((xtr - mean) / std).contiguous(), ytr, ((xte - mean) / std).contiguous(), yte, classes)
+    return ImageDataset(name, ((xtr - mean) / std).contiguous(), ytr, ((xte - mean) / std).contiguous(), yte, classes,
+                        mean, std)
 
 
 # ---------------------------------------------------------------------------------------
@@ -208,7 +211,7 @@ def load_dataset(path: str | None = None, image_size: int = 16) -> ImageDataset:
 # ---------------------------------------------------------------------------------------
 def augment(images: torch.Tensor, generator: torch.Generator, *, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3),
             degrees: float = 10.0, rows: tuple[int, int] = (0, 1)) -> torch.Tensor:
-    """Random resized crop + rotation, one affine warp per image, drawn from ``generator``.
+    """Random resized crop + rotation at the input size (``views.random_resized_crop``).
 
     The crop covers ``scale`` of the area with aspect ``ratio`` (log-uniform), placed
     uniformly inside the image, rotated by U(-degrees, degrees); output has the input size.
@@ -216,21 +219,9 @@ def augment(images: torch.Tensor, generator: torch.Generator, *, scale=(0.5, 1.0
     the parameters are drawn for the whole global batch and this rank's rows are used, so
     every rank count gives the same augmentation.
     """
-    rank, world = rows
-    b = images.shape[0]
-    u = torch.rand(b * world, 5, generator=generator, device=generator.device)[rank::world].to(images.device)
-    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
-    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
-    aspect = logr.exp()
-    w = (area * aspect).sqrt().clamp(max=1.0)  # crop width / image width
-    h = (area / aspect).sqrt().clamp(max=1.0)
-    cx = (1 - w) * (2 * u[:, 2] - 1)  # crop centre in [-1, 1] coordinates, crop inside the image
-    cy = (1 - h) * (2 * u[:, 3] - 1)
-    angle = (2 * u[:, 4] - 1) * math.radians(degrees)
-    cos, sin = angle.cos(), angle.sin()
-    theta = torch.stack([torch.stack([w * cos, -h * sin, cx], -1), torch.stack([w * sin, h * cos, cy], -1)], 1)
-    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    from .views import random_resized_crop
+
+    return random_resized_crop(images, generator, scale=scale, ratio=ratio, degrees=degrees, rows=rows)
 
 
 def epoch_batches(num_samples: int, batch_size: int, epoch: int, seed: int, *, rank: int = 0, world_size: int = 1):

@@ -6,8 +6,9 @@ Run directory layout::
     metrics.jsonl      one JSON object per line: {"kind": "train"|"eval"|"final", "step", "epoch", ...}
     checkpoint.safetensors   last training state (see checkpoint.py)
     encoder_teacher.safetensors / encoder_student.safetensors   timm-loadable encoders
-    loss.png, eval.png plots (matplotlib, Agg backend)
+    loss.png, eval.png, health.png   plots (matplotlib, Agg backend)
     summary.txt        the summary printed at the end
+    summary.json       machine-readable result (see summary.py); the README table is made from these
 """
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ class RunLogger:
             print(*args, flush=True)
 
     # -- plots and summary ----------------------------------------------------------------
-    def plot(self) -> None:
+    def plot(self, health: list[str] | tuple = ()) -> None:
         if not self.is_main or not os.path.exists(self.metrics_path):
             return
         import matplotlib
@@ -99,6 +100,17 @@ class RunLogger:
             ax.grid(alpha=0.3)
             fig.tight_layout()
             fig.savefig(os.path.join(self.out_dir, "loss.png"), dpi=100)
+            plt.close(fig)
+        series = [k for k in health if any(k in r for r in train)]
+        if series:  # collapse signals, one panel each
+            fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3.2), squeeze=False)
+            for ax, k in zip(axes[0], series):
+                pts = [(r["step"], r[k]) for r in train if k in r]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1)
+                ax.set_xlabel("step"), ax.set_title(k, fontsize=9), ax.grid(alpha=0.3)
+            fig.suptitle("health (collapse signals)", fontsize=10)
+            fig.tight_layout()
+            fig.savefig(os.path.join(self.out_dir, "health.png"), dpi=100)
             plt.close(fig)
         evals = [r for r in rows if r["kind"] in ("eval", "final")]
         if evals:

@@ -1,0 +1,158 @@
+"""iBOT / DINOv2-style pretraining of a small ViT on sslkern ops (Zhou et al. 2022, arXiv:2111.07832;
+Oquab et al. 2023, arXiv:2304.07193), following dinov2 ``dinov2/train/ssl_meta_arch.py``.
+
+    python recipes/ibot.py                          # digits, 16x16, a few minutes on 2 CPU cores
+    python recipes/ibot.py --teacher sinkhorn       # DINOv2's Sinkhorn-Knopp teacher
+    torchrun --nproc_per_node=2 recipes/ibot.py
+
+One step:
+  1. views     2 global + N local crops (multi-crop, as DINO)
+  2. masks     block masks (``sslkern.masks.block_mask``) on a fraction of the global crops
+               (dinov2 collate: probability 0.5, ratios spread over (0.1, 0.5))
+  3. teacher   the EMA teacher encodes the unmasked global crops: image head on the pooled
+               tokens, patch head on the patch tokens at the masked positions
+  4. student   global crops with a learned mask token at masked patches, and the local crops
+  5. loss      DINO loss on the image head (``sslkern.nn.DINOLoss``) + iBOT masked patch loss
+               (``sslkern.nn.IBOTPatchLoss``, per-image weights) + KoLeo on the student's
+               global-crop features (``sslkern.koleo_loss``, weight 0.1)
+  6. step, EMA as DINO (cosine momentum)
+
+Deviations for the small default (see docs/recipes/ibot.md): the DINO settings of
+recipes/dino.py (mean-pooled image-head input, BatchNorm in the heads, K = 4,096, τt 0.02 →
+0.03, m0 = 0.99); separate image and patch heads (dinov2's ``ibot.separate_head``) so each
+head's BatchNorm sees one kind of input; the DINO term is DINO's average over all cross-view
+pairs (dinov2 weighs global and local pairs separately). On the 4x4 token grid a block
+covers 4-8 of 16 patches.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sslkern  # noqa: E402
+from sslkern.train import Method, build_vit, run  # noqa: E402
+from sslkern.train.distillation import add_distillation_arguments, check_distillation_arguments  # noqa: E402
+from sslkern.train.health import distillation_health, distillation_verdict  # noqa: E402
+from sslkern.train.views import MultiCrop  # noqa: E402
+
+
+class MaskedStudent(nn.Module):
+    """Backbone + image head + patch head; ``mask_token`` replaces the embeddings of masked patches."""
+
+    def __init__(self, backbone, head, patch_head, pool):
+        super().__init__()
+        self.image = sslkern.nn.MultiCropWrapper(backbone, head, pool)
+        self.patch_head = patch_head
+        self.mask_token = nn.Parameter(torch.zeros(backbone.embed_dim))
+
+    def tokens(self, images, masks=None):
+        """dinov2 ``prepare_tokens_with_masks`` + blocks: (B, 1+N, D) after the final norm."""
+        vit = self.image.backbone
+        x = vit.patch_embed(images)                                           # (B, H, W, D): dynamic size
+        if masks is not None:
+            x = torch.where(masks.view(*x.shape[:-1], 1), self.mask_token.to(x.dtype), x)
+        return vit.norm(vit.blocks(vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))))
+
+
+def block_masks(a, n_images, grid, ctx):
+    """Masks of the global crops, drawn for the global batch: (2·B, N) bool, crop-major."""
+    m = sslkern.masks.block_mask(2 * n_images * ctx.world_size, grid, tuple(a.mask_ratio),
+                                 mask_probability=a.mask_probability, generator=ctx.generator,
+                                 device=ctx.generator.device).mask
+    return m.view(2, n_images * ctx.world_size, -1)[:, ctx.rows].reshape(2 * n_images, -1)
+
+
+class IBOT(Method):
+    """iBOT / DINOv2: DINO's image-level self-distillation plus masked patch-token distillation."""
+
+    name, title = "ibot", "iBOT"
+    defaults = dict(epochs=80, lr=1e-3, weight_decay=0.04, weight_decay_end=0.2, warmup_epochs=5, clip_grad=3.0,
+                    clip_mode="per-param", eval_every=20)
+    health = {"teacher_entropy_frac": "high", "batch_entropy_frac": "low", "kl": "low",
+              "patch_teacher_entropy_frac": "high", "patch_batch_entropy_frac": "low", "patch_kl": "low"}
+
+    @staticmethod
+    def add_arguments(g):
+        add_distillation_arguments(g)
+        g.add_argument("--mask-probability", type=float, default=0.5, help="share of global crops masked")
+        g.add_argument("--mask-ratio", type=float, nargs=2, default=(0.1, 0.5), help="masked share range")
+        g.add_argument("--ibot-weight", type=float, default=1.0)
+        g.add_argument("--koleo-weight", type=float, default=0.1)
+
+    @staticmethod
+    def check_arguments(a, error):
+        check_distillation_arguments(a, error)
+        if not 0 < a.mask_probability <= 1:
+            error(f"--mask-probability expected in (0, 1], got {a.mask_probability}")
+        if not 0 <= a.mask_ratio[0] <= a.mask_ratio[1] < 1:
+            error(f"--mask-ratio expected 0 <= lo <= hi < 1, got {a.mask_ratio[0]} {a.mask_ratio[1]}")
+
+    def __init__(self, a, data):
+        super().__init__()
+        self.a, self.mean, self.std = a, data.mean, data.std
+        backbone = build_vit(a, data.in_chans, dynamic_img_size=True)
+        self.grid = tuple(backbone.patch_embed.grid_size)
+        heads = [sslkern.nn.DINOHead(a.dim, a.out_dim, use_bn=a.bn_in_head, norm_last_layer=a.norm_last_layer,
+                                     nlayers=a.head_layers, hidden_dim=a.hidden_dim, bottleneck_dim=a.bottleneck_dim)
+                 for _ in range(2)]
+        self.student = MaskedStudent(backbone, *heads, a.pool)
+        self.teacher = sslkern.nn.EMATeacher(self.student)
+        self.dino_loss = sslkern.nn.DINOLoss(a.out_dim, 2 + a.local_crops, a.warmup_teacher_temp, a.teacher_temp,
+                                             min(a.warmup_teacher_temp_epochs, a.epochs), a.epochs, a.student_temp,
+                                             a.center_momentum, teacher_mode=a.teacher)
+        self.ibot_loss = sslkern.nn.IBOTPatchLoss(a.out_dim, a.student_temp, a.teacher_temp, a.center_momentum,
+                                                  teacher_mode=a.teacher)
+        self.views = MultiCrop(a.image_size, a.local_size, n_local=a.local_crops, global_scale=tuple(a.global_scale),
+                               local_scale=tuple(a.local_scale), degrees=a.degrees)
+
+    def schedule(self, ctx):
+        return {"momentum": sslkern.schedules.cosine_schedule(ctx.step, ctx.total_steps, self.a.momentum_teacher, 1.0),
+                "teacher_temp": float(self.dino_loss.teacher_temp_schedule[ctx.epoch])}
+
+    def frozen(self):
+        return {"student.image.head.last_layer.": self.a.freeze_last_layer,
+                "student.patch_head.last_layer.": self.a.freeze_last_layer}
+
+    def ema_pairs(self):
+        return [(self.teacher, self.student)]
+
+    def encoders(self):
+        return {"teacher": self.teacher.module.image.backbone, "student": self.student.image.backbone}
+
+    def forward(self, images, ctx):
+        a, tt = self.a, ctx.teacher_temp
+        global_crops, local_crops = self.views(images, ctx.generator, mean=self.mean, std=self.std,
+                                               rows=(ctx.rank, ctx.world_size))                # 1. views
+        masks = block_masks(a, images.shape[0], self.grid, ctx)                              # 2. masks (2B, N)
+        g = torch.cat(global_crops)
+        with torch.no_grad():                                                                # 3. teacher
+            t_tok = self.teacher.module.tokens(g)
+            t_img = self.teacher.module.image.head(self.teacher.module.image.pooled(t_tok))
+            t_patch = self.teacher.module.patch_head(t_tok[:, 1:][masks])
+        s_tok = self.student.tokens(g, masks)                                                # 4. student
+        s_img = self.student.image.head(torch.cat([self.student.image.pooled(s_tok),
+                                                   self.student.image.features(local_crops)]))
+        s_patch = self.student.patch_head(s_tok[:, 1:][masks])
+        centers = self.dino_loss.center.clone(), self.ibot_loss.center.clone()
+        dino = self.dino_loss(s_img, t_img, ctx.epoch)                                       # 5. losses
+        ibot = self.ibot_loss(s_patch, t_patch, masks, teacher_temp=tt)
+        koleo = sum(sslkern.koleo_loss(f) for f in self.student.image.pooled(s_tok).chunk(2))
+        loss = dino + a.ibot_weight * ibot + a.koleo_weight * koleo
+        n = masks.sum(1)
+        w = torch.repeat_interleave(1.0 / n.clamp(min=1).float(), n)                         # iBOT's token weights
+        return loss, {"dino_loss": dino.detach(), "ibot_loss": ibot.detach(), "koleo": koleo.detach(),
+                      "masked_share": masks.float().mean(),
+                      **distillation_health(t_img, centers[0], tt, dino, mode=a.teacher),
+                      **distillation_health(t_patch, centers[1], tt, ibot * masks.shape[0] / w.sum(), mode=a.teacher,
+                                            weights=w, prefix="patch_")}
+
+    def verdict(self, health):
+        return distillation_verdict(health, ("", "patch_"))
+
+
+if __name__ == "__main__":
+    run(IBOT)

@@ -1,0 +1,71 @@
+"""Collapse signals, computed from what a step already has (no extra forward passes).
+
+Self-distillation (DINO, iBOT): with teacher probabilities ``p = softmax((t − c)/τt)`` (or
+the Sinkhorn-Knopp teacher) over K prototypes,
+  * ``teacher_entropy_frac`` = mean_rows H(p) / ln K: near 1 = uniform collapse;
+  * ``batch_entropy_frac``  = H(mean_rows p) / ln K: near 0 = every image on one prototype;
+  * ``kl`` = student–teacher KL = cross-entropy loss − mean teacher entropy (exact, since each
+    teacher row enters the same number of pairs).
+Joint embedding (BYOL, SimSiam, MoCo, SimCLR): ``embedding_std`` = mean over dimensions of
+the per-dimension std of L2-normalised embeddings, × √D (1 for isotropic, → 0 on collapse).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import sslkern
+
+
+@torch.no_grad()
+def teacher_probabilities(teacher_logits: torch.Tensor, center, teacher_temp: float, mode: str = "center") -> torch.Tensor:
+    t = teacher_logits.float()
+    if mode == "sinkhorn":
+        return sslkern.sinkhorn_knopp_teacher(t, teacher_temp).float()
+    return torch.softmax((t - center.reshape(1, -1).float()) / teacher_temp, dim=-1)
+
+
+@torch.no_grad()
+def distillation_health(teacher_logits: torch.Tensor, center, teacher_temp: float, loss: torch.Tensor, *,
+                        mode: str = "center", weights: torch.Tensor | None = None, prefix: str = "") -> dict:
+    """Teacher entropy (fraction of ln K), batch-mean entropy (fraction), KL; see module doc.
+
+    ``weights`` (rows,) weight each teacher row's entropy as the loss weights its rows (iBOT).
+    """
+    k = teacher_logits.shape[-1]
+    p = teacher_probabilities(teacher_logits, center, teacher_temp, mode)
+    ent = -(p * p.clamp_min(1e-30).log()).sum(-1)
+    mean_ent = (ent * weights).sum() / weights.sum() if weights is not None else ent.mean()
+    pbar = p.mean(0)
+    batch_ent = -(pbar * pbar.clamp_min(1e-30).log()).sum()
+    return {f"{prefix}teacher_entropy_frac": float(mean_ent) / math.log(k),
+            f"{prefix}batch_entropy_frac": float(batch_ent) / math.log(k),
+            f"{prefix}kl": float(loss.detach()) - float(mean_ent)}
+
+
+def distillation_verdict(health: dict, prefixes=("",), *, uniform: float = 0.9, single: float = 0.1) -> tuple[bool, str]:
+    """Collapsed if the teacher is near uniform (entropy ≥ ``uniform``·ln K) or puts the batch
+    on one prototype (batch-mean entropy ≤ ``single``·ln K), for any head."""
+    parts, collapsed = [], False
+    for pre in prefixes:
+        h, hb = health.get(f"{pre}teacher_entropy_frac"), health.get(f"{pre}batch_entropy_frac")
+        if h is None or hb is None:
+            continue
+        name = pre.rstrip("_") or "teacher"
+        if h >= uniform:
+            collapsed = True
+            parts.append(f"{name}: collapsed to uniform (entropy {h:.2f}·ln K ≥ {uniform})")
+        elif hb <= single:
+            collapsed = True
+            parts.append(f"{name}: collapsed to one prototype (batch-mean entropy {hb:.2f}·ln K ≤ {single})")
+        else:
+            parts.append(f"{name}: not collapsed (entropy {h:.2f}·ln K, batch-mean {hb:.2f}·ln K)")
+    return collapsed, "; ".join(parts) or "no health figures logged"
+
+
+@torch.no_grad()
+def embedding_std(z: torch.Tensor) -> float:
+    """√D · mean_d std_b(normalize(z)[:, d]): ≈1 for well-spread embeddings, → 0 on collapse."""
+    z = torch.nn.functional.normalize(z.float(), dim=-1)
+    return float(z.std(0).mean()) * math.sqrt(z.shape[-1])

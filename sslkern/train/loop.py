@@ -1,0 +1,413 @@
+"""The one training loop every recipe runs on.
+
+A recipe is a :class:`Method`: an ``nn.Module`` holding every part it trains and every
+piece of state it keeps (teachers, centers, queues — as submodules and registered
+buffers, so checkpoints need no special cases), plus four small declarations::
+
+    class DINO(Method):
+        name, title = "dino", "DINO"
+        defaults = dict(epochs=80, lr=1e-3)          # overrides of the common options
+        health = {"teacher_entropy_frac": "high"}   # collapse signals: which way is bad
+
+        @staticmethod
+        def add_arguments(p): ...                   # the method's own options
+        def __init__(self, a, data): ...            # build the model (pure: seeded by the loop)
+        def schedule(self, ctx): ...                # per-step values: {"momentum": ..., ...}
+        def forward(self, images, ctx): ...         # one step -> (loss, {metric: value})
+        def ema_pairs(self): ...                    # [(EMATeacher, student module)]
+        def encoders(self): ...                     # {"teacher": vit, "student": vit}
+
+    if __name__ == "__main__":
+        sslkern.train.run(DINO)
+
+The loop owns the rest: common options and their checks, the step loop and progress bar,
+learning-rate / weight-decay schedules, backward, gradient clipping, frozen parameter
+groups, the optimizer step, EMA updates after it, metrics, periodic kNN, atomic
+checkpoints and bitwise resume, torchrun (DDP), the final kNN + linear probe of every
+encoder against the same architecture at its random initialisation, encoder export,
+plots, ``summary.txt`` and ``summary.json``.
+
+Contract of ``forward(images, ctx)``: ``images`` are this rank's rows ``rank::world_size``
+of the global batch, not augmented (views are the method's). Random draws come from
+``ctx.generator``, seeded from (seed, step) and identical on every rank; draw for the
+global batch and keep this rank's rows, so any rank count gives the same step. The
+returned loss is this rank's share such that its *mean over ranks* is the global loss
+(DDP averages gradients); metrics are scalars, averaged over ranks for the log.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+import sslkern
+from sslkern.train import checkpoint as ckpt
+from sslkern.train import distributed as dist
+from sslkern.train.data import DataError, ImageDataset, epoch_batches, load_dataset
+from sslkern.train.evaluate import evaluate_encoder
+from sslkern.train.logging import RunLogger, Throughput
+
+# Options that may differ between a run and its --resume (everything else must match).
+RESUMABLE = ("out", "steps", "resume", "quiet", "threads", "eval_every", "no_probe", "backend", "device")
+
+
+class ResumeError(ValueError):
+    """--resume found a checkpoint that this run's settings cannot continue."""
+
+
+@dataclass
+class StepContext:
+    """What a step may read: position in the run, this rank, the seeded generator, schedules."""
+
+    step: int
+    epoch: int
+    total_steps: int
+    steps_per_epoch: int
+    generator: torch.Generator
+    rank: int = 0
+    world_size: int = 1
+    lr: float = 0.0
+    weight_decay: float = 0.0
+    values: dict = field(default_factory=dict)  # the method's schedule(ctx) for this step
+
+    def __getattr__(self, name):  # ctx.momentum, ctx.teacher_temp, ... from values
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(f"StepContext has no {name!r} (the method's schedule() gives: {sorted(values)})")
+
+    @property
+    def rows(self) -> slice:
+        """This rank's rows of a tensor drawn for the global batch."""
+        return slice(self.rank, None, self.world_size)
+
+
+class Method(nn.Module):
+    """Base class of a recipe's model; see the module docstring for the contract."""
+
+    name = "method"
+    title = "method"
+    defaults: dict = {}
+    health: dict = {}           # metric -> "high" or "low": the direction that signals collapse
+    betas = (0.9, 0.999)        # AdamW
+    no_weight_decay = ("pos_embed", "cls_token", "mask_token", "reg_token")
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        pass
+
+    @staticmethod
+    def check_arguments(a, error) -> None:
+        """Call ``error(message)`` for a bad combination of options."""
+
+    def schedule(self, ctx: StepContext) -> dict:
+        return {}
+
+    def ema_pairs(self) -> list:
+        return []
+
+    def encoders(self) -> dict:
+        raise NotImplementedError
+
+    def frozen(self) -> dict[str, int]:
+        """{parameter-name prefix: epochs}: parameters not updated during their first epochs
+        (DINO's last layer). Default: none."""
+        return {}
+
+    def param_groups(self) -> list[dict]:
+        """AdamW groups: weight decay on matrices except position/prefix/mask tokens, one
+        group per ``frozen()`` prefix (``freeze_epochs``). A group may also set ``lr_scale``."""
+        groups: dict[tuple, list] = {}
+        frozen = self.frozen()
+        for n, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            wd = not (p.ndim <= 1 or any(k in n for k in self.no_weight_decay))
+            freeze = next((e for prefix, e in frozen.items() if n.startswith(prefix)), 0)
+            groups.setdefault((wd, freeze), []).append(p)
+        return [{"params": ps, "apply_wd": wd, "freeze_epochs": fr} for (wd, fr), ps in groups.items()]
+
+    def verdict(self, health: dict) -> tuple[bool, str]:
+        """(collapsed, one line) from the final health figures; default: not judged."""
+        return False, "no collapse signal defined"
+
+    def timm_kwargs(self) -> dict:
+        """Constructor arguments of the exported encoders (``VisionTransformer(**kw)``)."""
+        return dict(self._timm_kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------------------
+COMMON_DEFAULTS = dict(epochs=70, batch_size=128, lr=2e-3, min_lr=0.0, weight_decay=0.05, weight_decay_end=None,
+                       warmup_epochs=5, clip_grad=0.0, clip_mode="global", eval_every=10, threads=1,
+                       image_size=16, patch_size=4, dim=96, depth=4, heads=3)
+
+
+def build_parser(method: type[Method]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=method.__doc__ or method.title,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="ImageFolder tree or CIFAR-10 batches dir (default: sklearn digits)")
+    p.add_argument("--out", default=f"runs/{method.name}", help="run directory")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--steps", type=int, default=0, help="stop after this many steps in total (0 = all; schedules unchanged)")
+    p.add_argument("--batch-size", type=int, help="global batch (split over ranks)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors if present")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--backend", default="auto", choices=("auto",) + sslkern.BACKENDS, help="sslkern backend for every op")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads per rank (0 = cores / ranks). Default 1: the default model's ops are tiny, "
+                        "and on a shared 2-core machine 2 threads ran 5x slower than 1")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--eval-every", type=int, help="kNN every N epochs (0 = only at the end)")
+    p.add_argument("--no-probe", action="store_true", help="skip the linear probe")
+    g = p.add_argument_group("model (timm VisionTransformer)")
+    g.add_argument("--image-size", type=int)
+    g.add_argument("--patch-size", type=int)
+    g.add_argument("--dim", type=int)
+    g.add_argument("--depth", type=int)
+    g.add_argument("--heads", type=int)
+    g = p.add_argument_group("optimisation (AdamW, warm-up then cosine)")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--min-lr", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--weight-decay-end", type=float, help="cosine weight-decay schedule to this value (default: constant)")
+    g.add_argument("--warmup-epochs", type=int)
+    g.add_argument("--clip-grad", type=float, help="gradient clipping norm (0 = off)")
+    g.add_argument("--clip-mode", choices=("global", "per-param"), help="one norm over all gradients, or dino's per parameter")
+    method.add_arguments(p.add_argument_group(f"{method.title}"))
+    p.set_defaults(**{**COMMON_DEFAULTS, **method.defaults})
+    return p
+
+
+def check_common(a, error) -> None:
+    for name in ("epochs", "batch_size", "image_size", "patch_size", "dim", "depth", "heads"):
+        if getattr(a, name) <= 0:
+            error(f"--{name.replace('_', '-')} expected a positive integer, got {getattr(a, name)}")
+    for name in ("steps", "threads", "warmup_epochs", "eval_every"):
+        if getattr(a, name) < 0:
+            error(f"--{name.replace('_', '-')} expected >= 0, got {getattr(a, name)}")
+    if a.lr <= 0:
+        error(f"--lr expected > 0, got {a.lr}")
+    if a.clip_grad < 0:
+        error(f"--clip-grad expected >= 0, got {a.clip_grad}")
+    if a.image_size % a.patch_size:
+        error(f"--image-size {a.image_size} expected a multiple of --patch-size {a.patch_size}")
+    if a.dim % a.heads:
+        error(f"--dim {a.dim} expected a multiple of --heads {a.heads}")
+    if a.device not in ("cpu", "cuda") and not a.device.startswith("cuda:"):
+        error(f"--device expected cpu, cuda or cuda:N, got {a.device!r}")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        error("--device cuda given but no CUDA device is visible")
+    if a.data is not None and not os.path.exists(a.data):
+        error(f"--data {a.data!r} does not exist (datasets are never downloaded)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if a.batch_size % world:
+        error(f"--batch-size {a.batch_size} expected a multiple of the number of processes ({world})")
+
+
+def parse_args(method: type[Method], argv=None):
+    p = build_parser(method)
+    a = p.parse_args(argv)
+    check_common(a, p.error)
+    method.check_arguments(a, p.error)
+    return p, a
+
+
+def build_vit(a, in_chans: int, **overrides):
+    """The recipes' timm ``VisionTransformer`` from the common model options (no classifier)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    kw = dict(img_size=a.image_size, patch_size=a.patch_size, in_chans=in_chans, embed_dim=a.dim, depth=a.depth,
+              num_heads=a.heads, num_classes=0, global_pool="token", **overrides)
+    vit = VisionTransformer(**kw)
+    vit._sslkern_timm_kwargs = kw  # what export_encoder writes, so timm rebuilds it exactly
+    return vit
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------
+def make_optimizer(method: Method, a) -> torch.optim.Optimizer:
+    groups = method.param_groups()
+    for g in groups:
+        g.setdefault("apply_wd", True)
+        g.setdefault("lr_scale", 1.0)
+        g.setdefault("freeze_epochs", 0)
+        g["weight_decay"] = a.weight_decay if g["apply_wd"] else 0.0
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=a.lr, betas=method.betas)
+
+
+def _clip(params, max_norm: float, mode: str) -> None:
+    grads = [p for p in params if p.grad is not None]
+    if mode == "global":
+        torch.nn.utils.clip_grad_norm_(grads, max_norm)
+        return
+    for p in grads:  # dino utils.clip_gradients: each parameter's gradient norm capped on its own
+        coef = max_norm / (float(p.grad.norm(2)) + 1e-6)
+        if coef < 1:
+            p.grad.mul_(coef)
+
+
+def train_step(a, model: nn.Module, method: Method, opt: torch.optim.Optimizer, images: torch.Tensor,
+               ctx: StepContext):
+    """One optimisation step: schedules → the method's forward → backward → frozen groups →
+    clipping → AdamW → EMA updates. ``model`` is ``method`` or its DDP wrapper."""
+    for g in opt.param_groups:
+        g["lr"] = ctx.lr * g["lr_scale"]
+        g["weight_decay"] = ctx.weight_decay if g["apply_wd"] else 0.0
+    loss, metrics = model(images, ctx)                                          # the method's step
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for g in opt.param_groups:                                                  # e.g. DINO's last layer
+        if ctx.epoch < g["freeze_epochs"]:
+            for p in g["params"]:
+                p.grad = None
+    if a.clip_grad:
+        _clip([p for g in opt.param_groups for p in g["params"]], a.clip_grad, a.clip_mode)
+    opt.step()
+    for teacher, student in method.ema_pairs():                                 # EMA after the step
+        teacher.update(student, ctx.momentum)
+    return loss, metrics
+
+
+def _metric_values(loss: torch.Tensor, metrics: dict) -> dict[str, float]:
+    """Loss and metrics averaged over ranks, as floats (one all-reduce)."""
+    names = ["loss", *metrics]
+    vals = torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().reshape(()).cpu()
+                        for v in [loss, *metrics.values()]])
+    if dist.is_enabled():
+        vals = dist.all_reduce_mean(vals.to(loss.device)).cpu()
+    return dict(zip(names, vals.tolist()))
+
+
+def train(method_cls: type[Method], a, info, log):
+    data = load_dataset(a.data, a.image_size)
+    torch.manual_seed(a.seed)
+    method = method_cls(a, data).to(info.device)
+    model = (nn.parallel.DistributedDataParallel(method, broadcast_buffers=False) if info.enabled else method)
+    opt = make_optimizer(method, a)
+    gen = torch.Generator(device=info.device)  # views, masks, noise: reseeded every step
+
+    steps_per_epoch = data.train_images.shape[0] // a.batch_size
+    if steps_per_epoch == 0:
+        raise DataError(f"--batch-size {a.batch_size} is larger than the training set ({data.train_images.shape[0]} images)")
+    total_steps, warmup = a.epochs * steps_per_epoch, a.warmup_epochs * steps_per_epoch
+    last = min(total_steps, a.steps) if a.steps else total_steps
+    step, ckpt_path = 0, os.path.join(a.out, "checkpoint.safetensors")
+    run_config = {k: v for k, v in vars(a).items() if k not in RESUMABLE}  # what a resumed run must share
+    if a.resume and os.path.exists(ckpt_path):
+        saved = ckpt.load_training_state(ckpt_path, modules={"method": method}, optimizer=opt, generators={"step": gen})
+        changed = {k: (saved["config"].get(k), v) for k, v in run_config.items() if saved["config"].get(k) != v}
+        if changed:
+            raise ResumeError(f"--resume: {ckpt_path} was written with different settings "
+                              f"(name: (checkpoint, now)): {changed}")
+        step = saved["step"]
+        log.print(f"resumed from {ckpt_path} at step {step}")
+
+    log.progress(last, initial=step)
+    speed = Throughput()
+    while step < last:
+        epoch, pos = divmod(step, steps_per_epoch)
+        idx = epoch_batches(len(data.train_labels), a.batch_size, epoch, a.seed, rank=info.rank,
+                            world_size=info.world_size)[pos]
+        gen.manual_seed(a.seed * 1_000_003 + step)  # same on every rank; independent of interruptions
+        ctx = StepContext(step, epoch, total_steps, steps_per_epoch, gen, info.rank, info.world_size,
+                          lr=sslkern.schedules.warmup_cosine(step, total_steps, warmup, a.lr, a.min_lr),
+                          weight_decay=a.weight_decay if a.weight_decay_end is None else
+                          sslkern.schedules.cosine_schedule(step, total_steps, a.weight_decay, a.weight_decay_end))
+        ctx.values = method.schedule(ctx)
+
+        loss, metrics = train_step(a, model, method, opt, data.train_images[idx].to(info.device), ctx)
+        step += 1
+
+        values = _metric_values(loss, metrics)
+        if not math.isfinite(values["loss"]):
+            raise FloatingPointError(f"loss became {values['loss']} at step {step}")
+        rate = speed.tick(a.batch_size)
+        extra = {k: ctx.values[k] for k in ctx.values if isinstance(ctx.values[k], (int, float))}
+        log.log("train", step, epoch, **values, lr=ctx.lr, weight_decay=ctx.weight_decay, **extra, img_per_s=rate)
+        log.update_bar(**{k: values[k] for k in ["loss", *list(method.health)[:1]] if k in values}, lr=ctx.lr,
+                       img_s=round(rate))
+        end_of_epoch = step % steps_per_epoch == 0
+        if end_of_epoch and a.eval_every and (step // steps_per_epoch) % a.eval_every == 0 and step < last:
+            if info.is_main:
+                log.log("eval", step, step // steps_per_epoch,
+                        **{f"{n}_knn": evaluate_encoder(m, data, probe=False)["knn"] for n, m in method.encoders().items()})
+        if (end_of_epoch or step == last) and info.is_main:
+            ckpt.save_training_state(ckpt_path, modules={"method": method}, optimizer=opt, generators={"step": gen},
+                                     extra={"step": step, "epoch": step // steps_per_epoch, "total_steps": total_steps,
+                                            "config": run_config})
+    log.close_bar()
+    dist.barrier()
+    return data, method, step, steps_per_epoch
+
+
+def final_evaluation(method_cls, a, info, log, data: ImageDataset, method: Method, step: int, steps_per_epoch: int):
+    """kNN + probe of every encoder and of the same architecture at its random init (seed)."""
+    teachers = [t for t, _ in method.ema_pairs()]
+    drift = dist.max_abs_diff_across_ranks(torch.cat([p.flatten() for t in teachers for p in t.parameters()])) \
+        if teachers else 0.0
+    results = None
+    if info.is_main:
+        torch.manual_seed(a.seed)  # rebuilt exactly as the run began: the student's initial weights
+        random_init = next(iter(method_cls(a, data).encoders().values())).to(info.device)
+        encoders = {**method.encoders(), "random": random_init}
+        results = {name: evaluate_encoder(m, data, probe=not a.no_probe) for name, m in encoders.items()}
+        log.log("final", step, step // steps_per_epoch, teacher_replica_max_diff=drift,
+                **{f"{n}_{m}": v for n, r in results.items() for m, v in r.items()})
+        for name, enc in method.encoders().items():
+            ckpt.export_encoder(os.path.join(a.out, f"encoder_{name}.safetensors"), enc,
+                                getattr(enc, "_sslkern_timm_kwargs", {}), getattr(method, "export_extra", {}))
+    results = dist.broadcast_object(results)
+    results["teacher_replica_max_diff"] = drift
+    return results
+
+
+def run(method_cls: type[Method], argv=None) -> dict:
+    """Parse options, train, evaluate, write the run directory; returns the results dict."""
+    from sslkern.train.summary import health_summary, write_summary
+
+    parser, a = parse_args(method_cls, argv)
+    info = dist.init_distributed(a.device)
+    torch.set_num_threads(a.threads or max(1, (os.cpu_count() or 1) // info.world_size))
+    if info.device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    config = {**vars(a), "method": method_cls.name, "world_size": info.world_size, "torch": torch.__version__,
+              "sslkern": sslkern.__version__}
+    log = RunLogger(a.out, config, is_main=info.is_main, quiet=a.quiet,
+                    resume_step=None if not a.resume else ckpt.checkpoint_step(os.path.join(a.out, "checkpoint.safetensors")))
+    t0 = time.perf_counter()
+    try:
+        with sslkern.use_backend(None if a.backend == "auto" else a.backend):
+            data, method, step, spe = train(method_cls, a, info, log)
+            train_s = time.perf_counter() - t0
+            results = final_evaluation(method_cls, a, info, log, data, method, step, spe)
+    except (DataError, ResumeError) as e:
+        parser.error(str(e))
+    finally:
+        dist.cleanup()
+    results.update(train_s=train_s, total_s=time.perf_counter() - t0, step=step, out=a.out)
+    if not info.is_main:
+        return results
+    rows = RunLogger.read_metrics(log.metrics_path)
+    health = health_summary(rows, method_cls.health, step)
+    collapsed, verdict = method.verdict({k: v["final"] for k, v in health.items()})
+    results.update(health=health, collapsed=collapsed, verdict=verdict)
+    log.plot(health=list(method_cls.health))
+    write_summary(a, method_cls, data, info, results)
+    encs = [k for k in results if isinstance(results[k], dict) and "knn" in results[k]]
+    row = lambda k: [k, *(f"{results[k][m]:.1f}" if m in results[k] else "-" for m in ("knn", "probe"))]  # noqa: E731
+    lines = [("train time", f"{train_s:.0f} s"), ("total time", f"{results['total_s']:.0f} s")]
+    lines += [(name, f"{v['final']:.3g} (worst {v['worst']:.3g})") for name, v in health.items()]
+    lines += [("verdict", verdict), ("run directory", a.out)]
+    log.summary(f"{method_cls.title} on {data.name} — seed {a.seed}, {step} steps, world {info.world_size}, "
+                f"backend {a.backend}", lines, [["encoder", "kNN %", "probe %"], *map(row, encs)])
+    return results
+

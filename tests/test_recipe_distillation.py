@@ -1,0 +1,179 @@
+"""The DINO and iBOT recipes end to end (tiny models, a few steps) on the shared loop."""
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from sslkern.train import checkpoint as ckpt
+from sslkern.train.logging import TIMING_KEYS, RunLogger
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--dim", "32", "--heads", "2", "--depth", "2", "--out-dim", "256", "--hidden-dim", "64", "--bottleneck-dim", "32",
+        "--local-crops", "2", "--batch-size", "256", "--epochs", "2", "--eval-every", "1", "--quiet", "--threads", "1"]
+# 1,257 training digits // 256 = 4 steps per epoch, 8 steps in 2 epochs.
+
+
+def _recipe(name):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", os.path.join(ROOT, "recipes", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(name, argv):
+    mod = _recipe(name)
+    return mod.run(mod.DINO if name == "dino" else mod.IBOT, argv)
+
+
+def _rows(out, kind="train"):
+    return [r for r in RunLogger.read_metrics(os.path.join(out, "metrics.jsonl")) if r["kind"] == kind]
+
+
+def _deterministic_rows(out):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in RunLogger.read_metrics(os.path.join(out, "metrics.jsonl"))]
+
+
+def _state(out):
+    tensors, meta = ckpt.load_tensors(os.path.join(out, "checkpoint.safetensors"))
+    return {k: v for k, v in tensors.items() if not k.startswith("rng/")}, meta["step"]
+
+
+@pytest.mark.parametrize("name", ["dino", "ibot"])
+def test_smoke_run_directory(tmp_path, name):
+    out = str(tmp_path / name)
+    res = _run(name, TINY + ["--out", out, "--steps", "3"])
+    assert res["step"] == 3
+    for f in ("config.json", "metrics.jsonl", "checkpoint.safetensors", "encoder_teacher.safetensors",
+              "encoder_student.safetensors", "loss.png", "eval.png", "health.png", "summary.txt", "summary.json"):
+        assert os.path.getsize(os.path.join(out, f)) > 0, f
+    train = _rows(out)
+    assert [r["step"] for r in train] == [1, 2, 3]
+    for r in train:
+        assert np.isfinite(r["loss"]) and r["loss"] > 0
+        assert 0 < r["teacher_entropy_frac"] <= 1 + 1e-6 and 0 < r["batch_entropy_frac"] <= 1 + 1e-6
+        assert 0.99 <= r["momentum"] < 1 and 0.02 <= r["teacher_temp"] <= 0.03
+    if name == "ibot":
+        assert all(0 < r["masked_share"] < 0.5 and r["ibot_loss"] > 0 and "patch_kl" in r for r in train)
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert s["method"] == name and s["steps"] == 3 and s["dataset"] == "digits" and s["world_size"] == 1
+    assert set(s["eval"]) == {"teacher", "student", "random"} and all("probe" in v for v in s["eval"].values())
+    assert s["knn_gain"] == pytest.approx(max(s["eval"]["teacher"]["knn"], s["eval"]["student"]["knn"])
+                                          - s["eval"]["random"]["knn"], abs=0.01)
+    assert {"teacher_entropy_frac", "batch_entropy_frac", "kl"} <= set(s["health"])
+    assert isinstance(s["collapsed"], bool) and "teacher" in s["verdict"]
+    # the exported backbone is a plain timm ViT that encodes both crop sizes
+    model = ckpt.load_exported_encoder(os.path.join(out, "encoder_teacher.safetensors"))
+    assert model.forward_features(torch.randn(2, 1, 16, 16)).shape == (2, 17, 32)
+    assert model.forward_features(torch.randn(2, 1, 8, 8)).shape == (2, 5, 32)
+
+
+def test_dino_first_epoch_freezes_last_layer_and_center_moves(tmp_path):
+    out = str(tmp_path / "run")
+    _run("dino", TINY + ["--out", out, "--steps", "2", "--no-probe", "--eval-every", "0"])
+    from sslkern.train import parse_args
+    from sslkern.train.data import load_dataset
+
+    mod = _recipe("dino")
+    _, a = parse_args(mod.DINO, TINY + ["--out", out])
+
+    torch.manual_seed(a.seed)
+    init = mod.DINO(a, load_dataset(None, 16)).state_dict()
+    tensors, _ = ckpt.load_tensors(os.path.join(out, "checkpoint.safetensors"))
+    assert torch.equal(tensors["method/student.head.last_layer.weight_v"], init["student.head.last_layer.weight_v"])
+    assert not torch.equal(tensors["method/student.head.mlp.0.weight"], init["student.head.mlp.0.weight"])
+    assert tensors["method/loss.center"].abs().sum() > 0  # the center buffer is trained state (checkpointed)
+
+
+def test_ibot_sinkhorn_teacher_runs(tmp_path):
+    out = str(tmp_path / "run")
+    res = _run("ibot", TINY + ["--out", out, "--steps", "2", "--no-probe", "--teacher", "sinkhorn"])
+    assert all(np.isfinite(r["loss"]) for r in _rows(out))
+    assert 0 <= res["teacher"]["knn"] <= 100
+
+
+@pytest.mark.parametrize("name", ["dino", "ibot"])
+def test_reference_backend_gives_the_same_losses(tmp_path, name):
+    auto, ref = str(tmp_path / "auto"), str(tmp_path / "ref")
+    args = TINY + ["--steps", "6", "--no-probe", "--eval-every", "0"]
+    _run(name, args + ["--out", auto])
+    _run(name, args + ["--out", ref, "--backend", "reference"])
+    a, b = [r["loss"] for r in _rows(auto)], [r["loss"] for r in _rows(ref)]
+    np.testing.assert_allclose(a, b, rtol=2e-4)  # fused vs eager ops: fp32 sums in another order
+
+
+@pytest.mark.slow
+def test_dino_resume_after_sigkill_matches_uninterrupted(tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    args = TINY + ["--no-probe"]
+    _run("dino", args + ["--out", full])
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "recipes", "dino.py"), *args, "--out", part], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = os.path.join(part, "checkpoint.safetensors")
+    deadline = time.time() + 180
+    while not os.path.exists(ck) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    step = ckpt.checkpoint_step(ck)
+    assert step is not None and step < 8
+    _run("dino", args + ["--out", part, "--resume"])
+    (a, sa), (b, sb) = _state(full), _state(part)
+    assert sa == sb == 8 and a.keys() == b.keys()
+    for k in a:  # bitwise: weights, teacher, center, BatchNorm statistics, optimizer state
+        assert torch.equal(a[k], b[k]), k
+    assert _deterministic_rows(full) == _deterministic_rows(part)
+
+
+@pytest.mark.slow
+def test_dino_two_processes_equal_one(tmp_path):
+    out, single = str(tmp_path / "ddp"), str(tmp_path / "single")
+    args = TINY + ["--steps", "3", "--no-probe"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           os.path.join(ROOT, "recipes", "dino.py"), *args, "--out", out]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _run("dino", args + ["--out", single])
+    two, one = _rows(out), _rows(single)
+    assert [r["step"] for r in two] == [1, 2, 3]
+    # same global batch, views, head BatchNorm statistics (global) and center: same losses
+    for key in ("loss", "teacher_entropy_frac", "batch_entropy_frac"):
+        np.testing.assert_allclose([r[key] for r in two], [r[key] for r in one], rtol=1e-4, err_msg=key)
+    assert json.load(open(os.path.join(out, "summary.json")))["world_size"] == 2
+    assert _rows(out, "final")[-1]["teacher_replica_max_diff"] == 0.0
+    (a, _), (b, _) = _state(single), _state(out)
+    for k in a:
+        if k.startswith("method/teacher.") or k.endswith("center"):
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, args, message", [
+    ("dino", ["--out-dim", "0"], "--out-dim expected a positive integer, got 0"),
+    ("dino", ["--teacher-temp", "0"], "--teacher-temp expected > 0, got 0.0"),
+    ("dino", ["--local-scale", "0.5", "0.2"], "--local-scale expected 0 < lo <= hi <= 1, got 0.5 0.2"),
+    ("dino", ["--local-size", "6"], "--local-size 6 expected a multiple of --patch-size 4"),
+    ("dino", ["--teacher", "uniform"], "invalid choice: 'uniform'"),
+    ("dino", ["--clip-mode", "layer"], "invalid choice: 'layer'"),
+    ("dino", ["--lr", "-1"], "--lr expected > 0, got -1.0"),
+    ("ibot", ["--mask-probability", "0"], "--mask-probability expected in (0, 1], got 0.0"),
+    ("ibot", ["--mask-ratio", "0.6", "0.2"], "--mask-ratio expected 0 <= lo <= hi < 1, got 0.6 0.2"),
+    ("ibot", ["--batch-size", "5000"], "larger than the training set"),
+])
+def test_bad_options_are_clear_errors(tmp_path, capsys, name, args, message):
+    with pytest.raises(SystemExit) as e:
+        _run(name, ["--out", str(tmp_path / "x"), "--quiet"] + args)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
