@@ -155,9 +155,9 @@ def test_dino_two_processes_equal_one(tmp_path):
     assert json.load(open(os.path.join(out, "summary.json")))["world_size"] == 2
     assert _rows(out, "final")[-1]["teacher_replica_max_diff"] == 0.0
     (a, _), (b, _) = _state(single), _state(out)
-    for k in a:
+    for k in a:  # BatchNorm running statistics: per-rank sums vs one batch, up to ~4e-5 apart
         if k.startswith("method/teacher.") or k.endswith("center"):
-            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4 if "running_" in k else 1e-5, msg=k)
 
 
 @pytest.mark.parametrize("name, args, message", [

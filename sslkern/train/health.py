@@ -16,6 +16,7 @@ import math
 import torch
 
 import sslkern
+from sslkern.train.distributed import all_reduce_mean
 
 
 @torch.no_grad()
@@ -37,7 +38,7 @@ def distillation_health(teacher_logits: torch.Tensor, center, teacher_temp: floa
     p = teacher_probabilities(teacher_logits, center, teacher_temp, mode)
     ent = -(p * p.clamp_min(1e-30).log()).sum(-1)
     mean_ent = (ent * weights).sum() / weights.sum() if weights is not None else ent.mean()
-    pbar = p.mean(0)
+    pbar = all_reduce_mean(p.mean(0))  # the global batch's mean distribution (entropy is not additive)
     batch_ent = -(pbar * pbar.clamp_min(1e-30).log()).sum()
     return {f"{prefix}teacher_entropy_frac": float(mean_ent) / math.log(k),
             f"{prefix}batch_entropy_frac": float(batch_ent) / math.log(k),

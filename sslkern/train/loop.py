@@ -37,6 +37,7 @@ returned loss is this rank's share such that its *mean over ranks* is the global
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -301,7 +302,8 @@ def train(method_cls: type[Method], a, info, log):
     total_steps, warmup = a.epochs * steps_per_epoch, a.warmup_epochs * steps_per_epoch
     last = min(total_steps, a.steps) if a.steps else total_steps
     step, ckpt_path = 0, os.path.join(a.out, "checkpoint.safetensors")
-    run_config = {k: v for k, v in vars(a).items() if k not in RESUMABLE}  # what a resumed run must share
+    # what a resumed run must share, as the checkpoint's JSON stores it (tuples become lists)
+    run_config = json.loads(json.dumps({k: v for k, v in vars(a).items() if k not in RESUMABLE}))
     if a.resume and os.path.exists(ckpt_path):
         saved = ckpt.load_training_state(ckpt_path, modules={"method": method}, optimizer=opt, generators={"step": gen})
         changed = {k: (saved["config"].get(k), v) for k, v in run_config.items() if saved["config"].get(k) != v}
