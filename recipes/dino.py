@@ -32,9 +32,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sslkern  # noqa: E402
 from sslkern.train import Method, build_vit, run  # noqa: E402
-from sslkern.train.distillation import add_distillation_arguments, check_distillation_arguments  # noqa: E402
+from sslkern.train.distillation import (add_distillation_arguments, check_distillation_arguments,  # noqa: E402
+                                        distillation_schedule, multicrop_views)
 from sslkern.train.health import distillation_health, distillation_verdict  # noqa: E402
-from sslkern.train.views import MultiCrop  # noqa: E402
 
 
 class DINO(Method):
@@ -59,12 +59,10 @@ class DINO(Method):
         self.loss = sslkern.nn.DINOLoss(a.out_dim, 2 + a.local_crops, a.warmup_teacher_temp, a.teacher_temp,
                                         min(a.warmup_teacher_temp_epochs, a.epochs), a.epochs, a.student_temp,
                                         a.center_momentum, teacher_mode=a.teacher)
-        self.views = MultiCrop(a.image_size, a.local_size, n_local=a.local_crops, global_scale=tuple(a.global_scale),
-                               local_scale=tuple(a.local_scale), degrees=a.degrees)
+        self.views = multicrop_views(a)
 
     def schedule(self, ctx):
-        return {"momentum": sslkern.schedules.cosine_schedule(ctx.step, ctx.total_steps, self.a.momentum_teacher, 1.0),
-                "teacher_temp": float(self.loss.teacher_temp_schedule[ctx.epoch])}
+        return distillation_schedule(self.a, ctx, self.loss)
 
     def frozen(self):
         return {"student.head.last_layer.": self.a.freeze_last_layer}

@@ -1,11 +1,8 @@
 """The data2vec 2.0 recipe end to end (tiny model, a few steps) and the shared plumbing."""
-import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,7 +11,9 @@ import torch
 from sslkern.train import checkpoint as ckpt
 from sslkern.train.data import DataError, augment, epoch_batches, load_dataset, read_image_folder
 from sslkern.train.evaluate import knn_accuracy
-from sslkern.train.logging import TIMING_KEYS, RunLogger
+from sslkern.train.logging import RunLogger
+
+from recipe_helpers import deterministic_rows, final_state, kill_at_first_checkpoint, load_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "data2vec2.py")
@@ -24,20 +23,10 @@ TINY = ["--dim", "32", "--heads", "2", "--depth", "2", "--top-k", "2", "--decode
 
 
 def _recipe():
-    spec = importlib.util.spec_from_file_location("recipe_data2vec2", RECIPE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_recipe("data2vec2")
 
 
-def _deterministic_rows(out):
-    rows = RunLogger.read_metrics(os.path.join(out, "metrics.jsonl"))
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
-
-
-def _final_state(out):
-    tensors, meta = ckpt.load_tensors(os.path.join(out, "checkpoint.safetensors"))
-    return {k: v for k, v in tensors.items() if not k.startswith("rng/")}, meta["step"]
+_deterministic_rows, _final_state = deterministic_rows, final_state
 
 
 # ---------------------------------------------------------------------------------------
@@ -113,17 +102,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     recipe = _recipe()
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     recipe.main(TINY + ["--out", full, "--no-probe"])
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    proc = subprocess.Popen([sys.executable, RECIPE, *TINY, "--out", part, "--no-probe"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ck = os.path.join(part, "checkpoint.safetensors")
-    deadline = time.time() + 120
-    while not os.path.exists(ck) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    step = ckpt.checkpoint_step(ck)
+    step = kill_at_first_checkpoint("data2vec2", TINY + ["--no-probe"], part)
     assert step is not None and step < 8
     recipe.main(TINY + ["--out", part, "--no-probe", "--resume"])
     (a, _), (b, _) = _final_state(full), _final_state(part)

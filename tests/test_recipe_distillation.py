@@ -1,31 +1,25 @@
 """The DINO and iBOT recipes end to end (tiny models, a few steps) on the shared loop."""
-import importlib.util
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
 from sslkern.train import checkpoint as ckpt
-from sslkern.train.logging import TIMING_KEYS, RunLogger
+from sslkern.train.logging import RunLogger
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from recipe_helpers import ROOT, deterministic_rows, final_state, kill_at_first_checkpoint, load_recipe
+
 TINY = ["--dim", "32", "--heads", "2", "--depth", "2", "--out-dim", "256", "--hidden-dim", "64", "--bottleneck-dim", "32",
         "--local-crops", "2", "--batch-size", "256", "--epochs", "2", "--eval-every", "1", "--quiet", "--threads", "1"]
 # 1,257 training digits // 256 = 4 steps per epoch, 8 steps in 2 epochs.
 
 
-def _recipe(name):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", os.path.join(ROOT, "recipes", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_recipe = load_recipe
 
 
 def _run(name, argv):
@@ -37,13 +31,7 @@ def _rows(out, kind="train"):
     return [r for r in RunLogger.read_metrics(os.path.join(out, "metrics.jsonl")) if r["kind"] == kind]
 
 
-def _deterministic_rows(out):
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in RunLogger.read_metrics(os.path.join(out, "metrics.jsonl"))]
-
-
-def _state(out):
-    tensors, meta = ckpt.load_tensors(os.path.join(out, "checkpoint.safetensors"))
-    return {k: v for k, v in tensors.items() if not k.startswith("rng/")}, meta["step"]
+_deterministic_rows, _state = deterministic_rows, final_state
 
 
 @pytest.mark.parametrize("name", ["dino", "ibot"])
@@ -114,17 +102,7 @@ def test_dino_resume_after_sigkill_matches_uninterrupted(tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     args = TINY + ["--no-probe"]
     _run("dino", args + ["--out", full])
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "recipes", "dino.py"), *args, "--out", part], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ck = os.path.join(part, "checkpoint.safetensors")
-    deadline = time.time() + 180
-    while not os.path.exists(ck) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    step = ckpt.checkpoint_step(ck)
+    step = kill_at_first_checkpoint("dino", args, part)
     assert step is not None and step < 8
     _run("dino", args + ["--out", part, "--resume"])
     (a, sa), (b, sb) = _state(full), _state(part)

@@ -17,7 +17,6 @@ reproducible and resumable from the generator's saved state.
 """
 from __future__ import annotations
 
-import math
 import os
 import pickle
 from dataclasses import dataclass

@@ -5,6 +5,9 @@ dino's own defaults are given in each help text.
 """
 from __future__ import annotations
 
+import sslkern
+from sslkern.train.views import MultiCrop
+
 
 def add_distillation_arguments(g, out_dim=4096):
     """Head, temperature and EMA options shared by DINO and iBOT."""
@@ -51,3 +54,15 @@ def check_distillation_arguments(a, error):
     a.local_size = a.local_size or a.image_size // 2
     if a.local_size % a.patch_size:
         error(f"--local-size {a.local_size} expected a multiple of --patch-size {a.patch_size}")
+
+
+def multicrop_views(a) -> MultiCrop:
+    """2 global crops at the image size + ``--local-crops`` at ``--local-size``."""
+    return MultiCrop(a.image_size, a.local_size, n_local=a.local_crops, global_scale=tuple(a.global_scale),
+                     local_scale=tuple(a.local_scale), degrees=a.degrees)
+
+
+def distillation_schedule(a, ctx, dino_loss) -> dict:
+    """Teacher momentum (cosine ``--momentum-teacher`` → 1) and the DINO loss's teacher temperature."""
+    return {"momentum": sslkern.schedules.cosine_schedule(ctx.step, ctx.total_steps, a.momentum_teacher, 1.0),
+            "teacher_temp": float(dino_loss.teacher_temp_schedule[ctx.epoch])}
