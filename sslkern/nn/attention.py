@@ -178,6 +178,9 @@ class AlibiAttention(nn.Module):
         dropout = self.attn_drop.p if self.training else 0.0
         if attn_mask is None and not is_causal and dropout == 0.0:
             x = alibi_attention(q, k, v, **args)
+        elif args["mode"] == "none":  # no bias to add: SDPA exactly as timm's Attention calls it
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal,
+                                               scale=self.scale)
         else:  # not in the fused kernel: SDPA with the ALiBi bias materialized
             slopes, coords = effective_slopes_and_coords(q, args["slopes"], args["mode"], args["coords"],
                                                          args["num_prefix_tokens"], args["bias_scale"])
