@@ -29,15 +29,15 @@ class DINOLoss(torch.nn.Module):
             self.pending = None
 
     @torch.no_grad()
-    def softmax_center_teacher(self, t, temp):
+    def softmax_center_teacher(self, t, teacher_temp):
         self.apply_center()
-        return F.softmax((t - self.center) / temp, dim=-1)
+        return F.softmax((t - self.center) / teacher_temp, dim=-1)
 
-    def forward(self, students, teachers):
+    def forward(self, student_output_list, teacher_out_softmaxed_centered_list):
         total = 0
-        for s in students:
+        for s in student_output_list:
             lsm = F.log_softmax(s / self.student_temp, dim=-1)
-            for t in teachers:
+            for t in teacher_out_softmaxed_centered_list:
                 total = total - torch.sum(t * lsm, dim=-1).mean()
         return total
 
@@ -62,9 +62,9 @@ class iBOTPatchLoss(torch.nn.Module):  # noqa: N801
             self.pending = None
 
     @torch.no_grad()
-    def softmax_center_teacher(self, t, temp):
+    def softmax_center_teacher(self, t, teacher_temp):
         self.apply_center()
-        return F.softmax((t - self.center) / temp, dim=-1)
+        return F.softmax((t - self.center) / teacher_temp, dim=-1)
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(self, t, temp, n_masked, n_iterations=3):
@@ -84,7 +84,9 @@ class iBOTPatchLoss(torch.nn.Module):  # noqa: N801
         loss = torch.sum(loss * masks.float(), dim=-1) / masks.sum(dim=-1).clamp(min=1.0)
         return -loss.mean()
 
-    def forward_masked(self, s, t, masks, n_masked_patches=None, masks_weight=None):
+    def forward_masked(self, student_patch_tokens_masked, teacher_patch_tokens_masked, student_masks_flat,
+                       n_masked_patches=None, masks_weight=None):
+        s, t, masks = student_patch_tokens_masked, teacher_patch_tokens_masked, student_masks_flat
         loss = torch.sum(t * F.log_softmax(s / self.student_temp, dim=-1), dim=-1)
         if masks_weight is None:
             masks_weight = (1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks]
