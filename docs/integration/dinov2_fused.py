@@ -1,4 +1,6 @@
-"""The dinov2-style step with sslkern's fused loss calls: teacher logits in, no probability tensors."""
+"""A dinov2-style training step (the shape of dinov2/train/ssl_meta_arch.py: forward_backward):
+DINO on the CLS token (global and local crops), iBOT on masked patch tokens, KoLeo, and the
+teacher updated by EMA. Backbone: a timm ViT; tiny sizes."""
 import copy
 
 import timm

@@ -1,4 +1,4 @@
-"""The same DINO script with sslkern inside: DINOLoss and update_momentum come from sslkern."""
+"""DINO with lightly (the shape of lightly's examples/pytorch/dino.py), tiny sizes."""
 import copy
 
 import torch

@@ -34,8 +34,9 @@ def load(name):
     return mod
 
 
-def vit_small_step(patched: bool, batch: int = 8):
-    """The bar: timm vit_small_patch16_224, one supervised step (fwd + bwd + AdamW)."""
+def vit_small_step(patched: bool, batch: int = 4, sdpa_only: bool = False):
+    """The bar: timm vit_small_patch16_224, one supervised step (fwd + bwd + AdamW).
+    ``sdpa_only``: the patched model with every plain-attention call on SDPA (for comparison)."""
     import timm
 
     import sslkern
@@ -44,6 +45,9 @@ def vit_small_step(patched: bool, batch: int = 8):
     model = timm.create_model("vit_small_patch16_224", pretrained=False)
     if patched:
         sslkern.patch_timm_vit(model)
+        if sdpa_only:
+            for blk in model.blocks:
+                blk.attn._prefer_sdpa = lambda args, q: args["mode"] == "none"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = torch.randn(batch, 3, 224, 224), torch.randint(0, 1000, (batch,))
 
@@ -61,13 +65,14 @@ def cases():
     import _dinov2_ref
 
     sys.modules.update(_dinov2_ref.as_dinov2_modules())
-    vit_s = dict(name="vit_small_patch16_224", img_size=224, batch=8, depth=12)
+    vit_s = dict(name="vit_small_patch16_224", img_size=112, batch=8, depth=12)
     lightly_sz = dict(batch=32, output_dim=65536, n_local=6, global_size=32, local_size=16, width=32)
     dinov2_sz = dict(batch=16, out_dim=65536, n_local=6, global_size=32, local_size=16, depth=2)
     return {
-        "vit_s": ("timm vit_small_patch16_224, supervised step B=8 224px fwd+bwd+AdamW",
-                  [("timm", lambda: vit_small_step(False)), ("patched", lambda: vit_small_step(True))]),
-        "timm": ("timm example (ViT-S/16 masked self-distillation, B=8 224px, 50% kept, EMA)",
+        "vit_s": ("timm vit_small_patch16_224, supervised step B=4 224px fwd+bwd+AdamW",
+                  [("timm", lambda: vit_small_step(False)), ("patched", lambda: vit_small_step(True)),
+                   ("patched, SDPA only", lambda: vit_small_step(True, sdpa_only=True))]),
+        "timm": ("timm example (ViT-S/16 masked self-distillation, B=8 112px = 49 patches, 50% kept, EMA)",
                  [("before", lambda: load("timm_before.py").build(**vit_s)),
                   ("after", lambda: load("timm_after.py").build(**vit_s))]),
         "lightly": ("lightly DINO example (B=32, K=65536, 2x32px + 6x16px crops, conv backbone)",
@@ -104,7 +109,7 @@ def run(key, title, providers, rounds):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--only", default="vit_s,timm,lightly,dinov2")
     args = ap.parse_args()
     print(f"machine: {machine()}; torch {torch.__version__}; rounds {args.rounds}")

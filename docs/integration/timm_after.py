@@ -1,4 +1,5 @@
-"""The same script with sslkern: the ViT patched (attention, masked-token encoder), the EMA swapped."""
+"""A timm ViT trained by masked self-distillation against an EMA teacher: the student
+encodes the kept patches only, the teacher the full image; tiny sizes by default."""
 import timm
 import torch
 import torch.nn.functional as F

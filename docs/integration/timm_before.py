@@ -1,5 +1,5 @@
-"""A timm ViT trained by masked self-distillation against an EMA teacher (timm ModelEmaV3):
-the student sees the kept patches only, the teacher the full image, both through timm."""
+"""A timm ViT trained by masked self-distillation against an EMA teacher: the student
+encodes the kept patches only, the teacher the full image; tiny sizes by default."""
 import timm
 import torch
 import torch.nn.functional as F
