@@ -24,7 +24,7 @@ Coordinates of a masked (gathered) sequence reach every block through a shared
 
 Without a context, set ``attn.coords`` / ``attn.bias_scale`` on a module directly.
 ``attn_mask``, ``is_causal`` or attention dropout in training fall back to SDPA with the
-bias materialized (correct, not memory-efficient).
+bias materialized (correct, not memory-efficient; with ALiBi off, plain SDPA).
 """
 from __future__ import annotations
 
