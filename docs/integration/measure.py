@@ -66,7 +66,7 @@ def cases():
 
     sys.modules.update(_dinov2_ref.as_dinov2_modules())
     vit_s = dict(name="vit_small_patch16_224", img_size=112, batch=8, depth=12)
-    lightly_sz = dict(batch=32, output_dim=65536, n_local=6, global_size=32, local_size=16, width=32)
+    lightly_sz = dict(batch=32, output_dim=65536, n_local=6, global_size=32, local_size=16, width=32, epochs=1000)
     dinov2_sz = dict(batch=16, out_dim=65536, n_local=6, global_size=32, local_size=16, depth=2)
     return {
         "vit_s": ("timm vit_small_patch16_224, supervised step B=4 224px fwd+bwd+AdamW",
