@@ -29,7 +29,7 @@ inputs runs eagerly, as in dinov2 (it is not what dinov2 trains with).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
