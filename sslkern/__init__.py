@@ -19,6 +19,10 @@ Modules: ``sslkern.masks`` (mask generators: MAE random, block, data2vec 2.0 inv
 I-JEPA multiblock), ``sslkern.nn`` (EMA teacher, DINO/iBOT losses, ALiBi attention for timm,
 masked-encoder helpers), ``sslkern.schedules``, ``sslkern.reference`` (eager oracles).
 
+Integration: ``sslkern.patch_timm_vit(model)`` (timm ViT: sslkern attention, ALiBi,
+``forward_masked``), ``sslkern.compat.{lightly,dinov2,timm}`` (drop-in losses, EMA, mask
+helpers with the peers' call forms); see docs/integration.md.
+
 Large outputs of the C++ CPU kernels come from a small reuse cache (no page faults on every
 step; see ``sslkern.cpu_cache``): ``sslkern.empty_cpu_cache()``, ``sslkern.cpu_cache_info()``,
 ``SSLKERN_CPU_CACHE_MB`` (0 turns it off).
@@ -46,3 +50,5 @@ from .ops import (  # noqa: F401
 )
 from .cpu_cache import cpu_cache_disabled, cpu_cache_info, empty_cpu_cache, set_cpu_cache_limit  # noqa: F401
 from . import masks, nn, reference, schedules  # noqa: F401
+from . import compat, patch  # noqa: F401
+from .patch import patch_timm_vit  # noqa: F401

@@ -24,7 +24,7 @@ Coordinates of a masked (gathered) sequence reach every block through a shared
 
 Without a context, set ``attn.coords`` / ``attn.bias_scale`` on a module directly.
 ``attn_mask``, ``is_causal`` or attention dropout in training fall back to SDPA with the
-bias materialized (correct, not memory-efficient).
+bias materialized (correct, not memory-efficient; with ALiBi off, plain SDPA).
 """
 from __future__ import annotations
 
@@ -168,6 +168,10 @@ class AlibiAttention(nn.Module):
         return dict(slopes=self.slopes, mode=mode, coords=coords if mode != "none" else None,
                     num_prefix_tokens=self.num_prefix_tokens, bias_scale=bias_scale, scale=self.scale)
 
+    def _prefer_sdpa(self, args: dict, q: torch.Tensor) -> bool:
+        """Hook: True to run SDPA instead of the sslkern kernel when there is no bias (subclasses)."""
+        return False
+
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         B, N, C = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
@@ -176,8 +180,11 @@ class AlibiAttention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         args = self._alibi_args(N, x.device)
         dropout = self.attn_drop.p if self.training else 0.0
-        if attn_mask is None and not is_causal and dropout == 0.0:
+        if attn_mask is None and not is_causal and dropout == 0.0 and not self._prefer_sdpa(args, q):
             x = alibi_attention(q, k, v, **args)
+        elif args["mode"] == "none":  # no bias to add: SDPA exactly as timm's Attention calls it
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal,
+                                               scale=self.scale)
         else:  # not in the fused kernel: SDPA with the ALiBi bias materialized
             slopes, coords = effective_slopes_and_coords(q, args["slopes"], args["mode"], args["coords"],
                                                          args["num_prefix_tokens"], args["bias_scale"])
