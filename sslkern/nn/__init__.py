@@ -3,3 +3,4 @@ from .ema import EMATeacher  # noqa: F401
 from .masking import DecoderInput, embed_visible, encode_visible  # noqa: F401
 from .attention import AlibiAttention, AlibiContext, use_alibi  # noqa: F401
 from .dino import DINOLoss, IBOTPatchLoss  # noqa: F401
+from .contrastive import InfoNCELoss  # noqa: F401
