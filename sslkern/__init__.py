@@ -14,6 +14,7 @@ oracles):
   masked_regression_loss  masked smooth-L1 / L2 regression onto per-image targets (clone batch)
   data2vec_cls_loss       data2vec 2.0 CLS term (student CLS vs token-mean target)
   data2vec_loss           the two above from the teacher layers in one call (composition)
+  info_nce_loss           InfoNCE / NT-Xent contrastive loss (MoCo v3, SimCLR), tiled: no (N, M) logits
 
 Modules: ``sslkern.masks`` (mask generators: MAE random, block, data2vec 2.0 inverse block,
 I-JEPA multiblock), ``sslkern.nn`` (EMA teacher, DINO/iBOT losses, ALiBi attention for timm,
@@ -38,6 +39,7 @@ from .ops import (  # noqa: F401
     ema_update_,
     gather_tokens,
     ibot_patch_loss,
+    info_nce_loss,
     koleo_loss,
     layer_average_targets,
     masked_regression_loss,

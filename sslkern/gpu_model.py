@@ -301,8 +301,38 @@ def d2v_accounts() -> list[Account]:
     return out
 
 
+def info_nce_account() -> Account:
+    N = M = 16384
+    D, e = 256, 2  # bf16 embeddings and (eager) logits
+    S = N * M
+    X = (N + M) * D * e  # q and k once
+    fused = [
+        Step("normalize q, k (torch ops, as the eager code)", "3·(N+M)·D·2", 3 * X, 6),
+        Step("fwd kernel: read q, k; write row lse (+ row loss)", "(N+M)·D·2 + 2·N·4", X + 2 * N * 4, 2),
+        Step("dq kernel: read q, k, lse; write dq", "(N+M)·D·2 + N·4 + N·D·2", X + N * 4 + N * D * e, 1),
+        Step("dk kernel: read q, k, lse; write dk", "(N+M)·D·2 + N·4 + M·D·2", X + N * 4 + M * D * e, 1),
+        Step("normalize backward (autograd of x / max(‖x‖, eps))", "22·(N+M)·D·2", 22 * X, 30),
+    ]
+    eager = [
+        Step("normalize q, k", "3·(N+M)·D·2", 3 * X, 6),
+        Step("logits q kᵀ", "(N+M)·D·2 + S·2", X + S * e, 1),
+        Step("/ τ; log_softmax; nll_loss", "(2 + 2 + 1)·S·2", 5 * S * e, 3),
+        Step("bwd: nll_loss bwd (scatter into zeros), log_softmax bwd, div bwd", "(2 + 3 + 2)·S·2", 7 * S * e, 4),
+        Step("bwd: dq = G k, dk = Gᵀ q", "2·S·2 + 2·(N+M)·D·2", 2 * S * e + 2 * X, 2),
+        Step("normalize backward", "22·(N+M)·D·2", 22 * X, 30),
+    ]
+    return Account("info_nce_loss", f"N=M={N}, D={D}, bf16, fwd+bwd (dq, dk); S = N·M logits", fused, eager,
+                   "MoCo v3 builder.py contrastive loss (normalize, einsum, CrossEntropyLoss) + autograd",
+                   10 * S * D, 6 * S * D, tensor_cores=True,
+                   notes="Fused flops include the logits recomputed by the dq and dk kernels (5 products of "
+                         "N·M·D against the eager 3). At fp32 without TF32 both sides are compute-bound on CUDA "
+                         "cores and the model expects the fused kernels to be slower (≈0.6×); the C++ CPU kernel "
+                         "does 3 products (the logits block is shared by the loss and both gradients).")
+
+
 def accounts() -> list[Account]:
-    return [*ema_accounts(), dino_account(), ibot_account(), *gather_accounts(), *attention_accounts(), *d2v_accounts()]
+    return [*ema_accounts(), dino_account(), ibot_account(), *gather_accounts(), *attention_accounts(), *d2v_accounts(),
+            info_nce_account()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -580,12 +610,24 @@ def eager_programs() -> dict[tuple[str, str], object]:
             return run
         return build
 
+    def info_nce():
+        N = M = 16384
+        D = 256
+        q, k = _meta(N, D, dtype=torch.bfloat16, grad=True), _meta(M, D, dtype=torch.bfloat16, grad=True)
+        labels = torch.empty(N, dtype=torch.int64, device="meta")
+
+        def run():  # MoCo v3 moco/builder.py contrastive loss (without its constant 2τ factor)
+            logits = torch.einsum("nc,mc->nm", F.normalize(q, dim=1), F.normalize(k, dim=1)) / 0.2
+            F.cross_entropy(logits, labels).backward()
+        return lambda: run
+
     return {
         ("ema_update_", "student fp32"): ema(False), ("ema_update_", "student bf16"): ema(True),
         ("dino_loss", ""): dino(), ("ibot_patch_loss", ""): ibot(), ("gather_tokens", ""): gather(),
         ("restore_tokens", ""): restore(), ("gather_tokens (clone batch)", ""): clone(),
         ("alibi_attention", "ViT-S"): attention(32, 197, False), ("alibi_attention", "masked"): attention(256, 40, True),
         ("layer_average_targets", ""): targets(), ("masked_regression_loss", ""): regression(),
+        ("info_nce_loss", ""): info_nce(),
     }
 
 

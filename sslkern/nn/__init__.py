@@ -4,3 +4,4 @@ from .masking import DecoderInput, embed_visible, encode_visible  # noqa: F401
 from .attention import AlibiAttention, AlibiContext, use_alibi  # noqa: F401
 from .dino import DINOLoss, IBOTPatchLoss  # noqa: F401
 from .heads import DINOHead, GlobalBatchNorm1d, MultiCropWrapper, WeightNormLinear  # noqa: F401
+from .contrastive import InfoNCELoss  # noqa: F401

@@ -1,0 +1,97 @@
+"""info_nce_loss, forward + backward (issue #14).
+
+Cases (D = 256, L2 normalization inside, gradients to both q and k):
+  InfoNCE  N = M = 4,096 fp32 and bf16, N = M = 16,384 fp32, τ = 0.2 (MoCo v3 form, positives
+           on the diagonal).
+  NT-Xent  2n = 4,096 views (n = 2,048 images, two views), τ = 0.5 (SimCLR form; lightly's
+           NTXentLoss has this form only): the same (4,096 × 4,096) logits.
+Providers:
+  sslkern    sslkern.info_nce_loss (C++ on CPU, Triton on GPU)
+  reference  sslkern.reference.info_nce_loss: normalize, matmul, cross_entropy (eager)
+  compiled   torch.compile of the reference
+  lightly    lightly.loss.NTXentLoss (NT-Xent case)
+bytes_moved is the minimal traffic (read q and k, write dq and dk: 2·(N + M)·D elements);
+the op is compute-bound (three N·M·D products), so its GB/s column is far below the copy
+bandwidth by nature. SSLKERN_BENCH_ROUNDS sets the rounds (the 16,384 eager call alone
+takes tens of seconds on a 2-core CPU).
+"""
+import pytest
+import torch
+
+import sslkern
+from harness import measure
+
+D = 256
+_compiled: dict = {}
+
+
+def _dev():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(n_q, n_k, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n_q, D, generator=g).to(_dev(), dtype).requires_grad_(True)
+    k = torch.randn(n_k, D, generator=g).to(_dev(), dtype).requires_grad_(True)
+    return q, k
+
+
+def _fn(provider, q, k, temperature, nt_xent):
+    ref = sslkern.reference.info_nce_loss
+    if provider == "sslkern":
+        loss_fn = lambda: sslkern.info_nce_loss(q, k, temperature, nt_xent=nt_xent)  # noqa: E731
+    elif provider == "reference":
+        loss_fn = lambda: ref(q, k, temperature, nt_xent=nt_xent)  # noqa: E731
+    elif provider == "compiled":
+        key = (nt_xent, q.shape, q.dtype)
+        if key not in _compiled:
+            _compiled[key] = torch.compile(ref)
+        loss_fn = lambda: _compiled[key](q, k, temperature, nt_xent=nt_xent)  # noqa: E731
+    elif provider == "lightly":
+        lightly_loss = pytest.importorskip("lightly.loss")
+        crit = lightly_loss.NTXentLoss(temperature=temperature)
+        loss_fn = lambda: crit(q, k)  # noqa: E731
+    else:
+        raise ValueError(provider)
+
+    def run():
+        torch.autograd.grad(loss_fn(), (q, k))
+
+    return run
+
+
+def _bytes(n_q, n_k, dtype):
+    return 2 * (n_q + n_k) * D * torch.empty((), dtype=dtype).element_size()
+
+
+TARGETS = {"reference": 1.5, "compiled": 1.0}
+
+
+@pytest.mark.parametrize("provider", ["sslkern", "sslkern_nocache", "reference", "compiled"])
+def test_info_nce_n4096_fp32(benchmark, provider):
+    q, k = _inputs(4096, 4096, torch.float32)
+    measure(benchmark, op="info_nce_loss", case=f"InfoNCE N=M=4096 D={D} fp32 fwd+bwd (dq, dk)", provider=provider,
+            fn=_fn(provider.removesuffix("_nocache"), q, k, 0.2, False), bytes_moved=_bytes(4096, 4096, q.dtype),
+            target=TARGETS.get(provider), rounds=5, warmup=1)
+
+
+@pytest.mark.parametrize("provider", ["sslkern", "reference", "compiled", "lightly"])
+def test_info_nce_ntxent_2n4096_fp32(benchmark, provider):
+    q, k = _inputs(2048, 2048, torch.float32, seed=1)
+    measure(benchmark, op="info_nce_loss", case=f"NT-Xent 2n=4096 views D={D} fp32 fwd+bwd", provider=provider,
+            fn=_fn(provider, q, k, 0.5, True), bytes_moved=_bytes(4096, 4096, q.dtype),
+            target={**TARGETS, "lightly": 1.5}.get(provider), rounds=5, warmup=1)
+
+
+@pytest.mark.parametrize("provider", ["sslkern", "reference", "compiled"])
+def test_info_nce_n4096_bf16(benchmark, provider):
+    q, k = _inputs(4096, 4096, torch.bfloat16)
+    measure(benchmark, op="info_nce_loss", case=f"InfoNCE N=M=4096 D={D} bf16 fwd+bwd (dq, dk)", provider=provider,
+            fn=_fn(provider, q, k, 0.2, False), bytes_moved=_bytes(4096, 4096, q.dtype), rounds=3, warmup=1)
+
+
+@pytest.mark.parametrize("provider", ["sslkern", "reference", "compiled"])
+def test_info_nce_n16384_fp32(benchmark, provider):
+    q, k = _inputs(16384, 16384, torch.float32)
+    measure(benchmark, op="info_nce_loss", case=f"InfoNCE N=M=16384 D={D} fp32 fwd+bwd (dq, dk)", provider=provider,
+            fn=_fn(provider, q, k, 0.2, False), bytes_moved=_bytes(16384, 16384, q.dtype), rounds=2, warmup=1)

@@ -1,0 +1,233 @@
+// info_nce_loss — InfoNCE / NT-Xent contrastive loss and its gradients, C++ CPU kernel.
+//
+// Rows q (N x D), columns k (M x D), s_ij = q_i·k_j·inv_temp, one positive pos[i] and
+// optionally one excluded column exclude[i] (-1 = none) per row:
+//   loss = 1/N sum_i (lse_i - s_i,pos[i]),  lse_i = log sum_{j != exclude[i]} exp(s_ij)
+//   G = (P - onehot(pos)) · inv_temp / N,   P_ij = exp(s_ij - lse_i) (0 at the excluded column)
+//   dq = G·K,  dk = Gᵀ·Q
+// The (N x M) logits are never stored: the rows are split into blocks of BQ rows; a task
+// forms one block's logits S (BQ x M, one BLAS product), takes the row statistics and turns
+// S into G in place (one vectorized pass: max, exp and sum, scale), then dq of its rows
+// (G·K) and its share of dk (Gᵀ·Q_block, accumulated in a per-task (M x D) buffer; the
+// buffers are added in a fixed order at the end). Three tile products in all — the eager
+// code's three matmuls — and nothing of size N x M: extra memory O((threads·BQ + M)·D +
+// threads·BQ·M) with BQ·M capped at 2^22 elements per task.
+// The tile products run single-threaded inside the tasks (ATen's parallel_for). fp16 / bf16
+// inputs are converted to fp32 copies first; fp64 runs in fp64. The exponential is
+// exp_fast (common.h): exact 0 below exp(-87), so no float32 subnormal ever enters G.
+#include "common.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+                       const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc);
+extern "C" void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+                       const double* a, const int* lda, const double* b, const int* ldb, const double* beta,
+                       double* c, const int* ldc);
+
+namespace sslkern {
+namespace {
+
+// Row-major C[m×n] = alpha·op(A)[m×k]·op(B)[k×n] + beta·C on the Fortran BLAS libtorch links
+// (column-major: computes Cᵀ = op(B)ᵀ·op(A)ᵀ). Same helper as alibi_attention.cpp.
+template <typename A>
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, A alpha, const A* a, int64_t lda, const A* b,
+                 int64_t ldb, A beta, A* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const char tA = tb ? 'T' : 'N', tB = ta ? 'T' : 'N';
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  const int LA = static_cast<int>(std::max<int64_t>(ldb, 1)), LB = static_cast<int>(std::max<int64_t>(lda, 1));
+  const int LC = static_cast<int>(std::max<int64_t>(ldc, 1));
+  if constexpr (std::is_same_v<A, double>) dgemm_(&tA, &tB, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
+  else sgemm_(&tA, &tB, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
+}
+
+// Elements of one task's logits block (BQ x M): 16 MiB of fp32.
+constexpr int64_t kBlockElems = int64_t(1) << 22;
+constexpr int64_t kMaxBQ = 256, kMinBQ = 16;
+
+template <typename A>
+A row_max(const A* __restrict s, int64_t n) {
+  A m = -std::numeric_limits<A>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
+  return m;
+}
+
+// s[j] = exp(s[j] - m); returns the sum.
+template <typename A>
+A exp_sum(A* __restrict s, int64_t n, A m) {
+  A z = 0;
+#pragma omp simd reduction(+ : z)
+  for (int64_t j = 0; j < n; ++j) {
+    const A e = exp_fast(s[j] - m);
+    s[j] = e;
+    z += e;
+  }
+  return z;
+}
+
+// s[j] *= a, results below the smallest normal number flushed to 0: exp_fast keeps P normal
+// or 0, and this keeps G = P·inv_temp/(N·Z) normal or 0 (the tile products never see a subnormal).
+template <typename A>
+void scale_row(A* __restrict s, int64_t n, A a) {
+  const A tiny = std::numeric_limits<A>::min();
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const A v = s[j] * a;
+    s[j] = v < tiny ? A(0) : v;
+  }
+}
+
+// q, k: contiguous (N x D), (M x D) in the compute type A. dq: N x D (or null), dk: M x D
+// (or null), both A. Returns the loss.
+template <typename A>
+double info_nce_impl(const A* q, const A* k, int64_t N, int64_t M, int64_t D, const int64_t* pos,
+                     const int64_t* excl, A inv_temp, A* dq, A* dk) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t bq = std::clamp<int64_t>(kBlockElems / std::max<int64_t>(M, 1), kMinBQ, kMaxBQ);
+  bq = std::min(bq, (N + threads - 1) / threads);  // every thread gets a block
+  bq = std::max<int64_t>(1, bq);
+  const int64_t n_blocks = (N + bq - 1) / bq;
+  const int64_t n_tasks = std::min(threads, n_blocks);
+  const bool need_grad = dq != nullptr || dk != nullptr;
+  std::vector<double> partial(n_blocks, 0.0);
+  // Scratch as ATen tensors (so memory profilers see it): one logits block per task, and a
+  // dk buffer per task but the first, which accumulates into dk itself.
+  const auto opts = at::TensorOptions().dtype(std::is_same_v<A, double> ? at::kDouble : at::kFloat);
+  at::Tensor S_all = at::empty({n_tasks, bq * M}, opts);
+  at::Tensor dk_parts = at::empty({dk ? n_tasks - 1 : 0, M * D}, opts);
+  const A g_scale = inv_temp / static_cast<A>(N);
+  at::parallel_for(0, n_tasks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t task = lo; task < hi; ++task) {
+      A* S = S_all.data_ptr<A>() + task * bq * M;
+      A* dk_acc = nullptr;
+      if (dk) {
+        dk_acc = task == 0 ? dk : dk_parts.data_ptr<A>() + (task - 1) * M * D;
+        std::fill(dk_acc, dk_acc + M * D, A(0));
+      }
+      const int64_t b0 = task * n_blocks / n_tasks, b1 = (task + 1) * n_blocks / n_tasks;
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t r0 = blk * bq, nr = std::min(bq, N - r0);
+        const A* qb = q + r0 * D;
+        gemm<A>(false, true, nr, M, D, inv_temp, qb, D, k, D, A(0), S, M);
+        double acc = 0.0;
+        for (int64_t i = 0; i < nr; ++i) {
+          A* s = S + i * M;
+          const int64_t p = pos[r0 + i];
+          const int64_t x = excl ? excl[r0 + i] : -1;
+          const A s_pos = s[p];
+          if (x >= 0) s[x] = -std::numeric_limits<A>::infinity();
+          const A m = row_max(s, M);
+          if (!need_grad) {
+            A z = 0;
+#pragma omp simd reduction(+ : z)
+            for (int64_t j = 0; j < M; ++j) z += exp_fast(s[j] - m);
+            acc += static_cast<double>(m) + std::log(static_cast<double>(z)) - static_cast<double>(s_pos);
+            continue;
+          }
+          const A z = exp_sum(s, M, m);
+          acc += static_cast<double>(m) + std::log(static_cast<double>(z)) - static_cast<double>(s_pos);
+          scale_row(s, M, g_scale / z);
+          s[p] -= g_scale;
+        }
+        partial[blk] = acc;
+        if (dq) gemm<A>(false, false, nr, D, M, A(1), S, M, k, D, A(0), dq + r0 * D, D);
+        if (dk) gemm<A>(true, false, M, D, nr, A(1), S, M, qb, D, A(1), dk_acc, D);
+      }
+    }
+  });
+  if (dk && n_tasks > 1) {  // dk = sum of the task buffers, in task order
+    at::parallel_for(0, M, 64, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = 0; t + 1 < n_tasks; ++t) {
+        const A* __restrict src = dk_parts.data_ptr<A>() + t * M * D + lo * D;
+        A* __restrict dst = dk + lo * D;
+        const int64_t n = (hi - lo) * D;
+#pragma omp simd
+        for (int64_t e = 0; e < n; ++e) dst[e] += src[e];
+      }
+    });
+  }
+  double total = 0.0;
+  for (double v : partial) total += v;  // fixed order: deterministic for a thread count
+  return total / static_cast<double>(N);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_loss_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                                 const at::Tensor& pos,
+                                                                 const std::optional<at::Tensor>& exclude,
+                                                                 double inv_temp, bool grad_q, bool grad_k,
+                                                                 bool validate) {
+  (void)validate;  // every index is checked here, given or built
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), "sslkern.info_nce_loss: q and k must be CPU tensors");
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 2, "sslkern.info_nce_loss: q and k must be 2-D, got ", q.sizes(), " and ",
+              k.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "sslkern.info_nce_loss: q and k must have one dtype");
+  const int64_t N = q.size(0), D = q.size(1), M = k.size(0);
+  TORCH_CHECK(k.size(1) == D, "sslkern.info_nce_loss: k expected ", D, " columns (q's D), got ", k.sizes());
+  TORCH_CHECK(N > 0 && M > 0 && D > 0, "sslkern.info_nce_loss: q and k must be non-empty");
+  TORCH_CHECK(M * D < (int64_t(1) << 31) && N * D < (int64_t(1) << 31) && M < (int64_t(1) << 31),
+              "sslkern.info_nce_loss: sizes beyond 32-bit BLAS indexing");
+  TORCH_CHECK(inv_temp > 0 && std::isfinite(inv_temp), "sslkern.info_nce_loss: temperature must be positive");
+  TORCH_CHECK(pos.device().is_cpu() && pos.scalar_type() == at::kLong && pos.dim() == 1 && pos.size(0) == N,
+              "sslkern.info_nce_loss: pos must be a CPU int64 tensor of shape (", N, ",)");
+  at::Tensor pos_c = pos.contiguous();
+  const int64_t* pp = pos_c.data_ptr<int64_t>();
+  at::Tensor ex_c;
+  const int64_t* xp = nullptr;
+  if (exclude.has_value() && exclude->defined()) {
+    TORCH_CHECK(exclude->device().is_cpu() && exclude->scalar_type() == at::kLong && exclude->dim() == 1 &&
+                    exclude->size(0) == N,
+                "sslkern.info_nce_loss: exclude must be a CPU int64 tensor of shape (", N, ",)");
+    ex_c = exclude->contiguous();
+    xp = ex_c.data_ptr<int64_t>();
+  }
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK_INDEX(pp[i] >= 0 && pp[i] < M, "sslkern.info_nce_loss: pos expected values in [0, ", M,
+                      ") (column indices of k), got pos[", i, "] = ", pp[i]);
+    if (xp) {
+      TORCH_CHECK_INDEX(xp[i] >= -1 && xp[i] < M, "sslkern.info_nce_loss: exclude expected values in [-1, ", M,
+                        ") (column indices of k, -1 = none), got exclude[", i, "] = ", xp[i]);
+      TORCH_CHECK(xp[i] != pp[i], "sslkern.info_nce_loss: exclude expected a column other than the positive, got ",
+                  "exclude[", i, "] = pos[", i, "] = ", pp[i]);
+    }
+  }
+  const bool dbl = q.scalar_type() == at::kDouble;
+  const auto acc = dbl ? at::kDouble : at::kFloat;
+  const bool direct = q.scalar_type() == acc;  // fp32 / fp64: outputs written in place
+  at::Tensor qa = q.to(acc).contiguous(), ka = k.to(acc).contiguous();
+  auto grad_buf = [&](bool want, const at::Tensor& like) {
+    if (!want) return at::empty({0}, like.options());
+    return empty_output(like.sizes(), like.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous));
+  };
+  at::Tensor dq = grad_buf(grad_q, q), dk = grad_buf(grad_k, k);
+  at::Tensor loss = at::empty({}, q.options().dtype(acc));
+  if (dbl) {
+    loss.fill_(info_nce_impl<double>(qa.data_ptr<double>(), ka.data_ptr<double>(), N, M, D, pp, xp, inv_temp,
+                                     grad_q ? dq.data_ptr<double>() : nullptr, grad_k ? dk.data_ptr<double>() : nullptr));
+  } else {
+    loss.fill_(info_nce_impl<float>(qa.data_ptr<float>(), ka.data_ptr<float>(), N, M, D, pp, xp,
+                                    static_cast<float>(inv_temp), grad_q ? dq.data_ptr<float>() : nullptr,
+                                    grad_k ? dk.data_ptr<float>() : nullptr));
+  }
+  if (!direct) {
+    if (grad_q) dq = dq.to(q.scalar_type());
+    if (grad_k) dk = dk.to(k.scalar_type());
+  }
+  return {loss, dq, dk};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sslkern_C, m) {
+  m.def("info_nce_loss_cpu(Tensor q, Tensor k, Tensor pos, Tensor? exclude, float inv_temp, bool grad_q, "
+        "bool grad_k, bool validate) -> (Tensor, Tensor, Tensor)",
+        &info_nce_loss_cpu);
+}
+
+}  // namespace sslkern

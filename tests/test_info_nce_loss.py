@@ -1,0 +1,434 @@
+"""info_nce_loss: every backend against the eager reference, MoCo v3's contrastive loss and
+lightly's NTXentLoss (issue #14)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sslkern
+from sslkern.ops.info_nce_loss import dispatch
+from sslkern.reference import info_nce_loss as ref_info_nce_loss
+
+from conftest import backend_params
+
+BACKENDS = backend_params(dispatch)
+ON_GPU = torch.cuda.is_available()
+
+# Tolerances vs the reference run in fp64 on the same (upcast) inputs. fp32: summation order
+# only. fp16 / bf16: the inputs are normalized in their own dtype (as the public code does),
+# the logits and softmax are fp32, and the gradients are rounded to the input dtype once.
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-10),
+       torch.float16: dict(atol=2e-3, rtol=5e-3), torch.bfloat16: dict(atol=1.6e-2, rtol=2e-2)}
+TOL_LOSS = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-12),
+            torch.float16: dict(atol=3e-3, rtol=2e-3), torch.bfloat16: dict(atol=2e-2, rtol=1e-2)}
+
+
+def _skip_unsupported(name, dtype):
+    if name == "triton" and dtype == torch.float64:
+        pytest.skip("the triton backend takes fp32/fp16/bf16 (fp64 runs on cpu/reference)")
+    if name == "triton" and dtype == torch.bfloat16 and not ON_GPU:
+        pytest.skip("bf16 tl.dot is wrong in the Triton interpreter; bf16 Triton runs only on a GPU")
+
+
+def _run(fn, q, k, **kw):
+    """loss, dq, dk of fn on fresh leaf copies of q, k."""
+    q = q.detach().clone().requires_grad_(True)
+    k = k.detach().clone().requires_grad_(True)
+    loss = fn(q, k, **kw)
+    dq, dk = torch.autograd.grad(loss, (q, k))
+    return loss.detach(), dq, dk
+
+
+def _oracle(q, k, **kw):
+    return _run(ref_info_nce_loss, q.double(), k.double(), **kw)
+
+
+def assert_matches(got, want, dtype):
+    loss, dq, dk = got
+    loss_r, dq_r, dk_r = want
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert dq.dtype == dtype and dk.dtype == dtype
+    torch.testing.assert_close(loss.double(), loss_r, **TOL_LOSS[dtype])
+    torch.testing.assert_close(dq.double(), dq_r, **TOL[dtype], msg=lambda m: f"dq: {m}")
+    torch.testing.assert_close(dk.double(), dk_r, **TOL[dtype], msg=lambda m: f"dk: {m}")
+
+
+# (N, M, D, form): odd sizes, N != M, ViT-ish token counts; the interpreter gets small ones
+CPU_CASES = [(1, 1, 3, "diag"), (37, 50, 19, "diag"), (50, 37, 32, "pos"), (197, 197, 64, "diag"),
+             (64, 192, 48, "offset"), (37, 301, 256, "exclude"), (50, 50, 33, "nt_xent"), (300, 517, 17, "pos")]
+TRITON_CASES = [(1, 1, 3, "diag"), (37, 50, 19, "diag"), (33, 20, 40, "pos"), (20, 60, 72, "offset"),
+                (19, 70, 16, "exclude"), (21, 21, 24, "nt_xent"), (9, 13, 300, "diag")]
+
+
+def _form_kwargs(form, N, M, device):
+    if form == "diag":
+        return {}
+    if form == "pos":
+        return dict(pos=torch.randint(0, M, (N,), device=device))
+    if form == "offset":
+        return dict(pos_offset=M - N if M - N < N else N)  # e.g. rank 1 of 3
+    if form == "exclude":
+        pos = torch.randint(0, M, (N,), device=device)
+        exclude = (pos + torch.randint(1, M, (N,), device=device)) % M
+        exclude[::3] = -1
+        return dict(pos=pos, exclude=exclude)
+    if form == "nt_xent":
+        return dict(nt_xent=True)
+    raise ValueError(form)
+
+
+def _case_params():
+    out = []
+    for p in BACKENDS:
+        name = p.values[0][0]
+        cases = CPU_CASES if name == "cpu" or ON_GPU else TRITON_CASES
+        out += [pytest.param(p.values[0], c, id=f"{p.id}-N{c[0]}-M{c[1]}-D{c[2]}-{c[3]}", marks=p.marks) for c in cases]
+    return out
+
+
+@pytest.mark.parametrize("backend,case", _case_params())
+@pytest.mark.parametrize("temperature", [0.2, 0.05])
+def test_backend_matches_reference(backend, case, temperature):
+    name, device = backend
+    N, M, D, form = case
+    kw = _form_kwargs(form, N, M, device)
+    q = torch.randn(N, D, device=device)
+    k = torch.randn(N if form == "nt_xent" else M, D, device=device)
+    got = _run(sslkern.info_nce_loss, q, k, temperature=temperature, backend=name, **kw)
+    assert_matches(got, _oracle(q, k, temperature=temperature, **kw), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("form", ["diag", "nt_xent", "exclude"])
+def test_dtypes(backend, dtype, form):
+    name, device = backend
+    _skip_unsupported(name, dtype)
+    N, M, D = (197, 260, 64) if name == "cpu" or ON_GPU else (26, 40, 32)
+    kw = _form_kwargs(form, N, M, device)
+    q = torch.randn(N, D, device=device, dtype=dtype)
+    k = torch.randn(N if form == "nt_xent" else M, D, device=device, dtype=dtype)
+    got = _run(sslkern.info_nce_loss, q, k, temperature=0.1, backend=name, **kw)
+    # the oracle sees what the kernel sees: the inputs normalized in their own dtype
+    qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    want_n = _run(ref_info_nce_loss, qn.double(), kn.double(), temperature=0.1, normalize=False, **kw)
+    qd = q.double().requires_grad_(True)
+    kd = k.double().requires_grad_(True)
+    # chain rule through the normalization in fp64
+    nq, nk = F.normalize(qd, dim=1), F.normalize(kd, dim=1)
+    dq, dk = torch.autograd.grad((nq * want_n[1]).sum() + (nk * want_n[2]).sum(), (qd, kd))
+    assert_matches(got, (want_n[0], dq, dk), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unnormalized_inputs_and_grad_of_one_side(backend):
+    """normalize=False on raw embeddings of norm ~10 (logits up to ±500 at τ = 0.1: the max is
+    subtracted), and keys without gradient (MoCo: momentum encoder) — only dq is computed."""
+    name, device = backend
+    N, M, D = (37, 64, 24)
+    q = torch.randn(N, D, device=device) * 2
+    k = torch.randn(M, D, device=device) * 2
+    kw = dict(temperature=0.1, normalize=False)
+    qq = q.clone().requires_grad_(True)
+    loss = sslkern.info_nce_loss(qq, k, backend=name, **kw)
+    (dq,) = torch.autograd.grad(loss, qq)
+    want = _oracle(q, k, **kw)
+    torch.testing.assert_close(loss.double(), want[0], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(dq.double(), want[1], atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(sslkern.info_nce_loss(q, k, backend=name, **kw).double(), want[0],
+                                   atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_scales_by_incoming_gradient(backend):
+    name, device = backend
+    q = torch.randn(20, 16, device=device, requires_grad=True)
+    k = torch.randn(30, 16, device=device, requires_grad=True)
+    loss = sslkern.info_nce_loss(q, k, 0.2, backend=name)
+    g1 = torch.autograd.grad(loss, (q, k), retain_graph=True)
+    g3 = torch.autograd.grad(loss * -3.0, (q, k))
+    for a, b in zip(g1, g3):
+        torch.testing.assert_close(b, -3.0 * a, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# The public code: MoCo v3 and lightly
+# ---------------------------------------------------------------------------------------
+def moco_v3_contrastive_loss(q, k, T, rank=0):
+    """Test-only transcription of MoCo v3 moco/builder.py (MoCo.contrastive_loss / ctr_loss):
+    normalize, einsum('nc,mc->nm') / T, CrossEntropyLoss with labels arange(N) + N·rank, × 2T.
+    (k stands for concat_all_gather(k): the keys of every rank, rank-major.)"""
+    q = torch.nn.functional.normalize(q, dim=1)
+    k = torch.nn.functional.normalize(k, dim=1)
+    logits = torch.einsum("nc,mc->nm", [q, k]) / T
+    N = logits.shape[0]
+    labels = torch.arange(N, dtype=torch.long) + N * rank
+    return torch.nn.CrossEntropyLoss()(logits, labels) * (2 * T)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rank,world", [(0, 1), (1, 3)])
+def test_equals_moco_v3_contrastive_loss(backend, rank, world):
+    """MoCo v3: symmetrized loss ctr(q1, k2) + ctr(q2, k1) at τ = 0.2, keys from the momentum
+    encoder (no gradient), gathered over `world` ranks; = 2τ·(sum of two info_nce_loss calls)."""
+    name, device = backend
+    N, D, T = (24, 32, 0.2) if name == "triton" and not ON_GPU else (64, 256, 0.2)
+    q1, q2 = (torch.randn(N, D, device=device, requires_grad=True) for _ in range(2))
+    k1, k2 = (torch.randn(world * N, D, device=device) for _ in range(2))
+    want = moco_v3_contrastive_loss(q1, k2, T, rank) + moco_v3_contrastive_loss(q2, k1, T, rank)
+    w1, w2 = torch.autograd.grad(want, (q1, q2))
+    got = 2 * T * (sslkern.info_nce_loss(q1, k2, T, pos_offset=rank * N, backend=name)
+                   + sslkern.info_nce_loss(q2, k1, T, pos_offset=rank * N, backend=name))
+    g1, g2 = torch.autograd.grad(got, (q1, q2))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g1, w1, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(g2, w2, atol=1e-6, rtol=1e-4)
+    # the module, MoCo v3's scale
+    crit = sslkern.nn.InfoNCELoss(T, scale=2 * T)
+    if rank == 0 and world == 1:
+        torch.testing.assert_close(crit(q1, k2) + crit(q2, k1), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [0.5, 0.1])
+def test_equals_lightly_ntxent(backend, temperature):
+    """SimCLR NT-Xent: lightly NTXentLoss(out0, out1) (2n views, self-similarity removed), loss
+    and gradients w.r.t. both views."""
+    lightly_loss = pytest.importorskip("lightly.loss")
+    name, device = backend
+    n, D = (21, 24) if name == "triton" and not ON_GPU else (100, 128)
+    out0 = torch.randn(n, D, device=device)
+    out1 = torch.randn(n, D, device=device)
+    want = _run(lambda a, b: lightly_loss.NTXentLoss(temperature=temperature)(a, b), out0, out1)
+    got = _run(sslkern.info_nce_loss, out0, out1, temperature=temperature, nt_xent=True, backend=name)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(got[2], want[2], atol=1e-6, rtol=1e-4)
+    crit = sslkern.nn.InfoNCELoss(temperature, nt_xent=True)
+    torch.testing.assert_close(crit(out0, out1), want[0], atol=1e-5, rtol=1e-5)
+
+
+def test_cross_rank_ntxent_with_pos_and_exclude_equals_lightly_gather_formula():
+    """lightly NTXentLoss(gather_distributed=True) on rank r of `world`, written with pos /
+    exclude: local rows cat(z0, z1) against the gathered cat(z0_all, z1_all)."""
+    n, D, world, r, T = 16, 20, 3, 1, 0.3
+    z0_all, z1_all = torch.randn(world * n, D), torch.randn(world * n, D)
+    z0, z1 = z0_all[r * n:(r + 1) * n], z1_all[r * n:(r + 1) * n]
+    # lightly's formula (ntx_ent_loss.py, gather branch): logits_00 etc. with diag_mask = eye_rank
+    a0, a1, b0, b1 = (F.normalize(t, dim=1) for t in (z0, z1, z0_all, z1_all))
+    diag = torch.zeros(n, world * n, dtype=torch.bool)
+    diag[torch.arange(n), torch.arange(n) + r * n] = True
+    l00 = (a0 @ b0.t() / T)[~diag].view(n, -1)
+    l11 = (a1 @ b1.t() / T)[~diag].view(n, -1)
+    logits = torch.cat([torch.cat([a0 @ b1.t() / T, l00], 1), torch.cat([a1 @ b0.t() / T, l11], 1)], 0)
+    want = F.cross_entropy(logits, (torch.arange(n) + r * n).repeat(2))
+    i = torch.arange(n)
+    M = world * n
+    pos = torch.cat([M + r * n + i, r * n + i])
+    exclude = torch.cat([r * n + i, M + r * n + i])
+    got = sslkern.info_nce_loss(torch.cat([z0, z1]), torch.cat([z0_all, z1_all]), T, pos=pos, exclude=exclude)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# Numerics
+# ---------------------------------------------------------------------------------------
+def test_cpu_gradient_has_no_subnormals():
+    """τ = 0.01 on normalized inputs: logits span ±100, so most probabilities are below the
+    float32 normal range; they must be exactly 0, not subnormal (the tile products would
+    slow down on them), and the loss must still match."""
+    q, k = torch.randn(64, 16), torch.randn(300, 16)
+    loss, dq, dk = _run(sslkern.info_nce_loss, q, k, temperature=0.01, backend="cpu")
+    tiny = torch.finfo(torch.float32).tiny
+    # G itself is not returned: check the one G row-block directly through the op with D = M
+    # (dq = G·K with K = identity gives G)
+    eye = torch.eye(300)
+    qn = F.normalize(q, dim=1) @ F.normalize(k, dim=1).t()  # (64, 300) rows whose dots with eye are the logits
+    _, g, _ = torch.ops.sslkern.info_nce_loss(qn.contiguous(), eye, torch.arange(64), None, 100.0, True, False,
+                                              False, "cpu")
+    assert bool(((g != 0) & (g.abs() < tiny)).sum() == 0)
+    assert bool((g == 0).sum() > g.numel() // 4)  # the case exercises the flush
+    want = _oracle(q, k, temperature=0.01)
+    torch.testing.assert_close(loss.double(), want[0], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(dq.double(), want[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(dk.double(), want[2], atol=1e-5, rtol=1e-4)
+
+
+def test_cpu_extra_memory_is_not_n_by_m():
+    """The CPU kernel allocates O((N + M)·D + threads·rows·M), never the (N, M) logits."""
+    from torch.profiler import ProfilerActivity, profile
+
+    N = M = 2048
+    D = 32
+    q = torch.randn(N, D, requires_grad=True)
+    k = torch.randn(M, D, requires_grad=True)
+    with sslkern.cpu_cache_disabled(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        sslkern.info_nce_loss(q, k, 0.2, backend="cpu").backward()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nb in events:
+        live += nb
+        peak = max(peak, live)
+    assert peak < N * M * 4 / 2, peak  # the logits alone would be N·M·4 = 16 MiB
+
+
+# ---------------------------------------------------------------------------------------
+# gradcheck, opcheck, compile
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("form", ["diag", "exclude", "nt_xent", "pos"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gradcheck_float64(backend, form, normalize):
+    N, M, D = 7, 11, 5
+    kw = _form_kwargs(form, N, M, "cpu")
+    q = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(N if form == "nt_xent" else M, D, dtype=torch.float64, requires_grad=True)
+    f = lambda a, b: sslkern.info_nce_loss(a, b, 0.3, normalize=normalize, backend=backend, **kw)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (q, k), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("with_exclude", [False, True])
+@pytest.mark.parametrize("grads", [(True, True), (True, False), (False, False)])
+def test_opcheck(with_exclude, grads):
+    N, M, D = 9, 13, 6
+    q = torch.randn(N, D, requires_grad=grads[0])
+    k = torch.randn(M, D, requires_grad=grads[1])
+    pos = torch.randint(0, M, (N,))
+    exclude = ((pos + 1) % M) if with_exclude else None
+    torch.library.opcheck(torch.ops.sslkern.info_nce_loss.default,
+                          (q, k, pos, exclude, 1 / 0.3, grads[0], grads[1], True, ""))
+
+
+def test_compile_fullgraph_equals_eager():
+    q1, q2 = (torch.randn(40, 24, requires_grad=True) for _ in range(2))
+    k1, k2 = torch.randn(40, 24), torch.randn(40, 24)
+
+    def f(q1, q2, k1, k2):  # MoCo v3 symmetrized + SimCLR on the same embeddings
+        moco = sslkern.info_nce_loss(q1, k2, 0.2) + sslkern.info_nce_loss(q2, k1, 0.2)
+        return moco + sslkern.info_nce_loss(q1, q2, 0.5, nt_xent=True)
+
+    eager = f(q1, q2, k1, k2)
+    e_grads = torch.autograd.grad(eager, (q1, q2))
+    compiled = torch.compile(f, fullgraph=True)
+    got = compiled(q1, q2, k1, k2)
+    torch.testing.assert_close(got, eager, atol=1e-6, rtol=1e-6)
+    for g, e in zip(torch.autograd.grad(got, (q1, q2)), e_grads):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------
+def _qk(N=6, M=8, D=4, dtype=torch.float32):
+    return torch.randn(N, D, dtype=dtype), torch.randn(M, D, dtype=dtype)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda q, k: sslkern.info_nce_loss(q, k[:, :3]), ValueError, r"k expected 4 columns \(q's D\), got shape \(8, 3\)"),
+    (lambda q, k: sslkern.info_nce_loss(q, k.half()), TypeError, r"k expected dtype float32 \(q's dtype\)"),
+    (lambda q, k: sslkern.info_nce_loss(q.long(), k), TypeError, "q expected dtype in"),
+    (lambda q, k: sslkern.info_nce_loss(q[0], k), ValueError, "q expected 2 dims"),
+    (lambda q, k: sslkern.info_nce_loss(q, k.to("meta")), ValueError, "k expected to be on cpu"),
+    (lambda q, k: sslkern.info_nce_loss(q, k, 0.0), ValueError, r"temperature must be in \(0.0, inf\], got 0.0"),
+    (lambda q, k: sslkern.info_nce_loss(q, k, -0.1), ValueError, "temperature must be in"),
+    (lambda q, k: sslkern.info_nce_loss(q, k, float("inf")), ValueError, "temperature expected a finite"),
+    (lambda q, k: sslkern.info_nce_loss(q, k, torch.tensor(0.1)), TypeError, "temperature expected a Python float"),
+    (lambda q, k: sslkern.info_nce_loss(q, k[:5]), ValueError, r"pos_offset expected in \[0, M - N\]"),
+    (lambda q, k: sslkern.info_nce_loss(q, k, pos_offset=3), ValueError, r"pos_offset expected in \[0, M - N\] = \[0, 2\]"),
+    (lambda q, k: sslkern.info_nce_loss(q, k, pos=torch.zeros(5, dtype=torch.long)), ValueError, r"pos expected shape \(6,\)"),
+    (lambda q, k: sslkern.info_nce_loss(q, k, pos=torch.zeros(6)), TypeError, "pos expected dtype in"),
+    (lambda q, k: sslkern.info_nce_loss(q, k, pos=torch.zeros(6, dtype=torch.long), pos_offset=1), ValueError,
+     "pos_offset expected 0 when pos is given"),
+    (lambda q, k: sslkern.info_nce_loss(q, k, exclude=torch.zeros(6)), TypeError, "exclude expected dtype in"),
+    (lambda q, k: sslkern.info_nce_loss(q, k, nt_xent=True), ValueError, r"k expected shape \(6, 4\) with nt_xent"),
+    (lambda q, k: sslkern.info_nce_loss(q, k[:6], nt_xent=True, pos_offset=1), ValueError, "nt_xent=True builds"),
+    (lambda q, k: sslkern.info_nce_loss(q[:0], k), ValueError, "expected non-empty"),
+    (lambda q, k: sslkern.info_nce_loss(q, k, pos_offset=1.0), TypeError, "pos_offset expected an int"),
+])
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(*_qk())
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("which,value,match", [
+    ("pos", 8, r"pos expected values in \[0, 8\) \(column indices of k\), got pos\[2\] = 8"),
+    ("pos", -1, r"pos expected values in \[0, 8\).*got pos\[2\] = -1"),
+    ("exclude", 8, r"exclude expected values in \[-1, 8\).*got exclude\[2\] = 8"),
+    ("exclude", -2, r"exclude expected values in \[-1, 8\).*got exclude\[2\] = -2"),
+    ("exclude", "pos", r"exclude expected a column other than the positive, got exclude\[2\] = pos\[2\] = 3"),
+])
+def test_index_values_out_of_range(backend, which, value, match):
+    name, device = backend if isinstance(backend, tuple) else (backend, "cpu")
+    q, k = (t.to(device) for t in _qk())
+    pos = torch.tensor([0, 1, 3, 3, 4, 5], device=device)
+    exclude = torch.full((6,), -1, device=device)
+    if which == "pos":
+        pos[2] = value
+    else:
+        exclude[2] = pos[2] if value == "pos" else value
+    with pytest.raises((IndexError, RuntimeError, ValueError), match=match):
+        sslkern.info_nce_loss(q, k, pos=pos, exclude=exclude, backend=name)
+
+
+def test_cpu_kernel_checks_direct_calls():
+    q, k = _qk()
+    with pytest.raises(RuntimeError, match="k expected 4 columns"):
+        torch.ops.sslkern_C.info_nce_loss_cpu(q, k[:, :3], torch.arange(6), None, 2.0, True, True, False)
+    with pytest.raises(RuntimeError, match=r"pos must be a CPU int64 tensor of shape \(6,\)"):
+        torch.ops.sslkern_C.info_nce_loss_cpu(q, k, torch.arange(5), None, 2.0, True, True, False)
+    with pytest.raises(RuntimeError, match="temperature must be positive"):
+        torch.ops.sslkern_C.info_nce_loss_cpu(q, k, torch.arange(6), None, -2.0, True, True, False)
+    with pytest.raises(IndexError, match="pos expected values"):
+        torch.ops.sslkern_C.info_nce_loss_cpu(q, k, torch.arange(6) + 5, None, 2.0, True, True, False)
+
+
+def test_triton_rejects_fp64():
+    if not dispatch._usable("triton", torch.device("cuda" if ON_GPU else "cpu"))[0]:
+        pytest.skip("triton backend not usable here")
+    dev = "cuda" if ON_GPU else "cpu"
+    q, k = (t.to(dev) for t in _qk(dtype=torch.float64))
+    with pytest.raises(TypeError, match="fp64 runs on backend='cpu'"):
+        sslkern.info_nce_loss(q, k, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------
+# Triton: every configuration the launcher can pick is an AOT_CONFIGS entry
+# ---------------------------------------------------------------------------------------
+class _RecordingKernel:
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((self.name, dict(kwargs)))
+        return launch
+
+
+@pytest.mark.parametrize("dtype,tf32", [(torch.float32, False), (torch.float32, True), (torch.float16, False),
+                                        (torch.bfloat16, False)])
+@pytest.mark.parametrize("D", [3, 64, 100, 128, 256, 600])
+def test_triton_launch_configs_are_in_aot_configs(monkeypatch, dtype, tf32, D):
+    pytest.importorskip("triton")
+    from sslkern.triton_ops import info_nce_loss as tn
+
+    calls = []
+    for name in ("info_nce_fwd_kernel", "info_nce_bwd_dq_kernel", "info_nce_bwd_dk_kernel"):
+        monkeypatch.setattr(tn, name, _RecordingKernel(name, calls))
+    q = torch.zeros(5, D, dtype=dtype)
+    matmul, old_tf32 = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32
+    matmul.allow_tf32 = tf32
+    try:
+        tn.info_nce_loss_triton(q, q, torch.arange(5), None, 2.0, True, True, False)
+    finally:
+        matmul.allow_tf32 = old_tf32
+    assert [c[0] for c in calls] == ["info_nce_fwd_kernel", "info_nce_bwd_dq_kernel", "info_nce_bwd_dk_kernel"]
+    ptr = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    aot = [(c["kernel"].fn.__name__ if hasattr(c["kernel"], "fn") else c["kernel"].__name__, c["signature"]["q_ptr"],
+            tuple(sorted(c["constexprs"].items())), c["num_warps"], c["num_stages"]) for c in tn.AOT_CONFIGS]
+    for name, kw in calls:
+        options = (kw.pop("num_warps"), kw.pop("num_stages"))
+        assert kw["DOT_PRECISION"] == ("tf32" if tf32 and dtype == torch.float32 else "ieee")
+        if "BLOCK_DO" in kw:
+            assert kw["BLOCK_DO"] == min(b for b in tn.BLOCK_DOS if b >= min(D, 256))
+        assert (name, ptr, tuple(sorted(kw.items())), *options) in aot, (name, kw, options)
