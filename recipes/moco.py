@@ -37,14 +37,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sslkern  # noqa: E402
 from sslkern.train import Method, build_vit, run  # noqa: E402
 from sslkern.train.joint import (add_view_arguments, check_view_arguments, encoder, joint_health,  # noqa: E402
-                                 joint_verdict, mlp, positive_int_options, two_views, EagerInfoNCELoss)
+                                 joint_verdict, mlp, positive_int_options, two_views)
 
 
 class MoCoV3(Method):
     """MoCo v3: queries from a ViT + predictor contrast against a momentum encoder's keys."""
 
     name, title = "moco", "MoCo v3"
-    defaults = dict(epochs=80, lr=1e-3, weight_decay=0.1, warmup_epochs=5, eval_every=20)
+    defaults = dict(epochs=40, lr=1e-3, weight_decay=0.1, warmup_epochs=5, eval_every=20)
     health = {"embedding_std": "low"}
 
     @staticmethod
@@ -75,7 +75,7 @@ class MoCoV3(Method):
         self.base = encoder(vit, mlp(a.dim, a.hidden_dim, a.out_dim, 3, last_bn=True), a.pool)
         self.predictor = mlp(a.out_dim, a.hidden_dim, a.out_dim, 2, last_bn=True)
         self.momentum = sslkern.nn.EMATeacher(self.base)  # frozen copy; EMA of every trained parameter
-        self.loss = EagerInfoNCELoss(a.temperature, gather_distributed=True, scale=2 * a.temperature)
+        self.loss = sslkern.nn.InfoNCELoss(a.temperature, gather_distributed=True, scale=2 * a.temperature)
         self.views = two_views(a)
 
     def schedule(self, ctx):

@@ -85,30 +85,3 @@ def joint_verdict(health: dict, *, threshold: float = 0.1) -> tuple[bool, str]:
         return True, f"collapsed (embedding std {s:.3f} < {threshold})"
     return False, f"not collapsed (embedding std {s:.3f} ≥ {threshold})"
 
-
-# TEMPORARY eager stand-in for sslkern.nn.InfoNCELoss until the op branch (h14op) is merged.
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-
-class EagerInfoNCELoss(nn.Module):
-    def __init__(self, temperature=0.1, *, normalize=True, nt_xent=False, gather_distributed=False, scale=1.0):
-        super().__init__()
-        self.temperature, self.nt_xent, self.gather, self.scale = temperature, nt_xent, gather_distributed, scale
-
-    def forward(self, q, k):
-        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
-        offset = 0
-        if self.gather and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            d = torch.distributed
-            parts = [torch.empty_like(k) for _ in range(d.get_world_size())]
-            d.all_gather(parts, k.detach().contiguous())
-            k, offset = torch.cat(parts), d.get_rank() * q.shape[0]
-        if self.nt_xent:
-            n = q.shape[0]
-            z = torch.cat([q, k])
-            s = (z @ z.T / self.temperature).fill_diagonal_(float("-inf"))
-            labels = (torch.arange(2 * n, device=z.device) + n) % (2 * n)
-            return F.cross_entropy(s, labels) * self.scale
-        labels = torch.arange(q.shape[0], device=q.device) + offset
-        return F.cross_entropy(q @ k.T / self.temperature, labels) * self.scale
