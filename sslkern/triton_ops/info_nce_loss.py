@@ -25,41 +25,55 @@ on a GPU.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
+
+# The kernels address their tiles with tl.make_block_ptr (no per-element 64-bit address tiles in
+# registers: the 2-D pointer version spilled); Triton 3.8 marks it deprecated in favour of tensor
+# descriptors, which need a TMA scratch allocator on sm_90. Silence that one notice.
+warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated", category=UserWarning)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 BLOCK_DOS = (64, 128, 256)
 # (BLOCK_M, BLOCK_N, BLOCK_DK, num_warps, num_stages) per kernel, keyed by the product class
 # ("ieee": fp32 FMA loops, "tf32", "half": fp16 / bf16 tensor cores) and BLOCK_DO (the dq / dk
-# accumulator width; the forward does not depend on it). Each entry compiles without spills
-# for sm_80 and sm_90a (python -m sslkern.gpu_report --only info_nce_loss).
+# accumulator width; the forward does not depend on it). Every entry compiles without spills
+# for sm_80 and sm_90a (python -m sslkern.gpu_report --only info_nce_loss); the launcher and
+# AOT_CONFIGS read this table only. "ieee" keeps 4 warps and small tiles (FMA dots hold their
+# operands in registers; at 8 warps ptxas capped sm_90a at 128 registers and spilled).
 _DEFAULT = {
-    "ieee": dict(fwd=(64, 64, 32, 4, 2), dq=(32, 32, 32, 4, 1), dk=(32, 32, 32, 4, 1)),
-    "tf32": dict(fwd=(64, 64, 32, 4, 2), dq=(32, 64, 32, 4, 2), dk=(32, 64, 32, 4, 2)),
-    "half": dict(fwd=(64, 64, 64, 4, 2), dq=(32, 64, 64, 4, 2), dk=(32, 64, 64, 4, 2)),
+    "ieee": dict(fwd=(64, 64, 32, 8, 2), dq=(32, 32, 32, 4, 1), dk=(32, 32, 32, 4, 1)),
+    "tf32": dict(fwd=(64, 64, 32, 8, 2), dq=(64, 64, 32, 8, 2), dk=(64, 64, 32, 8, 2)),
+    "half": dict(fwd=(64, 64, 64, 8, 2), dq=(64, 64, 64, 8, 2), dk=(64, 64, 64, 8, 2)),
 }
-_OVERRIDES: dict = {}
+_OVERRIDES = {
+    ("ieee", 256): dict(dq=(16, 32, 32, 4, 1), dk=(16, 16, 32, 4, 1)),
+    ("tf32", 256): dict(dq=(64, 32, 32, 8, 2), dk=(64, 32, 32, 8, 2)),
+    ("half", 256): dict(dq=(64, 32, 64, 8, 2), dk=(64, 32, 64, 8, 2)),
+}
 CONFIGS = {(cls, bd): {**cfg, **_OVERRIDES.get((cls, bd), {})} for cls, cfg in _DEFAULT.items() for bd in BLOCK_DOS}
 
 
 @triton.jit
-def _logits_tile(q_ptr, k_ptr, offs_m, offs_n, N, M, D,
+def _logits_tile(q_ptr, k_ptr, row0, col0, N, M, D,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) fp32 q[offs_m]·k[offs_n]ᵀ, the dot over D in BLOCK_DK chunks (0 outside)."""
-    m_ok = offs_m < N
-    n_ok = offs_n < M
-    q_rows = q_ptr + offs_m.to(tl.int64)[:, None] * D
-    k_rows = k_ptr + offs_n.to(tl.int64)[None, :] * D
+    """(BLOCK_M, BLOCK_N) fp32 q[row0:]·k[col0:]ᵀ, the dot over D in BLOCK_DK chunks (0 outside).
+    Block pointers: no per-element 64-bit address tiles in registers."""
+    q_bp = tl.make_block_ptr(q_ptr, shape=(N, D), strides=(D, 1), offsets=(row0, 0), block_shape=(BLOCK_M, BLOCK_DK),
+                             order=(1, 0))
+    kt_bp = tl.make_block_ptr(k_ptr, shape=(D, M), strides=(1, D), offsets=(0, col0), block_shape=(BLOCK_DK, BLOCK_N),
+                              order=(0, 1))
     s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for d0 in range(0, D, BLOCK_DK):
-        offs_d = d0 + tl.arange(0, BLOCK_DK)
-        d_ok = offs_d < D
-        q = tl.load(q_rows + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        kt = tl.load(k_rows + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+    for _ in range(0, D, BLOCK_DK):
+        q = tl.load(q_bp, boundary_check=(0, 1), padding_option="zero")
+        kt = tl.load(kt_bp, boundary_check=(0, 1), padding_option="zero")
         s += tl.dot(q, kt, input_precision=DOT_PRECISION)
+        q_bp = tl.advance(q_bp, (0, BLOCK_DK))
+        kt_bp = tl.advance(kt_bp, (BLOCK_DK, 0))
     return s
 
 
@@ -67,22 +81,22 @@ def _logits_tile(q_ptr, k_ptr, offs_m, offs_n, N, M, D,
 def info_nce_fwd_kernel(q_ptr, k_ptr, pos_ptr, excl_ptr, lse_ptr, row_loss_ptr, N, M, D, has_excl, inv_temp,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = tl.program_id(0) * BLOCK_M
+    offs_m = row0 + tl.arange(0, BLOCK_M)
     m_ok = offs_m < N
-    pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=-1)
-    excl = tl.full([BLOCK_M], -1, tl.int64)
+    pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=-1).to(tl.int32)
+    excl = tl.full([BLOCK_M], -1, tl.int32)
     if has_excl:
-        excl = tl.load(excl_ptr + offs_m, mask=m_ok, other=-1)
+        excl = tl.load(excl_ptr + offs_m, mask=m_ok, other=-1).to(tl.int32)
     scale2 = inv_temp * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     s_pos = tl.zeros([BLOCK_M], tl.float32)
     for start_n in range(0, M, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        s = _logits_tile(q_ptr, k_ptr, offs_m, offs_n, N, M, D, BLOCK_M, BLOCK_N, BLOCK_DK, DOT_PRECISION) * scale2
-        cols = offs_n.to(tl.int64)[None, :]
+        cols = (start_n + tl.arange(0, BLOCK_N))[None, :]
+        s = _logits_tile(q_ptr, k_ptr, row0, start_n, N, M, D, BLOCK_M, BLOCK_N, BLOCK_DK, DOT_PRECISION) * scale2
         s_pos += tl.sum(tl.where(cols == pos[:, None], s, 0.0), 1)
-        s = tl.where((offs_n[None, :] < M) & (cols != excl[:, None]), s, float("-inf"))
+        s = tl.where((cols < M) & (cols != excl[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
         m_i = m_new
@@ -92,12 +106,13 @@ def info_nce_fwd_kernel(q_ptr, k_ptr, pos_ptr, excl_ptr, lse_ptr, row_loss_ptr, 
 
 
 @triton.jit
-def _grad_tile(q_ptr, k_ptr, offs_m, offs_n, pos, excl, lse2, N, M, D, scale2,
+def _grad_tile(q_ptr, k_ptr, row0, col0, pos, excl, lse2, N, M, D, scale2,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """(BLOCK_M, BLOCK_N) P − onehot(pos) for the tile (0 at excluded and out-of-range entries)."""
-    s = _logits_tile(q_ptr, k_ptr, offs_m, offs_n, N, M, D, BLOCK_M, BLOCK_N, BLOCK_DK, DOT_PRECISION) * scale2
-    cols = offs_n.to(tl.int64)[None, :]
-    ok = (offs_m[:, None] < N) & (offs_n[None, :] < M) & (cols != excl[:, None])
+    s = _logits_tile(q_ptr, k_ptr, row0, col0, N, M, D, BLOCK_M, BLOCK_N, BLOCK_DK, DOT_PRECISION) * scale2
+    rows = (row0 + tl.arange(0, BLOCK_M))[:, None]
+    cols = (col0 + tl.arange(0, BLOCK_N))[None, :]
+    ok = (rows < N) & (cols < M) & (cols != excl[:, None])
     p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
     return p - tl.where(cols == pos[:, None], 1.0, 0.0)
 
@@ -106,53 +121,56 @@ def _grad_tile(q_ptr, k_ptr, offs_m, offs_n, pos, excl, lse2, N, M, D, scale2,
 def info_nce_bwd_dq_kernel(q_ptr, k_ptr, pos_ptr, excl_ptr, lse_ptr, dq_ptr, N, M, D, has_excl, inv_temp, g_scale,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
                            BLOCK_DO: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    row0 = tl.program_id(0) * BLOCK_M
+    o0 = tl.program_id(1) * BLOCK_DO
+    offs_m = row0 + tl.arange(0, BLOCK_M)
     m_ok = offs_m < N
-    o_ok = offs_o < D
-    pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=-1)
-    excl = tl.full([BLOCK_M], -1, tl.int64)
+    pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=-1).to(tl.int32)
+    excl = tl.full([BLOCK_M], -1, tl.int32)
     if has_excl:
-        excl = tl.load(excl_ptr + offs_m, mask=m_ok, other=-1)
+        excl = tl.load(excl_ptr + offs_m, mask=m_ok, other=-1).to(tl.int32)
     scale2 = inv_temp * 1.4426950408889634
     lse2 = tl.load(lse_ptr + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+    k_bp = tl.make_block_ptr(k_ptr, shape=(M, D), strides=(D, 1), offsets=(0, o0), block_shape=(BLOCK_N, BLOCK_DO),
+                             order=(1, 0))
     acc = tl.zeros([BLOCK_M, BLOCK_DO], tl.float32)
     for start_n in range(0, M, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        g = _grad_tile(q_ptr, k_ptr, offs_m, offs_n, pos, excl, lse2, N, M, D, scale2,
+        g = _grad_tile(q_ptr, k_ptr, row0, start_n, pos, excl, lse2, N, M, D, scale2,
                        BLOCK_M, BLOCK_N, BLOCK_DK, DOT_PRECISION)
-        kv = tl.load(k_ptr + offs_n.to(tl.int64)[:, None] * D + offs_o[None, :],
-                     mask=(offs_n[:, None] < M) & o_ok[None, :], other=0.0)
+        kv = tl.load(k_bp, boundary_check=(0, 1), padding_option="zero")
         acc += tl.dot(g.to(kv.dtype), kv, input_precision=DOT_PRECISION)
-    tl.store(dq_ptr + offs_m.to(tl.int64)[:, None] * D + offs_o[None, :], (acc * g_scale).to(dq_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & o_ok[None, :])
+        k_bp = tl.advance(k_bp, (BLOCK_N, 0))
+    dq_bp = tl.make_block_ptr(dq_ptr, shape=(N, D), strides=(D, 1), offsets=(row0, o0),
+                              block_shape=(BLOCK_M, BLOCK_DO), order=(1, 0))
+    tl.store(dq_bp, (acc * g_scale).to(dq_ptr.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
 def info_nce_bwd_dk_kernel(q_ptr, k_ptr, pos_ptr, excl_ptr, lse_ptr, dk_ptr, N, M, D, has_excl, inv_temp, g_scale,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
                            BLOCK_DO: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    n_ok = offs_n < M
-    o_ok = offs_o < D
+    col0 = tl.program_id(0) * BLOCK_N
+    o0 = tl.program_id(1) * BLOCK_DO
     scale2 = inv_temp * 1.4426950408889634
+    q_bp = tl.make_block_ptr(q_ptr, shape=(N, D), strides=(D, 1), offsets=(0, o0), block_shape=(BLOCK_M, BLOCK_DO),
+                             order=(1, 0))
     acc = tl.zeros([BLOCK_N, BLOCK_DO], tl.float32)
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < N
-        pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=-1)
-        excl = tl.full([BLOCK_M], -1, tl.int64)
+        pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=-1).to(tl.int32)
+        excl = tl.full([BLOCK_M], -1, tl.int32)
         if has_excl:
-            excl = tl.load(excl_ptr + offs_m, mask=m_ok, other=-1)
+            excl = tl.load(excl_ptr + offs_m, mask=m_ok, other=-1).to(tl.int32)
         lse2 = tl.load(lse_ptr + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-        g = _grad_tile(q_ptr, k_ptr, offs_m, offs_n, pos, excl, lse2, N, M, D, scale2,
+        g = _grad_tile(q_ptr, k_ptr, start_m, col0, pos, excl, lse2, N, M, D, scale2,
                        BLOCK_M, BLOCK_N, BLOCK_DK, DOT_PRECISION)
-        qv = tl.load(q_ptr + offs_m.to(tl.int64)[:, None] * D + offs_o[None, :], mask=m_ok[:, None] & o_ok[None, :],
-                     other=0.0)
+        qv = tl.load(q_bp, boundary_check=(0, 1), padding_option="zero")
         acc += tl.dot(tl.trans(g).to(qv.dtype), qv, input_precision=DOT_PRECISION)
-    tl.store(dk_ptr + offs_n.to(tl.int64)[:, None] * D + offs_o[None, :], (acc * g_scale).to(dk_ptr.dtype.element_ty),
-             mask=n_ok[:, None] & o_ok[None, :])
+        q_bp = tl.advance(q_bp, (BLOCK_M, 0))
+    dk_bp = tl.make_block_ptr(dk_ptr, shape=(M, D), strides=(D, 1), offsets=(col0, o0),
+                              block_shape=(BLOCK_N, BLOCK_DO), order=(1, 0))
+    tl.store(dk_bp, (acc * g_scale).to(dk_ptr.dtype.element_ty), boundary_check=(0, 1))
 
 
 # ---------------------------------------------------------------------------------------
