@@ -196,8 +196,9 @@ def test_two_processes_equal_one(tmp_path, name):
     assert r.returncode == 0, r.stderr[-3000:]
     _run(name, args + ["--out", single])
     two, one = _rows(out), _rows(single)
-    for key in ("loss", "embedding_std"):
-        np.testing.assert_allclose([r[key] for r in two], [r[key] for r in one], rtol=1e-4, err_msg=key)
+    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-4)
+    # the health figure is each rank's std over its half batch, averaged: close, not equal
+    np.testing.assert_allclose([r["embedding_std"] for r in two], [r["embedding_std"] for r in one], rtol=1e-2)
 
 
 @pytest.mark.parametrize("name, args, message", [
