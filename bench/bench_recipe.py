@@ -38,6 +38,16 @@ CASES = [
     ("data2vec2", "Data2Vec2", "vits", VITS + ["--batch-size", "8", "--clones", "8"], 2),
     ("dino", "DINO", "vits", DISTILL_VITS + ["--batch-size", "4", "--local-crops", "4"], 2),
     ("ibot", "IBOT", "vits", DISTILL_VITS + ["--batch-size", "4", "--local-crops", "4"], 2),
+    ("byol", "BYOL", "default", [], 1),
+    ("simsiam", "SimSiam", "default", [], 1),
+    ("moco", "MoCoV3", "default", [], 1),
+    ("simclr", "SimCLR", "default", [], 1),
+    # the papers' MLPs: BYOL 4096 -> 256, SimSiam 2048 (bottleneck 512), MoCo v3 4096 -> 256, SimCLR 2048 -> 128
+    ("byol", "BYOL", "vits", VITS + ["--hidden-dim", "4096", "--out-dim", "256", "--batch-size", "8"], 2),
+    ("simsiam", "SimSiam", "vits", VITS + ["--hidden-dim", "2048", "--out-dim", "2048", "--pred-dim", "512",
+                                           "--batch-size", "8"], 2),
+    ("moco", "MoCoV3", "vits", VITS + ["--hidden-dim", "4096", "--out-dim", "256", "--batch-size", "8"], 2),
+    ("simclr", "SimCLR", "vits", VITS + ["--hidden-dim", "2048", "--out-dim", "128", "--batch-size", "8"], 2),
 ]
 IDS = [f"{c[0]}-{c[2]}" for c in CASES]
 

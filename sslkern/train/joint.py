@@ -1,0 +1,87 @@
+"""Pieces shared by the joint-embedding recipes (BYOL, SimSiam, MoCo v3, SimCLR): the
+projector / predictor MLP, the two-view options, and the collapse figure and verdict.
+
+Defaults are those tuned for the default data (digits 16x16, see docs/recipes/byol.md and
+the others); each paper's own value is in the help texts of the recipes.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from sslkern.nn import GlobalBatchNorm1d, MultiCropWrapper
+from sslkern.train.health import embedding_std
+from sslkern.train.views import MultiCrop
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, *, bn: bool = True, last_bn: bool = False,
+        act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    """``layers`` linear layers; between them (BatchNorm) + ReLU; optionally a BatchNorm without
+    affine on the output (SimSiam / MoCo v3 projector). BatchNorm statistics span all ranks
+    (:class:`sslkern.nn.GlobalBatchNorm1d`), so torchrun computes the one-process step."""
+    mods, d = [], in_dim
+    for i in range(layers):
+        last = i == layers - 1
+        o = out_dim if last else hidden_dim
+        mods.append(nn.Linear(d, o, bias=not ((bn and not last) or (last and last_bn))))
+        if not last:
+            mods += [GlobalBatchNorm1d(o)] if bn else []
+            mods.append(act())
+        elif last_bn:
+            mods.append(GlobalBatchNorm1d(o, affine=False))
+        d = o
+    return nn.Sequential(*mods)
+
+
+def add_view_arguments(g, *, scale=(0.3, 1.0), degrees=10.0):
+    g.add_argument("--pool", choices=("mean", "cls"), default="mean",
+                   help="projector input: mean of the patch tokens or CLS (the papers: CLS / pooled CNN features)")
+    g.add_argument("--crop-scale", type=float, nargs=2, default=scale, help="random resized crop area range (papers: 0.08 1)")
+    g.add_argument("--degrees", type=float, default=degrees, help="random rotation of every view (papers: none)")
+    g.add_argument("--flip-p", type=float, default=None,
+                   help="horizontal flip probability (default: 0.5 for RGB data, 0 for grey digits)")
+
+
+def check_view_arguments(a, error):
+    lo, hi = a.crop_scale
+    if not 0 < lo <= hi <= 1:
+        error(f"--crop-scale expected 0 < lo <= hi <= 1, got {lo} {hi}")
+    if a.degrees < 0:
+        error(f"--degrees expected >= 0, got {a.degrees}")
+    if a.flip_p is not None and not 0 <= a.flip_p <= 1:
+        error(f"--flip-p expected in [0, 1], got {a.flip_p}")
+
+
+def two_views(a) -> MultiCrop:
+    """Two global crops at the image size (random resized crop, rotation; flips and the
+    colour pipeline for RGB data), no local crops."""
+    return MultiCrop(a.image_size, a.image_size, n_global=2, n_local=0, global_scale=tuple(a.crop_scale),
+                     degrees=a.degrees, flip_p=a.flip_p)
+
+
+def positive_int_options(a, error, names):
+    for name in names:
+        if getattr(a, name) <= 0:
+            error(f"--{name.replace('_', '-')} expected a positive integer, got {getattr(a, name)}")
+
+
+def encoder(backbone: nn.Module, projector: nn.Module, pool: str) -> MultiCropWrapper:
+    """backbone → pooled tokens → projector, over a list of views (view-major rows)."""
+    return MultiCropWrapper(backbone, projector, pool)
+
+
+def joint_health(z, prefix: str = "") -> dict:
+    """``embedding_std`` of the projector outputs of this step (√D·mean per-dimension std of
+    the L2-normalised rows: ≈ 1 well spread, → 0 on collapse)."""
+    return {f"{prefix}embedding_std": embedding_std(z)}
+
+
+def joint_verdict(health: dict, *, threshold: float = 0.1) -> tuple[bool, str]:
+    """Collapsed when the final ``embedding_std`` is below ``threshold`` (every view mapped
+    near one direction; 0.1 ≈ the spread of embeddings confined to 1 % of the dimensions)."""
+    s = health.get("embedding_std")
+    if s is None:
+        return False, "no health figures logged"
+    if s < threshold:
+        return True, f"collapsed (embedding std {s:.3f} < {threshold})"
+    return False, f"not collapsed (embedding std {s:.3f} ≥ {threshold})"
+
