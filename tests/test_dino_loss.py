@@ -485,3 +485,51 @@ def test_mixed_dtypes_bf16_student_fp32_teacher(backend):
         loss.backward()
         torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(s2.grad.float(), s_ref.grad, atol=1e-5, rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_grad_scaler_scale_gives_scaled_finite_gradients(backend):
+    """GradScaler's initial scale 65,536 is inf in fp16: the backward must multiply in fp32.
+    Scaled gradients are finite and exactly 65,536 × the unscaled ones (a power of two).
+    Sizes keep every |gradient| below 1, so its scaled value fits fp16 (max 65,504)."""
+    name, device = backend
+    B, V, T, K = 8, 4, 2, 197
+    student, teacher, center = make(B, V, T, K, torch.float16, device)
+    grads = []
+    for factor in (None, 65536.0):
+        s = student.clone().requires_grad_(True)
+        loss = sslkern.dino_loss(s, teacher, center, n_global_crops=T, backend=name)
+        (loss if factor is None else loss * factor).backward()
+        grads.append(s.grad)
+    assert torch.isfinite(grads[1]).all() and grads[1].abs().max() > 0
+    assert torch.equal(grads[1], grads[0] * 65536)
+    # the iBOT loss runs the same op
+    masks = make_masks(16, 3, 3, device)
+    M = int(masks.sum())
+    st = (torch.randn(M, 37, device=device) * 3).half()
+    te = (torch.randn(M, 37, device=device) * 3).half()
+    c = torch.zeros(37, device=device)
+    igrads = []
+    for factor in (1.0, 65536.0):
+        s = st.clone().requires_grad_(True)
+        (sslkern.ibot_patch_loss(s, te, masks, c, backend=name) * factor).backward()
+        igrads.append(s.grad)
+    assert torch.isfinite(igrads[1]).all() and torch.equal(igrads[1], igrads[0] * 65536)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_prototypes_leading_the_row(backend):
+    """Teacher logits of -inf (masked prototypes) filling the first column blocks: the online
+    logsumexp must not compute -inf - (-inf); loss and gradient equal the reference."""
+    name, device = backend
+    B, V, T, K = 2, 3, 2, 1100  # the Triton row-stats block is 1024 columns at this K
+    student, teacher, center = make(B, V, T, K, torch.float32, device)
+    teacher[:, :1030] = float("-inf")
+    want_loss, want_grad, _ = reference_all(student, teacher, center, 0.1, 0.04, T)
+    assert torch.isfinite(want_loss)
+    s = student.clone().requires_grad_(True)
+    loss = sslkern.dino_loss(s, teacher, center, n_global_crops=T, backend=name)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    torch.testing.assert_close(loss, want_loss, **TOL[torch.float32])
+    torch.testing.assert_close(s.grad, want_grad, atol=1e-6, rtol=1e-4)

@@ -126,7 +126,10 @@ def _backward(ctx, g_loss, g_grad, g_csum):
         # the usual case (loss.backward()): the stored gradient is the answer, no copy
         # (Liger cross-entropy does the same); a CPU scalar, so no device sync
         return (grad,) + (None,) * 13
-    return (grad * g_loss.to(grad.dtype),) + (None,) * 13
+    # Multiply in fp32 (fp64 for fp64) and round once: the upstream scalar of an fp16 step
+    # under GradScaler is 65,536 (initial scale), which is inf in fp16 itself.
+    acc = torch.float64 if torch.float64 in (grad.dtype, g_loss.dtype) else torch.float32
+    return (torch.mul(grad.to(acc), g_loss.to(device=grad.device, dtype=acc)).to(grad.dtype),) + (None,) * 13
 
 
 _dino_loss_op.register_autograd(_backward, setup_context=_setup_context)

@@ -43,8 +43,11 @@ def dino_row_stats_kernel(x_ptr, c_ptr, max_ptr, logz_ptr, inv_temp_ptr, K, has_
         n_nan += tl.sum((x != x).to(tl.int32))
         x = tl.where(mask, x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        # online logsumexp: rescale what was summed under the old max
-        z = z * tl.exp((m - m_new) * inv_temp) + tl.sum(tl.exp((x - m_new) * inv_temp), axis=0)
+        # online logsumexp: rescale what was summed under the old max. While every column so
+        # far is -inf (masked prototypes leading the row) m_new is -inf too: shift by 0, not
+        # by -inf (-inf - -inf is NaN), so those columns add exp(-inf) = 0 and z stays 0.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        z = z * tl.exp((m - m_shift) * inv_temp) + tl.sum(tl.exp((x - m_shift) * inv_temp), axis=0)
         m = m_new
     nan = float("nan")
     tl.store(max_ptr + row, tl.where(n_nan > 0, nan, m))
