@@ -406,3 +406,36 @@ def test_triton_launch_configs_are_in_aot_configs(monkeypatch, dtype, tf32, head
                     "alibi_attention_bwd_dq_kernel": "dq"}[name]
             assert (kw["BLOCK_M"], kw["BLOCK_N"]) + options == ta.CONFIGS[(cls, bd)][kern]
         assert (name, ptr, tuple(sorted(kw.items())), *options) in aot, (name, kw, options)
+
+
+def test_triton_grid_puts_batch_heads_on_axis_0(monkeypatch):
+    """B·H = 65,544 > 65,535 (CUDA's limit on grid axes 1 and 2): every launch puts B·H on axis 0
+    (limit 2^31 - 1) and the query / key blocks on axis 1. No kernel runs here; that the kernels
+    read (batch·head, block) from (program_id(0), program_id(1)) is what the interpreter tests
+    above check numerically."""
+    pytest.importorskip("triton")
+    from sslkern.triton_ops import alibi_attention as ta
+
+    grids = []
+
+    class Rec:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: grids.append((self.name, tuple(grid)))
+
+    for name in ("alibi_attention_fwd_kernel", "alibi_attention_bwd_preprocess_kernel",
+                 "alibi_attention_bwd_dkdv_kernel", "alibi_attention_bwd_dq_kernel"):
+        monkeypatch.setattr(ta, name, Rec(name))
+    B, H, L, D = 8193, 8, 70, 8
+    q = torch.zeros(B, H, L, D)
+    slopes, coords = torch.ones(B, H), torch.zeros(B, L, 2)
+    out, lse = ta.alibi_attention_triton(q, q, q, slopes, coords, 0, 2, 0.5)
+    ta.alibi_attention_backward_triton(out, q, q, q, out, lse, slopes, coords, 0, 2, 0.5)
+    assert len(grids) == 4
+    for name, grid in grids:
+        assert len(grid) == 2 and grid[0] == B * H, (name, grid)
+        assert grid[1] in {-(-L // blk) for blk in (16, 32, 64)}, (name, grid)  # query / key blocks
+    with pytest.raises(ValueError, match="launch grid limits"):
+        ta._grid(1, 1, 64 * 65536, 64)

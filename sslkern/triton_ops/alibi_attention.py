@@ -1,6 +1,6 @@
 """``alibi_attention`` — flash attention with an in-kernel ALiBi bias, Triton kernels.
 
-Forward (one program per (query block, batch·head)): scores ``scale·q·kᵀ`` for one key
+Forward (one program per (batch·head, query block); B·H on grid axis 0): scores ``scale·q·kᵀ`` for one key
 block at a time plus the bias ``−slope·dist(x_i, x_j)`` computed from the tokens'
 coordinates (zero for prefix tokens), folded in with the online softmax (running max and
 sum per row; the accumulator is rescaled by ``2^(m_old − m_new)`` when the max grows).
@@ -80,16 +80,16 @@ def alibi_attention_fwd_kernel(
     H, L, P, D, mode, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # B·H on axis 0 (up to 2^31 - 1; axis 1 stops at 65,535)
+    pid_m = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
-                mask=(offs_m[:, None] < L) & d_ok[None, :], other=0.0)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_ql + offs_d[None, :],
+                mask=(offs_m[:, None] < L) & d_ok[None, :], other=0.0)  # int64 row offsets: L·stride may pass 2^31
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
     coords_b = coords_ptr + b * (L - P) * 2
@@ -102,8 +102,8 @@ def alibi_attention_fwd_kernel(
     for start_n in range(0, L, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < L
-        kt = tl.load(k_base + offs_n[None, :] * stride_kl + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
-                     other=0.0)
+        kt = tl.load(k_base + offs_n.to(tl.int64)[None, :] * stride_kl + offs_d[:, None],
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
         if mode != 0:
             s -= slope2 * _alibi_dist(offs_m, offs_n, coords_b, L, P, mode)
@@ -112,8 +112,8 @@ def alibi_attention_fwd_kernel(
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
-                    other=0.0)
+        v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * stride_vl + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
@@ -128,8 +128,8 @@ def alibi_attention_fwd_kernel(
 def alibi_attention_bwd_preprocess_kernel(out_ptr, dout_ptr, delta_ptr, L, D,
                                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     # delta_i = Σ_d dO[i, d]·O[i, d] (both contiguous (B·H·L, D)).
-    bh = tl.program_id(1).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(0).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < L) & (offs_d[None, :] < D)
     idx = (bh * L + offs_m)[:, None] * D + offs_d[None, :]
@@ -146,8 +146,8 @@ def alibi_attention_bwd_dkdv_kernel(
     H, L, P, D, mode, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # B·H on axis 0 (up to 2^31 - 1; axis 1 stops at 65,535)
+    pid_n = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     bh64 = bh.to(tl.int64)
@@ -157,10 +157,9 @@ def alibi_attention_bwd_dkdv_kernel(
     d_ok = offs_d < D
     n_ok = offs_n < L
     kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :], mask=kv_mask,
-                other=0.0)
-    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :], mask=kv_mask,
-                other=0.0)
+    rows_n = offs_n.to(tl.int64)[:, None]
+    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + rows_n * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + rows_n * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
     q_base = q_ptr + b * stride_qb + h * stride_qh
     coords_b = coords_ptr + b * (L - P) * 2
     qk_scale = scale * 1.4426950408889634
@@ -174,7 +173,7 @@ def alibi_attention_bwd_dkdv_kernel(
         offs_m = start_m + offs_m0
         m_ok = offs_m < L
         mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=mask, other=0.0)
+        q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * stride_ql + offs_d[None, :], mask=mask, other=0.0)
         do = tl.load(dout_ptr + (bh64 * L + offs_m)[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
         lse2 = tl.load(lse_ptr + bh64 * L + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_ptr + bh64 * L + offs_m, mask=m_ok, other=0.0)
@@ -193,7 +192,7 @@ def alibi_attention_bwd_dkdv_kernel(
     out_idx = (bh64 * L + offs_n)[:, None] * D + offs_d[None, :]
     tl.store(dk_ptr + out_idx, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + out_idx, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dslope_part_ptr + bh64 * tl.num_programs(0) + pid_n, tl.sum(dslope, 0))
+    tl.store(dslope_part_ptr + bh64 * tl.num_programs(1) + pid_n, tl.sum(dslope, 0))
 
 
 @triton.jit
@@ -203,8 +202,8 @@ def alibi_attention_bwd_dq_kernel(
     H, L, P, D, mode, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # B·H on axis 0 (up to 2^31 - 1; axis 1 stops at 65,535)
+    pid_m = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     bh64 = bh.to(tl.int64)
@@ -214,8 +213,8 @@ def alibi_attention_bwd_dq_kernel(
     d_ok = offs_d < D
     m_ok = offs_m < L
     mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :], mask=mask,
-                other=0.0)
+    rows_m = offs_m.to(tl.int64)[:, None]
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows_m * stride_ql + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(dout_ptr + (bh64 * L + offs_m)[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
     lse2 = tl.load(lse_ptr + bh64 * L + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(delta_ptr + bh64 * L + offs_m, mask=m_ok, other=0.0)
@@ -230,8 +229,8 @@ def alibi_attention_bwd_dq_kernel(
         offs_n = start_n + offs_n0
         n_ok = offs_n < L
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if mode != 0:
             s -= slope2 * _alibi_dist(offs_m, offs_n, coords_b, L, P, mode)
@@ -272,6 +271,20 @@ def _config(dtype: torch.dtype, block_d: int) -> dict:
     return CONFIGS[(cls, block_d)]
 
 
+MAX_GRID_YZ = 65535  # CUDA limit of grid axes 1 and 2 (axis 0: 2^31 - 1)
+
+
+def _grid(B: int, H: int, L: int, block: int) -> tuple[int, int]:
+    """(B·H, query or key blocks): B·H on axis 0, whose limit is 2^31 - 1, so batches with
+    B·H > 65,535 (masked clone batches of small sequences) launch; L / block stays far
+    below axis 1's 65,535 for any sequence that fits in memory."""
+    grid = (B * H, triton.cdiv(L, block))
+    if grid[0] >= 2**31 or grid[1] > MAX_GRID_YZ:
+        raise ValueError(f"sslkern.alibi_attention: q expected B·H < 2^31 and L / {block} <= {MAX_GRID_YZ} "
+                         f"(launch grid limits), got B·H = {grid[0]}, L = {L}")
+    return grid
+
+
 def _strides(*ts):
     return [s for t in ts for s in (t.stride(0), t.stride(1), t.stride(2))]
 
@@ -285,7 +298,7 @@ def alibi_attention_triton(q, k, v, slopes, coords, num_prefix_tokens, mode, sca
         return out, lse.fill_(float("-inf"))
     bd = _block_d(D)
     bm, bn, nw, ns = _config(q.dtype, bd)["fwd"]
-    alibi_attention_fwd_kernel[(triton.cdiv(L, bm), B * H)](
+    alibi_attention_fwd_kernel[_grid(B, H, L, bm)](
         q, k, v, out, lse, slopes, coords, *_strides(q, k, v), H, L, num_prefix_tokens, D, mode, scale,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=nw, num_stages=ns)
@@ -305,18 +318,18 @@ def alibi_attention_backward_triton(dout, q, k, v, out, lse, slopes, coords, num
     prec = _dot_precision(q.dtype)
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     bm, nw, ns = PRE_CONFIGS[bd]
-    alibi_attention_bwd_preprocess_kernel[(triton.cdiv(L, bm), B * H)](
+    alibi_attention_bwd_preprocess_kernel[_grid(B, H, L, bm)](
         out, dout, delta, L, D, BLOCK_M=bm, BLOCK_D=bd, num_warps=nw, num_stages=ns)
     cfg = _config(q.dtype, bd)
     bm, bn, nw, ns = cfg["dkdv"]
     n_blocks = triton.cdiv(L, bn)
     dslope_part = torch.empty((B, H, n_blocks), dtype=torch.float32, device=q.device)
-    alibi_attention_bwd_dkdv_kernel[(n_blocks, B * H)](
+    alibi_attention_bwd_dkdv_kernel[_grid(B, H, L, bn)](
         q, k, v, dout, lse, delta, slopes, coords, dk, dv, dslope_part, *_strides(q, k, v),
         H, L, num_prefix_tokens, D, mode, scale,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=prec, num_warps=nw, num_stages=ns)
     bm, bn, nw, ns = cfg["dq"]
-    alibi_attention_bwd_dq_kernel[(triton.cdiv(L, bm), B * H)](
+    alibi_attention_bwd_dq_kernel[_grid(B, H, L, bm)](
         q, k, v, dout, lse, delta, slopes, coords, dq, *_strides(q, k, v),
         H, L, num_prefix_tokens, D, mode, scale,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=prec, num_warps=nw, num_stages=ns)
