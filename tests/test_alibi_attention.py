@@ -439,3 +439,22 @@ def test_triton_grid_puts_batch_heads_on_axis_0(monkeypatch):
         assert grid[1] in {-(-L // blk) for blk in (16, 32, 64)}, (name, grid)  # query / key blocks
     with pytest.raises(ValueError, match="launch grid limits"):
         ta._grid(1, 1, 64 * 65536, 64)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id == "cpu"] + ["reference"])
+def test_autocast_casts_qk_norm_outputs(backend):
+    """qk-norm under autocast: LayerNorm gives fp32 q, k next to a bf16 v. The op casts all three
+    to the autocast dtype (as SDPA does) instead of raising; the gradient reaches fp32 q."""
+    name = backend if isinstance(backend, str) else backend[0]
+    B, H, L, Dh = 2, 3, 1 + 16, 16
+    q, k = (torch.randn(B, H, L, Dh, requires_grad=True) for _ in range(2))
+    v = torch.randn(B, H, L, Dh).bfloat16().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sslkern.alibi_attention(q, k, v, num_prefix_tokens=1, backend=name)
+    assert out.dtype == torch.bfloat16
+    want = sslkern.alibi_attention(q.bfloat16(), k.bfloat16(), v, num_prefix_tokens=1, backend=name)
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+    with pytest.raises(TypeError, match="k expected dtype"):  # without autocast, mixed dtypes still raise
+        sslkern.alibi_attention(q, k.bfloat16(), v, num_prefix_tokens=1, backend=name)
