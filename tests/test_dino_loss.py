@@ -533,3 +533,36 @@ def test_masked_prototypes_leading_the_row(backend):
     assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
     torch.testing.assert_close(loss, want_loss, **TOL[torch.float32])
     torch.testing.assert_close(s.grad, want_grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.skipif(not [b for b in BACKENDS if b.id == "triton" and not b.marks],
+                    reason="triton backend unavailable")
+def test_deterministic_mode_center_sum_without_atomics(monkeypatch):
+    """Deterministic mode: the Triton pairs kernel does not accumulate the center's column sum
+    with atomics (center_sum flag 0); a torch.sum over the teacher gives it, so the new center
+    is bitwise repeatable and equals the eager formula on the same sum."""
+    from sslkern.triton_ops import dino_loss as td
+    flags = []
+    real = td.dino_pairs_kernel
+
+    class Rec:
+        def __getitem__(self, grid):
+            return lambda *a, **k: (flags.append(a[-1]), real[grid](*a, **k))
+
+    monkeypatch.setattr(td, "dino_pairs_kernel", Rec())
+    B, V, T, K = 3, 4, 2, 37
+    student, teacher, center = make(B, V, T, K, torch.float32, "cpu")
+    old = torch.are_deterministic_algorithms_enabled()
+    outs = []
+    try:
+        for det in (True, True, False):
+            torch.use_deterministic_algorithms(det)
+            outs.append(sslkern.dino_loss(student, teacher, center, n_global_crops=T, center_momentum=0.9,
+                                          backend="triton"))
+    finally:
+        torch.use_deterministic_algorithms(old)
+    assert flags == [0, 0, 1]
+    assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][0], outs[1][0])
+    want = center * 0.9 + teacher.sum(0) / (T * B) * 0.1
+    torch.testing.assert_close(outs[0][1], want, atol=0, rtol=0)
+    torch.testing.assert_close(outs[2][1], want, atol=1e-6, rtol=1e-6)
