@@ -339,6 +339,9 @@ def alibi_attention_backward_triton(dout, q, k, v, out, lse, slopes, coords, num
 # ---------------------------------------------------------------------------------------
 # Every configuration the launchers can pick, for the GPU report (compiled ahead of time)
 # ---------------------------------------------------------------------------------------
+# Head dim 64 and the strides (multiples of it): 16-divisible at the benchmark sizes, as a real
+# launch specialises them; the GPU report compiles with the same attributes.
+AOT_DIVISIBLE = ("D",) + tuple(f"stride_{t}{d}" for t in "qkv" for d in "bhl")
 _STRIDES = {f"stride_{t}{d}": "i32" for t in "qkv" for d in "bhl"}
 _SCALARS = {"H": "i32", "L": "i32", "P": "i32", "D": "i32", "mode": "i32", "scale": "fp32"}
 # (report label, pointer type, DOT_PRECISION, CONFIGS class)
