@@ -395,3 +395,22 @@ def test_triton_targets_table_cached_and_misaligned_views_copied(monkeypatch):
     layer_tables = [r for r in uploads if len(r) == 2]
     assert len(layer_tables) == 2 and layer_tables[1][0] != odd[0].data_ptr()
     assert layer_tables[1][0] % 16 == 0 and layer_tables[1][1] == odd[1].data_ptr()
+
+
+@pytest.mark.skipif(not (sslkern._backend.backend_status()["triton"][0] and not torch.cuda.is_available()),
+                    reason="needs the Triton interpreter on CPU tensors")
+def test_masked_regression_ids_check_is_one_front_door_sync():
+    """The ids range check syncs once in the public function (forward), never in backward;
+    check_indices=False: no sync at all (CUDA graphs). Same loss and gradient."""
+    from conftest import SyncCounter
+    ids = torch.randint(0, 7, (4, 3))
+    target = torch.randn(2, 7, 8)
+    res = []
+    for check in (True, False):
+        pred = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        with SyncCounter() as c:
+            loss = sslkern.masked_regression_loss(pred, target, ids=ids, check_indices=check, backend="triton")
+            loss.backward(torch.tensor(2.0))
+        res.append((c.n, loss, pred.grad))
+    assert res[0][0] == 1 and res[1][0] == 0
+    assert torch.equal(res[0][1], res[1][1]) and torch.equal(res[0][2], res[1][2])

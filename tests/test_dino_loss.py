@@ -566,3 +566,19 @@ def test_deterministic_mode_center_sum_without_atomics(monkeypatch):
     want = center * 0.9 + teacher.sum(0) / (T * B) * 0.1
     torch.testing.assert_close(outs[0][1], want, atol=0, rtol=0)
     torch.testing.assert_close(outs[2][1], want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.skipif(not [b for b in BACKENDS if b.id == "triton" and not b.marks],
+                    reason="triton backend unavailable")
+def test_ibot_check_masks_false_has_no_host_sync():
+    from conftest import SyncCounter
+    masks = make_masks(4, 3, 5, "cpu")
+    M = int(masks.sum())
+    s, t = torch.randn(M, 37), torch.randn(M, 37)
+    c = torch.zeros(37)
+    counts, losses = [], []
+    for check in (True, False):
+        with SyncCounter() as sc:
+            losses.append(sslkern.ibot_patch_loss(s, t, masks, c, check_masks=check, backend="triton"))
+        counts.append(sc.n)
+    assert counts == [1, 0] and torch.equal(losses[0], losses[1])

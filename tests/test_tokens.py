@@ -7,7 +7,7 @@ from sslkern import masks
 from sslkern.ops.tokens import dispatch
 from sslkern.reference import gather_tokens as ref_gather, restore_tokens as ref_restore
 
-from conftest import STATUS, backend_params
+from conftest import STATUS, SyncCounter, backend_params
 
 # the interpreter on CPU tensors (the tests below that build CPU tensors for backend='triton')
 STATUS_TRITON = STATUS["triton"][0] and not torch.cuda.is_available()
@@ -401,25 +401,12 @@ def test_cpu_large_outputs_huge_page_path():
                                               num_prefix_tokens=P), atol=0, rtol=0)
 
 
-class _SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts host syncs: every tensor -> Python scalar read (``.item()``, ``bool()``, ``.tolist()``)."""
-
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _mae_step(backend, check, B=2, P=1, N=16, D=8):
     x = torch.randn(B, P + N, D, requires_grad=True)
     pos = torch.randn(P + N, D, requires_grad=True)
     mt = torch.randn(D, requires_grad=True)
     m = masks.random_mask(B, N, 0.75)
-    with _SyncCounter() as c:
+    with SyncCounter() as c:
         vis = sslkern.gather_tokens(x, m.ids_keep, pos_embed=pos, num_prefix_tokens=P, check_indices=check,
                                     backend=backend)
         out = sslkern.restore_tokens(vis * 2, m.ids_restore, mask_token=mt, pos_embed=pos, num_prefix_tokens=P,

@@ -118,7 +118,7 @@ def masked_regression_loss(
         check_indices: check ``ids`` values once here (an out-of-range index raises an
             ``IndexError`` naming ``ids``; one device reduction and a host sync). ``False``:
             no check and no sync (CUDA-graph capture); out-of-range tokens then count as
-            unmasked on the GPU. Backward never checks.
+            unmasked on the GPU. Backward never checks, nor does a ``torch.compile``\ d call.
         beta: 0 → ``(pred − y)²``; > 0 → smooth-L1 with that beta
             (``F.smooth_l1_loss(..., beta=beta)``, as fairseq ``d2v_loss`` with ``loss_beta``).
         scale: per-token factor, default ``1/sqrt(D)`` (fairseq ``loss_scale=None``).

@@ -190,7 +190,8 @@ def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, *, pos_embed: torch.T
             repeats within an image (if none, the GPU backward writes with plain stores).
             ``False``: no check and no sync (for CUDA-graph capture, e.g. an MAE / data2vec
             step); out-of-range rows then read and write nothing (zero output rows, no
-            gradient) on the GPU; the C++ CPU kernels still raise. Backward never checks.
+            gradient) on the GPU; the C++ CPU kernels still raise. Backward never checks, and
+            neither does a ``torch.compile``\ d call (the check would be a sync in the graph).
         pos_embed: ``None``, ``(P + N, D)`` or ``(1, P + N, D)``: added to each output token at
             its original position (prefix too), fused into the copy; cast to ``x.dtype``.
         num_prefix_tokens: ``P``.
@@ -303,7 +304,8 @@ def restore_tokens(x_vis: torch.Tensor, ids_restore: torch.Tensor, *, mask_token
             twice are one of the two).
         check_indices: check the range here, once (one device reduction and one host sync;
             an ``IndexError`` names ``ids_restore``). ``False``: no check, no sync (CUDA-graph
-            capture); out-of-range ranks then give zero rows on the GPU. Backward never checks.
+            capture); out-of-range ranks then give zero rows on the GPU. Backward never checks,
+            nor does a ``torch.compile``\ d call.
         mask_token: ``(D,)``, ``(1, 1, D)`` learned token (MAE); gradient = sum over removed slots.
         fill: ``(B, N, D)`` per-slot values (data2vec 2.0 ``N(0, 0.01²)`` noise); exactly one
             of ``mask_token`` and ``fill``. Only removed slots are read.
