@@ -30,7 +30,9 @@ MAX_HEAD_DIM = 128
 # product class and the head-dim padding BLOCK_D. Classes: "ieee" (fp32 × fp32 as exact FMA
 # loops: operand tiles live in registers, so register pressure grows with BLOCK_D), "tf32"
 # (fp32 on TF32 tensor cores) and "half" (fp16 / bf16 tensor cores). Every entry compiles
-# without register spills for sm_80 and sm_90a (ptxas figures in docs/ops/alibi_attention.md);
+# without register spills for sm_80 and sm_90a when compiled unspecialised (ptxas figures in
+# docs/ops/alibi_attention.md); compiled as real launches are (16-divisible pointers and strides,
+# gpu_report.launch_attrs) some fp32 dkdv / dq entries spill 4-48 B and need re-tuning;
 # the launchers and AOT_CONFIGS both read this table only. dkdv: BLOCK_N keys resident,
 # BLOCK_M queries streamed; fwd / dq: BLOCK_M queries resident, BLOCK_N keys streamed.
 # num_stages=1 where the FMA path would otherwise spill: software pipelining keeps a second
@@ -84,12 +86,14 @@ def alibi_attention_fwd_kernel(
     pid_m = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m0_q = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + offs_m0_q
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_ql + offs_d[None, :],
-                mask=(offs_m[:, None] < L) & d_ok[None, :], other=0.0)  # int64 row offsets: L·stride may pass 2^31
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + (pid_m * BLOCK_M).to(tl.int64) * stride_ql
+                + offs_m0_q[:, None] * stride_ql + offs_d[None, :],
+                mask=(offs_m[:, None] < L) & d_ok[None, :], other=0.0)  # block start int64: L·stride may pass 2^31
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
     coords_b = coords_ptr + b * (L - P) * 2
@@ -99,11 +103,15 @@ def alibi_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Row offsets: pointers advance by BLOCK·stride per block (64-bit pointer arithmetic, so
+    # L·stride may pass 2^31); in-block offsets are int32 (BLOCK·stride < 2^31: the launcher
+    # copies views whose row stride is larger)
+    kt_ptrs = k_base + (offs_n0[None, :] * stride_kl + offs_d[:, None])
+    v_ptrs = v_base + (offs_n0[:, None] * stride_vl + offs_d[None, :])
     for start_n in range(0, L, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < L
-        kt = tl.load(k_base + offs_n.to(tl.int64)[None, :] * stride_kl + offs_d[:, None],
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        kt = tl.load(kt_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
         if mode != 0:
             s -= slope2 * _alibi_dist(offs_m, offs_n, coords_b, L, P, mode)
@@ -112,10 +120,11 @@ def alibi_attention_fwd_kernel(
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * stride_vl + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+        kt_ptrs += BLOCK_N * stride_kl  # pointers advance in 64 bits
+        v_ptrs += BLOCK_N * stride_vl
     acc = acc / l_i[:, None]
     m_ok = offs_m < L
     row = bh.to(tl.int64) * L + offs_m
@@ -157,9 +166,12 @@ def alibi_attention_bwd_dkdv_kernel(
     d_ok = offs_d < D
     n_ok = offs_n < L
     kv_mask = n_ok[:, None] & d_ok[None, :]
-    rows_n = offs_n.to(tl.int64)[:, None]
-    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + rows_n * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + rows_n * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
+    n0 = (pid_n * BLOCK_N).to(tl.int64)  # block start in int64, in-block rows in int32
+    rows_n = tl.arange(0, BLOCK_N)[:, None]
+    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + n0 * stride_kl + rows_n * stride_kl + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + n0 * stride_vl + rows_n * stride_vl + offs_d[None, :],
+                mask=kv_mask, other=0.0)
     q_base = q_ptr + b * stride_qb + h * stride_qh
     coords_b = coords_ptr + b * (L - P) * 2
     qk_scale = scale * 1.4426950408889634
@@ -169,11 +181,13 @@ def alibi_attention_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dslope = tl.zeros([BLOCK_N], tl.float32)
+    q_ptrs = q_base + (offs_m0[:, None] * stride_ql + offs_d[None, :])  # advanced per block in 64 bits
     for start_m in range(0, L, BLOCK_M):
         offs_m = start_m + offs_m0
         m_ok = offs_m < L
         mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * stride_ql + offs_d[None, :], mask=mask, other=0.0)
+        q = tl.load(q_ptrs, mask=mask, other=0.0)
+        q_ptrs += BLOCK_M * stride_ql
         do = tl.load(dout_ptr + (bh64 * L + offs_m)[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
         lse2 = tl.load(lse_ptr + bh64 * L + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_ptr + bh64 * L + offs_m, mask=m_ok, other=0.0)
@@ -213,8 +227,9 @@ def alibi_attention_bwd_dq_kernel(
     d_ok = offs_d < D
     m_ok = offs_m < L
     mask = m_ok[:, None] & d_ok[None, :]
-    rows_m = offs_m.to(tl.int64)[:, None]
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows_m * stride_ql + offs_d[None, :], mask=mask, other=0.0)
+    m0 = (pid_m * BLOCK_M).to(tl.int64)  # block start in int64, in-block rows in int32
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + m0 * stride_ql + tl.arange(0, BLOCK_M)[:, None] * stride_ql
+                + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(dout_ptr + (bh64 * L + offs_m)[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
     lse2 = tl.load(lse_ptr + bh64 * L + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(delta_ptr + bh64 * L + offs_m, mask=m_ok, other=0.0)
@@ -225,12 +240,16 @@ def alibi_attention_bwd_dq_kernel(
     slope2 = tl.load(slopes_ptr + bh) * 1.4426950408889634
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_ptrs = k_base + (offs_n0[:, None] * stride_kl + offs_d[None, :])  # advanced per block in 64 bits
+    v_ptrs = v_base + (offs_n0[:, None] * stride_vl + offs_d[None, :])
     for start_n in range(0, L, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < L
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        k_ptrs += BLOCK_N * stride_kl
+        v_ptrs += BLOCK_N * stride_vl
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if mode != 0:
             s -= slope2 * _alibi_dist(offs_m, offs_n, coords_b, L, P, mode)
@@ -289,8 +308,15 @@ def _strides(*ts):
     return [s for t in ts for s in (t.stride(0), t.stride(1), t.stride(2))]
 
 
+def _rows_fit(*ts):
+    """Views whose row stride times a block (64 rows) passes 2^31 - 1 are copied: the kernels
+    keep in-block row offsets in int32 (block starts are int64)."""
+    return [t if t.stride(2) * 64 < 2**31 else t.contiguous() for t in ts]
+
+
 def alibi_attention_triton(q, k, v, slopes, coords, num_prefix_tokens, mode, scale):
     _check(q)
+    q, k, v = _rows_fit(q, k, v)
     B, H, L, D = q.shape
     out = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
@@ -307,6 +333,7 @@ def alibi_attention_triton(q, k, v, slopes, coords, num_prefix_tokens, mode, sca
 
 def alibi_attention_backward_triton(dout, q, k, v, out, lse, slopes, coords, num_prefix_tokens, mode, scale):
     _check(q)
+    q, k, v = _rows_fit(q, k, v)
     B, H, L, D = q.shape
     dout = dout.contiguous()
     dq = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
