@@ -170,7 +170,23 @@ class Dispatch:
         return "reference"
 
     def __call__(self, device: torch.device, backend: str | None = None) -> Callable:
-        return self._load(self.resolve(device, backend))
+        """The implementation for tensors on ``device``; for a CUDA device it runs under
+        ``torch.cuda.device(device)``, so kernels launch on the inputs' GPU (Triton launches on
+        the current device) even when another GPU is current."""
+        fn = self._load(self.resolve(device, backend))
+        return on_device(fn, device)
+
+
+def on_device(fn: Callable, device: torch.device) -> Callable:
+    """``fn`` made to run with ``device`` current when it is a CUDA device (else ``fn`` itself)."""
+    if device.type != "cuda":
+        return fn
+
+    def run(*args, **kwargs):
+        with torch.cuda.device(device):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def ext_op(name: str) -> Callable[[], Callable]:

@@ -4,7 +4,11 @@
 
 * Triton: every module in ``sslkern/triton_ops/`` lists the configurations its launchers
   use in ``AOT_CONFIGS`` (docs/design.md). Each is compiled ahead of time with
-  ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` down to a cubin;
+  ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` down to a cubin,
+  with the specialisation a real launch gets (``launch_attrs``: ``tt.divisibility = 16`` on
+  every pointer argument and on the integer arguments a config or its module lists in
+  ``divisible`` / ``AOT_DIVISIBLE``, the sizes and strides that are multiples of 16 at the
+  benchmark sizes), so the figures are those of the binaries that run;
   registers, spills, stack frame and barriers come from the ``ptxas -v`` log of that very
   cubin (``triton.knobs.nvidia.dump_ptxas_log``); shared memory is
   ``compiled.metadata.shared``.
@@ -29,6 +33,7 @@ import dataclasses
 import datetime
 import glob
 import importlib
+import inspect
 import io
 import json
 import os
@@ -211,21 +216,49 @@ def cuda_toolchain() -> tuple[bool, str]:
 _OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
 
 
-def compile_triton(module: str, index: int, target: str, import_name: str | None = None) -> dict:
+DIVISIBILITY = [["tt.divisibility", 16]]  # what Triton's launcher attaches to a 16-divisible argument
+
+
+def _jit_fn(fn):
+    import triton
+
+    while not isinstance(fn, triton.runtime.JITFunction) and hasattr(fn, "fn"):
+        fn = fn.fn  # @triton.autotune / @triton.heuristics wrappers: compile the kernel inside
+    return fn
+
+
+def launch_attrs(fn, signature: dict, divisible=()) -> dict:
+    """The ``attrs`` a real launch passes to the compiler: ``{(arg index,): tt.divisibility 16}``
+    for each pointer argument (torch allocations are 256-byte aligned; a launch with an
+    unaligned pointer compiles a separate variant) and each integer argument named in
+    ``divisible``. (Integer arguments equal to 1, which a launch turns into constants, are not
+    modelled: configs list flags as they are declared.)"""
+    fn = _jit_fn(fn)
+    names = getattr(fn, "arg_names", None) or list(inspect.signature(fn).parameters)  # interpreter: plain fn
+    attrs = {}
+    for i, name in enumerate(names):
+        ty = signature.get(name)
+        if ty is None or ty == "constexpr":
+            continue
+        if ty.startswith("*") or (name in divisible and ty in ("i32", "i64", "u32", "u64")):
+            attrs[(i,)] = DIVISIBILITY
+    return attrs
+
+
+def _compile_config(cfg: dict, target: str, module_obj=None):
+    """``triton.compile`` of one AOT config for ``target`` (sm_80 / sm_90a), specialised like a
+    real launch; returns (compiled, ptxas log)."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
-    # ``module`` names a file in sslkern/triton_ops; ``import_name`` overrides (tests compile their own kernels).
-    cfg = importlib.import_module(import_name or f"sslkern.triton_ops.{module}").AOT_CONFIGS[index]
     cc = TARGETS[target]
     signature = dict(cfg["signature"])
     signature.update({k: "constexpr" for k in cfg["constexprs"]})
-    fn = cfg["kernel"]
-    while not isinstance(fn, triton.runtime.JITFunction) and hasattr(fn, "fn"):
-        fn = fn.fn  # @triton.autotune / @triton.heuristics wrappers: compile the kernel inside
-    src = ASTSource(fn=fn, signature=signature, constexprs=dict(cfg["constexprs"]))
+    fn = _jit_fn(cfg["kernel"])
+    divisible = cfg.get("divisible", getattr(module_obj, "AOT_DIVISIBLE", ()))
+    src = ASTSource(fn=fn, signature=signature, constexprs=dict(cfg["constexprs"]),
+                    attrs=launch_attrs(fn, signature, divisible))
     options = {k: cfg[k] for k in _OPTION_KEYS if k in cfg}
     options.setdefault("num_warps", 4)
     options.setdefault("num_stages", 3)
@@ -237,6 +270,24 @@ def compile_triton(module: str, index: int, target: str, import_name: str | None
         knobs.nvidia.dump_ptxas_log = True
     with contextlib.redirect_stdout(log):
         compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+    return compiled, log
+
+
+def compile_triton_asm(module: str, index: int, target: str) -> dict:
+    """The PTX (and TTGIR) of one AOT config, specialised like a real launch (for tests)."""
+    mod = importlib.import_module(f"sslkern.triton_ops.{module}")
+    compiled, _ = _compile_config(mod.AOT_CONFIGS[index], target, mod)
+    return {"ptx": compiled.asm["ptx"], "ttgir": compiled.asm.get("ttgir", "")}
+
+
+def compile_triton(module: str, index: int, target: str, import_name: str | None = None) -> dict:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    # ``module`` names a file in sslkern/triton_ops; ``import_name`` overrides (tests compile their own kernels).
+    mod = importlib.import_module(import_name or f"sslkern.triton_ops.{module}")
+    cfg = mod.AOT_CONFIGS[index]
+    cc = TARGETS[target]
+    compiled, log = _compile_config(cfg, target, mod)
     if not compiled.asm.get("cubin"):
         raise RuntimeError("triton.compile produced no cubin")
     entries = parse_ptxas_log(log.getvalue())
@@ -338,6 +389,8 @@ def _run_job(job: dict) -> dict:
         if job["kind"] == "triton":
             return {**job, "ok": True, **compile_triton(job["module"], job["index"], job["target"],
                                                             job.get("import_name"))}
+        if job["kind"] == "asm":  # PTX / TTGIR of one config (tests of what the compiler made of it)
+            return {**job, "ok": True, **compile_triton_asm(job["module"], job["index"], job["target"])}
         return {**job, "ok": True, "kernels": compile_cuda(job["source"], job["targets"])}
     except Exception as e:
         tb = traceback.format_exc(limit=3)

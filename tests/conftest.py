@@ -53,3 +53,16 @@ def _seed(request):
     # Fresh random inputs per test, but reproducible from the test's name.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     yield
+
+
+class SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts host syncs: every tensor -> Python scalar read (``.item()``, ``bool()``, ``int()``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.n += 1
+        return func(*args, **(kwargs or {}))

@@ -406,3 +406,55 @@ def test_triton_launch_configs_are_in_aot_configs(monkeypatch, dtype, tf32, head
                     "alibi_attention_bwd_dq_kernel": "dq"}[name]
             assert (kw["BLOCK_M"], kw["BLOCK_N"]) + options == ta.CONFIGS[(cls, bd)][kern]
         assert (name, ptr, tuple(sorted(kw.items())), *options) in aot, (name, kw, options)
+
+
+def test_triton_grid_puts_batch_heads_on_axis_0(monkeypatch):
+    """B·H = 65,544 > 65,535 (CUDA's limit on grid axes 1 and 2): every launch puts B·H on axis 0
+    (limit 2^31 - 1) and the query / key blocks on axis 1. No kernel runs here; that the kernels
+    read (batch·head, block) from (program_id(0), program_id(1)) is what the interpreter tests
+    above check numerically."""
+    pytest.importorskip("triton")
+    from sslkern.triton_ops import alibi_attention as ta
+
+    grids = []
+
+    class Rec:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: grids.append((self.name, tuple(grid)))
+
+    for name in ("alibi_attention_fwd_kernel", "alibi_attention_bwd_preprocess_kernel",
+                 "alibi_attention_bwd_dkdv_kernel", "alibi_attention_bwd_dq_kernel"):
+        monkeypatch.setattr(ta, name, Rec(name))
+    B, H, L, D = 8193, 8, 70, 8
+    q = torch.zeros(B, H, L, D)
+    slopes, coords = torch.ones(B, H), torch.zeros(B, L, 2)
+    out, lse = ta.alibi_attention_triton(q, q, q, slopes, coords, 0, 2, 0.5)
+    ta.alibi_attention_backward_triton(out, q, q, q, out, lse, slopes, coords, 0, 2, 0.5)
+    assert len(grids) == 4
+    for name, grid in grids:
+        assert len(grid) == 2 and grid[0] == B * H, (name, grid)
+        assert grid[1] in {-(-L // blk) for blk in (16, 32, 64)}, (name, grid)  # query / key blocks
+    with pytest.raises(ValueError, match="launch grid limits"):
+        ta._grid(1, 1, 64 * 65536, 64)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id == "cpu"] + ["reference"])
+def test_autocast_casts_qk_norm_outputs(backend):
+    """qk-norm under autocast: LayerNorm gives fp32 q, k next to a bf16 v. The op casts all three
+    to the autocast dtype (as SDPA does) instead of raising; the gradient reaches fp32 q."""
+    name = backend if isinstance(backend, str) else backend[0]
+    B, H, L, Dh = 2, 3, 1 + 16, 16
+    q, k = (torch.randn(B, H, L, Dh, requires_grad=True) for _ in range(2))
+    v = torch.randn(B, H, L, Dh).bfloat16().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sslkern.alibi_attention(q, k, v, num_prefix_tokens=1, backend=name)
+    assert out.dtype == torch.bfloat16
+    want = sslkern.alibi_attention(q.bfloat16(), k.bfloat16(), v, num_prefix_tokens=1, backend=name)
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+    with pytest.raises(TypeError, match="k expected dtype"):  # without autocast, mixed dtypes still raise
+        sslkern.alibi_attention(q, k.bfloat16(), v, num_prefix_tokens=1, backend=name)

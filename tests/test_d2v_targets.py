@@ -367,3 +367,50 @@ def test_ids_out_of_range(backend, bad):
     pred = torch.randn(4, 3, 4, device=device, requires_grad=True)
     with pytest.raises((IndexError, RuntimeError), match=r"ids expected values in \[0, 5\)"):
         sslkern.masked_regression_loss(pred, torch.randn(2, 5, 4, device=device), ids=ids, backend=name)
+
+
+@pytest.mark.skipif(not (sslkern._backend.backend_status()["triton"][0] and not torch.cuda.is_available()),
+                    reason="needs the Triton interpreter on CPU tensors")
+def test_triton_targets_table_cached_and_misaligned_views_copied(monkeypatch):
+    """The layer-address table is uploaded once per layer set (not per call); a layer view whose
+    data pointer is not 16-byte aligned is copied first (the kernels assume aligned bases)."""
+    from sslkern.triton_ops import layer_average_targets as tla
+    uploads = []
+    real_upload = tla.upload_table
+    monkeypatch.setattr(tla, "upload_table",
+                        lambda rows, dev: (uploads.append(rows.tolist()), real_upload(rows, dev))[1])
+    tla._tables.clear()
+    B, T, D = 2, 5, 12
+    layers = [torch.randn(B, T + 1, D)[:, 1:] for _ in range(2)]  # CLS dropped: 48-byte offset, aligned
+    want = sslkern.layer_average_targets(layers, backend="reference")
+    for _ in range(2):
+        torch.testing.assert_close(sslkern.layer_average_targets(layers, backend="triton"), want,
+                                   atol=1e-5, rtol=1e-5)
+    layer_tables = [r for r in uploads if len(r) == 2]  # (the final layer norm uploads a 1-entry [out] table)
+    assert layer_tables == [[layers[0].data_ptr(), layers[1].data_ptr()]]  # once for both calls
+    flat = torch.randn(B * T * D + 1)
+    odd = [flat[1:].view(B, T, D), torch.randn(B, T, D)]  # the first 4 bytes off 16; equal strides
+    torch.testing.assert_close(sslkern.layer_average_targets(odd, backend="triton"),
+                               sslkern.layer_average_targets(odd, backend="reference"), atol=1e-5, rtol=1e-5)
+    layer_tables = [r for r in uploads if len(r) == 2]
+    assert len(layer_tables) == 2 and layer_tables[1][0] != odd[0].data_ptr()
+    assert layer_tables[1][0] % 16 == 0 and layer_tables[1][1] == odd[1].data_ptr()
+
+
+@pytest.mark.skipif(not (sslkern._backend.backend_status()["triton"][0] and not torch.cuda.is_available()),
+                    reason="needs the Triton interpreter on CPU tensors")
+def test_masked_regression_ids_check_is_one_front_door_sync():
+    """The ids range check syncs once in the public function (forward), never in backward;
+    check_indices=False: no sync at all (CUDA graphs). Same loss and gradient."""
+    from conftest import SyncCounter
+    ids = torch.randint(0, 7, (4, 3))
+    target = torch.randn(2, 7, 8)
+    res = []
+    for check in (True, False):
+        pred = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        with SyncCounter() as c:
+            loss = sslkern.masked_regression_loss(pred, target, ids=ids, check_indices=check, backend="triton")
+            loss.backward(torch.tensor(2.0))
+        res.append((c.n, loss, pred.grad))
+    assert res[0][0] == 1 and res[1][0] == 0
+    assert torch.equal(res[0][1], res[1][1]) and torch.equal(res[0][2], res[1][2])

@@ -485,3 +485,100 @@ def test_mixed_dtypes_bf16_student_fp32_teacher(backend):
         loss.backward()
         torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(s2.grad.float(), s_ref.grad, atol=1e-5, rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_grad_scaler_scale_gives_scaled_finite_gradients(backend):
+    """GradScaler's initial scale 65,536 is inf in fp16: the backward must multiply in fp32.
+    Scaled gradients are finite and exactly 65,536 × the unscaled ones (a power of two).
+    Sizes keep every |gradient| below 1, so its scaled value fits fp16 (max 65,504)."""
+    name, device = backend
+    B, V, T, K = 8, 4, 2, 197
+    student, teacher, center = make(B, V, T, K, torch.float16, device)
+    grads = []
+    for factor in (None, 65536.0):
+        s = student.clone().requires_grad_(True)
+        loss = sslkern.dino_loss(s, teacher, center, n_global_crops=T, backend=name)
+        (loss if factor is None else loss * factor).backward()
+        grads.append(s.grad)
+    assert torch.isfinite(grads[1]).all() and grads[1].abs().max() > 0
+    assert torch.equal(grads[1], grads[0] * 65536)
+    # the iBOT loss runs the same op
+    masks = make_masks(16, 3, 3, device)
+    M = int(masks.sum())
+    st = (torch.randn(M, 37, device=device) * 3).half()
+    te = (torch.randn(M, 37, device=device) * 3).half()
+    c = torch.zeros(37, device=device)
+    igrads = []
+    for factor in (1.0, 65536.0):
+        s = st.clone().requires_grad_(True)
+        (sslkern.ibot_patch_loss(s, te, masks, c, backend=name) * factor).backward()
+        igrads.append(s.grad)
+    assert torch.isfinite(igrads[1]).all() and torch.equal(igrads[1], igrads[0] * 65536)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_prototypes_leading_the_row(backend):
+    """Teacher logits of -inf (masked prototypes) filling the first column blocks: the online
+    logsumexp must not compute -inf - (-inf); loss and gradient equal the reference."""
+    name, device = backend
+    B, V, T, K = 2, 3, 2, 1100  # the Triton row-stats block is 1024 columns at this K
+    student, teacher, center = make(B, V, T, K, torch.float32, device)
+    teacher[:, :1030] = float("-inf")
+    want_loss, want_grad, _ = reference_all(student, teacher, center, 0.1, 0.04, T)
+    assert torch.isfinite(want_loss)
+    s = student.clone().requires_grad_(True)
+    loss = sslkern.dino_loss(s, teacher, center, n_global_crops=T, backend=name)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    torch.testing.assert_close(loss, want_loss, **TOL[torch.float32])
+    torch.testing.assert_close(s.grad, want_grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.skipif(not [b for b in BACKENDS if b.id == "triton" and not b.marks],
+                    reason="triton backend unavailable")
+def test_deterministic_mode_center_sum_without_atomics(monkeypatch):
+    """Deterministic mode: the Triton pairs kernel does not accumulate the center's column sum
+    with atomics (center_sum flag 0); a torch.sum over the teacher gives it, so the new center
+    is bitwise repeatable and equals the eager formula on the same sum."""
+    from sslkern.triton_ops import dino_loss as td
+    flags = []
+    real = td.dino_pairs_kernel
+
+    class Rec:
+        def __getitem__(self, grid):
+            return lambda *a, **k: (flags.append(a[-1]), real[grid](*a, **k))
+
+    monkeypatch.setattr(td, "dino_pairs_kernel", Rec())
+    B, V, T, K = 3, 4, 2, 37
+    student, teacher, center = make(B, V, T, K, torch.float32, "cpu")
+    old = torch.are_deterministic_algorithms_enabled()
+    outs = []
+    try:
+        for det in (True, True, False):
+            torch.use_deterministic_algorithms(det)
+            outs.append(sslkern.dino_loss(student, teacher, center, n_global_crops=T, center_momentum=0.9,
+                                          backend="triton"))
+    finally:
+        torch.use_deterministic_algorithms(old)
+    assert flags == [0, 0, 1]
+    assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][0], outs[1][0])
+    want = center * 0.9 + teacher.sum(0) / (T * B) * 0.1
+    torch.testing.assert_close(outs[0][1], want, atol=0, rtol=0)
+    torch.testing.assert_close(outs[2][1], want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.skipif(not [b for b in BACKENDS if b.id == "triton" and not b.marks],
+                    reason="triton backend unavailable")
+def test_ibot_check_masks_false_has_no_host_sync():
+    from conftest import SyncCounter
+    masks = make_masks(4, 3, 5, "cpu")
+    M = int(masks.sum())
+    s, t = torch.randn(M, 37), torch.randn(M, 37)
+    c = torch.zeros(37)
+    counts, losses = [], []
+    for check in (True, False):
+        with SyncCounter() as sc:
+            losses.append(sslkern.ibot_patch_loss(s, t, masks, c, check_masks=check, backend="triton"))
+        counts.append(sc.n)
+    assert counts == [1, 0] and torch.equal(losses[0], losses[1])

@@ -143,3 +143,32 @@ def test_forced_backend_context():
         assert dispatch.resolve(torch.device("cpu")) == "reference"
         sslkern.ema_update_(t, s, 0.5)
     assert dispatch.resolve(torch.device("cpu")) == "cpu"
+
+
+@pytest.mark.skipif(not (sslkern._backend.backend_status()["triton"][0] and not torch.cuda.is_available()),
+                    reason="needs the Triton interpreter on CPU tensors")
+def test_triton_alignment_variant_and_cached_table(monkeypatch):
+    """Aligned tensors take the ALIGNED kernel (tl.multiple_of hints), an offset view (4 bytes off
+    16) the plain one; sizes off the block (tails) are exact either way; a second call with the
+    same tensors uploads no table."""
+    from sslkern.triton_ops import ema_update as te
+    flags, uploads = [], []
+    real_kernel, real_upload = te.ema_update_kernel, te.upload_table
+
+    class Rec:
+        def __getitem__(self, grid):
+            return lambda *a, **k: (flags.append(k["ALIGNED"]), real_kernel[grid](*a, **k))
+
+    monkeypatch.setattr(te, "ema_update_kernel", Rec())
+    monkeypatch.setattr(te, "upload_table", lambda rows, dev: (uploads.append(1), real_upload(rows, dev))[1])
+    te._tables.clear()
+    n = te.BLOCK * 3 + 77
+    for offset in (0, 1):
+        base_t, base_s = torch.randn(n + 1), torch.randn(n + 1)
+        t, s = base_t[offset:offset + n], base_s[offset:offset + n]
+        want = torch.lerp(t.clone(), s, 1 - 0.9)
+        sslkern.ema_update_([t], [s], 0.9, backend="triton")
+        torch.testing.assert_close(t, want, atol=1e-6, rtol=1e-6)
+        sslkern.ema_update_([t], [s], 0.9, backend="triton")
+    assert flags == [True, True, False, False]
+    assert len(uploads) == 2  # one table per tensor set, reused by the second call

@@ -9,6 +9,7 @@ then read the shared results. Every ``csrc/cuda/*.cu`` is compiled with nvcc whe
 a CUDA build of torch are present.
 """
 import importlib.util
+import inspect
 import os
 
 import pytest
@@ -190,3 +191,52 @@ def test_occupancy_model(regs, smem, threads, target, ctas, limiter):
     occ = gr.occupancy(regs, smem, threads, target)
     assert (occ["ctas_per_sm"], occ["limiter"]) == (ctas, limiter)
     assert occ["warps_per_sm"] == ctas * threads // 32
+
+
+# ---- specialisation like a real launch -------------------------------------------------------
+@needs_triton
+def test_launch_attrs_match_a_real_launch():
+    """The report compiles with the attributes Triton's launcher would derive from real
+    arguments: 16-byte aligned tensors, sizes that are multiples of 16 where the module says so
+    (K = 65,536 here), others not (B = 17)."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    from sslkern.triton_ops import dino_loss as td
+    cfg = next(c for c in td.AOT_CONFIGS if c["kernel"] is td.dino_pairs_kernel)
+    fn = gr._jit_fn(cfg["kernel"])
+    sample = {"fp32": torch.empty(64), "bf16": torch.empty(64, dtype=torch.bfloat16),
+              "fp16": torch.empty(64, dtype=torch.float16), "fp64": torch.empty(64, dtype=torch.float64)}
+    want = {}
+    for i, name in enumerate(inspect.signature(getattr(fn, "fn", fn)).parameters):
+        ty = cfg["signature"].get(name)
+        if ty is None:
+            continue
+        arg = sample[ty[1:]] if ty.startswith("*") else (65536 if name in td.AOT_DIVISIBLE else 17)
+        _, spec = native_specialize_impl(BaseBackend, arg, False, True, True)
+        attr = BaseBackend.parse_attr(spec)
+        if attr:
+            want[(i,)] = attr
+    got = gr.launch_attrs(fn, cfg["signature"], td.AOT_DIVISIBLE)
+    assert got == want and len(got) == 13  # 12 pointers + K
+
+
+@needs_triton
+def test_table_kernels_vectorise_when_aligned():
+    """EMA and layer-average kernels read their addresses from a table, so only the launcher's
+    alignment check plus tl.multiple_of lets their loads become 16-byte vector loads
+    (ld.global.v4 / .v2): present in the PTX of the aligned variants, absent from the unaligned one."""
+    from sslkern.triton_ops import ema_update as te, layer_average_targets as tla
+    ema = {c["name"]: i for i, c in enumerate(te.AOT_CONFIGS)}
+    lat = {c["name"]: i for i, c in enumerate(tla.AOT_CONFIGS)}
+    jobs = [{"kind": "asm", "module": "ema_update", "index": ema["ema_update_kernel T=fp32 S=fp32"], "target": "sm_90a"},
+            {"kind": "asm", "module": "ema_update", "index": ema["ema_update_kernel T=fp32 S=fp32 unaligned"],
+             "target": "sm_90a"},
+            {"kind": "asm", "module": "layer_average_targets",
+             "index": lat["row_norm_average_kernel fp32 layer_norm=True final_layer=True"], "target": "sm_90a"}]
+    res = gr.run_jobs(jobs, workers=1)
+    assert all(r["ok"] for r in res), [r.get("error") for r in res]
+    aligned, unaligned, rows = (r["ptx"] for r in res)
+    assert "ld.global.v4" in aligned and "st.global.v4" in aligned
+    assert "ld.global.v4" not in unaligned
+    assert "ld.global.v2" in rows  # BLOCK_D = 256 over 128 threads: 2 fp32 per thread, one 8-byte access

@@ -7,7 +7,10 @@ from sslkern import masks
 from sslkern.ops.tokens import dispatch
 from sslkern.reference import gather_tokens as ref_gather, restore_tokens as ref_restore
 
-from conftest import backend_params
+from conftest import STATUS, SyncCounter, backend_params
+
+# the interpreter on CPU tensors (the tests below that build CPU tensors for backend='triton')
+STATUS_TRITON = STATUS["triton"][0] and not torch.cuda.is_available()
 
 BACKENDS = backend_params(dispatch, include_reference=True)
 # (B, P, N, D): ViT-like token counts 197 = 1 + 196, 50 = 1 + 49, 37; odd widths, one wider
@@ -210,11 +213,11 @@ def test_opcheck():
     ids = multi_ids(B, 2, N, 0.5)
     ops = torch.ops.sslkern
     for mm in (False, True):
-        torch.library.opcheck(ops.gather_tokens.default, (x, ids, pos, P, mm, ""))
-        torch.library.opcheck(ops.gather_tokens.default, (x, ids, None, P, mm, ""))
+        torch.library.opcheck(ops.gather_tokens.default, (x, ids, pos, P, mm, False, ""))
+        torch.library.opcheck(ops.gather_tokens.default, (x, ids, None, P, mm, False, ""))
         g = torch.randn(B * 2, P + ids.shape[2], D)
         for need_pos in (False, True):
-            torch.library.opcheck(ops.gather_tokens_backward.default, (g, ids, P + N, P, mm, need_pos, ""))
+            torch.library.opcheck(ops.gather_tokens_backward.default, (g, ids, P + N, P, mm, need_pos, False, ""))
     tm = masks.random_mask(B, N, 0.5)
     xv = torch.randn(B, P + tm.ids_keep.shape[1], D, requires_grad=True)
     mt = torch.randn(D, requires_grad=True)
@@ -396,3 +399,129 @@ def test_cpu_large_outputs_huge_page_path():
                                num_prefix_tokens=P, backend="cpu")
     torch.testing.assert_close(y, ref_restore(want.detach(), tm.ids_restore, mask_token=mt, pos_embed=pos.detach(),
                                               num_prefix_tokens=P), atol=0, rtol=0)
+
+
+def _mae_step(backend, check, B=2, P=1, N=16, D=8):
+    x = torch.randn(B, P + N, D, requires_grad=True)
+    pos = torch.randn(P + N, D, requires_grad=True)
+    mt = torch.randn(D, requires_grad=True)
+    m = masks.random_mask(B, N, 0.75)
+    with SyncCounter() as c:
+        vis = sslkern.gather_tokens(x, m.ids_keep, pos_embed=pos, num_prefix_tokens=P, check_indices=check,
+                                    backend=backend)
+        out = sslkern.restore_tokens(vis * 2, m.ids_restore, mask_token=mt, pos_embed=pos, num_prefix_tokens=P,
+                                     check_indices=check, backend=backend)
+        out.sum().backward()
+    return c.n, (x.grad, pos.grad, mt.grad)
+
+
+@pytest.mark.skipif(not STATUS_TRITON, reason="triton backend unavailable")
+def test_index_checks_sync_once_at_the_front_door_and_never_with_check_indices_false():
+    """Item: host syncs in op bodies. Forward + backward of gather and restore: one sync per public
+    call with the check on, none at all with check_indices=False (capturable in a CUDA graph);
+    the gradients are the same."""
+    torch.manual_seed(0)
+    n_on, g_on = _mae_step("triton", True)
+    torch.manual_seed(0)
+    n_off, g_off = _mae_step("triton", False)
+    assert n_on == 2 and n_off == 0
+    for a, b in zip(g_on, g_off):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not STATUS_TRITON, reason="triton backend unavailable")
+def test_unchecked_out_of_range_ids_touch_nothing():
+    x = torch.randn(2, 1 + 8, 4, requires_grad=True)
+    bad = torch.tensor([[0, 8], [1, -3]])
+    out = sslkern.gather_tokens(x, bad, num_prefix_tokens=1, check_indices=False, backend="triton")
+    assert torch.equal(out[0, 1], x[0, 1]) and torch.equal(out[1, 1], x[1, 2])
+    assert torch.equal(out[0, 2], torch.zeros(4)) and torch.equal(out[1, 2], torch.zeros(4))
+    out.sum().backward()
+    want = torch.zeros_like(x)
+    want[:, 0] = 1
+    want[0, 1] = 1
+    want[1, 2] = 1
+    assert torch.equal(x.grad, want)
+
+
+def test_front_door_finds_repeated_indices():
+    from sslkern.ops.tokens import _check_indices
+    uniq = torch.stack([torch.randperm(10)[:6] for _ in range(3)])
+    assert _check_indices("gather_tokens", "ids_keep", uniq.unsqueeze(1), 10, unique_rows=True)
+    clones = torch.stack([torch.stack([torch.randperm(10)[:6] for _ in range(2)]) for _ in range(3)])
+    clones[:, 1] = clones[:, 0]  # two clone masks keep the same tokens
+    assert not _check_indices("gather_tokens", "ids_keep", clones, 10, unique_rows=True)
+    with pytest.raises(IndexError, match=r"ids_keep must hold indices in \[0, 10\), got 1[0-3]"):
+        _check_indices("gather_tokens", "ids_keep", uniq + 4, 10, unique_rows=True)
+
+
+@pytest.mark.skipif(not STATUS_TRITON, reason="triton backend unavailable")
+@pytest.mark.parametrize("M,P,unique", [(1, 1, True), (2, 0, True), (2, 1, False), (2, 0, False)])
+def test_gather_backward_picks_plain_stores_for_unique_ids(monkeypatch, M, P, unique):
+    """Unique destinations (one writer each) -> plain stores (UNIQUE=True); repeats, or prefix rows
+    shared by several clones -> relaxed atomics. The position gradient is never a kernel output
+    (a separate batch reduction). Gradients equal the reference either way."""
+    from sslkern.triton_ops import tokens as tt
+    flags = []
+    real = tt.gather_rows_backward_kernel
+
+    class Rec:
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                flags.append(k["UNIQUE"])
+                return real[grid](*a, **k)
+            return launch
+
+    monkeypatch.setattr(tt, "gather_rows_backward_kernel", Rec())
+    B, N, D = 2, 12, 8
+    ids = torch.stack([torch.stack([torch.randperm(N)[:4] for _ in range(M)]) for _ in range(B)])
+    if M == 2 and not unique:
+        ids[:, 1, 0] = ids[:, 0, 0]  # a repeated token across clone masks
+    elif M == 2:
+        perm = torch.stack([torch.randperm(N) for _ in range(B)])
+        ids = perm[:, :8].reshape(B, 2, 4)  # disjoint masks
+    x = torch.randn(B, P + N, D, requires_grad=True)
+    pos = torch.randn(P + N, D, requires_grad=True)
+    g = torch.randn(B * M, P + 4, D)
+    sslkern.gather_tokens(x, ids, pos_embed=pos, num_prefix_tokens=P, backend="triton").backward(g)
+    assert flags == [unique and (M == 1 or P == 0)]
+    x2, pos2 = x.detach().clone().requires_grad_(True), pos.detach().clone().requires_grad_(True)
+    ref_gather(x2, ids, pos_embed=pos2, num_prefix_tokens=P).backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(pos.grad, pos2.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not STATUS_TRITON, reason="triton backend unavailable")
+def test_deterministic_mode_uses_no_atomics(monkeypatch):
+    """torch.use_deterministic_algorithms(True): repeated clone-mask tokens are summed by index_add_
+    and the mask token's gradient by torch.sum (no atomic kernel runs), bitwise repeatable,
+    equal to the reference."""
+    from sslkern.triton_ops import tokens as tt
+    launched = []
+    for name in ("gather_rows_backward_kernel",):
+        real = getattr(tt, name)
+        monkeypatch.setattr(tt, name, type("Rec", (), {"__getitem__": lambda self, grid, real=real: (
+            lambda *a, **k: (launched.append(k), real[grid](*a, **k)))})())
+    B, P, N, D, M = 2, 1, 16, 8, 3
+    ids = multi_ids(B, M, N, 0.5)  # clone masks overlap: repeated destinations
+    tm = masks.random_mask(B, N, 0.5)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = []
+        for _ in range(2):
+            x = torch.randn(B, P + N, D, generator=torch.Generator().manual_seed(1), requires_grad=True)
+            mt = torch.randn(D, generator=torch.Generator().manual_seed(2), requires_grad=True)
+            y = sslkern.gather_tokens(x, ids, num_prefix_tokens=P, backend="triton")
+            xv = torch.randn(B, P + tm.ids_keep.shape[1], D, generator=torch.Generator().manual_seed(3),
+                             requires_grad=True)
+            z = sslkern.restore_tokens(xv, tm.ids_restore, mask_token=mt, num_prefix_tokens=P, backend="triton")
+            (y.square().sum() + z.square().sum()).backward()
+            grads.append((x.grad, mt.grad))
+    finally:
+        torch.use_deterministic_algorithms(old)
+    assert launched == []  # the atomic gather kernel never ran
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    x2 = x.detach().clone().requires_grad_(True)
+    ref_gather(x2, ids, num_prefix_tokens=P).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-6, rtol=1e-6)

@@ -67,11 +67,13 @@ class IBOTPatchLoss(nn.Module):
         self.register_buffer("center", torch.zeros(1, 1, patch_out_dim))
 
     def forward(self, student_patch_tokens_masked: torch.Tensor, teacher_patch_tokens_masked: torch.Tensor,
-                student_masks_flat: torch.Tensor, teacher_temp: float | None = None) -> torch.Tensor:
+                student_masks_flat: torch.Tensor, teacher_temp: float | None = None,
+                check_masks: bool = True) -> torch.Tensor:
+        # check_masks=False: no host sync for the mask count (CUDA graphs); see ibot_patch_loss
         loss, new_center = ibot_patch_loss(
             student_patch_tokens_masked, teacher_patch_tokens_masked, student_masks_flat, self.center,
             student_temp=self.student_temp, teacher_temp=self.teacher_temp if teacher_temp is None else teacher_temp,
-            teacher_mode=self.teacher_mode, center_momentum=self.center_momentum)
+            teacher_mode=self.teacher_mode, center_momentum=self.center_momentum, check_masks=check_masks)
         with torch.no_grad():
             self.center.copy_(new_center)
         return loss

@@ -24,13 +24,14 @@ def _prefix_tokens(vit: nn.Module, batch: int) -> list[torch.Tensor]:
 
 
 def embed_visible(vit: nn.Module, images: torch.Tensor, ids_keep: torch.Tensor, *,
-                  mask_major: bool = False) -> torch.Tensor:
+                  mask_major: bool = False, check_indices: bool = True) -> torch.Tensor:
     """Patch-embed ``images`` and keep the tokens ``ids_keep``, with timm's position rules.
 
     Equals ``vit._pos_embed(vit.patch_embed(images))`` followed by keeping the prefix
     tokens and ``ids_keep`` of the patches (``(B, Nk)``, or ``(B, M, Nk)`` for a clone batch,
     rows image-major or ``mask_major``). Handles ``no_embed_class`` (prefix tokens get no
     position) and register tokens. Not for ``dynamic_img_size`` models.
+    ``check_indices``: as :func:`sslkern.gather_tokens` (``False``: no host sync, for CUDA graphs).
     """
     if getattr(vit, "dynamic_img_size", False):
         raise ValueError("sslkern.nn.embed_visible: dynamic_img_size ViTs are not supported")
@@ -47,7 +48,7 @@ def embed_visible(vit: nn.Module, images: torch.Tensor, ids_keep: torch.Tensor, 
             patch_pos, prefix_pos = pos[P:], pos[:P]
     else:
         patch_pos = prefix_pos = None
-    vis = gather_tokens(patches, ids_keep, pos_embed=patch_pos, mask_major=mask_major)
+    vis = gather_tokens(patches, ids_keep, pos_embed=patch_pos, mask_major=mask_major, check_indices=check_indices)
     if not prefix:
         return vit.pos_drop(vis)
     pre = torch.cat(prefix, dim=1)                         # (B, P, D)
@@ -61,9 +62,9 @@ def embed_visible(vit: nn.Module, images: torch.Tensor, ids_keep: torch.Tensor, 
 
 
 def encode_visible(vit: nn.Module, images: torch.Tensor, ids_keep: torch.Tensor, *,
-                   mask_major: bool = False) -> torch.Tensor:
+                   mask_major: bool = False, check_indices: bool = True) -> torch.Tensor:
     """``vit.forward_features`` on the kept tokens only (MAE encoder, data2vec 2.0 student)."""
-    x = embed_visible(vit, images, ids_keep, mask_major=mask_major)
+    x = embed_visible(vit, images, ids_keep, mask_major=mask_major, check_indices=check_indices)
     x = vit.patch_drop(x)
     x = vit.norm_pre(x)
     x = vit.blocks(x)
@@ -79,7 +80,8 @@ class DecoderInput(nn.Module):
     buffers or a parameter) added to every output token.
 
     ``forward(x_vis, ids_restore)`` with ``x_vis`` ``(B, P + Nk, dim)`` already projected to
-    the decoder width returns ``(B, P + N, dim)``.
+    the decoder width returns ``(B, P + N, dim)``; ``check_indices=False`` skips the index
+    check's host sync (CUDA graphs).
     """
 
     def __init__(self, dim: int, *, num_prefix_tokens: int = 1, mode: str = "mask_token", noise_std: float = 0.01,
@@ -99,10 +101,10 @@ class DecoderInput(nn.Module):
             self.register_buffer("pos_embed", pos_embed, persistent=False)
 
     def forward(self, x_vis: torch.Tensor, ids_restore: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, check_indices: bool = True) -> torch.Tensor:
         fill = None
         if self.mode == "noise":
             B, N, D = x_vis.shape[0], ids_restore.shape[1], x_vis.shape[2]
             fill = torch.randn(B, N, D, device=x_vis.device, dtype=x_vis.dtype, generator=generator) * self.noise_std
         return restore_tokens(x_vis, ids_restore, mask_token=self.mask_token, fill=fill, pos_embed=self.pos_embed,
-                              num_prefix_tokens=self.num_prefix_tokens)
+                              num_prefix_tokens=self.num_prefix_tokens, check_indices=check_indices)

@@ -134,6 +134,16 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return _ref_slopes(num_heads)
 
 
+def _autocast(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast, q, k, v in the autocast dtype (fp64 stays fp64), as SDPA does: with
+    qk-norm, timm's LayerNorm returns fp32 q / k next to a bf16 v."""
+    dev = ts[0].device.type
+    if not torch.is_autocast_enabled(dev):
+        return ts
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if t.dtype != torch.float64 else t for t in ts)
+
+
 def _unit_last_dim(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
@@ -158,7 +168,8 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, slopes
 
     Args:
         q, k, v: (B, H, L, Dh), one float dtype (fp32, fp16, bf16, fp64); softmax in fp32
-            (fp64 for fp64). Any strides with unit stride on Dh (others are copied).
+            (fp64 for fp64). Under ``torch.autocast`` all three are first cast to the
+            autocast dtype (fp64 excepted), like ``F.scaled_dot_product_attention``. Any strides with unit stride on Dh (others are copied).
         slopes: (H,) or (B, H) slopes (default :func:`alibi_slopes`\ (H)); differentiable.
         mode: "none" | "1d" | "2d" | "2d_euclidean".
         coords: positions of the L − P patch tokens (gathered tokens keep their true grid
@@ -177,6 +188,7 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, slopes
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(OP, name, t, dtypes=FLOATS, ndim=4)
+    q, k, v = _autocast(q, k, v)
     B, H, L, Dh = q.shape
     device = q.device
     check_tensor(OP, "k", k, dtypes=(q.dtype,), shape=tuple(q.shape), device=device)
@@ -229,6 +241,9 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, slopes
     crd = crd.expand(B, lp, 2).contiguous()
 
     scale = Dh**-0.5 if scale is None else float(scale)
-    out, _ = torch.ops.sslkern.alibi_attention(_unit_last_dim(q), _unit_last_dim(k), _unit_last_dim(v), eff, crd,
-                                               P, _MODE_ID[mode], scale, backend or "")
+    # autocast off inside: the inputs are already cast, and the reference backend's fp32
+    # softmax must not be recast to half by autocast
+    with torch.autocast(device.type, enabled=False):
+        out, _ = torch.ops.sslkern.alibi_attention(_unit_last_dim(q), _unit_last_dim(k), _unit_last_dim(v), eff,
+                                                   crd, P, _MODE_ID[mode], scale, backend or "")
     return out

@@ -30,6 +30,7 @@ def data2vec_loss(
     reduction: str = "sum",
     cls_pred: Optional[torch.Tensor] = None,
     cls_weight: float = 0.01,
+    check_indices: bool = True,
     backend: Optional[str] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     r"""``(regression, cls)`` for data2vec 2.0 from the teacher's layer outputs.
@@ -44,6 +45,7 @@ def data2vec_loss(
     Args:
         top_k: average the last ``top_k`` of ``layers`` (default: all); must not exceed
             the number of layers given.
+        check_indices: as ``masked_regression_loss`` (``False``: no host sync, for CUDA graphs).
         Others: as ``layer_average_targets``, ``masked_regression_loss``, ``data2vec_cls_loss``.
     """
     n = int(layers.shape[0]) if isinstance(layers, torch.Tensor) else len(layers)
@@ -53,7 +55,7 @@ def data2vec_loss(
         layers = layers[n - top_k:] if isinstance(layers, torch.Tensor) else list(layers)[n - top_k:]
     targets = layer_average_targets(layers, layer_norm=layer_norm, final_norm=final_norm, eps=eps, backend=backend)
     reg = masked_regression_loss(pred, targets, mask, ids=ids, beta=beta, scale=scale, reduction=reduction,
-                                 backend=backend)
+                                 check_indices=check_indices, backend=backend)
     cls = None
     if cls_pred is not None:
         cls = data2vec_cls_loss(cls_pred, targets, weight=cls_weight, beta=beta, scale=scale, backend=backend)

@@ -98,6 +98,7 @@ def masked_regression_loss(
     beta: float = 0.0,
     scale: Optional[float] = None,
     reduction: str = "sum",
+    check_indices: bool = True,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     r"""Regression of predictions onto per-image targets at masked tokens, clone batch aware.
@@ -112,9 +113,12 @@ def masked_regression_loss(
             gradient flows to it; the repeat over clones is never materialized.
         mask: (B·M, T) bool, True = masked (this position counts). ``None`` with ``ids=None``
             means every position counts.
-        ids: (B·M, Nm) integer token positions in [0, T) (values are checked; an out-of-range
-            index raises, a host sync on GPU); pred row j is compared with target position
-            ``ids[r, j]``.
+        ids: (B·M, Nm) integer token positions in [0, T); pred row j is compared with target
+            position ``ids[r, j]``.
+        check_indices: check ``ids`` values once here (an out-of-range index raises an
+            ``IndexError`` naming ``ids``; one device reduction and a host sync). ``False``:
+            no check and no sync (CUDA-graph capture); out-of-range tokens then count as
+            unmasked on the GPU. Backward never checks, nor does a ``torch.compile``\ d call.
         beta: 0 → ``(pred − y)²``; > 0 → smooth-L1 with that beta
             (``F.smooth_l1_loss(..., beta=beta)``, as fairseq ``d2v_loss`` with ``loss_beta``).
         scale: per-token factor, default ``1/sqrt(D)`` (fairseq ``loss_scale=None``).
@@ -145,6 +149,11 @@ def masked_regression_loss(
     if ids is not None:
         check_tensor(OP, "ids", ids, dtypes=_INDEX_DTYPES, shape=(R, N))
         ids = ids.to(torch.int64).contiguous()
+        if check_indices and ids.numel() and not torch.compiler.is_compiling():
+            bad = (ids < 0) | (ids >= T)
+            if bool(bad.any()):  # the one host sync
+                raise IndexError(f"sslkern.masked_regression_loss: ids expected values in [0, {T}), "
+                                 f"got {ids[bad][0].item()}")
     else:
         if N != T:
             fail(OP, f"pred expected {T} tokens like target (full sequences; use ids= for gathered predictions), "

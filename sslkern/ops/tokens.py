@@ -26,11 +26,44 @@ gather_dispatch = Dispatch("gather_tokens", {
     "triton": module_attr(_TRI, "gather_tokens_triton"),
     "cuda": ext_op("gather_tokens_cuda"),
 })
+def _no_unique(loader):
+    """A backend without a one-writer path: accept and ignore ``unique``."""
+    def load():
+        fn = loader()
+        return lambda *args, unique=False: fn(*args)
+    return load
+
+
+def _cuda_gather_backward():
+    fn = ext_op("gather_tokens_backward_cuda")()
+
+    def run(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos, unique=False):
+        if torch.are_deterministic_algorithms_enabled():  # atomics: take the index_add_ path
+            from ..triton_ops.tokens import gather_tokens_backward_deterministic as det
+            gx = det(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major)
+            return gx.to(grad_out.dtype), (gx.sum(0).to(grad_out.dtype) if need_pos else grad_out.new_empty(0))
+        return fn(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos)
+    return run
+
+
+def _cuda_restore_backward():
+    fn = ext_op("restore_tokens_backward_cuda")()
+
+    def run(grad_out, ids_restore, num_visible, num_prefix_tokens, need_mask_token, need_fill, need_pos):
+        if need_mask_token and torch.are_deterministic_algorithms_enabled():  # its sum uses atomics
+            from ..triton_ops.tokens import restore_mask_token_grad
+            gv, _, gf, gp = fn(grad_out, ids_restore, num_visible, num_prefix_tokens, False, need_fill, need_pos)
+            gm = restore_mask_token_grad(grad_out, ids_restore, num_visible, num_prefix_tokens).to(grad_out.dtype)
+            return gv, gm, gf, gp
+        return fn(grad_out, ids_restore, num_visible, num_prefix_tokens, need_mask_token, need_fill, need_pos)
+    return run
+
+
 gather_backward_dispatch = Dispatch("gather_tokens_backward", {
-    "reference": module_attr(_REF, "gather_tokens_backward"),
-    "cpu": ext_op("gather_tokens_backward_cpu"),
+    "reference": _no_unique(module_attr(_REF, "gather_tokens_backward")),
+    "cpu": _no_unique(ext_op("gather_tokens_backward_cpu")),
     "triton": module_attr(_TRI, "gather_tokens_backward_triton"),
-    "cuda": ext_op("gather_tokens_backward_cuda"),
+    "cuda": _cuda_gather_backward,
 })
 restore_dispatch = Dispatch("restore_tokens", {
     "reference": lambda: _restore_reference,
@@ -42,7 +75,7 @@ restore_backward_dispatch = Dispatch("restore_tokens_backward", {
     "reference": module_attr(_REF, "restore_tokens_backward"),
     "cpu": ext_op("restore_tokens_backward_cpu"),
     "triton": module_attr(_TRI, "restore_tokens_backward_triton"),
-    "cuda": ext_op("restore_tokens_backward_cuda"),
+    "cuda": _cuda_restore_backward,
 })
 dispatch = gather_dispatch  # the backends of this op family (tests parametrize over it)
 
@@ -66,43 +99,45 @@ def _restore_reference(x_vis, ids_restore, mask_token, fill, pos_embed, num_pref
 # ---------------------------------------------------------------------------------------
 @torch.library.custom_op("sslkern::gather_tokens", mutates_args=())
 def _gather_op(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: Optional[torch.Tensor], num_prefix_tokens: int,
-               mask_major: bool, backend: str) -> torch.Tensor:
+               mask_major: bool, unique: bool, backend: str) -> torch.Tensor:
     return gather_dispatch(x.device, backend)(x, ids_keep, pos_embed, num_prefix_tokens, mask_major)
 
 
 @_gather_op.register_fake
-def _(x, ids_keep, pos_embed, num_prefix_tokens, mask_major, backend):
+def _(x, ids_keep, pos_embed, num_prefix_tokens, mask_major, unique, backend):
     B, M, Nk = ids_keep.shape
     return x.new_empty(B * M, num_prefix_tokens + Nk, x.shape[2])
 
 
 @torch.library.custom_op("sslkern::gather_tokens_backward", mutates_args=())
 def _gather_backward_op(grad_out: torch.Tensor, ids_keep: torch.Tensor, num_tokens: int, num_prefix_tokens: int,
-                        mask_major: bool, need_pos: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_x, grad_pos): grad_pos (num_tokens, D) = batch sum of grad_x, fused; empty if not needed."""
+                        mask_major: bool, need_pos: bool, unique: bool,
+                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_pos): grad_pos (num_tokens, D) = batch sum of grad_x; empty (0,) if not needed.
+    ``unique``: every grad_x row has at most one source row (plain stores on the GPU)."""
     return gather_backward_dispatch(grad_out.device, backend)(grad_out, ids_keep, num_tokens, num_prefix_tokens,
-                                                              mask_major, need_pos)
+                                                              mask_major, need_pos, unique=unique)
 
 
 @_gather_backward_op.register_fake
-def _(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos, backend):
+def _(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos, unique, backend):
     D = grad_out.shape[2]
     gpos = grad_out.new_empty(num_tokens, D) if need_pos else grad_out.new_empty(0)
     return grad_out.new_empty(ids_keep.shape[0], num_tokens, D), gpos
 
 
 def _gather_setup(ctx, inputs, output):
-    x, ids_keep, pos_embed, P, mask_major, backend = inputs
+    x, ids_keep, pos_embed, P, mask_major, unique, backend = inputs
     ctx.save_for_backward(ids_keep)
-    ctx.meta = (x.shape[1], P, mask_major, backend, pos_embed is not None)
+    ctx.meta = (x.shape[1], P, mask_major, unique, backend, pos_embed is not None)
 
 
 def _gather_backward(ctx, grad):
     (ids_keep,) = ctx.saved_tensors
-    L, P, mask_major, backend, has_pos = ctx.meta
+    L, P, mask_major, unique, backend, has_pos = ctx.meta
     need_pos = bool(has_pos and ctx.needs_input_grad[2])
-    grad_x, grad_pos = _gather_backward_op(grad.contiguous(), ids_keep, L, P, mask_major, need_pos, backend)
-    return (grad_x if ctx.needs_input_grad[0] else None), None, (grad_pos if need_pos else None), None, None, None
+    grad_x, grad_pos = _gather_backward_op(grad.contiguous(), ids_keep, L, P, mask_major, need_pos, unique, backend)
+    return (grad_x if ctx.needs_input_grad[0] else None), None, (grad_pos if need_pos else None), None, None, None, None
 
 
 _gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
@@ -117,8 +152,29 @@ def _check_pos(op, pos_embed, n_total, d, dtype, device):
     return pos_embed.reshape(n_total, d).to(dtype).contiguous()
 
 
+def _check_indices(op: str, name: str, ids: torch.Tensor, hi: int, unique_rows: bool = False) -> bool:
+    """The front-door index check: values in [0, hi) (IndexError naming ``name``), in one
+    device reduction and one host sync. With ``unique_rows`` also returns whether no index
+    repeats within a row of ``ids`` (B, ...) (same sync), else False."""
+    if ids.numel() == 0:
+        return True
+    bad = (ids < 0) | (ids >= hi)
+    if unique_rows:
+        flat = ids.reshape(ids.shape[0], -1).clamp(0, max(hi - 1, 0))
+        counts = torch.zeros(ids.shape[0], max(hi, 1), dtype=torch.int32, device=ids.device)
+        counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.int32))
+        flags = int(bad.any().to(torch.int32) + 2 * (counts > 1).any().to(torch.int32))  # the one sync
+        any_bad, repeats = bool(flags & 1), bool(flags & 2)
+    else:
+        any_bad, repeats = bool(bad.any()), True
+    if any_bad:
+        raise IndexError(f"sslkern.{op}: {name} must hold indices in [0, {hi}), got {ids[bad][0].item()}")
+    return not repeats
+
+
 def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, *, pos_embed: torch.Tensor | None = None,
-                  num_prefix_tokens: int = 0, mask_major: bool = False, backend: str | None = None) -> torch.Tensor:
+                  num_prefix_tokens: int = 0, mask_major: bool = False, check_indices: bool = True,
+                  backend: str | None = None) -> torch.Tensor:
     r"""Keep the tokens ``ids_keep`` of every image (prefix tokens first), adding positions.
 
     ``out[r, t] = x[b, s] + pos_embed[s]`` with ``s = t`` for the ``P`` prefix tokens
@@ -127,9 +183,15 @@ def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, *, pos_embed: torch.T
     Args:
         x: ``(B, P + N, D)`` tokens, fp32 / bf16 / fp16 (fp64 for gradcheck).
         ids_keep: ``(B, Nk)`` or ``(B, M, Nk)`` int64/int32 indices into the ``N`` patch
-            tokens, each in ``[0, N)`` (checked: an error names ``ids_keep``; on CUDA the check
-            is one device reduction and a host sync). Order is kept as given (MAE's shuffle
-            order, or ascending for block masks). Repeats are allowed (gradients add up).
+            tokens, each in ``[0, N)``. Order is kept as given (MAE's shuffle order, or
+            ascending for block masks). Repeats are allowed (gradients add up).
+        check_indices: check the values here, once (an ``IndexError`` names ``ids_keep``):
+            one device reduction and one host sync, which also finds out whether any index
+            repeats within an image (if none, the GPU backward writes with plain stores).
+            ``False``: no check and no sync (for CUDA-graph capture, e.g. an MAE / data2vec
+            step); out-of-range rows then read and write nothing (zero output rows, no
+            gradient) on the GPU; the C++ CPU kernels still raise. Backward never checks, and
+            neither does a ``torch.compile``\ d call (the check would be a sync in the graph).
         pos_embed: ``None``, ``(P + N, D)`` or ``(1, P + N, D)``: added to each output token at
             its original position (prefix too), fused into the copy; cast to ``x.dtype``.
         num_prefix_tokens: ``P``.
@@ -161,7 +223,10 @@ def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, *, pos_embed: torch.T
     pos = _check_pos(op, pos_embed, L, D, x.dtype, x.device)
     ids = ids_keep if ids_keep.dim() == 3 else ids_keep.unsqueeze(1)
     ids = ids.to(torch.int64).contiguous()
-    return _gather_op(x.contiguous(), ids, pos, num_prefix_tokens, bool(mask_major), backend or "")
+    unique = False
+    if check_indices and not torch.compiler.is_compiling():
+        unique = _check_indices(op, "ids_keep", ids, L - num_prefix_tokens, unique_rows=True)
+    return _gather_op(x.contiguous(), ids, pos, num_prefix_tokens, bool(mask_major), unique, backend or "")
 
 
 # ---------------------------------------------------------------------------------------
@@ -221,7 +286,8 @@ _restore_op.register_autograd(_restore_backward, setup_context=_restore_setup)
 
 def restore_tokens(x_vis: torch.Tensor, ids_restore: torch.Tensor, *, mask_token: torch.Tensor | None = None,
                    fill: torch.Tensor | None = None, pos_embed: torch.Tensor | None = None,
-                   num_prefix_tokens: int = 0, backend: str | None = None) -> torch.Tensor:
+                   num_prefix_tokens: int = 0, check_indices: bool = True,
+                   backend: str | None = None) -> torch.Tensor:
     r"""Put visible tokens back in place and fill the removed slots (MAE decoder input).
 
     ``out[b, t] = x_vis[b, t]`` for prefix ``t < P``; for patch ``i`` (``t = P + i``) with
@@ -232,10 +298,14 @@ def restore_tokens(x_vis: torch.Tensor, ids_restore: torch.Tensor, *, mask_token
         x_vis: ``(B, P + Nk, D)`` encoder output (visible tokens in ``ids_keep`` order).
         ids_restore: ``(B, N)`` int64/int32, MAE semantics: original position ``i`` holds
             shuffle rank ``ids_restore[b, i]``; each row must be a permutation of ``0..N−1``
-            (checked on CPU: an error names ``ids_restore``; on CUDA only the range is checked,
-            with one device reduction and a host sync — a non-permutation there gives an
-            output row per slot but ``x_vis`` gradients of ranks that never appear are zero,
-            and of ranks that appear twice are one of the two).
+            (checked by the C++ CPU kernels: an error names ``ids_restore``; elsewhere only the
+            range is checked — a non-permutation there gives an output row per slot but
+            ``x_vis`` gradients of ranks that never appear are zero, and of ranks that appear
+            twice are one of the two).
+        check_indices: check the range here, once (one device reduction and one host sync;
+            an ``IndexError`` names ``ids_restore``). ``False``: no check, no sync (CUDA-graph
+            capture); out-of-range ranks then give zero rows on the GPU. Backward never checks,
+            nor does a ``torch.compile``\ d call.
         mask_token: ``(D,)``, ``(1, 1, D)`` learned token (MAE); gradient = sum over removed slots.
         fill: ``(B, N, D)`` per-slot values (data2vec 2.0 ``N(0, 0.01²)`` noise); exactly one
             of ``mask_token`` and ``fill``. Only removed slots are read.
@@ -275,4 +345,6 @@ def restore_tokens(x_vis: torch.Tensor, ids_restore: torch.Tensor, *, mask_token
         fill = fill.to(x_vis.dtype).contiguous()
     pos = _check_pos(op, pos_embed, num_prefix_tokens + N, D, x_vis.dtype, x_vis.device)
     ids = ids_restore.to(torch.int64).contiguous()
+    if check_indices and not torch.compiler.is_compiling():
+        _check_indices(op, "ids_restore", ids, N)
     return _restore_op(x_vis.contiguous(), ids, mask_token, fill, pos, num_prefix_tokens, backend or "")

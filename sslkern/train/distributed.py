@@ -30,13 +30,23 @@ class DistInfo:
 
 
 def init_distributed(device: str = "cpu") -> DistInfo:
-    """Join the torchrun process group if launched by torchrun; pick this rank's device."""
+    """Join the torchrun process group if launched by torchrun; pick this rank's device.
+
+    CUDA device: with several processes (torchrun, ``WORLD_SIZE`` > 1) rank ``LOCAL_RANK``
+    uses ``cuda:LOCAL_RANK`` whatever index ``device`` names; a single process runs on the
+    device asked for (``cuda:N`` → N, plain ``cuda`` → the current device). The device
+    is made current (``torch.cuda.set_device``).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device(device)
     if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank)
+        if world > 1:
+            index = local_rank
+        else:
+            index = dev.index if dev.index is not None else torch.cuda.current_device()
+        dev = torch.device("cuda", index)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")

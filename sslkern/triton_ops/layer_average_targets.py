@@ -9,15 +9,24 @@ Two kernels, each reading the K layers through a table of their addresses (no st
 * ``row_norm_average_kernel`` — one program per token row: per-layer layer norm over D
   (or none), accumulate, optionally the final layer norm of the finished row.
 
+The table of layer addresses is cached by those addresses (uploaded once, not per call, so
+a step captured in a CUDA graph replays a copy whose source is still alive), and every
+address is 16-byte aligned (the launcher copies a misaligned view), which the kernels state
+with ``tl.multiple_of`` so that their loads vectorise.
+
 The other combinations reuse them on the output with K = 1 (a final layer norm after the
 instance path; a final instance norm after the row path). Block sizes are fixed, so
 ``AOT_CONFIGS`` lists every configuration.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import triton
 import triton.language as tl
+
+from .ema_update import upload_table
 
 BLOCK_T = 32
 BLOCK_D_INSTANCE = 64
@@ -39,7 +48,8 @@ def instance_norm_average_kernel(table_ptr, out_ptr, T, D, stride_b, stride_t, K
     inv_k = 1.0 / K
     out_img = out_ptr + b * T * D
     for k in range(K):
-        x_img = tl.load(table_ptr + k).to(tl.pointer_type(DTYPE)) + b * stride_b
+        # 16-byte aligned base (the launcher checks): lets loads vectorise despite the table
+        x_img = tl.multiple_of(tl.load(table_ptr + k).to(tl.pointer_type(DTYPE)), 16) + b * stride_b
         shift = tl.load(x_img + cols, mask=dmask, other=0.0).to(tl.float32)
         s1 = tl.zeros([BLOCK_D], dtype=tl.float32)
         s2 = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -97,7 +107,7 @@ def row_norm_average_kernel(table_ptr, out_ptr, T, D, stride_b, stride_t, K, eps
     o_row = out_ptr + row * D
     offs = tl.arange(0, BLOCK_D)
     for k in range(K):
-        x_row = tl.load(table_ptr + k).to(tl.pointer_type(DTYPE)) + b * stride_b + t * stride_t
+        x_row = tl.multiple_of(tl.load(table_ptr + k).to(tl.pointer_type(DTYPE)), 16) + b * stride_b + t * stride_t
         mean = 0.0
         a = inv_k
         if LAYER_NORM:
@@ -136,9 +146,26 @@ def row_norm_average_kernel(table_ptr, out_ptr, T, D, stride_b, stride_t, K, eps
             tl.store(o_row + cols, (y - mean) * rstd, mask=cols < D)
 
 
+_tables: OrderedDict = OrderedDict()
+
+
 def _table(tensors, device):
-    table = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
-    return table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
+    """Device table of the layers' addresses, cached by those addresses (no upload per call;
+    an upload under CUDA-graph capture keeps its pinned source alive, see ``upload_table``)."""
+    key = tuple(t.data_ptr() for t in tensors) + (str(device),)
+    entry = _tables.get(key)
+    if entry is None:
+        entry = _tables[key] = upload_table(torch.tensor(key[:-1], dtype=torch.int64), device)
+        while len(_tables) > 64:
+            _tables.popitem(last=False)
+    _tables.move_to_end(key)
+    return entry[1]
+
+
+def _aligned(layers):
+    """The layers with 16-byte aligned data pointers (the kernels tell the compiler so): a
+    misaligned view (rare: an odd element offset) is copied."""
+    return [y if y.data_ptr() % 16 == 0 else y.clone() for y in layers]
 
 
 def _instance(table, out, T, D, sb, st, K, eps, dtype, final_instance):
@@ -161,7 +188,8 @@ def layer_average_targets_triton(layers, layer_norm, final_norm, eps):
     out = torch.empty((B, T, D), dtype=torch.float32, device=first.device)
     if out.numel() == 0:
         return out
-    sb, st = first.stride(0), first.stride(1)
+    layers = _aligned(layers)
+    sb, st = layers[0].stride(0), layers[0].stride(1)
     K = len(layers)
     table = _table(layers, first.device)
     if layer_norm == "instance":
@@ -175,6 +203,9 @@ def layer_average_targets_triton(layers, layer_norm, final_norm, eps):
     return out
 
 
+# Multiples of 16 at the benchmark sizes (D = 384 / 768, strides T·D and D): real launches
+# specialise them as 16-divisible, and so does the GPU report.
+AOT_DIVISIBLE = ("D", "stride_b", "stride_t")
 _SIG = {"table_ptr": "*i64", "out_ptr": "*fp32", "T": "i32", "D": "i32", "stride_b": "i64", "stride_t": "i64",
         "K": "i32", "eps": "fp32"}
 AOT_CONFIGS = [

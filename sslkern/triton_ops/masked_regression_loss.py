@@ -8,7 +8,7 @@ summed by ``torch.sum`` (deterministic); the backward recomputes the difference 
 d loss / d pred (zeros at unmasked tokens). ``beta`` is a runtime scalar: both elementwise
 forms are evaluated and one is selected, so one compiled kernel serves L2 and smooth-L1.
 Scale, reduction and the upstream gradient are folded into a device scalar ``coef``
-(no host sync); only the ids range check syncs.
+(no host sync). The ids range check is the public function's (once, skippable).
 """
 from __future__ import annotations
 
@@ -95,14 +95,11 @@ def masked_regression_loss_bwd_kernel(pred_ptr, target_ptr, mask_ptr, ids_ptr, c
 
 def _prepare(pred, target, mask, ids):
     """Target in fp32 (fp64 for fp64 pred) unless it already has pred's dtype; dummies for
-    absent mask / ids; the ids range check (one reduction and a host sync)."""
+    absent mask / ids. No index check here (no host sync): the public function checks once,
+    and the kernels skip out-of-range ids."""
     cdtype = torch.float64 if pred.dtype == torch.float64 else torch.float32
     if target.dtype not in (cdtype, pred.dtype):
         target = target.to(cdtype)
-    T = target.shape[1]
-    if ids is not None and ids.numel() and bool(((ids < 0) | (ids >= T)).any()):
-        bad = ids[(ids < 0) | (ids >= T)][0].item()
-        raise IndexError(f"sslkern.masked_regression_loss: ids expected values in [0, {T}), got {bad}")
     mask_arg = mask.view(torch.uint8) if mask is not None else torch.empty(0, dtype=torch.uint8, device=pred.device)
     ids_arg = ids if ids is not None else torch.empty(0, dtype=torch.int64, device=pred.device)
     return target, mask_arg, ids_arg, cdtype
@@ -148,6 +145,11 @@ def masked_regression_loss_backward_triton(grad_out, pred, target, mask, ids, be
         target.stride(0), target.stride(1), beta, HAS_MASK=mask is not None, HAS_IDS=ids is not None,
         COMPUTE=_TL[cdtype], BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
     return grad
+
+
+# Multiples of 16 at the benchmark sizes (D = 384 / 768 and the strides it scales): real
+# launches specialise them as 16-divisible, and so does the GPU report.
+AOT_DIVISIBLE = ("D", "ps0", "ps1", "ys0", "ys1")
 
 
 def _aot_configs():
