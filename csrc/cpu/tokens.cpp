@@ -2,6 +2,9 @@
 //
 //   gather:  out[r, t]        = x[b, src(t)] (+ pos[src(t)]),  src(t) = t for prefix t < P,
 //                                                          else P + ids_keep[b, m, t - P];
+//            or, with prefix_tokens (P, D) shared by every image (MAE's cls_token), x holds
+//            only the N patches: out[r, t] = prefix[t] + pos[t] for t < P,
+//                                            x[b, i] + pos[P + i] after (i = ids_keep[b, m, t - P])
 //            r = b*M + m (image-major, data2vec 2.0 clone batch) or m*B + b (mask-major, I-JEPA)
 //   restore: out[b, t]        = x_vis[b, t] for t < P, else with i = t - P, k = ids_restore[b, i]:
 //                               x_vis[b, P + k] if k < Nk, else mask_token / fill[b, i];  (+ pos[t])
@@ -115,21 +118,30 @@ void check_ids(const at::Tensor& t, const char* op, const char* name, int64_t nd
 
 // ---------------------------------------------------------------------------------------
 at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& ids_keep, const std::optional<at::Tensor>& pos,
-                             int64_t P, bool mask_major) {
+                             int64_t P, bool mask_major, const std::optional<at::Tensor>& prefix) {
   const char* op = "gather_tokens";
   check_common(x, op, "x", 3);
   check_ids(ids_keep, op, "ids_keep", 3);
-  const int64_t B = x.size(0), L = x.size(1), D = x.size(2);
+  const int64_t B = x.size(0), Lx = x.size(1), D = x.size(2);
   const int64_t M = ids_keep.size(1), Nk = ids_keep.size(2);
-  TORCH_CHECK(P >= 0 && P <= L, "sslkern.", op, ": num_prefix_tokens out of range");
+  // ext: the P prefix rows come from `prefix` (P, D), shared by every image (MAE's
+  // cls_token), and x holds the N patch tokens only; else x holds them in its first P rows
+  const bool ext = prefix.has_value() && prefix->defined();
+  TORCH_CHECK(P >= 0 && (ext || P <= Lx), "sslkern.", op, ": num_prefix_tokens out of range");
+  const int64_t Px = ext ? 0 : P, N = Lx - Px, L = P + N;  // L: rows of pos_embed
   TORCH_CHECK(ids_keep.size(0) == B, "sslkern.", op, ": ids_keep batch size differs from x");
+  if (ext) {
+    check_common(*prefix, op, "prefix_tokens", 2);
+    TORCH_CHECK(prefix->size(0) == P && prefix->size(1) == D && prefix->scalar_type() == x.scalar_type(),
+                "sslkern.", op, ": prefix_tokens must be (", P, ", ", D, ") of x's dtype");
+  }
   const bool has_pos = pos.has_value() && pos->defined();
   if (has_pos) {
     check_common(*pos, op, "pos_embed", 2);
     TORCH_CHECK(pos->size(0) == L && pos->size(1) == D && pos->scalar_type() == x.scalar_type(),
                 "sslkern.", op, ": pos_embed must be (", L, ", ", D, ") of x's dtype");
   }
-  check_ids_range(ids_keep, L - P, op, "ids_keep");
+  check_ids_range(ids_keep, N, op, "ids_keep");
   const int64_t Lo = P + Nk;
   at::Tensor out = empty_output({B * M, Lo, D}, x.options());
   if (out.numel() == 0) return out;
@@ -137,6 +149,7 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& ids_keep, co
   dispatch_float(x.scalar_type(), "gather_tokens: x", [&](auto tag) {
     using T = decltype(tag);
     const T* xp = ptr<T>(x);
+    const T* pre = ext ? ptr<T>(*prefix) : nullptr;
     const T* pp = has_pos ? ptr<T>(*pos) : nullptr;
     T* op_ = ptr<T>(out);
     const int64_t rows = B * M * Lo;
@@ -146,27 +159,34 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& ids_keep, co
         const int64_t row = r / Lo, t = r % Lo;
         const int64_t b = mask_major ? row % B : row / M;
         const int64_t m = mask_major ? row / B : row % M;
-        const int64_t s = t < P ? t : P + ids[(b * M + m) * Nk + (t - P)];
-        copy_row(op_ + r * D, xp + (b * L + s) * D, pp ? pp + s * D : nullptr, D);
+        const int64_t i = t < P ? -1 : ids[(b * M + m) * Nk + (t - P)];  // patch index
+        const T* src = i < 0 ? (ext ? pre + t * D : xp + (b * Lx + t) * D) : xp + (b * Lx + Px + i) * D;
+        copy_row(op_ + r * D, src, pp ? pp + (i < 0 ? t : P + i) * D : nullptr, D);
       }
     });
   });
   return out;
 }
 
+// L = rows of x (grad_x); with external_prefix x has no prefix rows (L = N) and the
+// gradient of the prefix tokens is the batch sum of grad_out's first P rows, taken by the
+// caller; grad_pos still covers all P + N positions.
 std::tuple<at::Tensor, at::Tensor> gather_tokens_backward_cpu(const at::Tensor& grad_out, const at::Tensor& ids_keep,
-                                                                int64_t L, int64_t P, bool mask_major, bool need_pos) {
+                                                                int64_t L, int64_t P, bool mask_major, bool need_pos,
+                                                                bool external_prefix) {
   const char* op = "gather_tokens_backward";
   check_common(grad_out, op, "grad_out", 3);
   check_ids(ids_keep, op, "ids_keep", 3);
   const int64_t B = ids_keep.size(0), M = ids_keep.size(1), Nk = ids_keep.size(2), D = grad_out.size(2);
   const int64_t Lo = P + Nk;
   TORCH_CHECK(grad_out.size(0) == B * M && grad_out.size(1) == Lo, "sslkern.", op, ": grad_out has the wrong shape");
-  TORCH_CHECK(P >= 0 && P <= L, "sslkern.", op, ": num_prefix_tokens out of range");
-  check_ids_range(ids_keep, L - P, op, "ids_keep");
+  TORCH_CHECK(P >= 0 && (external_prefix || P <= L), "sslkern.", op, ": num_prefix_tokens out of range");
+  const int64_t Px = external_prefix ? 0 : P, N = L - Px, Lp = P + N;
+  check_ids_range(ids_keep, N, op, "ids_keep");
   at::Tensor grad_x = empty_output({B, L, D}, grad_out.options());
-  at::Tensor grad_pos = need_pos ? at::empty({L, D}, grad_out.options()) : at::empty({0}, grad_out.options());
-  if (grad_x.numel() == 0) {
+  at::Tensor grad_pos = need_pos ? at::empty({Lp, D}, grad_out.options()) : at::empty({0}, grad_out.options());
+  if (grad_out.numel() == 0 || grad_x.numel() == 0) {
+    grad_x.zero_();
     if (need_pos) grad_pos.zero_();
     return {grad_x, grad_pos};
   }
@@ -177,11 +197,11 @@ std::tuple<at::Tensor, at::Tensor> gather_tokens_backward_cpu(const at::Tensor& 
     const T* gp = ptr<T>(grad_out);
     T* gx = ptr<T>(grad_x);
     const Split split(B);
-    // grad_pos[s] = sum over every grad_out row that came from source row s: each task
+    // grad_pos[s] = sum over every grad_out row that came from position s: each task
     // sums its images into its own buffer (fused here, so grad_x is not read again).
     std::vector<std::vector<A>> pos_part(need_pos ? split.tasks : 0);
     at::parallel_for(0, split.tasks, 1, [&](int64_t task_lo, int64_t task_hi) {
-      // first[s] = the grad_out row that first wrote source row s (-1: none yet);
+      // first[s] = the grad_out row that first wrote row s of grad_x (-1: none yet);
       // rows hit more than once are summed in an accumulation-precision buffer.
       std::vector<int64_t> first(L);
       std::vector<int32_t> slot(L);
@@ -189,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor> gather_tokens_backward_cpu(const at::Tensor& 
       for (int64_t task = task_lo; task < task_hi; ++task) {
         A* pp = nullptr;
         if (need_pos) {
-          pos_part[task].assign(static_cast<size_t>(L * D), A(0));
+          pos_part[task].assign(static_cast<size_t>(Lp * D), A(0));
           pp = pos_part[task].data();
         }
         for (int64_t b = task * split.per; b < std::min(B, (task + 1) * split.per); ++b) {
@@ -202,9 +222,11 @@ std::tuple<at::Tensor, at::Tensor> gather_tokens_backward_cpu(const at::Tensor& 
             const int64_t row = mask_major ? m * B + b : b * M + m;
             const T* g = gp + row * Lo * D;
             for (int64_t t = 0; t < Lo; ++t) {
-              const int64_t s = t < P ? t : P + ids[(b * M + m) * Nk + (t - P)];
+              const int64_t i = t < P ? -1 : ids[(b * M + m) * Nk + (t - P)];
               const T* src = g + t * D;
-              if (pp) add_to(pp + s * D, src, D);
+              if (pp) add_to(pp + (i < 0 ? t : P + i) * D, src, D);
+              if (i < 0 && external_prefix) continue;  // a shared prefix token: not a row of x
+              const int64_t s = i < 0 ? t : Px + i;
               if (first[s] < 0) {
                 first[s] = row * Lo + t;
                 if constexpr (std::is_same_v<T, A>) {
@@ -241,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor> gather_tokens_backward_cpu(const at::Tensor& 
         }
       }
     });
-    if (need_pos) reduce_partials(ptr<T>(grad_pos), pos_part, L * D);
+    if (need_pos) reduce_partials(ptr<T>(grad_pos), pos_part, Lp * D);
   });
   return {grad_x, grad_pos};
 }
@@ -365,10 +387,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> restore_tokens_backwa
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sslkern_C, m) {
-  m.def("gather_tokens_cpu(Tensor x, Tensor ids_keep, Tensor? pos_embed, int num_prefix_tokens, bool mask_major) -> Tensor",
+  m.def("gather_tokens_cpu(Tensor x, Tensor ids_keep, Tensor? pos_embed, int num_prefix_tokens, bool mask_major, "
+        "Tensor? prefix_tokens=None) -> Tensor",
         &gather_tokens_cpu);
   m.def("gather_tokens_backward_cpu(Tensor grad_out, Tensor ids_keep, int num_tokens, int num_prefix_tokens, "
-        "bool mask_major, bool need_pos) -> (Tensor, Tensor)",
+        "bool mask_major, bool need_pos, bool external_prefix=False) -> (Tensor, Tensor)",
         &gather_tokens_backward_cpu);
   m.def("restore_tokens_cpu(Tensor x_vis, Tensor ids_restore, Tensor? mask_token, Tensor? fill, Tensor? pos_embed, "
         "int num_prefix_tokens) -> Tensor",
