@@ -90,9 +90,10 @@ def _(x, ids_keep, pos_embed, num_prefix_tokens, mask_major, backend, prefix_tok
 def _gather_backward_op(grad_out: torch.Tensor, ids_keep: torch.Tensor, num_tokens: int, num_prefix_tokens: int,
                         mask_major: bool, need_pos: bool, backend: str,
                         external_prefix: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_x, grad_pos): grad_pos (P + N, D) = batch sum of the rows by position, fused; empty
-    if not needed. ``external_prefix``: x held no prefix rows (``num_tokens`` = N; the prefix
-    tokens' gradient is taken by the caller)."""
+    """(grad_x, sums): sums = the batch sum of grad_out's rows by position (pos_embed's
+    gradient, fused), (P + N, D) if ``need_pos`` else empty. ``external_prefix``: x held no
+    prefix rows (``num_tokens`` = N) and sums are (P, D) without ``need_pos``: its first P
+    rows are the shared prefix tokens' gradient either way."""
     name = gather_backward_dispatch.resolve(grad_out.device, backend)
     fn = gather_backward_dispatch(grad_out.device, name)
     if not external_prefix:
@@ -101,17 +102,18 @@ def _gather_backward_op(grad_out: torch.Tensor, ids_keep: torch.Tensor, num_toke
         return fn(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos, True)
     P = num_prefix_tokens
     grad_x, grad_pos = fn(grad_out[:, P:].contiguous(), ids_keep, num_tokens, 0, mask_major, need_pos)
-    if need_pos:
-        acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
-        grad_pos = torch.cat([grad_out[:, :P].to(acc).sum(0).to(grad_out.dtype), grad_pos], dim=0)
-    return grad_x, grad_pos
+    acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    grad_pre = grad_out[:, :P].to(acc).sum(0).to(grad_out.dtype)
+    return grad_x, (torch.cat([grad_pre, grad_pos], dim=0) if need_pos else grad_pre)
 
 
 @_gather_backward_op.register_fake
 def _(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos, backend, external_prefix=False):
     D = grad_out.shape[2]
-    n_pos = num_tokens + (num_prefix_tokens if external_prefix else 0)
-    gpos = grad_out.new_empty(n_pos, D) if need_pos else grad_out.new_empty(0)
+    if need_pos:
+        gpos = grad_out.new_empty(num_tokens + (num_prefix_tokens if external_prefix else 0), D)
+    else:
+        gpos = grad_out.new_empty(num_prefix_tokens, D) if external_prefix else grad_out.new_empty(0)
     return grad_out.new_empty(ids_keep.shape[0], num_tokens, D), gpos
 
 
@@ -130,10 +132,10 @@ def _gather_backward(ctx, grad):
     grad_x, grad_pos = _gather_backward_op(grad, ids_keep, L, P, mask_major, need_pos, backend, has_prefix)
     grads = [(grad_x if ctx.needs_input_grad[0] else None), None, (grad_pos if need_pos else None), None, None, None]
     if len(ctx.needs_input_grad) > 6:
+        # shared by every output row: the batch sum of the prefix rows, the first P sums
         grad_prefix = None
-        if has_prefix and ctx.needs_input_grad[6]:  # shared by every output row: the sum over them
-            acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-            grad_prefix = grad[:, :P].to(acc).sum(0).to(grad.dtype)
+        if has_prefix and ctx.needs_input_grad[6]:  # a copy: grad_pos may be accumulated in place
+            grad_prefix = grad_pos[:P].clone() if need_pos else grad_pos
         grads.append(grad_prefix)
     return tuple(grads)
 
