@@ -70,12 +70,7 @@ def _extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     arch = os.environ.get("SSLKERN_CPU_ARCH", "native")
-    # -fno-trapping-math: no kernel reads FP exception traps, and without it gcc will not
-    # if-convert float compares (the clamps and selects of exp_fast, NaN checks) on AVX2: the
-    # exp loops of dino_loss / alibi_attention stayed scalar on AVX2-only CPUs (measured on
-    # an AMD EPYC VM: 2.4x slower, and data-dependent: branches skipped underflowing exps).
-    # AVX-512 vectorizes them either way (masked lanes). Results are unchanged.
-    cxx = ["-O3", "-std=c++20", "-fopenmp", f"-march={arch}", "-fno-math-errno", "-fno-trapping-math", "-DNDEBUG"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", f"-march={arch}", "-fno-math-errno", "-DNDEBUG"]
     if platform.machine() in ("x86_64", "AMD64"):
         # full-width AVX-512 where the CPU has it (gcc defaults to 256-bit vectors): the
         # exp-bound loss kernels run ~15 % faster; no effect on AVX2-only CPUs
