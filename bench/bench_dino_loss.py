@@ -161,6 +161,8 @@ def _dtype_name(dtype):
 def test_dino_loss_b32_k65536(benchmark, provider, inputs, dtype):
     if provider == "sslkern_nocache" and inputs != WORST:
         pytest.skip("the output cache is timed on the worst-case inputs only")
+    if provider == "lightly" and dtype != torch.float32:
+        pytest.skip("lightly 1.6 DINOLoss fails on bf16 logits (its fp32 center meets bf16 in a matmul)")
     esize = torch.finfo(dtype).bits // 8
     bytes_moved = esize * K * (V * B + T * B + V * B)
     measure(benchmark, op="dino_loss", case=f"B={B} K={K} {T}+{V - T} crops, {inputs} logits, "
