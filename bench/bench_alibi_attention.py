@@ -1,4 +1,14 @@
-"""alibi_attention, forward + backward (issue #5).
+"""alibi_attention, forward + backward (issues #5, #17).
+
+Inputs (issue #17): q, k, v as a ViT block makes them, LayerNorm'd random activations
+(B, L, 384) through a random qkv linear layer (timm's init: trunc-normal std 0.02, zero
+bias), split into H = 6 heads; q then scaled by 1 or by 8 (sharper rows: most keys of a row
+far below its max, where exp and the products after it would be subnormal without the
+kernel's flush-to-zero); dout randn. Slopes as the data2vec 2.0 recipe uses them:
+sslkern.alibi_slopes(6) × a learnable per-head scale (ones). fp32, plus bf16 (q × 1).
+bytes_moved: the fewest bytes, q, k, v read and out, lse written (forward); dout, q, k, v,
+out, lse read and dq, dk, dv written (backward). Attention is compute-bound: the traffic
+bound is far below the time any kernel needs (4·B·H·L²·Dh flops forward, 10· backward).
 
 Cases
   full:   ViT-S, B=32, H=6, L=197 (CLS + 14×14), Dh=64, 2D ALiBi with a learnable per-head
@@ -22,13 +32,24 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 H, DH, SIDE = 6, 64, 14
 
 
-def _inputs(B, L, dtype=torch.float32):
+def _inputs(B, L, q_scale=1.0, dtype=torch.float32):
     g = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v, dout = (torch.randn(B, H, L, DH, generator=g).to(DEV, dtype) for _ in range(4))
+    D = H * DH
+    x = F.layer_norm(torch.randn(B, L, D, generator=g), (D,))
+    w = torch.nn.init.trunc_normal_(torch.empty(3 * D, D), std=0.02, generator=g)
+    qkv = F.linear(x, w).reshape(B, L, 3, H, DH).permute(2, 0, 3, 1, 4)
+    q, k, v = ((qkv[i] * (q_scale if i == 0 else 1.0)).contiguous().to(DEV, dtype) for i in range(3))
+    dout = torch.randn(B, H, L, DH, generator=g).to(DEV, dtype)
     for t in (q, k, v):
         t.requires_grad_(True)
     bias_scale = torch.ones(H, device=DEV, requires_grad=True)
     return q, k, v, dout, bias_scale
+
+
+def _bytes_moved(B, L, dtype):
+    e = torch.finfo(dtype).bits // 8
+    n, rows = B * H * L * DH, B * H * L
+    return e * n * (3 + 1) + 4 * rows + e * n * (5 + 3) + 4 * rows
 
 
 def _zero_grads(*ts):
@@ -51,9 +72,9 @@ def _reference_fn(provider, q, k, v, dout, **kwargs):
     return fn
 
 
-def full_fn(provider):
+def full_fn(provider, q_scale=1.0, dtype=torch.float32):
     B, L = 32, 1 + SIDE * SIDE
-    q, k, v, dout, bias_scale = _inputs(B, L)
+    q, k, v, dout, bias_scale = _inputs(B, L, q_scale, dtype)
     slopes = sslkern.alibi_slopes(H).to(DEV)
     coords = grid_coords(SIDE * SIDE, DEV)
     if provider == "sslkern":
@@ -61,10 +82,10 @@ def full_fn(provider):
             out = sslkern.alibi_attention(q, k, v, slopes=slopes, mode="2d", num_prefix_tokens=1, bias_scale=bias_scale)
             out.backward(dout)
     elif provider == "sdpa_bias":
-        neg_dist = alibi_bias(torch.ones(1, H, device=DEV), coords[None], "2d", 1)  # (1, H, L, L), cached
+        neg_dist = alibi_bias(torch.ones(1, H, device=DEV), coords[None], "2d", 1).to(dtype)  # (1, H, L, L), cached
 
         def fn():
-            bias = neg_dist * (slopes * bias_scale)[None, :, None, None]
+            bias = (neg_dist * (slopes * bias_scale)[None, :, None, None]).to(q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
             out.backward(dout)
     elif provider in ("eager", "compiled"):
@@ -74,9 +95,9 @@ def full_fn(provider):
     return fn, _zero_grads(q, k, v, bias_scale)
 
 
-def masked_fn(provider):
+def masked_fn(provider, q_scale=1.0):
     B, n_keep = 256, 39
-    q, k, v, dout, bias_scale = _inputs(B, 1 + n_keep)
+    q, k, v, dout, bias_scale = _inputs(B, 1 + n_keep, q_scale)
     g = torch.Generator(device="cpu").manual_seed(1)
     ids_keep = torch.argsort(torch.rand(B, SIDE * SIDE, generator=g), 1)[:, :n_keep].sort(1).values.to(DEV)
     coords = torch.stack([ids_keep // SIDE, ids_keep % SIDE], -1)
@@ -99,19 +120,32 @@ def masked_fn(provider):
 
 
 FULL_TARGETS = {"sdpa_bias": 1.0, "eager": 2.0}
+FULL_CASES = [(1.0, torch.float32), (8.0, torch.float32), (1.0, torch.bfloat16)]
+
+
+def _dt(dtype):
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
 @pytest.mark.parametrize("provider", ["sslkern", "sslkern_nocache", "sdpa_bias", "eager", "compiled"])
-def test_alibi_attention_full_vit_s(benchmark, provider):
-    fn, setup = full_fn(provider.removesuffix("_nocache"))
-    measure(benchmark, op="alibi_attention", case="ViT-S B=32 H=6 L=197 Dh=64 2D ALiBi fp32 fwd+bwd",
-            provider=provider, fn=fn, setup=setup, target=FULL_TARGETS.get(provider), rounds=5, warmup=2)
+@pytest.mark.parametrize("q_scale,dtype", FULL_CASES, ids=[f"q{s:g}-{_dt(d)}" for s, d in FULL_CASES])
+def test_alibi_attention_full_vit_s(benchmark, provider, q_scale, dtype):
+    if provider == "sslkern_nocache" and (q_scale, dtype) != (1.0, torch.float32):
+        pytest.skip("the output cache is timed on the fp32 q x1 case only")
+    fn, setup = full_fn(provider.removesuffix("_nocache"), q_scale, dtype)
+    measure(benchmark, op="alibi_attention",
+            case=f"ViT-S B=32 H=6 L=197 Dh=64 2D ALiBi, LN+linear q,k x q{q_scale:g}, {_dt(dtype)} fwd+bwd",
+            provider=provider, fn=fn, setup=setup, bytes_moved=_bytes_moved(32, 197, dtype),
+            target=FULL_TARGETS.get(provider) if dtype == torch.float32 else None, rounds=5, warmup=2)
 
 
 @pytest.mark.parametrize("provider", ["sslkern", "sslkern_nocache", "fairseq_sdpa", "eager", "compiled"])
-def test_alibi_attention_masked_d2v(benchmark, provider):
-    fn, setup = masked_fn(provider.removesuffix("_nocache"))
+@pytest.mark.parametrize("q_scale", [1.0, 8.0], ids=["q1", "q8"])
+def test_alibi_attention_masked_d2v(benchmark, provider, q_scale):
+    if provider == "sslkern_nocache" and q_scale != 1.0:
+        pytest.skip("the output cache is timed on the q x1 case only")
+    fn, setup = masked_fn(provider.removesuffix("_nocache"), q_scale)
     measure(benchmark, op="alibi_attention",
-            case="data2vec2 masked B=256 H=6 L=1+39 of 14x14 Dh=64 2D ALiBi fp32 fwd+bwd",
-            provider=provider, fn=fn, setup=setup, target=2.0 if provider == "fairseq_sdpa" else None,
-            rounds=5, warmup=2)
+            case=f"data2vec2 masked B=256 H=6 L=1+39 of 14x14 Dh=64 2D ALiBi, LN+linear q,k x q{q_scale:g}, fp32 fwd+bwd",
+            provider=provider, fn=fn, setup=setup, bytes_moved=_bytes_moved(256, 40, torch.float32),
+            target=2.0 if provider == "fairseq_sdpa" else None, rounds=5, warmup=2)

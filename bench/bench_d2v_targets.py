@@ -1,7 +1,8 @@
 """data2vec 2.0 targets + masked regression, forward and backward (issue #6).
 
-Case (data2vec 2.0 base-like): K = 10 teacher layers of (B = 32, T = 196, D = 768) fp32,
-M = 4 clone masks per image at 80 % masking, student predictions (B·M, T, D) fp32.
+Case (data2vec 2.0 base-like): K = 10 teacher layers of (B = 32, T = 196, D = 768),
+M = 4 clone masks per image at 80 % masking, student predictions (B·M, T, D); fp32, and
+bf16 layers + predictions (fp32 accumulation, fp32 targets).
 Timed work: targets from the layers, the regression loss, its gradient w.r.t. pred.
 
 Providers:
@@ -23,12 +24,14 @@ K, B, T, D, M, MASK_PROB = 10, 32, 196, 768, 4, 0.8
 _data = {}
 
 
-def data():
-    if not _data:
+def data(dtype=torch.float32):
+    if _data.get("dtype") != dtype:
+        _data.clear()
+        _data["dtype"] = dtype
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         g = torch.Generator(device="cpu").manual_seed(0)
-        _data["layers"] = [torch.randn(B, T, D, generator=g).to(dev) for _ in range(K)]
-        _data["pred"] = torch.randn(B * M, T, D, generator=g).to(dev).requires_grad_(True)
+        _data["layers"] = [torch.randn(B, T, D, generator=g).to(dev, dtype) for _ in range(K)]
+        _data["pred"] = torch.randn(B * M, T, D, generator=g).to(dev, dtype).requires_grad_(True)
         # exactly int(0.8 T) masked tokens per clone row, as data2vec 2.0's masks
         noise = torch.rand(B * M, T, generator=g)
         n_mask = int(T * MASK_PROB)
@@ -61,8 +64,8 @@ def sslkern_step(layers, pred, mask):
 _compiled = {}
 
 
-def make_fn(provider):
-    layers, pred, mask = data()
+def make_fn(provider, dtype=torch.float32):
+    layers, pred, mask = data(dtype)
     if provider == "sslkern":
         step = sslkern_step
     elif provider == "reference":
@@ -82,11 +85,17 @@ def make_fn(provider):
 
 
 @pytest.mark.parametrize("provider", ["sslkern", "sslkern_nocache", "reference", "compiled"])
-def test_d2v_targets_base(benchmark, provider):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_d2v_targets_base(benchmark, provider, dtype):
+    if provider == "sslkern_nocache" and dtype != torch.float32:
+        pytest.skip("the output cache is timed on the fp32 case only")
     n_btd = B * T * D
-    # fewest bytes: read the K layers once, write + read the targets, read pred (forward and
-    # backward: masked rows only, 80 %), write its gradient; fp32 everywhere.
-    bytes_moved = 4 * (K * n_btd + 2 * n_btd + 2 * MASK_PROB * M * n_btd + M * n_btd)
-    measure(benchmark, op="data2vec targets + loss", case=f"K={K} B={B} T={T} D={D} M={M} mask 80% fp32 fwd+bwd",
-            provider=provider, fn=make_fn(provider.removesuffix("_nocache")), bytes_moved=bytes_moved,
-            target={"reference": 4.0, "compiled": 2.0}.get(provider), rounds=5, warmup=2)
+    e = torch.finfo(dtype).bits // 8
+    # fewest bytes: read the K layers once, write + read the (fp32) targets, read pred
+    # (forward and backward: masked rows only, 80 %), write its gradient.
+    bytes_moved = e * K * n_btd + 4 * 2 * n_btd + e * (2 * MASK_PROB * M * n_btd + M * n_btd)
+    dt = "bf16" if dtype == torch.bfloat16 else "fp32"
+    measure(benchmark, op="data2vec targets + loss", case=f"K={K} B={B} T={T} D={D} M={M} mask 80% {dt} fwd+bwd",
+            provider=provider, fn=make_fn(provider.removesuffix("_nocache"), dtype), bytes_moved=bytes_moved,
+            target={"reference": 4.0, "compiled": 2.0}.get(provider) if dtype == torch.float32 else None,
+            rounds=5, warmup=2)

@@ -1,11 +1,17 @@
 """gather_tokens / restore_tokens and the mask generators (issue #4).
 
 Cases
-  MAE step pieces: B = 64, 196 patches + CLS, encoder D = 768, decoder D = 512, mask 0.75,
-    fp32, forward + backward of (encoder gather with position add) and (decoder restore with
-    mask token and position add). Providers: sslkern, reference (MAE code math, eager:
-    ``x + pos``, ``torch.gather``, ``cat`` mask tokens, unshuffle ``torch.gather``, ``+ pos``),
-    compiled (``torch.compile`` of the reference). bytes_moved = the minimal traffic.
+  MAE step pieces (issue #17: what MAE's code does): B = 64 images of 196 patches, encoder
+    D = 768, decoder D = 512, mask 0.75, fp32 and bf16, forward + backward of MAE's
+    ``forward_encoder`` token handling (``x + pos_embed[:, 1:]``, then random_masking's
+    gather, then ``cls_token + pos_embed[:, :1]`` concatenated in front) and of
+    ``forward_decoder``'s (mask tokens appended to the CLS-prefixed decoder input, unshuffle,
+    CLS back in front, ``+ decoder_pos_embed``). Position embeddings are fixed (MAE's
+    sin-cos, no gradient); gradients w.r.t. the patch embeddings, cls_token, the decoder
+    input and mask_token, fresh every call (``torch.autograd.grad``). Providers: sslkern
+    (``gather_tokens(x, ids_keep, pos_embed=pos, prefix_tokens=cls_token)`` and
+    ``restore_tokens``), reference (MAE's code, eager), compiled (``torch.compile`` of it).
+    bytes_moved = the minimal traffic.
   data2vec 2.0 clone batch: B = 32 images × 196 × 768, M = 8 masks (mask_prob 0.8), fp32,
     forward + backward. Peer: reference = ``repeat_interleave`` + ``torch.gather``.
   Mask generation, B = 256 at 14 × 14: sslkern.masks vs the per-image reference loops
@@ -26,37 +32,42 @@ F32 = 4
 
 
 # ---------------------------------------------------------------------------------------
-def mae_inputs(B=64, N=196, P=1, D=768, Dd=512, ratio=0.75):
+def mae_inputs(B=64, N=196, D=768, Dd=512, ratio=0.75, dtype=torch.float32):
+    """MAE's tensors: patch embeddings (B, N, D), cls_token (1, 1, D), the fixed sin-cos
+    pos_embed (1, 1 + N, D) (requires_grad=False in MAE), the decoder-embedded encoder output
+    (B, 1 + Nk, Dd) (CLS first), mask_token (1, 1, Dd), the fixed decoder_pos_embed."""
     g = torch.Generator().manual_seed(0)
     tm = masks.random_mask(B, N, ratio, generator=g)
     Nk = tm.ids_keep.shape[1]
-    x = torch.randn(B, P + N, D, requires_grad=True)
-    pos = torch.randn(1, P + N, D, requires_grad=True)
-    xv = torch.randn(B, P + Nk, Dd, requires_grad=True)
-    mt = torch.randn(1, 1, Dd, requires_grad=True)
-    dpos = torch.randn(1, P + N, Dd, requires_grad=True)
-    g_enc = torch.randn(B, P + Nk, D)
-    g_dec = torch.randn(B, P + N, Dd)
-    return tm, x, pos, xv, mt, dpos, g_enc, g_dec
+
+    def t(*shape, grad=True):
+        return torch.randn(*shape, generator=g).to(dtype).requires_grad_(grad)
+
+    x, cls, pos = t(B, N, D), t(1, 1, D), t(1, 1 + N, D, grad=False)
+    xv, mt, dpos = t(B, 1 + Nk, Dd), t(1, 1, Dd), t(1, 1 + N, Dd, grad=False)
+    g_enc, g_dec = t(B, 1 + Nk, D, grad=False), t(B, 1 + N, Dd, grad=False)
+    return tm, (x, cls, pos, xv, mt, dpos), g_enc, g_dec
 
 
-def mae_reference(x, pos, ids_keep, xv, mt, dpos, ids_restore):
-    # models_mae.py: forward_encoder (+pos, random_masking gather, cls + pos) and
-    # forward_decoder (append mask tokens, unshuffle, + decoder_pos_embed)
-    B, L, D = x.shape
-    patches = x[:, 1:] + pos[:, 1:]
-    kept = torch.gather(patches, 1, ids_keep.unsqueeze(-1).repeat(1, 1, D))
-    enc = torch.cat([x[:, :1] + pos[:, :1], kept], dim=1)
-    Dd = xv.shape[-1]
-    mask_tokens = mt.repeat(B, ids_restore.shape[1] + 1 - xv.shape[1], 1)
-    y = torch.cat([xv[:, 1:, :], mask_tokens], dim=1)
-    y = torch.gather(y, 1, ids_restore.unsqueeze(-1).repeat(1, 1, Dd))
-    dec = torch.cat([xv[:, :1, :], y], dim=1) + dpos
+def mae_reference(x, cls, pos, ids_keep, xv, mt, dpos, ids_restore):
+    # models_mae.py, forward_encoder: x + pos_embed[:, 1:], random_masking's gather, then
+    # cls_token + pos_embed[:, :1] expanded and concatenated in front
+    D = x.shape[-1]
+    x = x + pos[:, 1:, :]
+    x = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
+    cls_tokens = (cls + pos[:, :1, :]).expand(x.shape[0], -1, -1)
+    enc = torch.cat((cls_tokens, x), dim=1)
+    # forward_decoder on the decoder-embedded, CLS-prefixed encoder output: append mask
+    # tokens, unshuffle, put CLS back, + decoder_pos_embed
+    mask_tokens = mt.repeat(xv.shape[0], ids_restore.shape[1] + 1 - xv.shape[1], 1)
+    x_ = torch.cat([xv[:, 1:, :], mask_tokens], dim=1)
+    x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, xv.shape[2]))
+    dec = torch.cat([xv[:, :1, :], x_], dim=1) + dpos
     return enc, dec
 
 
-def mae_sslkern(x, pos, ids_keep, xv, mt, dpos, ids_restore):
-    enc = sslkern.gather_tokens(x, ids_keep, pos_embed=pos, num_prefix_tokens=1)
+def mae_sslkern(x, cls, pos, ids_keep, xv, mt, dpos, ids_restore):
+    enc = sslkern.gather_tokens(x, ids_keep, pos_embed=pos, prefix_tokens=cls)
     dec = sslkern.restore_tokens(xv, ids_restore, mask_token=mt, pos_embed=dpos, num_prefix_tokens=1)
     return enc, dec
 
@@ -65,28 +76,34 @@ _compiled = {}
 
 
 @pytest.mark.parametrize("provider", ["sslkern", "sslkern_nocache", "reference", "compiled"])
-def test_mae_gather_restore(benchmark, provider):
-    tm, x, pos, xv, mt, dpos, g_enc, g_dec = mae_inputs()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_mae_gather_restore(benchmark, provider, dtype):
+    if provider == "sslkern_nocache" and dtype != torch.float32:
+        pytest.skip("the output cache is timed on the fp32 case only")
+    tm, (x, cls, pos, xv, mt, dpos), g_enc, g_dec = mae_inputs(dtype=dtype)
     fwd = {"sslkern": mae_sslkern, "sslkern_nocache": mae_sslkern, "reference": mae_reference}.get(provider)
     if provider == "compiled":
         fwd = _compiled.setdefault("mae", torch.compile(mae_reference))
-    params = (x, pos, xv, mt, dpos)
+    params = (x, cls, xv, mt)  # what MAE trains here: patch embeddings, cls_token, decoder input, mask_token
 
-    def step():
-        enc, dec = fwd(x, pos, tm.ids_keep, xv, mt, dpos, tm.ids_restore)
+    def step():  # fresh gradients every call, nothing accumulated
+        enc, dec = fwd(x, cls, pos, tm.ids_keep, xv, mt, dpos, tm.ids_restore)
         torch.autograd.grad((enc, dec), params, (g_enc, g_dec))
 
-    B, L, D = x.shape
-    Lk, Dd = xv.shape[1], xv.shape[2]
-    # fwd gather: read kept rows + pos, write them; bwd: read grad rows, write grad_x (all L
-    # rows: unkept ones are zeros) and grad_pos. restore fwd: read x_vis, write B·L rows;
-    # bwd: read B·L grad rows, write grad_x_vis, grad_pos, grad mask token.
-    bytes_moved = F32 * (B * Lk * D * 2 + L * D + B * Lk * D + B * L * D + L * D
-                         + B * Lk * Dd + B * L * Dd + L * Dd + B * L * Dd + B * Lk * Dd + L * Dd)
+    B, N, D = x.shape
+    Lk, Dd, L = xv.shape[1], xv.shape[2], 1 + N
+    # encoder fwd: read the kept rows + positions, write B·(1+Nk) rows; bwd: read them, write
+    # grad_x (all N rows: unkept ones are zeros). decoder fwd: read x_vis + positions, write
+    # B·L rows; bwd: read B·L rows, write grad_x_vis. (O(D) tokens left out.)
+    bytes_moved = x.element_size() * (B * (Lk - 1) * D + L * D + B * Lk * D + B * Lk * D + B * N * D
+                                      + B * Lk * Dd + L * Dd + B * L * Dd + B * L * Dd + B * Lk * Dd)
+    dt = "bf16" if dtype == torch.bfloat16 else "fp32"
     measure(benchmark, op="gather_restore_tokens",
-            case="MAE B=64 L=196+CLS enc D=768 gather+pos, dec D=512 restore+mask token+pos, r=0.75 fp32 fwd+bwd",
+            case=f"MAE forward_encoder/forward_decoder B=64 N=196 enc D=768 (x+pos, mask, cls), dec D=512 "
+                 f"(mask tokens, unshuffle, +pos), r=0.75 {dt} fwd+bwd",
             provider=provider, fn=step, bytes_moved=bytes_moved,
-            target={"reference": 10.0, "compiled": 3.0}.get(provider), rounds=10)
+            target={"reference": 10.0, "compiled": 3.0}.get(provider) if dtype == torch.float32 else None,
+            rounds=10)
 
 
 # ---------------------------------------------------------------------------------------
@@ -135,9 +152,22 @@ GENERATORS = {
 }
 
 
+def _out_bytes(out):
+    """Bytes of the tensors a mask generator returns (its minimal traffic: it reads nothing)."""
+    if isinstance(out, torch.Tensor):
+        return out.numel() * out.element_size()
+    if isinstance(out, (list, tuple)):
+        return sum(_out_bytes(o) for o in out)
+    if hasattr(out, "__dataclass_fields__"):
+        return sum(_out_bytes(getattr(out, f)) for f in out.__dataclass_fields__)
+    return 0
+
+
 @pytest.mark.parametrize("provider", ["sslkern", "reference"])
 @pytest.mark.parametrize("kind", list(GENERATORS))
 def test_mask_generation(benchmark, provider, kind):
     g = torch.Generator().manual_seed(0)
     fn = GENERATORS[kind][0 if provider == "sslkern" else 1]
-    measure(benchmark, op="masks", case=f"{kind} B=256 14x14", provider=provider, fn=lambda: fn(g), rounds=10)
+    nbytes = _out_bytes(GENERATORS[kind][0](torch.Generator().manual_seed(0))) or None
+    measure(benchmark, op="masks", case=f"{kind} B=256 14x14", provider=provider, fn=lambda: fn(g), rounds=10,
+            bytes_moved=nbytes)

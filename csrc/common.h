@@ -16,8 +16,66 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 namespace sslkern {
+
+// Flush-to-zero + denormals-are-zero on the current thread while the guard lives; the
+// thread's previous modes are restored on exit (also on an exception), and its sticky
+// exception flags are left as the kernel raised them. Float32 subnormals (|x| < 1.2e-38)
+// cost a microcode assist (~100+ cycles) per instruction that reads or produces one on x86:
+// softmax kernels whose logits / temperature spread over more than ~87 hit them on every
+// row (the DINO teacher at tt = 0.04 on cosine logits), and the products of tiny
+// probabilities with gradients produce them even when exp itself returns 0 or a normal.
+// With the guard such values become 0, an error below 1.2e-38 absolute. Every exp-based
+// kernel holds one on the calling thread and in each task of its at::parallel_for
+// (OpenMP workers keep their own MXCSR, so the caller's setting would not reach them).
+class FlushDenormals {
+ public:
+  FlushDenormals() {
+#if defined(__x86_64__) || defined(__i386__)
+    saved_ = _mm_getcsr() & kBits;
+    _mm_setcsr(_mm_getcsr() | kBits);
+#elif defined(__aarch64__)
+    uint64_t fpcr;
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(fpcr));
+    saved_ = static_cast<uint32_t>(fpcr & kBits);
+    fpcr |= kBits;
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(fpcr));
+#endif
+  }
+  ~FlushDenormals() {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_setcsr((_mm_getcsr() & ~kBits) | saved_);
+#elif defined(__aarch64__)
+    uint64_t fpcr;
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(fpcr));
+    fpcr = (fpcr & ~static_cast<uint64_t>(kBits)) | saved_;
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(fpcr));
+#endif
+  }
+  FlushDenormals(const FlushDenormals&) = delete;
+  FlushDenormals& operator=(const FlushDenormals&) = delete;
+
+ private:
+#if defined(__aarch64__)
+  static constexpr uint32_t kBits = 1u << 24;  // FPCR.FZ
+#else
+  static constexpr uint32_t kBits = 0x8040u;   // MXCSR FTZ (bit 15) | DAZ (bit 6)
+#endif
+  uint32_t saved_ = 0;
+};
+
+// at::parallel_for with a FlushDenormals guard in every task (worker threads and the caller).
+template <typename F>
+inline void parallel_for_ftz(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  at::parallel_for(begin, end, grain, [&f](int64_t lo, int64_t hi) {
+    FlushDenormals guard;
+    f(lo, hi);
+  });
+}
 
 // Storage types. fp16 uses the compiler's _Float16 (vectorizes to F16C conversions);
 // bf16 is converted by bit manipulation (round to nearest even on store).
@@ -57,9 +115,9 @@ inline auto dispatch_float(at::ScalarType dtype, const char* what, F&& f) {
 }
 
 // exp for float, vectorizable: Cody-Waite range reduction and Cephes' degree-6 polynomial
-// (~1 ulp). Inputs below -87 return exactly 0 (exp(-87) ~ 1.6e-38 is the smallest normal
-// range: returning tiny values there would feed denormals into the gradient, which cost
-// ~100 cycles per operation on x86). Inputs above 88.3 are clamped (callers pass x <= ~0: scores minus
+// (~1 ulp). Inputs below -87 return exactly 0 (exp(-87) ~ 1.6e-38 is just above the
+// smallest normal, 1.18e-38: the result is never subnormal, so exp itself never costs a
+// denormal assist; products of its results can still be subnormal, see FlushDenormals). Inputs above 88.3 are clamped (callers pass x <= ~0: scores minus
 // a row max or log-sum-exp). NaN stays NaN. Shared by the dino_loss and alibi_attention kernels.
 inline float exp_fast(float x) {
   const bool underflow = x < -87.0f;

@@ -525,3 +525,96 @@ def test_deterministic_mode_uses_no_atomics(monkeypatch):
     x2 = x.detach().clone().requires_grad_(True)
     ref_gather(x2, ids, num_prefix_tokens=P).square().sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# prefix_tokens: MAE's forward_encoder (x + pos_embed[:, 1:], gather, cls_token + pos in front)
+# ---------------------------------------------------------------------------------------
+def mae_encoder_input(x, ids_keep, pos, prefix):
+    """models_mae.py forward_encoder's token handling, for P shared prefix tokens (1 in MAE)."""
+    P, D = prefix.shape[-2], x.shape[-1]
+    h = x + pos[:, P:, :]
+    if ids_keep.dim() == 2:
+        h = torch.gather(h, 1, ids_keep.unsqueeze(-1).repeat(1, 1, D))
+    else:  # clone batch, image-major rows
+        B, M, Nk = ids_keep.shape
+        h = torch.gather(h.repeat_interleave(M, 0), 1, ids_keep.reshape(B * M, Nk, 1).repeat(1, 1, D))
+    pre = (prefix.reshape(1, P, D) + pos[:, :P, :]).expand(h.shape[0], -1, -1)
+    return torch.cat((pre, h), dim=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefix_tokens_match_mae_forward_encoder(backend, dtype):
+    name, device = backend
+    for B, P, N, D in shapes_for(name):
+        P = max(P, 1)
+        x = torch.randn(B, N, D, device=device).to(dtype).requires_grad_()
+        cls = torch.randn(1, P, D, device=device).to(dtype).requires_grad_()
+        for pos_grad in (False, True):
+            pos = torch.randn(1, P + N, D, device=device).to(dtype).requires_grad_(pos_grad)
+            for ids in (masks.random_mask(B, N, 0.75, device=device).ids_keep, multi_ids(B, 3, N, 0.5, device)):
+                got = sslkern.gather_tokens(x, ids, pos_embed=pos, prefix_tokens=cls, backend=name)
+                want = mae_encoder_input(x, ids, pos, cls)
+                assert got.shape == want.shape and got.dtype == dtype
+                torch.testing.assert_close(got, want, **fwd_tol(name, device, dtype))
+                g = torch.randn_like(got)
+                inputs = (x, cls, pos) if pos_grad else (x, cls)
+                for a, b in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g)):
+                    torch.testing.assert_close(a, b, atol=GRAD_TOL[dtype][0], rtol=GRAD_TOL[dtype][1])
+        # without positions, and with num_prefix_tokens stated
+        got = sslkern.gather_tokens(x, ids, prefix_tokens=cls[0], num_prefix_tokens=P, backend=name)
+        want = mae_encoder_input(x, ids, torch.zeros(1, P + N, D, device=device, dtype=dtype), cls)
+        torch.testing.assert_close(got, want, **fwd_tol(name, device, dtype))
+
+
+def test_prefix_tokens_gradcheck_opcheck_and_errors():
+    B, P, N, D = 2, 1, 5, 3
+    kw = dict(dtype=torch.float64, requires_grad=True)
+    x, cls, pos = torch.randn(B, N, D, **kw), torch.randn(1, P, D, **kw), torch.randn(1, P + N, D, **kw)
+    ids = torch.tensor([[[4, 0], [2, 2]], [[1, 3], [0, 4]]])
+    for mm in (False, True):
+        assert torch.autograd.gradcheck(lambda a, c, p: sslkern.gather_tokens(
+            a, ids, pos_embed=p, prefix_tokens=c, mask_major=mm), (x, cls, pos))
+    ops = torch.ops.sslkern
+    x32, pre, pos32 = torch.randn(B, N, D, requires_grad=True), torch.randn(P, D, requires_grad=True), torch.randn(P + N, D)
+    torch.library.opcheck(ops.gather_tokens.default, (x32, ids, pos32, P, False, "", pre))
+    g = torch.randn(B * 2, P + 2, D)
+    for need_pos in (False, True):
+        torch.library.opcheck(ops.gather_tokens_backward.default, (g, ids, N, P, False, need_pos, "", True))
+    f = torch.compile(lambda a, c: sslkern.gather_tokens(a, ids, pos_embed=pos32, prefix_tokens=c), fullgraph=True)
+    torch.testing.assert_close(f(x32, pre), sslkern.gather_tokens(x32, ids, pos_embed=pos32, prefix_tokens=pre))
+    with pytest.raises(ValueError, match=r"prefix_tokens expected shape \(1, 3\) or \(1, 1, 3\)"):
+        sslkern.gather_tokens(x32, ids, prefix_tokens=torch.randn(1, 4))
+    with pytest.raises(ValueError, match=r"num_prefix_tokens expected 0 or 1"):
+        sslkern.gather_tokens(x32, ids, prefix_tokens=pre, num_prefix_tokens=2)
+    with pytest.raises(ValueError, match=r"pos_embed expected shape \(6, 3\)"):
+        sslkern.gather_tokens(x32, ids, prefix_tokens=pre, pos_embed=torch.randn(N, D))
+    with pytest.raises(IndexError, match="ids_keep"):  # indices are into the N patches of x
+        sslkern.gather_tokens(x32, torch.full((B, 2), N), prefix_tokens=pre)
+
+
+def test_cpu_streaming_writes_of_large_outputs():
+    # outputs of >= 4 MiB are written with streaming stores (csrc/cpu/tokens.cpp): gather
+    # (clone batch), its backward (grad_x), restore; with and without positions, fp32 and bf16
+    B, N, D, M = 8, 196, 768, 4
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(B, N, D).to(dtype).requires_grad_()
+        cls = torch.randn(1, 1, D).to(dtype).requires_grad_()
+        pos = torch.randn(1, 1 + N, D).to(dtype)
+        ids = multi_ids(B, M, N, 0.75)
+        got = sslkern.gather_tokens(x, ids, pos_embed=pos, prefix_tokens=cls, backend="cpu")
+        want = mae_encoder_input(x, ids, pos, cls)
+        assert got.numel() * got.element_size() >= (4 << 20) or dtype != torch.float32
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        g = torch.randn_like(got)
+        for a, b in zip(torch.autograd.grad(got, (x, cls), g), torch.autograd.grad(want, (x, cls), g)):
+            torch.testing.assert_close(a, b, atol=GRAD_TOL[dtype][0], rtol=GRAD_TOL[dtype][1])
+        tm = masks.random_mask(B, N, 0.75)
+        xv = torch.randn(B, 1 + tm.ids_keep.shape[1], D).to(dtype).requires_grad_()
+        mt = torch.randn(D).to(dtype)
+        for p in (None, pos):
+            got = sslkern.restore_tokens(xv, tm.ids_restore, mask_token=mt, pos_embed=p, num_prefix_tokens=1,
+                                         backend="cpu")
+            torch.testing.assert_close(got, ref_restore(xv, tm.ids_restore, mask_token=mt, pos_embed=p,
+                                                        num_prefix_tokens=1), atol=0, rtol=0)

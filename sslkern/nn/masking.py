@@ -39,6 +39,12 @@ def embed_visible(vit: nn.Module, images: torch.Tensor, ids_keep: torch.Tensor, 
     B, N, D = patches.shape
     P = vit.num_prefix_tokens
     pos = vit.pos_embed
+    shared = [t for t in (getattr(vit, "cls_token", None), getattr(vit, "reg_token", None)) if t is not None]
+    if shared and pos is not None and not vit.no_embed_class:
+        # prefix tokens and their positions fused into the gather (MAE's forward_encoder, no cat)
+        pre = torch.cat([t.reshape(-1, D) for t in shared]) if len(shared) > 1 else shared[0].reshape(-1, D)
+        return vit.pos_drop(gather_tokens(patches, ids_keep, pos_embed=pos.reshape(-1, D), prefix_tokens=pre,
+                                          mask_major=mask_major))
     prefix = _prefix_tokens(vit, B)
     if pos is not None:
         pos = pos.reshape(-1, D)

@@ -99,45 +99,81 @@ def _restore_reference(x_vis, ids_restore, mask_token, fill, pos_embed, num_pref
 # ---------------------------------------------------------------------------------------
 @torch.library.custom_op("sslkern::gather_tokens", mutates_args=())
 def _gather_op(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: Optional[torch.Tensor], num_prefix_tokens: int,
-               mask_major: bool, unique: bool, backend: str) -> torch.Tensor:
-    return gather_dispatch(x.device, backend)(x, ids_keep, pos_embed, num_prefix_tokens, mask_major)
+               mask_major: bool, unique: bool, backend: str,
+               prefix_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    name = gather_dispatch.resolve(x.device, backend)
+    fn = gather_dispatch(x.device, name)
+    if prefix_tokens is None:
+        return fn(x, ids_keep, pos_embed, num_prefix_tokens, mask_major)
+    if name == "cpu":  # shared prefix tokens fused into the copy
+        return fn(x, ids_keep, pos_embed, num_prefix_tokens, mask_major, prefix_tokens)
+    # other backends: the patches through the backend, the P shared rows in front
+    P = num_prefix_tokens
+    body = fn(x, ids_keep, None if pos_embed is None else pos_embed[P:].contiguous(), 0, mask_major)
+    pre = prefix_tokens if pos_embed is None else prefix_tokens + pos_embed[:P]
+    return torch.cat([pre.unsqueeze(0).expand(body.shape[0], -1, -1), body], dim=1)
 
 
 @_gather_op.register_fake
-def _(x, ids_keep, pos_embed, num_prefix_tokens, mask_major, unique, backend):
+def _(x, ids_keep, pos_embed, num_prefix_tokens, mask_major, unique, backend, prefix_tokens=None):
     B, M, Nk = ids_keep.shape
     return x.new_empty(B * M, num_prefix_tokens + Nk, x.shape[2])
 
 
 @torch.library.custom_op("sslkern::gather_tokens_backward", mutates_args=())
 def _gather_backward_op(grad_out: torch.Tensor, ids_keep: torch.Tensor, num_tokens: int, num_prefix_tokens: int,
-                        mask_major: bool, need_pos: bool, unique: bool,
-                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_x, grad_pos): grad_pos (num_tokens, D) = batch sum of grad_x; empty (0,) if not needed.
-    ``unique``: every grad_x row has at most one source row (plain stores on the GPU)."""
-    return gather_backward_dispatch(grad_out.device, backend)(grad_out, ids_keep, num_tokens, num_prefix_tokens,
-                                                              mask_major, need_pos, unique=unique)
+                        mask_major: bool, need_pos: bool, unique: bool, backend: str,
+                        external_prefix: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x, sums): sums = the batch sum of grad_out's rows by position (pos_embed's
+    gradient, fused), (P + N, D) if ``need_pos`` else empty (0,). ``external_prefix``: x held
+    no prefix rows (``num_tokens`` = N) and sums are (P, D) without ``need_pos``: its first P
+    rows are the shared prefix tokens' gradient either way. ``unique``: every grad_x row has
+    at most one source row (plain stores on the GPU)."""
+    name = gather_backward_dispatch.resolve(grad_out.device, backend)
+    fn = gather_backward_dispatch(grad_out.device, name)
+    if not external_prefix:
+        return fn(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos, unique=unique)
+    if name == "cpu":
+        return fn(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos, True)
+    P = num_prefix_tokens
+    grad_x, grad_pos = fn(grad_out[:, P:].contiguous(), ids_keep, num_tokens, 0, mask_major, need_pos, unique=unique)
+    acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    grad_pre = grad_out[:, :P].to(acc).sum(0).to(grad_out.dtype)
+    return grad_x, (torch.cat([grad_pre, grad_pos], dim=0) if need_pos else grad_pre)
 
 
 @_gather_backward_op.register_fake
-def _(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos, unique, backend):
+def _(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos, unique, backend, external_prefix=False):
     D = grad_out.shape[2]
-    gpos = grad_out.new_empty(num_tokens, D) if need_pos else grad_out.new_empty(0)
+    if need_pos:
+        gpos = grad_out.new_empty(num_tokens + (num_prefix_tokens if external_prefix else 0), D)
+    else:
+        gpos = grad_out.new_empty(num_prefix_tokens, D) if external_prefix else grad_out.new_empty(0)
     return grad_out.new_empty(ids_keep.shape[0], num_tokens, D), gpos
 
 
 def _gather_setup(ctx, inputs, output):
-    x, ids_keep, pos_embed, P, mask_major, unique, backend = inputs
+    x, ids_keep, pos_embed, P, mask_major, unique, backend = inputs[:7]
+    prefix = inputs[7] if len(inputs) > 7 else None
     ctx.save_for_backward(ids_keep)
-    ctx.meta = (x.shape[1], P, mask_major, unique, backend, pos_embed is not None)
+    ctx.meta = (x.shape[1], P, mask_major, unique, backend, pos_embed is not None, prefix is not None)
 
 
 def _gather_backward(ctx, grad):
     (ids_keep,) = ctx.saved_tensors
-    L, P, mask_major, unique, backend, has_pos = ctx.meta
+    L, P, mask_major, unique, backend, has_pos, has_prefix = ctx.meta
     need_pos = bool(has_pos and ctx.needs_input_grad[2])
-    grad_x, grad_pos = _gather_backward_op(grad.contiguous(), ids_keep, L, P, mask_major, need_pos, unique, backend)
-    return (grad_x if ctx.needs_input_grad[0] else None), None, (grad_pos if need_pos else None), None, None, None, None
+    grad = grad.contiguous()
+    grad_x, grad_pos = _gather_backward_op(grad, ids_keep, L, P, mask_major, need_pos, unique, backend, has_prefix)
+    grads = [(grad_x if ctx.needs_input_grad[0] else None), None, (grad_pos if need_pos else None), None, None, None,
+             None]
+    if len(ctx.needs_input_grad) > 7:
+        # shared by every output row: the batch sum of the prefix rows, the first P sums
+        grad_prefix = None
+        if has_prefix and ctx.needs_input_grad[7]:  # a copy: grad_pos may be accumulated in place
+            grad_prefix = grad_pos[:P].clone() if need_pos else grad_pos
+        grads.append(grad_prefix)
+    return tuple(grads)
 
 
 _gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
@@ -173,7 +209,8 @@ def _check_indices(op: str, name: str, ids: torch.Tensor, hi: int, unique_rows: 
 
 
 def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, *, pos_embed: torch.Tensor | None = None,
-                  num_prefix_tokens: int = 0, mask_major: bool = False, check_indices: bool = True,
+                  num_prefix_tokens: int = 0, prefix_tokens: torch.Tensor | None = None, mask_major: bool = False,
+                  check_indices: bool = True,
                   backend: str | None = None) -> torch.Tensor:
     r"""Keep the tokens ``ids_keep`` of every image (prefix tokens first), adding positions.
 
@@ -195,6 +232,13 @@ def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, *, pos_embed: torch.T
         pos_embed: ``None``, ``(P + N, D)`` or ``(1, P + N, D)``: added to each output token at
             its original position (prefix too), fused into the copy; cast to ``x.dtype``.
         num_prefix_tokens: ``P``.
+        prefix_tokens: ``None``, or ``(P, D)`` / ``(1, P, D)`` tokens shared by every image
+            (MAE's ``cls_token``, register tokens): then ``x`` is ``(B, N, D)``, the patch
+            tokens only, ``out[r, t] = prefix_tokens[t] + pos_embed[t]`` for ``t < P`` and
+            ``pos_embed`` is ``(P + N, D)``. MAE's ``forward_encoder`` is then one call,
+            ``gather_tokens(patch_embed(img), ids_keep, pos_embed=pos_embed,
+            prefix_tokens=cls_token)``, with no ``cat``. ``num_prefix_tokens`` must be 0 or
+            ``P``. Gradient: the sum over all output rows of their prefix rows.
         mask_major: for ``(B, M, Nk)`` ids, output row ``b·M + m`` (False: image-major, the
             data2vec 2.0 clone batch ``x.repeat_interleave(M, 0)``) or ``m·B + b`` (True:
             I-JEPA ``apply_masks`` order ``cat_m gather(x, masks[m])``).
@@ -212,21 +256,36 @@ def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, *, pos_embed: torch.T
     op = "gather_tokens"
     check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, ndim=3)
     B, L, D = x.shape
+    prefix = None
+    if prefix_tokens is not None:
+        check_tensor(op, "prefix_tokens", prefix_tokens, dtypes=FLOAT_DTYPES, ndim=(2, 3), device=x.device)
+        P_ext = prefix_tokens.shape[-2]
+        if prefix_tokens.shape[-1] != D or (prefix_tokens.dim() == 3 and prefix_tokens.shape[0] != 1):
+            fail(op, f"prefix_tokens expected shape ({P_ext}, {D}) or (1, {P_ext}, {D}), "
+                     f"got {tuple(prefix_tokens.shape)}")
+        if num_prefix_tokens not in (0, P_ext) or isinstance(num_prefix_tokens, bool):
+            fail(op, f"num_prefix_tokens expected 0 or {P_ext} (the rows of prefix_tokens), got {num_prefix_tokens!r}")
+        prefix = prefix_tokens.reshape(P_ext, D).to(x.dtype).contiguous()
     check_tensor(op, "ids_keep", ids_keep, dtypes=_INT_DTYPES, ndim=(2, 3), device=x.device)
     if ids_keep.shape[0] != B:
         fail(op, f"ids_keep expected batch size {B} (x.shape[0]), got shape {tuple(ids_keep.shape)}")
     if not isinstance(num_prefix_tokens, int) or isinstance(num_prefix_tokens, bool):
         fail(op, f"num_prefix_tokens expected an int, got {type(num_prefix_tokens).__name__}", TypeError)
-    check_range(op, "num_prefix_tokens", num_prefix_tokens, 0, L)
+    if prefix is None:
+        check_range(op, "num_prefix_tokens", num_prefix_tokens, 0, L)
     if mask_major and ids_keep.dim() != 3:
         fail(op, f"mask_major=True needs ids_keep of shape (B, M, Nk), got {tuple(ids_keep.shape)}")
-    pos = _check_pos(op, pos_embed, L, D, x.dtype, x.device)
     ids = ids_keep if ids_keep.dim() == 3 else ids_keep.unsqueeze(1)
     ids = ids.to(torch.int64).contiguous()
+    P = num_prefix_tokens if prefix is None else prefix.shape[0]
     unique = False
     if check_indices and not torch.compiler.is_compiling():
-        unique = _check_indices(op, "ids_keep", ids, L - num_prefix_tokens, unique_rows=True)
-    return _gather_op(x.contiguous(), ids, pos, num_prefix_tokens, bool(mask_major), unique, backend or "")
+        unique = _check_indices(op, "ids_keep", ids, L - (num_prefix_tokens if prefix is None else 0), unique_rows=True)
+    if prefix is None:
+        pos = _check_pos(op, pos_embed, L, D, x.dtype, x.device)
+        return _gather_op(x.contiguous(), ids, pos, num_prefix_tokens, bool(mask_major), unique, backend or "")
+    pos = _check_pos(op, pos_embed, P + L, D, x.dtype, x.device)
+    return _gather_op(x.contiguous(), ids, pos, P, bool(mask_major), unique, backend or "", prefix)
 
 
 # ---------------------------------------------------------------------------------------
