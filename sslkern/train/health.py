@@ -69,3 +69,21 @@ def embedding_std(z: torch.Tensor) -> float:
     """√D · mean_d std_b(normalize(z)[:, d]): ≈1 for well-spread embeddings, → 0 on collapse."""
     z = torch.nn.functional.normalize(z.float(), dim=-1)
     return float(z.std(0).mean()) * math.sqrt(z.shape[-1])
+
+
+@torch.no_grad()
+def batch_std(x: torch.Tensor) -> float:
+    """Std across the batch (dim 0) of every other coordinate, averaged: → 0 when every image
+    gets the same features (regression-target collapse: data2vec, I-JEPA)."""
+    x = x.float()
+    return float(x.std(0).mean()) if x.shape[0] > 1 else 0.0
+
+
+def std_verdict(health: dict, name: str, floor: float) -> tuple[bool, str]:
+    """Collapsed if the final ``health[name]`` (a :func:`batch_std`) is at or below ``floor``."""
+    v = health.get(name)
+    if v is None:
+        return False, f"{name} not logged"
+    if v <= floor:
+        return True, f"collapsed: {name} {v:.3f} <= {floor} (features no longer depend on the image)"
+    return False, f"not collapsed: {name} {v:.3f} > {floor}"
