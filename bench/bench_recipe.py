@@ -38,6 +38,14 @@ CASES = [
     ("data2vec2", "Data2Vec2", "vits", VITS + ["--batch-size", "8", "--clones", "8"], 2),
     ("dino", "DINO", "vits", DISTILL_VITS + ["--batch-size", "4", "--local-crops", "4"], 2),
     ("ibot", "IBOT", "vits", DISTILL_VITS + ["--batch-size", "4", "--local-crops", "4"], 2),
+    ("mae", "MAE", "default", [], 1),
+    ("data2vec", "Data2Vec", "default", [], 1),
+    ("ijepa", "IJEPA", "default", [], 1),
+    ("mae", "MAE", "vits", VITS + ["--batch-size", "8", "--decoder-dim", "256", "--decoder-depth", "4",
+                                   "--decoder-heads", "8"], 2),
+    ("data2vec", "Data2Vec", "vits", VITS + ["--batch-size", "4", "--top-k", "6"], 2),
+    ("ijepa", "IJEPA", "vits", VITS + ["--batch-size", "4", "--pred-dim", "192", "--pred-depth", "4",
+                                       "--pred-heads", "6", "--min-keep", "10"], 2),
 ]
 IDS = [f"{c[0]}-{c[2]}" for c in CASES]
 

@@ -102,7 +102,7 @@ class IJEPA(Method):
     """I-JEPA: predict the target encoder's features of target blocks from a context block."""
 
     name, title = "ijepa", "I-JEPA"
-    defaults = dict(epochs=60, batch_size=128, lr=1e-3, weight_decay=0.04, weight_decay_end=0.4, warmup_epochs=5,
+    defaults = dict(epochs=40, batch_size=128, lr=1e-3, weight_decay=0.04, weight_decay_end=0.4, warmup_epochs=5,
                     patch_size=2)
     health = {"target_std": "low"}
 
