@@ -56,7 +56,7 @@ def _model(name, extra=()):
     return mod, cls(a, DATA), a
 
 
-def _ctx(model, seed=7, batch=6):
+def _ctx(model, seed=7):
     gen = torch.Generator().manual_seed(seed)
     ctx = StepContext(3, 0, 8, 4, gen)
     ctx.values = model.schedule(ctx)
