@@ -96,7 +96,7 @@ class Data2Vec(Method):
         g.add_argument("--loss-beta", type=float, default=2.0, help="smooth-L1 beta (0 = L2)")
         g.add_argument("--ema-start", type=float, default=0.99)
         g.add_argument("--ema-end", type=float, default=0.997)
-        g.add_argument("--collapse-std", type=float, default=0.05, help="verdict: collapsed if target_std <= this")
+        g.add_argument("--collapse-std", type=float, default=0.05, help="verdict: collapsed if target_std <= this (or <= 1/4 of its step-1 value)")
 
     @staticmethod
     def check_arguments(a, error):
@@ -121,6 +121,7 @@ class Data2Vec(Method):
         self.grid = tuple(vit.patch_embed.grid_size)
         self.student = MaskedStudent(vit)
         self.teacher = sslkern.nn.EMATeacher(vit)  # frozen deep copy of the encoder (no head, no mask token)
+        self.register_buffer("initial_target_std", torch.zeros(()))  # step 1's value, for the verdict
 
     def schedule(self, ctx):
         return {"momentum": sslkern.schedules.linear_anneal(ctx.step, ctx.total_steps, self.a.ema_start, self.a.ema_end)}
@@ -145,11 +146,14 @@ class Data2Vec(Method):
         pred = self.student(images, mask)                                                # 4. student (B, N, D)
         n_masked = dist.all_reduce_sum(mask.sum().to(torch.float64))                     # 5. global masked count
         loss = sslkern.masked_regression_loss(pred, targets, mask, beta=a.loss_beta, reduction="sum") / n_masked
-        return loss * world, {"target_std": batch_std(targets), "pred_std": batch_std(pred.detach()),
+        std = batch_std(targets)
+        if ctx.step == 0:
+            self.initial_target_std.fill_(std)
+        return loss * world, {"target_std": std, "pred_std": batch_std(pred.detach()),
                               "masked_share": mask.float().mean()}
 
     def verdict(self, health):
-        return std_verdict(health, "target_std", self.a.collapse_std)
+        return std_verdict(health, "target_std", self.a.collapse_std, initial=float(self.initial_target_std) or None)
 
 
 def main(argv=None):

@@ -118,7 +118,7 @@ class IJEPA(Method):
         g.add_argument("--min-keep", type=int, default=4, help="fewest tokens of a context or target block")
         g.add_argument("--ema-start", type=float, default=0.996)
         g.add_argument("--ema-end", type=float, default=1.0)
-        g.add_argument("--collapse-std", type=float, default=0.05, help="verdict: collapsed if target_std <= this")
+        g.add_argument("--collapse-std", type=float, default=0.05, help="verdict: collapsed if target_std <= this (or <= 1/4 of its step-1 value)")
 
     @staticmethod
     def check_arguments(a, error):
@@ -159,6 +159,7 @@ class IJEPA(Method):
         self.grid = tuple(self.encoder.patch_embed.grid_size)
         self.predictor = Predictor(a.dim, self.grid, a.pred_dim, a.pred_depth, a.pred_heads)
         self.target_encoder = sslkern.nn.EMATeacher(self.encoder)
+        self.register_buffer("initial_target_std", torch.zeros(()))  # step 1's value, for the verdict
 
     def schedule(self, ctx):
         return {"momentum": sslkern.schedules.linear_anneal(ctx.step, ctx.total_steps, self.a.ema_start, self.a.ema_end)}
@@ -188,11 +189,14 @@ class IJEPA(Method):
         pred = self.predictor(z, ctx_ids, tgt_ids)                                       # 4. predictor (B·T, Kt, D)
         loss = sslkern.masked_regression_loss(pred, h, ids=tgt_ids.flatten(0, 1), beta=1.0,  # 5. smooth-L1 mean
                                               scale=1.0 / h.shape[-1], reduction="mean")
-        return loss, {"target_std": batch_std(h), "context_tokens": float(ctx_ids.shape[1]),
+        std = batch_std(h)
+        if ctx.step == 0:
+            self.initial_target_std.fill_(std)
+        return loss, {"target_std": std, "context_tokens": float(ctx_ids.shape[1]),
                       "target_tokens": float(tgt_ids.shape[2])}
 
     def verdict(self, health):
-        return std_verdict(health, "target_std", self.a.collapse_std)
+        return std_verdict(health, "target_std", self.a.collapse_std, initial=float(self.initial_target_std) or None)
 
 
 def main(argv=None):

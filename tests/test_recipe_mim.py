@@ -369,3 +369,16 @@ def test_bad_options_are_clear_errors(tmp_path, capsys, name, args, message):
         _run(name, ["--out", str(tmp_path / "x"), "--quiet"] + args)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_std_verdict_floor_and_slow_collapse():
+    from sslkern.train.health import batch_std, std_verdict
+
+    same = torch.randn(1, 5, 3).expand(8, 5, 3)  # every image the same features
+    assert batch_std(same) == 0.0 and batch_std(torch.randn(64, 5, 3)) == pytest.approx(1.0, abs=0.15)
+    assert std_verdict({"s": 0.01}, "s", 0.05)[0] is True
+    collapsed, line = std_verdict({"s": 0.077}, "s", 0.05, initial=0.441)  # the default I-JEPA run's figures
+    assert collapsed and line.startswith("collapsing: s fell to 0.077 from 0.441")
+    collapsed, line = std_verdict({"s": 0.548}, "s", 0.05, initial=0.69)  # data2vec's
+    assert not collapsed and "0.79x" in line
+    assert std_verdict({}, "s", 0.05) == (False, "s not logged")
