@@ -48,6 +48,14 @@ CASES = [
                                            "--batch-size", "8"], 2),
     ("moco", "MoCoV3", "vits", VITS + ["--hidden-dim", "4096", "--out-dim", "256", "--batch-size", "8"], 2),
     ("simclr", "SimCLR", "vits", VITS + ["--hidden-dim", "2048", "--out-dim", "128", "--batch-size", "8"], 2),
+    ("mae", "MAE", "default", [], 1),
+    ("data2vec", "Data2Vec", "default", [], 1),
+    ("ijepa", "IJEPA", "default", [], 1),
+    ("mae", "MAE", "vits", VITS + ["--batch-size", "8", "--decoder-dim", "256", "--decoder-depth", "4",
+                                   "--decoder-heads", "8"], 2),
+    ("data2vec", "Data2Vec", "vits", VITS + ["--batch-size", "4", "--top-k", "6"], 2),
+    ("ijepa", "IJEPA", "vits", VITS + ["--batch-size", "4", "--pred-dim", "192", "--pred-depth", "4",
+                                       "--pred-heads", "6", "--min-keep", "10"], 2),
 ]
 IDS = [f"{c[0]}-{c[2]}" for c in CASES]
 

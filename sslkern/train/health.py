@@ -70,3 +70,28 @@ def embedding_std(z: torch.Tensor) -> float:
     """√D · mean_d std_b(normalize(z)[:, d]): ≈1 for well-spread embeddings, → 0 on collapse."""
     z = torch.nn.functional.normalize(z.float(), dim=-1)
     return float(z.std(0).mean()) * math.sqrt(z.shape[-1])
+
+
+@torch.no_grad()
+def batch_std(x: torch.Tensor) -> float:
+    """Std across the batch (dim 0) of every other coordinate, averaged: → 0 when every image
+    gets the same features (regression-target collapse: data2vec, I-JEPA)."""
+    x = x.float()
+    return float(x.std(0).mean()) if x.shape[0] > 1 else 0.0
+
+
+def std_verdict(health: dict, name: str, floor: float, *, initial: float | None = None,
+                ratio: float = 0.25) -> tuple[bool, str]:
+    """Collapsed if the final ``health[name]`` (a :func:`batch_std`) is at or below ``floor``, or,
+    given its ``initial`` value (first step), has fallen to ``ratio``·initial or less: the
+    features are losing their dependence on the image (a slow collapse)."""
+    v = health.get(name)
+    if v is None:
+        return False, f"{name} not logged"
+    if v <= floor:
+        return True, f"collapsed: {name} {v:.3f} <= {floor} (features no longer depend on the image)"
+    if initial is not None and initial > 0 and v <= ratio * initial:
+        return True, (f"collapsing: {name} fell to {v:.3f} from {initial:.3f} at step 1 (<= {ratio:g}x; features "
+                      f"lose their dependence on the image)")
+    tail = f" ({v / initial:.2f}x its step-1 value {initial:.3f})" if initial else ""
+    return False, f"not collapsed: {name} {v:.3f} > {floor}{tail}"

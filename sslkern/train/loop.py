@@ -226,10 +226,43 @@ def build_vit(a, in_chans: int, **overrides):
     from timm.models.vision_transformer import VisionTransformer
 
     kw = dict(img_size=a.image_size, patch_size=a.patch_size, in_chans=in_chans, embed_dim=a.dim, depth=a.depth,
-              num_heads=a.heads, num_classes=0, global_pool="token", **overrides)
+              num_heads=a.heads, num_classes=0, global_pool="token")
+    kw.update(overrides)  # e.g. class_token=False, global_pool="avg"
     vit = VisionTransformer(**kw)
     vit._sslkern_timm_kwargs = kw  # what export_encoder writes, so timm rebuilds it exactly
     return vit
+
+
+def sincos_pos_embed(dim: int, grid_hw, num_prefix_tokens: int = 0) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding ``(1, P + H·W, dim)`` (mae / ijepa ``get_2d_sincos_pos_embed``).
+
+    Half the channels encode the column index, half the row index (mae's meshgrid puts w
+    first), each as ``[sin(pos·ω), cos(pos·ω)]`` with ``ω_k = 10000^(−k/(dim/4))``; prefix
+    tokens (CLS) get zeros.
+    """
+    h, w = grid_hw
+    if dim % 4:
+        raise ValueError(f"sincos_pos_embed: dim expected a multiple of 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                                indexing="ij")
+
+    def emb(pos):
+        out = pos.reshape(-1, 1) * omega
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    pe = torch.cat([emb(cols), emb(rows)], dim=1)
+    pe = torch.cat([torch.zeros(num_prefix_tokens, dim, dtype=torch.float64), pe])
+    return pe.float().unsqueeze(0)
+
+
+def use_sincos_pos_embed(vit) -> None:
+    """Replace a timm ViT's learned position embedding by the fixed sin-cos one (MAE, I-JEPA)."""
+    grid = tuple(vit.patch_embed.grid_size)
+    prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+    with torch.no_grad():
+        vit.pos_embed.copy_(sincos_pos_embed(vit.embed_dim, grid, prefix))
+    vit.pos_embed.requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,164 @@
+"""data2vec (v1) vision pretraining of a small ViT on sslkern ops (Baevski et al. 2022, arXiv:2202.03555).
+
+    python recipes/data2vec.py                        # digits, 16x16, a few minutes on 2 CPU cores
+    torchrun --nproc_per_node=2 recipes/data2vec.py   # data-parallel (gloo on CPU, nccl on GPU)
+
+One step, as fairseq ``examples/data2vec/models/data2vec_vision.py`` (BEiT-style masking):
+  1. view      random resized crop + small rotation (``sslkern.train.data.augment``)
+  2. mask      BEiT block masking of ~60 % of the patches (``sslkern.masks.block_mask``)
+  3. targets   the EMA teacher encodes the unmasked image; the outputs of its top K blocks
+               (end of block, CLS dropped) are each layer-normalised without parameters and
+               averaged (``sslkern.layer_average_targets(..., layer_norm="layer")``)
+  4. student   the full sequence with a learned mask token in place of the masked patch
+               embeddings, blocks, norm, a linear regression head
+  5. loss      smooth-L1 (β = 2) × 1/√D at the masked positions, summed and divided by the
+               global masked count (``sslkern.masked_regression_loss``)
+  6. step      AdamW (β 0.9 / 0.999, wd 0.05, clip 3), warm-up then cosine
+  7. EMA       teacher ← EMA of the student encoder, momentum annealed linearly
+               (``sslkern.nn.EMATeacher``, ``sslkern.schedules.linear_anneal``)
+Collapse signal: ``target_std``, the std across the batch of the targets (→ 0 when the
+teacher stops depending on the image), logged every step and judged in the verdict.
+
+Deviations for the small default (16x16 digits, patch 4 → 4x4 = 16 tokens), see
+docs/recipes/data2vec.md: EMA 0.99 → 0.997 (fairseq 0.999 → 0.9998 over 375k updates: a
+teacher that slow barely moves in ~600 steps); the average of all 4 blocks (fairseq: top 6
+of 12); blocks of at least 2 patches (fairseq 16 of 196) and no per-block cap, so a 4x4 grid
+gets 1-3 blocks for its 9 masked patches; learned absolute positions of timm's ViT instead
+of BEiT's shared relative position bias; the teacher is an EMA of the whole encoder
+including its patch embedding (fairseq: transformer only, ``ema_transformer_only``).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sslkern  # noqa: E402
+from sslkern.train import Method, build_vit, run  # noqa: E402
+from sslkern.train import distributed as dist  # noqa: E402
+from sslkern.train.data import augment  # noqa: E402
+from sslkern.train.health import batch_std, std_verdict  # noqa: E402
+
+NORMS = ("layer", "instance", "none")
+
+
+class MaskedStudent(nn.Module):
+    """ViT whose masked patch embeddings are replaced by a learned token, plus the regression head."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+        self.mask_token = nn.Parameter(torch.zeros(vit.embed_dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.head = nn.Linear(vit.embed_dim, vit.embed_dim)  # fairseq final_proj
+
+    def forward(self, images, mask):
+        """images (B, C, H, W), mask (B, N) True = masked → predictions (B, N, D) for every patch."""
+        vit = self.vit
+        x = vit.patch_embed(images)                                                  # (B, N, D)
+        x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = vit.norm(vit.blocks(vit.norm_pre(vit._pos_embed(x))))
+        return self.head(x[:, vit.num_prefix_tokens:])
+
+
+@torch.no_grad()
+def teacher_targets(vit, images, top_k, layer_norm, final_norm):
+    """Top-K block outputs of the teacher (CLS dropped) → ``layer_average_targets`` (B, N, D) fp32."""
+    outs = []
+    hooks = [blk.register_forward_hook(lambda mod, inp, out: outs.append(out[:, vit.num_prefix_tokens:]))
+             for blk in vit.blocks[-top_k:]]
+    try:
+        vit.forward_features(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sslkern.layer_average_targets(outs, layer_norm=layer_norm, final_norm=final_norm)
+
+
+class Data2Vec(Method):
+    """data2vec v1: a masked student regresses the EMA teacher's averaged, normalised top layers."""
+
+    name, title = "data2vec", "data2vec (v1)"
+    defaults = dict(epochs=70, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_epochs=5, clip_grad=3.0)
+    betas = (0.9, 0.999)
+    health = {"target_std": "low"}
+
+    @staticmethod
+    def add_arguments(g):
+        g.add_argument("--mask-ratio", type=float, default=0.6, help="share of patches masked per image")
+        g.add_argument("--min-block-patches", type=int, default=2, help="smallest masking block (fairseq 16 of 196)")
+        g.add_argument("--top-k", type=int, default=4, help="teacher blocks averaged into the targets")
+        g.add_argument("--layer-norm", choices=NORMS, default="layer", help="norm of each teacher block output")
+        g.add_argument("--final-norm", choices=NORMS, default="none", help="norm of the averaged targets")
+        g.add_argument("--loss-beta", type=float, default=2.0, help="smooth-L1 beta (0 = L2)")
+        g.add_argument("--ema-start", type=float, default=0.99)
+        g.add_argument("--ema-end", type=float, default=0.997)
+        g.add_argument("--collapse-std", type=float, default=0.05, help="verdict: collapsed if target_std <= this (or <= 1/4 of its step-1 value)")
+
+    @staticmethod
+    def check_arguments(a, error):
+        n = (a.image_size // a.patch_size) ** 2
+        if not 0 < a.mask_ratio < 1:
+            error(f"--mask-ratio expected in (0, 1), got {a.mask_ratio}")
+        if not 1 <= a.min_block_patches <= int(n * a.mask_ratio):
+            error(f"--min-block-patches expected in [1, {int(n * a.mask_ratio)}] (the masked count), "
+                  f"got {a.min_block_patches}")
+        if not 1 <= a.top_k <= a.depth:
+            error(f"--top-k expected in [1, --depth {a.depth}], got {a.top_k}")
+        if a.loss_beta < 0:
+            error(f"--loss-beta expected >= 0, got {a.loss_beta}")
+        for name in ("ema_start", "ema_end"):
+            if not 0 <= getattr(a, name) <= 1:
+                error(f"--{name.replace('_', '-')} expected in [0, 1], got {getattr(a, name)}")
+
+    def __init__(self, a, data):
+        super().__init__()
+        self.a = a
+        vit = build_vit(a, data.in_chans)
+        self.grid = tuple(vit.patch_embed.grid_size)
+        self.student = MaskedStudent(vit)
+        self.teacher = sslkern.nn.EMATeacher(vit)  # frozen deep copy of the encoder (no head, no mask token)
+        self.register_buffer("initial_target_std", torch.zeros(()))  # step 1's value, for the verdict
+
+    def schedule(self, ctx):
+        return {"momentum": sslkern.schedules.linear_anneal(ctx.step, ctx.total_steps, self.a.ema_start, self.a.ema_end)}
+
+    def ema_pairs(self):
+        return [(self.teacher, self.student.vit)]
+
+    def encoders(self):
+        return {"teacher": self.teacher.module, "student": self.student.vit}
+
+    def make_masks(self, batch, generator):
+        """(batch, N) bool block masks for the global batch (fairseq ``make_mask``, BEiT ``MaskingGenerator``)."""
+        n = self.grid[0] * self.grid[1]
+        return sslkern.masks.block_mask(batch, self.grid, self.a.mask_ratio, min_num_patches=self.a.min_block_patches,
+                                        max_num_patches=n, generator=generator, device=generator.device).mask
+
+    def forward(self, images, ctx):
+        a, gen, world = self.a, ctx.generator, ctx.world_size
+        images = augment(images, gen, rows=(ctx.rank, world))                            # 1. view
+        mask = self.make_masks(images.shape[0] * world, gen)[ctx.rows]                   # 2. mask (B, N)
+        targets = teacher_targets(self.teacher.module, images, a.top_k, a.layer_norm, a.final_norm)  # 3. (B, N, D)
+        pred = self.student(images, mask)                                                # 4. student (B, N, D)
+        n_masked = dist.all_reduce_sum(mask.sum().to(torch.float64))                     # 5. global masked count
+        loss = sslkern.masked_regression_loss(pred, targets, mask, beta=a.loss_beta, reduction="sum") / n_masked
+        std = batch_std(targets)
+        if ctx.step == 0:
+            self.initial_target_std.fill_(std)
+        return loss * world, {"target_std": std, "pred_std": batch_std(pred.detach()),
+                              "masked_share": mask.float().mean()}
+
+    def verdict(self, health):
+        return std_verdict(health, "target_std", self.a.collapse_std, initial=float(self.initial_target_std) or None)
+
+
+def main(argv=None):
+    return run(Data2Vec, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""I-JEPA pretraining of a small ViT on sslkern ops (Assran et al. 2023, arXiv:2301.08243).
+
+    python recipes/ijepa.py                           # digits, 16x16 with patch 2, a few minutes on 2 CPU cores
+    torchrun --nproc_per_node=2 recipes/ijepa.py      # data-parallel (gloo on CPU, nccl on GPU)
+
+One step, as ijepa ``src/train.py`` with ``src/masks/multiblock.py`` and the predictor of
+``src/models/vision_transformer.py``:
+  1. masks     multi-block masks for the global batch (``sslkern.masks.multiblock_masks``): one
+               target block size per batch, 4 target blocks per image, one context block
+               (scale 0.85-1) minus the targets
+  2. targets   the EMA target encoder on the full image, parameter-free layer norm over
+               features (``sslkern.layer_average_targets([h], layer_norm="layer")``)
+  3. context   the context encoder on the context tokens only, sin-cos positions added in the
+               gather (``sslkern.nn.encode_visible`` → ``sslkern.gather_tokens``)
+  4. predictor a narrow ViT: the context tokens (linear to its width + its positions) followed
+               by one mask token per target patch carrying that patch's position
+               (``sslkern.gather_tokens(mask_token, target ids, pos_embed=...)``); its outputs
+               at the mask tokens are projected back to the encoder width
+  5. loss      smooth-L1 (β = 1) against the targets at the target blocks, mean over tokens and
+               features = ``F.smooth_l1_loss(z, h)`` (``sslkern.masked_regression_loss(ids=...)``,
+               the targets are never gathered or repeated)
+  6. step      AdamW, warm-up then cosine lr, weight decay cosine 0.04 → 0.4
+  7. EMA       target encoder ← EMA of the context encoder, momentum linear 0.996 → 1 over the run
+Collapse signal: ``target_std``, the std across the batch of the layer-normalised target
+features (→ 0 when the target encoder maps every image to the same features), logged every
+step and judged in the verdict.
+
+Why patch 2 (an 8x8 = 64-token grid) by default: on the 4x4 grid of patch 4, ijepa's target
+scale 0.15-0.2 gives blocks of 2-3 tokens (not more than ``min_keep``, so no valid target)
+and a context block of at most 3x3 that four targets nearly empty. On 8x8 the default
+scales give ~3x3 target blocks and a 7x7 context block with ~20-30 tokens left after the
+targets are cut out, close to ijepa's ImageNet proportions (14x14 grid).
+
+Other deviations for the small default, see docs/recipes/ijepa.md: encoder dim 96 / depth
+4 / 3 heads, predictor dim 64 / depth 2 / 2 heads (ijepa ViT-H: 384 / 12); one context block
+(ijepa's configs use one as well); ``min_keep`` 4 (ijepa 10 on 196-256 tokens); lr 1e-3 with
+5 warm-up epochs; crop scale 0.5-1 and ±10° rotation (ijepa: crop 0.3-1, no other augmentation).
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from functools import partial
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sslkern  # noqa: E402
+from sslkern.train import Method, build_vit, run, sincos_pos_embed, use_sincos_pos_embed  # noqa: E402
+from sslkern.train.data import augment  # noqa: E402
+from sslkern.train.health import batch_std, std_verdict  # noqa: E402
+
+
+def rescale_blocks_(blocks) -> None:
+    """ijepa ``fix_init_weight``: block i's attention and MLP output projections ÷ √(2·i)."""
+    for i, blk in enumerate(blocks, start=1):
+        blk.attn.proj.weight.data.div_(math.sqrt(2.0 * i))
+        blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * i))
+
+
+def _block_hw(u, g, scale, aspect):
+    """Block (h, w) for one uniform draw u on a g x g grid (ijepa ``_sample_block_size``)."""
+    n = int(g * g * (scale[0] + u * (scale[1] - scale[0])))
+    ar = aspect[0] + u * (aspect[1] - aspect[0])
+    return min(int(round(math.sqrt(n * ar))), g - 1), min(int(round(math.sqrt(n / ar))), g - 1)
+
+
+class Predictor(nn.Module):
+    """ijepa ``VisionTransformerPredictor`` on image-major rows (image b, target block m → row b·T + m)."""
+
+    def __init__(self, embed_dim, grid_hw, dim=64, depth=2, heads=2):
+        from timm.models.vision_transformer import Block
+
+        super().__init__()
+        self.embed = nn.Linear(embed_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("pos_embed", sincos_pos_embed(dim, grid_hw), persistent=False)  # (1, N, dim), fixed
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio=4.0, qkv_bias=True,
+                                            norm_layer=partial(nn.LayerNorm, eps=1e-6)) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.proj = nn.Linear(dim, embed_dim)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        rescale_blocks_(self.blocks)
+
+    def forward(self, z, ctx_ids, tgt_ids):
+        """z (B, Kc, D) context features at ctx_ids (B, Kc); tgt_ids (B, T, Kt) → (B·T, Kt, D)."""
+        b, t, kt = tgt_ids.shape
+        n, dim = self.pos_embed.shape[1:]
+        x = self.embed(z) + self.pos_embed[0][ctx_ids]                                # context + its positions
+        queries = sslkern.gather_tokens(self.mask_token.expand(b, n, dim), tgt_ids, pos_embed=self.pos_embed)
+        x = torch.cat([x.repeat_interleave(t, dim=0), queries], dim=1)                # (B·T, Kc + Kt, dim)
+        return self.proj(self.norm(self.blocks(x))[:, -kt:])
+
+
+class IJEPA(Method):
+    """I-JEPA: predict the target encoder's features of target blocks from a context block."""
+
+    name, title = "ijepa", "I-JEPA"
+    defaults = dict(epochs=40, batch_size=128, lr=1e-3, weight_decay=0.04, weight_decay_end=0.4, warmup_epochs=5,
+                    patch_size=2)
+    health = {"target_std": "low"}
+
+    @staticmethod
+    def add_arguments(g):
+        g.add_argument("--pred-dim", type=int, default=64, help="predictor width")
+        g.add_argument("--pred-depth", type=int, default=2)
+        g.add_argument("--pred-heads", type=int, default=2)
+        g.add_argument("--num-targets", type=int, default=4, help="target blocks per image")
+        g.add_argument("--target-scale", type=float, nargs=2, default=(0.15, 0.2))
+        g.add_argument("--target-aspect", type=float, nargs=2, default=(0.75, 1.5))
+        g.add_argument("--context-scale", type=float, nargs=2, default=(0.85, 1.0))
+        g.add_argument("--min-keep", type=int, default=4, help="fewest tokens of a context or target block")
+        g.add_argument("--ema-start", type=float, default=0.996)
+        g.add_argument("--ema-end", type=float, default=1.0)
+        g.add_argument("--collapse-std", type=float, default=0.05, help="verdict: collapsed if target_std <= this (or <= 1/4 of its step-1 value)")
+
+    @staticmethod
+    def check_arguments(a, error):
+        for name in ("pred_dim", "pred_depth", "pred_heads", "num_targets"):
+            if getattr(a, name) <= 0:
+                error(f"--{name.replace('_', '-')} expected a positive integer, got {getattr(a, name)}")
+        if a.pred_dim % a.pred_heads:
+            error(f"--pred-dim {a.pred_dim} expected a multiple of --pred-heads {a.pred_heads}")
+        for name in ("dim", "pred_dim"):
+            if getattr(a, name) % 4:
+                error(f"--{name.replace('_', '-')} expected a multiple of 4 (2-D sin-cos positions), got {getattr(a, name)}")
+        for name in ("target_scale", "context_scale"):
+            lo, hi = getattr(a, name)
+            if not 0 < lo <= hi <= 1:
+                error(f"--{name.replace('_', '-')} expected 0 < lo <= hi <= 1, got {lo} {hi}")
+        if not 0 < a.target_aspect[0] <= a.target_aspect[1]:
+            error(f"--target-aspect expected 0 < lo <= hi, got {a.target_aspect[0]} {a.target_aspect[1]}")
+        g = a.image_size // a.patch_size
+        if g < 4:
+            error(f"--image-size / --patch-size expected a grid of at least 4x4 for multi-block masks, got {g}x{g}")
+        # every target block size ijepa's _sample_block_size can draw must hold more than min_keep tokens
+        h, w = min((_block_hw(u / 100, g, a.target_scale, a.target_aspect) for u in range(101)),
+                   key=lambda hw: hw[0] * hw[1])
+        if a.min_keep < 0 or h * w <= a.min_keep:
+            error(f"--target-scale {a.target_scale[0]} {a.target_scale[1]} gives target blocks as small as {h}x{w} on "
+                  f"the {g}x{g} grid, not more than --min-keep {a.min_keep} tokens: raise the scale, lower --min-keep "
+                  f"or use a finer grid")
+        for name in ("ema_start", "ema_end"):
+            if not 0 <= getattr(a, name) <= 1:
+                error(f"--{name.replace('_', '-')} expected in [0, 1], got {getattr(a, name)}")
+
+    def __init__(self, a, data):
+        super().__init__()
+        self.a = a
+        self.encoder = build_vit(a, data.in_chans, class_token=False, global_pool="avg")  # no CLS in I-JEPA
+        rescale_blocks_(self.encoder.blocks)
+        use_sincos_pos_embed(self.encoder)
+        self.grid = tuple(self.encoder.patch_embed.grid_size)
+        self.predictor = Predictor(a.dim, self.grid, a.pred_dim, a.pred_depth, a.pred_heads)
+        self.target_encoder = sslkern.nn.EMATeacher(self.encoder)
+        self.register_buffer("initial_target_std", torch.zeros(()))  # step 1's value, for the verdict
+
+    def schedule(self, ctx):
+        return {"momentum": sslkern.schedules.linear_anneal(ctx.step, ctx.total_steps, self.a.ema_start, self.a.ema_end)}
+
+    def ema_pairs(self):
+        return [(self.target_encoder, self.encoder)]
+
+    def encoders(self):
+        return {"teacher": self.target_encoder.module, "student": self.encoder}
+
+    def make_masks(self, batch, generator):
+        a = self.a
+        return sslkern.masks.multiblock_masks(batch, self.grid, num_targets=a.num_targets,
+                                              target_scale=tuple(a.target_scale), target_aspect=tuple(a.target_aspect),
+                                              context_scale=tuple(a.context_scale), min_keep=a.min_keep,
+                                              generator=generator, device=generator.device)
+
+    def forward(self, images, ctx):
+        gen = ctx.generator
+        images = augment(images, gen, rows=(ctx.rank, ctx.world_size))
+        masks = self.make_masks(images.shape[0] * ctx.world_size, gen)                   # 1. masks (global batch)
+        ctx_ids, tgt_ids = masks.context[ctx.rows][:, 0], masks.targets[ctx.rows]        # (B, Kc), (B, T, Kt)
+        with torch.no_grad():                                                            # 2. targets (B, N, D)
+            h = self.target_encoder.module.forward_features(images)
+            h = sslkern.layer_average_targets([h], layer_norm="layer", final_norm="none")
+        z = sslkern.nn.encode_visible(self.encoder, images, ctx_ids)                     # 3. context (B, Kc, D)
+        pred = self.predictor(z, ctx_ids, tgt_ids)                                       # 4. predictor (B·T, Kt, D)
+        loss = sslkern.masked_regression_loss(pred, h, ids=tgt_ids.flatten(0, 1), beta=1.0,  # 5. smooth-L1 mean
+                                              scale=1.0 / h.shape[-1], reduction="mean")
+        std = batch_std(h)
+        if ctx.step == 0:
+            self.initial_target_std.fill_(std)
+        return loss, {"target_std": std, "context_tokens": float(ctx_ids.shape[1]),
+                      "target_tokens": float(tgt_ids.shape[2])}
+
+    def verdict(self, health):
+        return std_verdict(health, "target_std", self.a.collapse_std, initial=float(self.initial_target_std) or None)
+
+
+def main(argv=None):
+    return run(IJEPA, argv)
+
+
+if __name__ == "__main__":
+    main()
