@@ -28,11 +28,22 @@ WORKERS = int(os.environ.get("SSLKERN_COMPILE_JOBS", "2"))  # compile processes 
 
 # Kernels allowed to spill registers at their launch configuration:
 # {(module or .cu file, config or kernel name, target): reason}. Keep each reason honest and short.
-_TARGETS_SPILL_8B = ("8 B spill stores/loads (one 64-bit value, stack 8 B) on sm_80 only, at 96 registers; "
-                     "sm_90a does not spill. Small and L1-resident; owner (targets) to revisit BLOCK_T/BLOCK_D")
+_ALIBI_SPILL = ("small spill ({}) seen once the report compiles with a real launch's specialisation (16-byte "
+                "divisibility of pointers and sizes, issue #16 item 11); unspecialised it did not spill. Owner "
+                "(alibi_attention) to re-tune BLOCK_M/BLOCK_N/num_warps for this entry")
 SPILL_ALLOWED: dict[tuple[str, str, str], str] = {
-    ("layer_average_targets", f"instance_norm_average_kernel {dt} final_instance=True", "sm_80"): _TARGETS_SPILL_8B
-    for dt in ("fp32", "bf16", "fp16")
+    ("alibi_attention", name, target): _ALIBI_SPILL.format(size) for name, target, size in [
+        ("alibi_attention_bwd_dkdv fp32 BLOCK_D=32", "sm_80", "4 B"),
+        ("alibi_attention_bwd_dkdv fp32 BLOCK_D=64", "sm_80", "8 B"),
+        ("alibi_attention_bwd_dkdv fp32 BLOCK_D=64", "sm_90a", "8 B"),
+        ("alibi_attention_bwd_dq fp32 BLOCK_D=64", "sm_80", "8 B"),
+        ("alibi_attention_fwd fp32 BLOCK_D=128", "sm_80", "16 B"),
+        ("alibi_attention_bwd_dkdv fp32 BLOCK_D=128", "sm_80", "8 B"),
+        ("alibi_attention_bwd_dkdv fp32 BLOCK_D=128", "sm_90a", "40 B stored / 24 B loaded"),
+        ("alibi_attention_bwd_dkdv fp32/tf32 BLOCK_D=64", "sm_90a", "4 B"),
+        ("alibi_attention_bwd_dq fp16 BLOCK_D=128", "sm_80", "4 B"),
+        ("alibi_attention_bwd_dq bf16 BLOCK_D=128", "sm_80", "4 B"),
+    ]
 }
 
 if HAVE_TRITON_NVIDIA:
