@@ -578,10 +578,10 @@ def test_prefix_tokens_gradcheck_opcheck_and_errors():
             a, ids, pos_embed=p, prefix_tokens=c, mask_major=mm), (x, cls, pos))
     ops = torch.ops.sslkern
     x32, pre, pos32 = torch.randn(B, N, D, requires_grad=True), torch.randn(P, D, requires_grad=True), torch.randn(P + N, D)
-    torch.library.opcheck(ops.gather_tokens.default, (x32, ids, pos32, P, False, "", pre))
+    torch.library.opcheck(ops.gather_tokens.default, (x32, ids, pos32, P, False, False, "", pre))
     g = torch.randn(B * 2, P + 2, D)
     for need_pos in (False, True):
-        torch.library.opcheck(ops.gather_tokens_backward.default, (g, ids, N, P, False, need_pos, "", True))
+        torch.library.opcheck(ops.gather_tokens_backward.default, (g, ids, N, P, False, need_pos, False, "", True))
     f = torch.compile(lambda a, c: sslkern.gather_tokens(a, ids, pos_embed=pos32, prefix_tokens=c), fullgraph=True)
     torch.testing.assert_close(f(x32, pre), sslkern.gather_tokens(x32, ids, pos_embed=pos32, prefix_tokens=pre))
     with pytest.raises(ValueError, match=r"prefix_tokens expected shape \(1, 3\) or \(1, 1, 3\)"):
