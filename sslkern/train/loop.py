@@ -411,6 +411,9 @@ def run(method_cls: type[Method], argv=None) -> dict:
 
     parser, a = parse_args(method_cls, argv)
     info = dist.init_distributed(a.device)
+    # process-wide settings for the run, restored afterwards (run() is also called in-process)
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
     torch.set_num_threads(a.threads or max(1, (os.cpu_count() or 1) // info.world_size))
     if info.device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -428,6 +431,8 @@ def run(method_cls: type[Method], argv=None) -> dict:
         parser.error(str(e))
     finally:
         dist.cleanup()
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
     results.update(train_s=train_s, total_s=time.perf_counter() - t0, step=step, out=a.out)
     if not info.is_main:
         return results
