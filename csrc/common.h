@@ -32,45 +32,74 @@ namespace sslkern {
 // With the guard such values become 0, an error below 1.2e-38 absolute. Every exp-based
 // kernel holds one on the calling thread and in each task of its at::parallel_for
 // (OpenMP workers keep their own MXCSR, so the caller's setting would not reach them).
+namespace ftz_detail {
+#if defined(__aarch64__)
+constexpr uint32_t kBits = 1u << 24;  // FPCR.FZ
+inline uint32_t get() {
+  uint64_t fpcr;
+  __asm__ __volatile__("mrs %0, fpcr" : "=r"(fpcr));
+  return static_cast<uint32_t>(fpcr & kBits);
+}
+inline void set(uint32_t bits) {
+  uint64_t fpcr;
+  __asm__ __volatile__("mrs %0, fpcr" : "=r"(fpcr));
+  fpcr = (fpcr & ~static_cast<uint64_t>(kBits)) | bits;
+  __asm__ __volatile__("msr fpcr, %0" : : "r"(fpcr));
+}
+#elif defined(__x86_64__) || defined(__i386__)
+constexpr uint32_t kBits = 0x8040u;  // MXCSR FTZ (bit 15) | DAZ (bit 6)
+inline uint32_t get() { return _mm_getcsr() & kBits; }
+inline void set(uint32_t bits) { _mm_setcsr((_mm_getcsr() & ~kBits) | bits); }
+#else
+constexpr uint32_t kBits = 0;
+inline uint32_t get() { return 0; }
+inline void set(uint32_t) {}
+#endif
+// Per thread: how many guards are live, and the modes the thread had before the outermost.
+inline int& depth() { thread_local int d = 0; return d; }
+inline uint32_t& outer() { thread_local uint32_t bits = 0; return bits; }
+}  // namespace ftz_detail
+
 class FlushDenormals {
  public:
-  FlushDenormals() {
-#if defined(__x86_64__) || defined(__i386__)
-    saved_ = _mm_getcsr() & kBits;
-    _mm_setcsr(_mm_getcsr() | kBits);
-#elif defined(__aarch64__)
-    uint64_t fpcr;
-    __asm__ __volatile__("mrs %0, fpcr" : "=r"(fpcr));
-    saved_ = static_cast<uint32_t>(fpcr & kBits);
-    fpcr |= kBits;
-    __asm__ __volatile__("msr fpcr, %0" : : "r"(fpcr));
-#endif
+  FlushDenormals() : saved_(ftz_detail::get()) {
+    if (ftz_detail::depth()++ == 0) ftz_detail::outer() = saved_;
+    ftz_detail::set(ftz_detail::kBits);
   }
   ~FlushDenormals() {
-#if defined(__x86_64__) || defined(__i386__)
-    _mm_setcsr((_mm_getcsr() & ~kBits) | saved_);
-#elif defined(__aarch64__)
-    uint64_t fpcr;
-    __asm__ __volatile__("mrs %0, fpcr" : "=r"(fpcr));
-    fpcr = (fpcr & ~static_cast<uint64_t>(kBits)) | saved_;
-    __asm__ __volatile__("msr fpcr, %0" : : "r"(fpcr));
-#endif
+    --ftz_detail::depth();
+    ftz_detail::set(saved_);
   }
   FlushDenormals(const FlushDenormals&) = delete;
   FlushDenormals& operator=(const FlushDenormals&) = delete;
 
  private:
-#if defined(__aarch64__)
-  static constexpr uint32_t kBits = 1u << 24;  // FPCR.FZ
-#else
-  static constexpr uint32_t kBits = 0x8040u;   // MXCSR FTZ (bit 15) | DAZ (bit 6)
-#endif
-  uint32_t saved_ = 0;
+  uint32_t saved_;
 };
 
-// at::parallel_for with a FlushDenormals guard in every task (worker threads and the caller).
+// The calling thread back in the modes it had before its outermost FlushDenormals, while
+// this lives. Threads inherit the floating-point environment of the thread that creates
+// them (POSIX): an OpenMP / ATen pool created or grown inside a parallel_for launched under
+// a guard would otherwise start with FTZ/DAZ set, keep it after the kernel (each task
+// restores what its thread had) and flush every later op of the process.
+class CallerModes {
+ public:
+  CallerModes() : saved_(ftz_detail::get()) {
+    if (ftz_detail::depth() > 0) ftz_detail::set(ftz_detail::outer());
+  }
+  ~CallerModes() { ftz_detail::set(saved_); }
+  CallerModes(const CallerModes&) = delete;
+  CallerModes& operator=(const CallerModes&) = delete;
+
+ private:
+  uint32_t saved_;
+};
+
+// at::parallel_for with a FlushDenormals guard in every task (worker threads and the
+// caller), launched with the caller's own modes so that threads it spawns inherit those.
 template <typename F>
 inline void parallel_for_ftz(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  CallerModes launch;
   at::parallel_for(begin, end, grain, [&f](int64_t lo, int64_t hi) {
     FlushDenormals guard;
     f(lo, hi);

@@ -92,6 +92,36 @@ def test_caller_and_worker_fp_modes_unchanged():
         torch.set_flush_denormal(False)
 
 
+_FRESH_POOL = r"""
+import torch, sslkern
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+s = torch.randn(24, 1000, generator=g); t = torch.randn(8, 1000, generator=g)
+# the first parallel region of the process: ATen's pool is created inside the kernel
+sslkern.dino_loss(s, t, torch.zeros(1000), n_global_crops=2, center_momentum=0.9, backend="cpu")
+with torch.no_grad():
+    x = torch.full((1 << 20,), 1e-30)
+    print("FLUSH" if bool((x * 1e-9 == 0).any()) else "CLEAN")
+"""
+
+
+@pytest.mark.skipif(not (torch.backends.cpu.get_cpu_capability() or "").startswith(("AVX", "DEFAULT")),
+                    reason="x86 flush-to-zero semantics")
+def test_pool_created_inside_a_kernel_does_not_inherit_ftz():
+    """Threads inherit the creating thread's MXCSR: a pool spawned while a kernel's guard
+    is live would flush every later op of the process (CI caught this after a recipe test
+    changed torch's thread count). parallel_for_ftz launches with the caller's own modes."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _FRESH_POOL], capture_output=True, text=True, env=env,
+                         cwd=root, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "CLEAN", "worker threads flush after the kernel created them"
+
+
 def _reference_dino(s, t, c, T, ts=0.1, tt=0.04):
     s64 = s.detach().double().requires_grad_(True)
     loss = R.dino_loss(s64, t.double(), c.double(), ts, tt, T)
