@@ -8,7 +8,7 @@
 //
 // Forward: parallel over (b, h, query tile); key tiles are folded in with the online softmax
 // (running max m and sum l per row; on a new max the accumulated row is rescaled by
-// exp(m_old − m_new)). The tile products run on BLAS (ATen's cpublas::gemm). It returns the
+// exp(m_old − m_new)). The tile products run on BLAS (csrc/blas.h). It returns the
 // output and the row log-sum-exp (lse = m + log l) for the backward.
 // Backward (FlashAttention-2 recomputation): parallel over (b, h); for every tile pair
 // P = exp(scale·S + bias − lse), dV += Pᵀ·dO, dP = dO·Vᵀ, dS = P ∘ (dP − rowsum(dO ∘ O)),
@@ -23,6 +23,7 @@
 // underflowing exps). AVX-512 vectorizes them either way (masked lanes). Results unchanged.
 // Set for this file only, before any include, so every function here has the same options.
 #pragma GCC optimize("no-trapping-math")
+#include "blas.h"
 #include "common.h"
 
 #include <algorithm>
@@ -44,32 +45,8 @@ constexpr int64_t kBwdBQ = 128, kBwdBK = 128;
 }  // namespace
 }  // namespace sslkern
 
-// The Fortran BLAS that libtorch_cpu links and exports (MKL or OpenBLAS); ATen declares
-// these the same way. cpublas::gemm itself is not exported to extensions.
-extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
-                       const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-                       const int* ldc);
-extern "C" void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
-                       const double* a, const int* lda, const double* b, const int* ldb, const double* beta,
-                       double* c, const int* ldc);
-
 namespace sslkern {
 namespace {
-
-// Row-major C[m×n] = alpha·op(A)[m×k]·op(B)[k×n] + beta·C. BLAS is column-major and a
-// row-major matrix is its column-major transpose, so this computes Cᵀ = op(B)ᵀ·op(A)ᵀ.
-template <typename acc_t>
-inline void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, acc_t alpha, const acc_t* A, int64_t lda,
-               const acc_t* B, int64_t ldb, acc_t beta, acc_t* C, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  const char tA = tb ? 'T' : 'N', tB = ta ? 'T' : 'N';
-  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
-  const int LA = static_cast<int>(std::max<int64_t>(ldb, 1)), LB = static_cast<int>(std::max<int64_t>(lda, 1));
-  const int LC = static_cast<int>(std::max<int64_t>(ldc, 1));
-  if constexpr (std::is_same_v<acc_t, double>) dgemm_(&tA, &tB, &M, &N, &K, &alpha, B, &LA, A, &LB, &beta, C, &LC);
-  else sgemm_(&tA, &tB, &M, &N, &K, &alpha, B, &LA, A, &LB, &beta, C, &LC);
-}
-
 
 // Row kernels of the softmax. The reductions are `omp simd` reductions, and explicit
 // 16-lane accumulators with AVX-512 (a sequential float max / sum is not reassociated
@@ -353,8 +330,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       std::fill(l.begin(), l.end(), acc_t(0));
       for (int64_t k0 = 0; k0 < L; k0 += kFwdBK) {
         const int64_t nk = std::min(kFwdBK, L - k0);
-        if (kt_copy) mm<acc_t>(false, false, nq, nk, D, 1, Q.ptr, Q.ld, KT.data() + k0, L, 0, S.data(), kFwdBK);
-        else mm<acc_t>(false, true, nq, nk, D, 1, Q.ptr, Q.ld, K.ptr + k0 * K.ld, K.ld, 0, S.data(), kFwdBK);
+        if (kt_copy) gemm<acc_t>(false, false, nq, nk, D, 1, Q.ptr, Q.ld, KT.data() + k0, L, 0, S.data(), kFwdBK);
+        else gemm<acc_t>(false, true, nq, nk, D, 1, Q.ptr, Q.ld, K.ptr + k0 * K.ld, K.ld, 0, S.data(), kFwdBK);
         const int64_t nk_pad = pad_lanes(nk);  // <= kFwdBK, and k0 + nk_pad <= the padded geometry
         for (int64_t i = 0; i < nq; ++i) {
           acc_t* row = S.data() + i * kFwdBK;
@@ -368,7 +345,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           if (k0 > 0 && alpha != acc_t(1))  // nothing accumulated before the first tile
             for (int64_t c = 0; c < D; ++c) Op[i * D + c] *= alpha;
         }
-        mm<acc_t>(false, false, nq, D, nk, 1, S.data(), kFwdBK, V.ptr + k0 * V.ld, V.ld, k0 == 0 ? 0 : 1, Op, D);
+        gemm<acc_t>(false, false, nq, D, nk, 1, S.data(), kFwdBK, V.ptr + k0 * V.ld, V.ld, k0 == 0 ? 0 : 1, Op, D);
       }
       acc_t* lse_p = lse.data_ptr<acc_t>() + bh * L + q0;
       for (int64_t i = 0; i < nq; ++i) {
@@ -460,11 +437,11 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
         for (int64_t k0 = 0; k0 < L; k0 += kBwdBK) {
           const int64_t nk = std::min(kBwdBK, L - k0);
           if (kt_copy) {
-            mm<acc_t>(false, false, nq, nk, D, 1, Q.ptr + q0 * Q.ld, Q.ld, KT.data() + k0, L, 0, S.data(), kBwdBK);
-            mm<acc_t>(false, false, nq, nk, D, 1, dO.ptr + q0 * dO.ld, dO.ld, VT.data() + k0, L, 0, dP.data(), kBwdBK);
+            gemm<acc_t>(false, false, nq, nk, D, 1, Q.ptr + q0 * Q.ld, Q.ld, KT.data() + k0, L, 0, S.data(), kBwdBK);
+            gemm<acc_t>(false, false, nq, nk, D, 1, dO.ptr + q0 * dO.ld, dO.ld, VT.data() + k0, L, 0, dP.data(), kBwdBK);
           } else {
-            mm<acc_t>(false, true, nq, nk, D, 1, Q.ptr + q0 * Q.ld, Q.ld, K.ptr + k0 * K.ld, K.ld, 0, S.data(), kBwdBK);
-            mm<acc_t>(false, true, nq, nk, D, 1, dO.ptr + q0 * dO.ld, dO.ld, V.ptr + k0 * V.ld, V.ld, 0, dP.data(),
+            gemm<acc_t>(false, true, nq, nk, D, 1, Q.ptr + q0 * Q.ld, Q.ld, K.ptr + k0 * K.ld, K.ld, 0, S.data(), kBwdBK);
+            gemm<acc_t>(false, true, nq, nk, D, 1, dO.ptr + q0 * dO.ld, dO.ld, V.ptr + k0 * V.ld, V.ld, 0, dP.data(),
                       kBwdBK);
           }
           // padded columns: S = −inf gives P = 0, so dS = 0 there (dP's padding stays finite:
@@ -481,10 +458,10 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
           }
           // dV[k] += Pᵀ·dO[q]; dQ[q] += scale·dS·K[k]; dK[k] += scale·dSᵀ·Q[q]
           const acc_t beta_kv = q0 == 0 ? 0 : 1, beta_q = k0 == 0 ? 0 : 1;
-          mm<acc_t>(true, false, nk, D, nq, 1, S.data(), kBwdBK, dO.ptr + q0 * dO.ld, dO.ld, beta_kv, dVp + k0 * D, D);
-          mm<acc_t>(false, false, nq, D, nk, scale, dP.data(), kBwdBK, K.ptr + k0 * K.ld, K.ld, beta_q, dQp + q0 * D,
+          gemm<acc_t>(true, false, nk, D, nq, 1, S.data(), kBwdBK, dO.ptr + q0 * dO.ld, dO.ld, beta_kv, dVp + k0 * D, D);
+          gemm<acc_t>(false, false, nq, D, nk, scale, dP.data(), kBwdBK, K.ptr + k0 * K.ld, K.ld, beta_q, dQp + q0 * D,
                     D);
-          mm<acc_t>(true, false, nk, D, nq, scale, dP.data(), kBwdBK, Q.ptr + q0 * Q.ld, Q.ld, beta_kv, dKp + k0 * D,
+          gemm<acc_t>(true, false, nk, D, nq, scale, dP.data(), kBwdBK, Q.ptr + q0 * Q.ld, Q.ld, beta_kv, dKp + k0 * D,
                     D);
         }
       }

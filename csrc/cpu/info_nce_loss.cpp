@@ -23,29 +23,10 @@
 #include <type_traits>
 #include <vector>
 
-extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
-                       const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-                       const int* ldc);
-extern "C" void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
-                       const double* a, const int* lda, const double* b, const int* ldb, const double* beta,
-                       double* c, const int* ldc);
+#include "blas.h"
 
 namespace sslkern {
 namespace {
-
-// Row-major C[m×n] = alpha·op(A)[m×k]·op(B)[k×n] + beta·C on the Fortran BLAS libtorch links
-// (column-major: computes Cᵀ = op(B)ᵀ·op(A)ᵀ). Same helper as alibi_attention.cpp.
-template <typename A>
-inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, A alpha, const A* a, int64_t lda, const A* b,
-                 int64_t ldb, A beta, A* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  const char tA = tb ? 'T' : 'N', tB = ta ? 'T' : 'N';
-  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
-  const int LA = static_cast<int>(std::max<int64_t>(ldb, 1)), LB = static_cast<int>(std::max<int64_t>(lda, 1));
-  const int LC = static_cast<int>(std::max<int64_t>(ldc, 1));
-  if constexpr (std::is_same_v<A, double>) dgemm_(&tA, &tB, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
-  else sgemm_(&tA, &tB, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
-}
 
 // Elements of one task's logits block (BQ x M): 16 MiB of fp32.
 constexpr int64_t kBlockElems = int64_t(1) << 22;
