@@ -18,7 +18,7 @@ import torch
 from sslkern.train import checkpoint as ckpt
 from sslkern.train.logging import RunLogger
 
-from recipe_helpers import ROOT, deterministic_rows
+from recipe_helpers import ROOT, deterministic_rows, load_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,13 @@ def wait(procs, timeout=300):
 
 
 def run(name, out, world=1, extra=()):
-    wait(launch(os.path.join(ROOT, "recipes", f"{name}.py"), [*ARGS[name], *extra, "--out", out], world))
+    """One process: in this process (imports already paid); several: launched ranks."""
+    argv = [*ARGS[name], *extra, "--out", out]
+    if world == 1:
+        mod = load_recipe(name)
+        mod.run(mod.DINO if name == "dino" else mod.Data2Vec2, argv)
+    else:
+        wait(launch(os.path.join(ROOT, "recipes", f"{name}.py"), argv, world))
     return out
 
 
@@ -87,34 +93,38 @@ def runs(tmp_path_factory):
     out = {}
     for name in ("data2vec2", "dino"):
         out[name, "one"] = run(name, str(base / f"{name}_one"))
-        out[name, "ddp"] = run(name, str(base / f"{name}_ddp"), 2)
         out[name, "fsdp"] = run(name, str(base / f"{name}_fsdp"), 2, ["--fsdp"])
+    # DDP equals one process (tests/test_recipe_*.py); compared directly here on DINO, the recipe
+    # with clipping, a frozen layer, global BatchNorm and the center all-reduce
+    out["dino", "ddp"] = run("dino", str(base / "dino_ddp"), 2)
     return out
 
 
 @pytest.mark.parametrize("name", ["data2vec2", "dino"])
 def test_fsdp_equals_one_process_and_ddp(runs, name):
-    one, ddp, fsdp = runs[name, "one"], runs[name, "ddp"], runs[name, "fsdp"]
+    one, fsdp = runs[name, "one"], runs[name, "fsdp"]
+    ddp = runs.get((name, "ddp"))
     assert len(losses(fsdp)) == 10
     # same global batches, views, masks, centers and masked-token counts: same losses up to fp32 sums
     np.testing.assert_allclose(losses(fsdp), losses(one), rtol=1e-5)
-    np.testing.assert_allclose(losses(fsdp), losses(ddp), rtol=1e-5)
-    if name == "dino":  # the center all-reduce and the global head BatchNorm under FSDP
-        for key in ("teacher_entropy_frac", "batch_entropy_frac", "kl"):
+    if ddp:
+        np.testing.assert_allclose(losses(fsdp), losses(ddp), rtol=1e-5)
+        for key in ("teacher_entropy_frac", "batch_entropy_frac", "kl"):  # center all-reduce, global BatchNorm
             np.testing.assert_allclose(losses(fsdp, key), losses(ddp, key), rtol=1e-4, atol=1e-6, err_msg=key)
     # final teacher (gathered to rank 0 and exported): the 1-process teacher up to fp32 rounding
     # (AdamW amplifies the rounding of near-zero gradients: up to ~3e-5 on LayerNorm biases after 10 steps)
-    t1, tddp, tf = encoder(one, "teacher"), encoder(ddp, "teacher"), encoder(fsdp, "teacher")
+    t1, tf = encoder(one, "teacher"), encoder(fsdp, "teacher")
     assert tf.keys() == t1.keys()
     for k in t1:
         torch.testing.assert_close(tf[k], t1[k], rtol=1e-4, atol=1e-4, msg=k)
-        torch.testing.assert_close(tf[k], tddp[k], rtol=1e-4, atol=1e-4, msg=k)
+        if ddp:
+            torch.testing.assert_close(tf[k], encoder(ddp, "teacher")[k], rtol=1e-4, atol=1e-4, msg=k)
     final = [r for r in RunLogger.read_metrics(os.path.join(fsdp, "metrics.jsonl")) if r["kind"] == "final"][-1]
     assert final["teacher_replica_max_diff"] == 0.0  # replicated buffers (BatchNorm statistics) equal
     # the checkpoint: one shard file per rank, each about half of the training state
     shards = shard_files(fsdp)
     assert sorted(shards) == ["step00000010-rank0-of-2.safetensors", "step00000010-rank1-of-2.safetensors"]
-    full = ckpt.load_tensors(os.path.join(ddp, "checkpoint.safetensors"))[0]
+    full = ckpt.load_tensors(os.path.join(one, "checkpoint.safetensors"))[0]
     size = lambda ts: sum(v.numel() for k, v in ts.items() if not k.startswith("rng/"))  # noqa: E731
     assert size(full) * 0.45 < max(map(size, shards.values())) < size(full) * 0.6
 
@@ -148,12 +158,7 @@ def test_fsdp_resume_after_sigkill_matches_uninterrupted(runs, tmp_path):
     assert deterministic_rows(full) == deterministic_rows(part)
 
 
-def test_resume_refuses_another_parallel_mode(runs, tmp_path):
-    import shutil
-
-    part = str(tmp_path / "copy")
-    shutil.copytree(runs["data2vec2", "ddp"], part)
-    procs = launch(os.path.join(ROOT, "recipes", "data2vec2.py"), [*ARGS["data2vec2"], "--fsdp", "--resume",
-                                                                   "--out", part], 2)
-    errs = [p.communicate(timeout=240)[1] for p in procs]
-    assert all(p.returncode == 2 for p in procs) and "written without --fsdp" in errs[0], errs[0][-2000:]
+def test_checkpoint_kinds(runs):
+    """What --resume reads to refuse a checkpoint of the other kind (sharded vs replicated)."""
+    assert ckpt.is_sharded_checkpoint(os.path.join(runs["dino", "fsdp"], "checkpoint.safetensors"))
+    assert not ckpt.is_sharded_checkpoint(os.path.join(runs["dino", "ddp"], "checkpoint.safetensors"))
