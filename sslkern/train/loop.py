@@ -23,9 +23,9 @@ buffers, so checkpoints need no special cases), plus four small declarations::
 The loop owns the rest: common options and their checks, the step loop and progress bar,
 learning-rate / weight-decay schedules, backward, gradient clipping, frozen parameter
 groups, the optimizer step, EMA updates after it, metrics, periodic kNN, atomic
-checkpoints and bitwise resume, torchrun (DDP, or FSDP2 with ``--fsdp``), the final kNN + linear probe of every
-encoder against the same architecture at its random initialisation, encoder export,
-plots, ``summary.txt`` and ``summary.json``.
+checkpoints and bitwise resume, torchrun (DDP, or FSDP2 with ``--fsdp``), the final kNN +
+linear probe of every encoder against the same architecture at its random initialisation,
+encoder export, plots, ``summary.txt`` and ``summary.json``.
 
 Contract of ``forward(images, ctx)``: ``images`` are this rank's rows ``rank::world_size``
 of the global batch, not augmented (views are the method's). Random draws come from
@@ -391,8 +391,9 @@ def train(method_cls: type[Method], a, info, log):
     run_config = json.loads(json.dumps({k: v for k, v in vars(a).items() if k not in RESUMABLE}))
     if a.resume and os.path.exists(ckpt_path):
         if ckpt.is_sharded_checkpoint(ckpt_path) != sharded:
-            raise ResumeError(f"--resume: {ckpt_path} was written {'with' if not sharded else 'without'} --fsdp "
-                              f"on several ranks; resume it the same way")
+            kind = "a replicated (not --fsdp)" if sharded else "a sharded (--fsdp)"
+            raise ResumeError(f"--resume: {ckpt_path} is {kind} checkpoint; resume it with the parallel mode "
+                              f"and the number of ranks that wrote it")
         load = ckpt.load_sharded_training_state if sharded else ckpt.load_training_state
         try:
             saved = load(ckpt_path, modules={"method": method}, optimizer=opt, generators={"step": gen})
