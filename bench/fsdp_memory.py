@@ -20,6 +20,13 @@ sys.path.insert(0, ROOT)
 
 
 def _rss():
+    """(resident bytes after returning freed heap to the OS, peak resident bytes)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     with open("/proc/self/status") as f:
         kv = dict(line.split(":", 1) for line in f if ":" in line)
     return int(kv["VmRSS"].split()[0]) * 1024, int(kv["VmHWM"].split()[0]) * 1024
@@ -63,10 +70,14 @@ def worker(mode: str) -> None:
         pair = Pair()
         model = nn.parallel.DistributedDataParallel(pair, broadcast_buffers=False)
     opt = torch.optim.AdamW([p for p in pair.student.parameters()], lr=1e-4)
+    stages = {"built": _rss()[0]}
     loss = model(torch.randn(1, 3, 224, 224))
+    stages["forward"] = _rss()[0]
     loss.backward()
+    stages["backward"] = _rss()[0]
     opt.step()
     pair.teacher.update(pair.student, 0.996)
+    stages["step"] = _rss()[0]
 
     def nbytes(ts):
         return sum(sdist.local(t).numel() * sdist.local(t).element_size() for t in ts)
@@ -75,6 +86,7 @@ def worker(mode: str) -> None:
            "grads": nbytes(p.grad for p in pair.student.parameters() if p.grad is not None),
            "adamw": nbytes(v for s in opt.state.values() for v in s.values() if v.dim() > 0)}
     row["rss"], row["peak_rss"] = _rss()
+    row["stages"] = stages
     rows = [None] * dist.get_world_size()
     dist.all_gather_object(rows, row)
     if dist.get_rank() == 0:
@@ -102,14 +114,15 @@ def launch(mode: str, world: int = 2) -> list:
 def main() -> None:
     mib = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
     print("| mode | rank | student params | teacher params | gradients | AdamW state | params + grads + AdamW "
-          "| RSS | peak RSS |")
+          "| RSS built / forward / backward / step | peak RSS |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for mode in ("ddp", "fsdp"):
         for rank, r in enumerate(launch(mode)):
             total = r["student"] + r["teacher"] + r["grads"] + r["adamw"]
             print(f"| {mode} | {rank} | {mib(r['student'])} | {mib(r['teacher'])} | {mib(r['grads'])} | "
-                  f"{mib(r['adamw'])} | {mib(total)} | {mib(r['rss'])} | {mib(r['peak_rss'])} |")
-    print("(MiB per rank; ViT-B/16 224, fp32, 2 gloo CPU ranks)")
+                  f"{mib(r['adamw'])} | {mib(total)} | {' / '.join(mib(v) for v in r['stages'].values())} | "
+                  f"{mib(r['peak_rss'])} |")
+    print("(MiB per rank; ViT-B/16 224, fp32, 2 gloo CPU ranks; RSS after malloc_trim)")
 
 
 if __name__ == "__main__":
