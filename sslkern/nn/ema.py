@@ -6,7 +6,7 @@ import copy
 import torch
 from torch import nn
 
-from ..ops.ema_update import ema_update_
+from ..ops.ema_update import _dtensor_type, ema_update_, local_shards
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -14,6 +14,11 @@ def _unwrap(module: nn.Module) -> nn.Module:
     while hasattr(module, "module") and isinstance(module, nn.parallel.DistributedDataParallel):
         module = module.module
     return getattr(module, "_orig_mod", module)
+
+
+def _data_ptr(p: torch.Tensor) -> int:
+    dtensor = _dtensor_type()
+    return p.to_local().data_ptr() if dtensor is not None and isinstance(p, dtensor) else p.data_ptr()
 
 
 class EMATeacher(nn.Module):
@@ -35,6 +40,11 @@ class EMATeacher(nn.Module):
     ``update(student, momentum)`` takes ``momentum`` as a float or a 0-dim tensor.
     ``forward`` runs the teacher network (under the caller's grad mode; wrap it in
     ``torch.no_grad()``).
+
+    Sharded (FSDP2 ``fully_shard``): teacher and student must be sharded alike (the same
+    units, so every teacher parameter has its student's mesh and placements); each rank
+    then averages its local shards in one fused pass. A mismatch is an error naming the
+    parameter.
     """
 
     def __init__(self, student: nn.Module, *, teacher: nn.Module | None = None, dtype: torch.dtype | None = None):
@@ -55,6 +65,7 @@ class EMATeacher(nn.Module):
         s_params = dict(student.named_parameters())
         s_buffers = dict(student.named_buffers())
         avg_t, avg_s, copy_t, copy_s = [], [], [], []
+        avg_n, copy_n = [], []
         for name, tp in self.module.named_parameters():
             sp = s_params.get(name)
             if sp is None:
@@ -65,14 +76,20 @@ class EMATeacher(nn.Module):
             if sp.requires_grad and sp.is_floating_point() and tp.is_floating_point():
                 avg_t.append(tp.data)
                 avg_s.append(sp.detach())
+                avg_n.append(name)
             else:
                 copy_t.append(tp.data)
                 copy_s.append(sp.detach())
+                copy_n.append(name)
         for name, tb in self.module.named_buffers():
             sb = s_buffers.get(name)
             if sb is not None:
                 copy_t.append(tb)
                 copy_s.append(sb.detach())
+                copy_n.append(name)
+        # sharded parameters: this rank's local shards (the same elements of teacher and student)
+        avg_t, avg_s = local_shards("EMATeacher", avg_t, avg_s, avg_n)
+        copy_t, copy_s = local_shards("EMATeacher", copy_t, copy_s, copy_n)
         return avg_t, avg_s, copy_t, copy_s
 
     @torch.no_grad()
@@ -80,8 +97,7 @@ class EMATeacher(nn.Module):
         student = _unwrap(student)
         # The plan (which tensors pair up) depends only on the two modules' tensors:
         # rebuild it if any of them was replaced (e.g. .to(), load_state_dict(assign=True)).
-        key = (id(student), tuple(p.data_ptr() for p in student.parameters()),
-               tuple(p.data_ptr() for p in self.module.parameters()))
+        key = (id(student), tuple(map(_data_ptr, student.parameters())), tuple(map(_data_ptr, self.module.parameters())))
         if key != self._plan_key:
             self._plan, self._plan_key = self._build_plan(student), key
         avg_t, avg_s, copy_t, copy_s = self._plan

@@ -54,6 +54,45 @@ def _(teachers, students, momentum, momentum_value, backend):
     return None
 
 
+def _dtensor_type():
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def local_shards(op: str, teachers: list, students: list, names: Sequence[str] | None = None) -> tuple[list, list]:
+    """Replace every (DTensor teacher, DTensor student) pair by this rank's local shards.
+
+    Both of a pair must be DTensors with the same mesh, placements and global shape, or
+    both plain tensors; ``names`` (default ``teachers[i]``/``students[i]``) name the pair
+    in the error.
+    """
+    dtensor = _dtensor_type()
+    if dtensor is None or not any(isinstance(x, dtensor) for x in teachers + students):
+        return teachers, students
+    out_t, out_s = [], []
+    for i, (t, s) in enumerate(zip(teachers, students)):
+        tn, sn = (f"teachers[{i}]", f"students[{i}]") if names is None else (f"teacher {names[i]!r}", f"student {names[i]!r}")
+        td, sd = isinstance(t, dtensor), isinstance(s, dtensor)
+        if td != sd:
+            fail(op, f"{tn} is {'a DTensor' if td else 'a plain tensor'} but {sn} is {'a DTensor' if sd else 'a plain tensor'}: "
+                     f"shard the teacher exactly like the student (same fully_shard units)")
+        if td:
+            if t.device_mesh != s.device_mesh or tuple(t.placements) != tuple(s.placements):
+                fail(op, f"{tn} and {sn} are sharded differently: placements {tuple(t.placements)} on "
+                         f"{t.device_mesh} vs {tuple(s.placements)} on {s.device_mesh}; shard the teacher exactly "
+                         f"like the student")
+            if tuple(t.shape) != tuple(s.shape):
+                fail(op, f"{sn} expected global shape {tuple(t.shape)} (as {tn}), got {tuple(s.shape)}")
+            with torch.no_grad():
+                t, s = t.to_local(), s.to_local()
+        out_t.append(t)
+        out_s.append(s)
+    return out_t, out_s
+
+
 def ema_update_(
     teachers: Sequence[torch.Tensor],
     students: Sequence[torch.Tensor],
@@ -78,10 +117,17 @@ def ema_update_(
     Matches ``torch._foreach_lerp_(teachers, students, 1 - m)`` (timm ``ModelEmaV3``) and
     fairseq ``EMAModule`` (``mul_(m).add_(student, alpha=1 - m)``) up to fp32 rounding.
     Teachers and students must not share memory; both must be dense with equal strides.
+
+    Sharded parameters (FSDP2 ``fully_shard``, ``torch.distributed.tensor.DTensor``): each
+    rank updates its own local shards in the same single pass (no all-gather, no host
+    sync). A DTensor teacher needs a DTensor student on the same device mesh with the same
+    placements and global shape (then both local shards cover the same elements); anything
+    else is an error naming the pair.
     """
     teachers, students = list(teachers), list(students)
     if len(teachers) != len(students):
         fail(OP, f"teachers and students must have the same length, got {len(teachers)} and {len(students)}")
+    teachers, students = local_shards(OP, teachers, students)
     device = teachers[0].device if teachers else torch.device("cpu")
     compiling = torch.compiler.is_compiling()
     for i, (t, s) in enumerate(zip(teachers, students)):

@@ -6,6 +6,12 @@ metadata for the rest (step, epoch, optimizer hyper-parameters, Python/NumPy RNG
 Writes go to a temporary file in the same directory, are fsynced, then ``os.replace``d,
 so a crash (even SIGKILL) leaves either the old or the new checkpoint, never half of one.
 
+Sharded runs (``--fsdp``): every rank writes its own local shards (model parameters and
+optimizer state, as DTensor local tensors) to ``<name>.shards/step<S>-rank<r>-of-<W>.safetensors``,
+then, after a barrier, rank 0 writes ``<name>`` itself (RNG states, optimizer
+hyper-parameters, ``extra``, and which shard files belong to it) and removes older shard
+files. A crash at any point leaves a ``<name>`` whose shard files are complete.
+
 ``export_encoder`` writes a bare timm ``VisionTransformer`` state dict with its
 constructor arguments in the metadata; ``load_exported_encoder`` rebuilds it and loads it
 with ``strict=True``.
@@ -142,6 +148,99 @@ def load_training_state(path: str, *, modules: dict[str, torch.nn.Module], optim
         module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
     optimizer_from_flat(optimizer, tensors, meta.pop("optimizer"))
     set_rng_state(generators, tensors, meta.pop("rng"))
+    return meta
+
+
+# ---------------------------------------------------------------------------------------
+# Sharded (FSDP2) training state: one file of local shards per rank + rank 0's manifest
+# ---------------------------------------------------------------------------------------
+def _shard_dir(path: str) -> str:
+    return path + ".shards"
+
+
+def _shard_name(step: int, rank: int, world: int) -> str:
+    return f"step{step:08d}-rank{rank}-of-{world}.safetensors"
+
+
+def save_sharded_training_state(path: str, *, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+                                generators: dict[str, torch.Generator], extra: dict) -> None:
+    """Collective: every rank's local shards to its own file, then rank 0's manifest ``path``."""
+    import torch.distributed as tdist
+
+    from .distributed import is_dtensor, local
+
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    tensors, sharded = {}, []
+    for name, module in modules.items():
+        for k, v in module.state_dict().items():
+            tensors[f"{name}/{k}"] = local(v)
+            if is_dtensor(v):
+                sharded.append(f"{name}/{k}")
+    opt_t, opt_meta = optimizer_to_flat(optimizer)
+    for k, v in opt_t.items():
+        tensors[k] = local(v)
+        if is_dtensor(v):
+            sharded.append(k)
+    step = int(extra["step"])
+    save_tensors(os.path.join(_shard_dir(path), _shard_name(step, rank, world)), tensors,
+                 {"rank": rank, "world_size": world, "step": step, "sharded": sharded})
+    tdist.barrier()  # every shard file of this step is on disk before the manifest names it
+    if rank == 0:
+        rng_t, rng_meta = rng_state(generators)
+        save_tensors(path, rng_t, {"optimizer": opt_meta, "rng": rng_meta, **extra,
+                                   "sharded": {"world_size": world, "step": step}})
+        keep = {_shard_name(step, r, world) for r in range(world)}
+        for f in os.listdir(_shard_dir(path)):
+            if f not in keep:
+                os.unlink(os.path.join(_shard_dir(path), f))
+    tdist.barrier()
+
+
+def is_sharded_checkpoint(path: str) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return "sharded" in json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
+
+
+def load_sharded_training_state(path: str, *, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+                                generators: dict[str, torch.Generator]) -> dict:
+    """Restore what :func:`save_sharded_training_state` wrote, on the same number of ranks
+    (each rank its own shards, copied in place into its local tensors; strict keys)."""
+    import torch.distributed as tdist
+    from torch.distributed.tensor import DTensor
+
+    from .distributed import local
+
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    rng_t, meta = load_tensors(path)
+    info = meta.pop("sharded", None)
+    if info is None:
+        raise ValueError(f"{path} is not a sharded (--fsdp) checkpoint")
+    if info["world_size"] != world:
+        raise ValueError(f"{path} was written by {info['world_size']} ranks (--fsdp), this run has {world}")
+    tensors, shard_meta = load_tensors(os.path.join(_shard_dir(path), _shard_name(info["step"], rank, world)))
+    sharded = set(shard_meta["sharded"])
+    with torch.no_grad():
+        for name, module in modules.items():
+            prefix = f"{name}/"
+            sd = module.state_dict()
+            saved = {k[len(prefix):] for k in tensors if k.startswith(prefix)}
+            if saved != set(sd):
+                raise KeyError(f"{path}: {name} keys differ: missing {sorted(set(sd) - saved)[:5]}, "
+                               f"unexpected {sorted(saved - set(sd))[:5]}")
+            for k, v in sd.items():
+                local(v).copy_(tensors[prefix + k])
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    opt_t = {}
+    for k, v in tensors.items():
+        if k.startswith("optim/"):
+            p = params[int(k[len("optim/"):].split("/", 1)[0])]
+            if k in sharded:  # a DTensor when saved: rebuilt like its parameter
+                v = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            opt_t[k] = v
+    optimizer_from_flat(optimizer, opt_t, meta.pop("optimizer"))
+    set_rng_state(generators, rng_t, meta.pop("rng"))
     return meta
 
 

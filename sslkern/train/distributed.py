@@ -98,3 +98,63 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------
+# FSDP2 (``--fsdp``): parameters, gradients and optimizer state sharded over the ranks
+# ---------------------------------------------------------------------------------------
+BLOCK_PATTERN = r"(?:^|[._])blocks\.\d+$"  # timm ``blocks.N``, ``decoder_blocks.N``, ``predictor_blocks.N``
+
+
+def is_dtensor(t) -> bool:
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (the tensor itself otherwise), sharing its memory."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def fully_shard_method(method: torch.nn.Module, ema_pairs=(), device_type: str | None = None) -> list[str]:
+    """Shard ``method`` with FSDP2: one ``fully_shard`` unit per transformer block (any
+    submodule named ``…blocks.N``), then the root (everything else: embeddings, heads,
+    decoders). Returns the block names.
+
+    Every block of a student and its EMA teacher's copy become units alike, and FSDP2
+    shards every parameter on dim 0 over the same mesh, so each rank's teacher shard covers
+    exactly the elements of its student shard (``EMATeacher`` checks the placements).
+    The mesh is 1-D over all ranks, on ``device_type`` (default: the parameters' device; CPU
+    for meta parameters), so a CPU run on a machine with GPUs still shards on CPU.
+    """
+    import re
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if device_type is None:
+        device_type = next((p.device.type for p in method.parameters()), "cpu")
+        device_type = "cpu" if device_type == "meta" else device_type
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+
+    for teacher, student in ema_pairs:  # the teacher mirrors the student's blocks, name for name
+        tb = {n for n, _ in teacher.module.named_modules() if re.search(BLOCK_PATTERN, n)}
+        sb = {n for n, _ in student.named_modules() if re.search(BLOCK_PATTERN, n)}
+        if tb - sb:
+            raise ValueError(f"--fsdp: the EMA teacher has blocks the student lacks: {sorted(tb - sb)[:4]}")
+    names = [n for n, _ in method.named_modules() if re.search(BLOCK_PATTERN, n)]
+    for name in sorted(names, key=lambda n: -n.count(".")):  # inner units first
+        fully_shard(method.get_submodule(name), mesh=mesh)
+    fully_shard(method, mesh=mesh)
+    return names
+
+
+def full_state_dict(module: torch.nn.Module) -> dict | None:
+    """The unsharded state dict on rank 0 (CPU), ``None`` on the other ranks (collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return sd if dist.get_rank() == 0 else None

@@ -23,9 +23,9 @@ buffers, so checkpoints need no special cases), plus four small declarations::
 The loop owns the rest: common options and their checks, the step loop and progress bar,
 learning-rate / weight-decay schedules, backward, gradient clipping, frozen parameter
 groups, the optimizer step, EMA updates after it, metrics, periodic kNN, atomic
-checkpoints and bitwise resume, torchrun (DDP), the final kNN + linear probe of every
-encoder against the same architecture at its random initialisation, encoder export,
-plots, ``summary.txt`` and ``summary.json``.
+checkpoints and bitwise resume, torchrun (DDP, or FSDP2 with ``--fsdp``), the final kNN +
+linear probe of every encoder against the same architecture at its random initialisation,
+encoder export, plots, ``summary.txt`` and ``summary.json``.
 
 Contract of ``forward(images, ctx)``: ``images`` are this rank's rows ``rank::world_size``
 of the global batch, not augmented (views are the method's). Random draws come from
@@ -33,6 +33,14 @@ of the global batch, not augmented (views are the method's). Random draws come f
 global batch and keep this rank's rows, so any rank count gives the same step. The
 returned loss is this rank's share such that its *mean over ranks* is the global loss
 (DDP averages gradients); metrics are scalars, averaged over ranks for the log.
+
+``--fsdp`` (``--parallel fsdp``) shards instead of replicating: ``fully_shard`` on every
+transformer block (``…blocks.N``) of the student and of its EMA teacher alike, then on the
+method (the root unit: embeddings, heads, decoders). Parameters, gradients and AdamW state
+are DTensors holding 1/world of each tensor; the EMA averages local shards; checkpoints
+are one shard file per rank; evaluation and export gather the full weights to rank 0.
+A recipe calls its modules as usual; what it must not do under ``--fsdp`` is read a
+parameter outside a ``forward`` of the method (it would find a shard).
 """
 from __future__ import annotations
 
@@ -147,7 +155,7 @@ class Method(nn.Module):
 # ---------------------------------------------------------------------------------------
 COMMON_DEFAULTS = dict(epochs=70, batch_size=128, lr=2e-3, min_lr=0.0, weight_decay=0.05, weight_decay_end=None,
                        warmup_epochs=5, clip_grad=0.0, clip_mode="global", eval_every=10, threads=1,
-                       image_size=16, patch_size=4, dim=96, depth=4, heads=3)
+                       image_size=16, patch_size=4, dim=96, depth=4, heads=3, parallel="ddp")
 
 
 def build_parser(method: type[Method]) -> argparse.ArgumentParser:
@@ -168,6 +176,9 @@ def build_parser(method: type[Method]) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--eval-every", type=int, help="kNN every N epochs (0 = only at the end)")
     p.add_argument("--no-probe", action="store_true", help="skip the linear probe")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), help="under torchrun: replicate (DDP) or shard (FSDP2 "
+                                                               "fully_shard per block + root); default ddp")
+    p.add_argument("--fsdp", dest="parallel", action="store_const", const="fsdp", help="same as --parallel fsdp")
     g = p.add_argument_group("model (timm VisionTransformer)")
     g.add_argument("--image-size", type=int)
     g.add_argument("--patch-size", type=int)
@@ -280,6 +291,8 @@ def make_optimizer(method: Method, a) -> torch.optim.Optimizer:
 
 def _clip(params, max_norm: float, mode: str) -> None:
     grads = [p for p in params if p.grad is not None]
+    if any(dist.is_dtensor(p.grad) for p in grads):
+        return _clip_sharded(grads, max_norm, mode)
     if mode == "global":
         torch.nn.utils.clip_grad_norm_(grads, max_norm)
         return
@@ -289,10 +302,25 @@ def _clip(params, max_norm: float, mode: str) -> None:
             p.grad.mul_(coef)
 
 
+def _clip_sharded(grads, max_norm: float, mode: str) -> None:
+    """``_clip`` on FSDP2 gradients: the norms are of the full gradients (sums of squares of
+    the local shards, one all-reduce over ranks), the scaling is applied to the shards."""
+    if any(not dist.is_dtensor(p.grad) or not all(pl.is_shard() for pl in p.grad.placements) for p in grads):
+        raise NotImplementedError("gradient clipping under --fsdp expects every gradient sharded (FSDP2 Shard(0))")
+    local_sq = torch.stack([dist.local(p.grad).float().pow(2).sum() for p in grads])
+    sq = dist.all_reduce_sum(local_sq)
+    if mode == "global":
+        coefs = (max_norm / (sq.sum().sqrt() + 1e-6)).clamp(max=1.0).expand(len(grads))
+    else:  # per parameter, as dino: each full gradient's norm capped on its own
+        coefs = torch.where(max_norm / (sq.sqrt() + 1e-6) < 1, max_norm / (sq.sqrt() + 1e-6), torch.ones_like(sq))
+    for p, c in zip(grads, coefs):
+        dist.local(p.grad).mul_(c.to(p.grad.dtype))
+
+
 def train_step(a, model: nn.Module, method: Method, opt: torch.optim.Optimizer, images: torch.Tensor,
                ctx: StepContext):
     """One optimisation step: schedules → the method's forward → backward → frozen groups →
-    clipping → AdamW → EMA updates. ``model`` is ``method`` or its DDP wrapper."""
+    clipping → AdamW → EMA updates. ``model`` is ``method`` (also when sharded) or its DDP wrapper."""
     for g in opt.param_groups:
         g["lr"] = ctx.lr * g["lr_scale"]
         g["weight_decay"] = ctx.weight_decay if g["apply_wd"] else 0.0
@@ -321,12 +349,36 @@ def _metric_values(loss: torch.Tensor, metrics: dict) -> dict[str, float]:
     return dict(zip(names, vals.tolist()))
 
 
+def is_sharded(a, info) -> bool:
+    """``--fsdp`` under torchrun with more than one process (one process runs unsharded)."""
+    return info.enabled and a.parallel == "fsdp"
+
+
+def unsharded_copy(method_cls: type[Method], a, data, method: Method, info):
+    """Collective under ``--fsdp``: a plain copy of ``method`` with the full weights on rank 0
+    (``None`` on the other ranks), for kNN, probe and export; ``method`` itself otherwise."""
+    if not is_sharded(a, info):
+        return method
+    sd = dist.full_state_dict(method)
+    if not info.is_main:
+        return None
+    with torch.random.fork_rng(devices=[]):  # building the copy must not move the run's RNG
+        copy = method_cls(a, data)
+    copy.load_state_dict(sd, strict=True)
+    return copy.to(info.device)
+
+
 def train(method_cls: type[Method], a, info, log):
     data = load_dataset(a.data, a.image_size)
     torch.manual_seed(a.seed)
     method = method_cls(a, data).to(info.device)
-    model = (nn.parallel.DistributedDataParallel(method, broadcast_buffers=False) if info.enabled else method)
-    opt = make_optimizer(method, a)
+    sharded = is_sharded(a, info)
+    if sharded:  # FSDP2: the method is its own root unit, called as usual
+        dist.fully_shard_method(method, method.ema_pairs())
+        model = method
+    else:
+        model = (nn.parallel.DistributedDataParallel(method, broadcast_buffers=False) if info.enabled else method)
+    opt = make_optimizer(method, a)  # after sharding: AdamW holds (and keeps state of) the shards
     gen = torch.Generator(device=info.device)  # views, masks, noise: reseeded every step
 
     steps_per_epoch = data.train_images.shape[0] // a.batch_size
@@ -338,7 +390,16 @@ def train(method_cls: type[Method], a, info, log):
     # what a resumed run must share, as the checkpoint's JSON stores it (tuples become lists)
     run_config = json.loads(json.dumps({k: v for k, v in vars(a).items() if k not in RESUMABLE}))
     if a.resume and os.path.exists(ckpt_path):
-        saved = ckpt.load_training_state(ckpt_path, modules={"method": method}, optimizer=opt, generators={"step": gen})
+        if ckpt.is_sharded_checkpoint(ckpt_path) != sharded:
+            kind = "a replicated (not --fsdp)" if sharded else "a sharded (--fsdp)"
+            raise ResumeError(f"--resume: {ckpt_path} is {kind} checkpoint; resume it with the parallel mode "
+                              f"and the number of ranks that wrote it")
+        load = ckpt.load_sharded_training_state if sharded else ckpt.load_training_state
+        try:
+            saved = load(ckpt_path, modules={"method": method}, optimizer=opt, generators={"step": gen})
+        except ValueError as e:
+            raise ResumeError(f"--resume: {e}") from None
+        saved["config"].setdefault("parallel", "ddp")  # checkpoints from before --fsdp
         changed = {k: (saved["config"].get(k), v) for k, v in run_config.items() if saved["config"].get(k) != v}
         if changed:
             raise ResumeError(f"--resume: {ckpt_path} was written with different settings "
@@ -372,13 +433,18 @@ def train(method_cls: type[Method], a, info, log):
                        img_s=round(rate))
         end_of_epoch = step % steps_per_epoch == 0
         if end_of_epoch and a.eval_every and (step // steps_per_epoch) % a.eval_every == 0 and step < last:
+            full = unsharded_copy(method_cls, a, data, method, info)
             if info.is_main:
                 log.log("eval", step, step // steps_per_epoch,
-                        **{f"{n}_knn": evaluate_encoder(m, data, probe=False)["knn"] for n, m in method.encoders().items()})
-        if (end_of_epoch or step == last) and info.is_main:
-            ckpt.save_training_state(ckpt_path, modules={"method": method}, optimizer=opt, generators={"step": gen},
-                                     extra={"step": step, "epoch": step // steps_per_epoch, "total_steps": total_steps,
-                                            "config": run_config})
+                        **{f"{n}_knn": evaluate_encoder(m, data, probe=False)["knn"] for n, m in full.encoders().items()})
+        if end_of_epoch or step == last:
+            state = dict(modules={"method": method}, optimizer=opt, generators={"step": gen},
+                         extra={"step": step, "epoch": step // steps_per_epoch, "total_steps": total_steps,
+                                "config": run_config})
+            if sharded:  # collective: every rank writes its shards
+                ckpt.save_sharded_training_state(ckpt_path, **state)
+            elif info.is_main:
+                ckpt.save_training_state(ckpt_path, **state)
     log.close_bar()
     dist.barrier()
     return data, method, step, steps_per_epoch
@@ -387,10 +453,14 @@ def train(method_cls: type[Method], a, info, log):
 def final_evaluation(method_cls, a, info, log, data: ImageDataset, method: Method, step: int, steps_per_epoch: int):
     """kNN + probe of every encoder and of the same architecture at its random init (seed)."""
     teachers = [t for t, _ in method.ema_pairs()]
-    drift = dist.max_abs_diff_across_ranks(torch.cat([p.flatten() for t in teachers for p in t.parameters()])) \
-        if teachers else 0.0
+    # replicas (DDP) must hold equal teachers; sharded, only the buffers are replicated
+    replicated = [x for t in teachers for x in (t.buffers() if is_sharded(a, info) else t.parameters())
+                  if x.is_floating_point()]
+    drift = dist.max_abs_diff_across_ranks(torch.cat([x.flatten() for x in replicated])) if replicated else 0.0
+    full = unsharded_copy(method_cls, a, data, method, info)
     results = None
     if info.is_main:
+        method = full
         torch.manual_seed(a.seed)  # rebuilt exactly as the run began: the student's initial weights
         random_init = next(iter(method_cls(a, data).encoders().values())).to(info.device)
         encoders = {**method.encoders(), "random": random_init}
