@@ -23,7 +23,7 @@ batch's most common token), ``pred_perplexity`` (how many distinct tokens the ar
 predictions use) and ``token_perplexity`` (codebook usage of the targets).
 
 Deviations (docs/recipes/beit.md): the tokenizer is fitted on the training set before the
-run (k-means, ``--vocab-size`` 256 codes, cached as OUT/tokenizer.safetensors) because DALL-E's
+run (k-means, ``--vocab-size`` 64 codes, cached as OUT/tokenizer.safetensors) because DALL-E's
 dVAE cannot be downloaded here; 16x16 digits, patch 4 → 16 tokens, 6 masked, blocks of at
 least 2 patches (BEiT: 75 of 196, blocks ≥ 16); learned absolute positions of timm's ViT and
 no layer scale (BEiT: shared relative position bias, layer scale 0.1); lr 2e-3 at batch 128.
@@ -94,7 +94,7 @@ class BEiT(Method):
     def add_arguments(g):
         g.add_argument("--mask-ratio", type=float, default=0.4, help="share of patches masked per image (BEiT 75/196)")
         g.add_argument("--min-block-patches", type=int, default=2, help="smallest masking block (BEiT 16 of 196)")
-        g.add_argument("--vocab-size", type=int, default=256, help="tokenizer codes (k-means centroids)")
+        g.add_argument("--vocab-size", type=int, default=64, help="tokenizer codes (k-means centroids)")
         g.add_argument("--kmeans-iters", type=int, default=30)
         g.add_argument("--tokenizer", default=None,
                        help="load this tokenizer file instead of fitting one (default: fit, cached as OUT/tokenizer.safetensors)")

@@ -124,6 +124,7 @@ class Rotation(Pretext):
     """RotNet: classify which of 4 rotations was applied."""
 
     name, title, task = "pretext-rotation", "Pretext: rotation", "rotation"
+    defaults = {**Pretext.defaults, "epochs": 30, "warmup_epochs": 3}  # every step sees 4 copies of each image
     chance = 0.25
 
     def __init__(self, a, data):
