@@ -242,15 +242,16 @@ def _aot_configs():
     configs = []
     for label, ty in _DTYPES:
         p = "*" + ty
-        for d_pad in D_PADS:
+        for bd in sorted({min(d, 64) for d in D_PADS}):
             for has_c, inv_name in ((False, "student"), (True, "teacher")):
                 configs.append(dict(
-                    name=f"proto_row_stats {label} D_PAD={d_pad} {inv_name}", kernel=proto_row_stats_kernel,
+                    name=f"proto_row_stats {label} BLOCK_D={bd} {inv_name}", kernel=proto_row_stats_kernel,
                     signature={"z_ptr": p, "v_ptr": p, "r_ptr": "*fp32", "c_ptr": "*fp32", "m_ptr": "*fp32",
                                "lz_ptr": "*fp32", "R": "i32", "K": "i32", "D": "i32", "inv": "fp32"},
                     constexprs=dict(HAS_R=True, HAS_C=has_c, BLOCK_R=STATS_BLOCK, BLOCK_K=STATS_BLOCK,
-                                    BLOCK_D=min(d_pad, 64)),
+                                    BLOCK_D=bd),
                     num_warps=4, num_stages=2))
+        for d_pad in D_PADS:
             br, bk, nw = GRAD_CONFIGS[d_pad]
             for grad in (True, False):
                 sig = {"zs_ptr": p, "zt_ptr": p, "v_ptr": p, "vt_ptr": p}
