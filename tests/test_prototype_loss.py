@@ -415,3 +415,21 @@ def test_nn_losses_fused_match_unfused():
         s = sslkern.nn.DINOLoss(K, ncrops, 0.04, 0.07, 3, 10, teacher_mode="sinkhorn")
         s.forward_fused(head.bottleneck(x), teacher.bottleneck(x[:2 * B]), head.last_layer, teacher.last_layer, 1)
     assert np.isfinite(float(l1))
+
+
+def test_matches_sslkern_reference_function():
+    """sslkern.reference.prototype_loss (dino's head math + DINOLoss / iBOTPatchLoss math)."""
+    x = make(3, 4, 2, 211, 10, seed=21)
+    zs, zt, v, gain, vt, gt, c = x
+    l0 = sslkern.reference.prototype_loss(zs, zt, v, vt, c, gain, gt)
+    g0 = _grads(l0, x)
+    l1 = sslkern.prototype_loss(zs, zt, v, vt, c, gain=gain, teacher_gain=gt)
+    g1 = _grads(l1, x)
+    assert float(l1) == pytest.approx(float(l0), rel=2e-6)
+    for a, b in zip(g1, g0):
+        _close(a, b, 1e-4, 2e-5)
+    masks = make_masks(5, 7, seed=4)
+    xi = make(int(masks.sum()), 1, 1, 211, 10, seed=22)
+    l0 = sslkern.reference.prototype_loss(xi[0], xi[1], xi[2], xi[4], xi[6], xi[3], xi[5], masks)
+    l1 = sslkern.prototype_loss(xi[0], xi[1], xi[2], xi[4], xi[6], gain=xi[3], teacher_gain=xi[5], masks=masks)
+    assert float(l1) == pytest.approx(float(l0), rel=2e-6)
