@@ -9,7 +9,9 @@ One step, as in dino ``main_dino.py``:
   3. student   the student encodes every crop (one backbone pass per resolution) → DINO head:
                MLP → L2-normalised bottleneck → weight-normalised prototypes (gain fixed)
   4. loss      cross-entropy between the centred, sharpened teacher and the student over all
-               cross-view pairs, fused with the center update (``sslkern.nn.DINOLoss``)
+               cross-view pairs, fused with the center update (``sslkern.nn.DINOLoss``) and with
+               the heads' prototype layers (``forward_fused``: no (rows, K) logits are stored;
+               ``--unfused-head`` materialises them)
   5. step      AdamW, warm-up + cosine lr, cosine weight decay, per-parameter clipping,
                the last layer frozen during the first epoch
   6. EMA       teacher ← EMA of the student, momentum cosine m0 → 1
@@ -76,11 +78,16 @@ class DINO(Method):
     def forward(self, images, ctx):
         global_crops, local_crops = self.views(images, ctx.generator, mean=self.mean, std=self.std,
                                                rows=(ctx.rank, ctx.world_size))                # 1. views
+        head, t_head, center = self.student.head, self.teacher.module.head, self.loss.center.clone()
         with torch.no_grad():
-            teacher_out = self.teacher(global_crops)                                         # 2. teacher (2B, K)
-        student_out = self.student(global_crops + local_crops)                               # 3. student (V·B, K)
-        center = self.loss.center.clone()
-        loss = self.loss(student_out, teacher_out, ctx.epoch)                                # 4. fused loss + center
+            zt = t_head.bottleneck(self.teacher.module.features(global_crops))              # 2. teacher (2B, Db)
+        zs = head.bottleneck(self.student.features(global_crops + local_crops))              # 3. student (V·B, Db)
+        if self.a.fused_head and self.a.teacher == "center":                                 # 4. loss + center:
+            loss = self.loss.forward_fused(zs, zt, head.last_layer, t_head.last_layer, ctx.epoch)  # no (V·B, K)
+        else:
+            loss = self.loss(head.last_layer(zs), t_head.last_layer(zt), ctx.epoch)
+        with torch.no_grad():
+            teacher_out = t_head.last_layer(zt)                                              # (2B, K): health only
         return loss, distillation_health(teacher_out, center, ctx.teacher_temp, loss, mode=self.a.teacher)
 
     def verdict(self, health):

@@ -14,7 +14,8 @@ One step:
   4. student   global crops with a learned mask token at masked patches, and the local crops
   5. loss      DINO loss on the image head (``sslkern.nn.DINOLoss``) + iBOT masked patch loss
                (``sslkern.nn.IBOTPatchLoss``, per-image weights) + KoLeo on the student's
-               global-crop features (``sslkern.koleo_loss``, weight 0.1)
+               global-crop features (``sslkern.koleo_loss``, weight 0.1); both losses fused with
+               the heads' prototype layers (``forward_fused``; ``--unfused-head``: logits)
   6. step, EMA as DINO (cosine momentum)
 
 Deviations for the small default (see docs/recipes/ibot.md): the DINO settings of
@@ -129,15 +130,24 @@ class IBOT(Method):
         g = torch.cat(global_crops)
         with torch.no_grad():                                                                # 3. teacher
             t_tok = self.teacher.module.tokens(g)
-            t_img = self.teacher.module.image.head(self.teacher.module.image.pooled(t_tok))
-            t_patch = self.teacher.module.patch_head(t_tok[:, 1:][masks])
+            zt_img = self.teacher.module.image.head.bottleneck(self.teacher.module.image.pooled(t_tok))
+            zt_patch = self.teacher.module.patch_head.bottleneck(t_tok[:, 1:][masks])
         s_tok = self.student.tokens(g, masks)                                                # 4. student
-        s_img = self.student.image.head(torch.cat([self.student.image.pooled(s_tok),
-                                                   self.student.image.features(local_crops)]))
-        s_patch = self.student.patch_head(s_tok[:, 1:][masks])
+        zs_img = self.student.image.head.bottleneck(torch.cat([self.student.image.pooled(s_tok),
+                                                               self.student.image.features(local_crops)]))
+        zs_patch = self.student.patch_head.bottleneck(s_tok[:, 1:][masks])
         centers = self.dino_loss.center.clone(), self.ibot_loss.center.clone()
-        dino = self.dino_loss(s_img, t_img, ctx.epoch)                                       # 5. losses
-        ibot = self.ibot_loss(s_patch, t_patch, masks, teacher_temp=tt)
+        layers = (self.student.image.head.last_layer, self.teacher.module.image.head.last_layer,
+                  self.student.patch_head.last_layer, self.teacher.module.patch_head.last_layer)
+        if a.fused_head and a.teacher == "center":                                           # 5. losses, fused
+            dino = self.dino_loss.forward_fused(zs_img, zt_img, layers[0], layers[1], ctx.epoch)  # with the
+            ibot = self.ibot_loss.forward_fused(zs_patch, zt_patch, layers[2], layers[3], masks,  # prototypes
+                                                teacher_temp=tt)
+        else:
+            dino = self.dino_loss(layers[0](zs_img), layers[1](zt_img), ctx.epoch)
+            ibot = self.ibot_loss(layers[2](zs_patch), layers[3](zt_patch), masks, teacher_temp=tt)
+        with torch.no_grad():                                                                # health only
+            t_img, t_patch = layers[1](zt_img), layers[3](zt_patch)
         koleo = sum(sslkern.koleo_loss(f) for f in self.student.image.pooled(s_tok).chunk(2))
         loss = dino + a.ibot_weight * ibot + a.koleo_weight * koleo
         n = masks.sum(1)

@@ -155,3 +155,17 @@ def test_bad_options_are_clear_errors(tmp_path, capsys, name, args, message):
         _run(name, ["--out", str(tmp_path / "x"), "--quiet"] + args)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, steps", [("dino", 20), ("ibot", 8)])
+def test_fused_head_reproduces_unfused_losses(tmp_path, name, steps):
+    """The default fused prototype loss (sslkern.prototype_loss: no (rows, K) logits) against
+    --unfused-head (head logits → dino_loss / ibot_patch_loss): the first losses agree to
+    fp32 rounding (the logits are summed in other orders, and training feeds that back)."""
+    fused, unfused = str(tmp_path / "fused"), str(tmp_path / "unfused")
+    args = TINY + ["--epochs", "5", "--steps", str(steps), "--no-probe", "--eval-every", "0"]
+    _run(name, args + ["--out", fused])
+    _run(name, args + ["--out", unfused, "--unfused-head"])
+    a, b = [r["loss"] for r in _rows(fused)], [r["loss"] for r in _rows(unfused)]
+    assert len(a) == len(b) == steps
+    np.testing.assert_allclose(a, b, rtol=1e-5)

@@ -7,6 +7,15 @@ import torch
 from torch import nn
 
 from ..ops.dino_loss import dino_loss, ibot_patch_loss
+from ..ops.prototype_loss import prototype_loss
+from .heads import layer_parts
+
+
+def _fused_mode(cls, mode):
+    if mode != "center":
+        raise ValueError(f"sslkern.nn.{cls}.forward_fused: teacher_mode={mode!r} is not supported by the fused "
+                         f"prototype path (the Sinkhorn-Knopp teacher needs every teacher logit at once); "
+                         f"use forward() on the head's logits")
 
 
 class DINOLoss(nn.Module):
@@ -48,6 +57,25 @@ class DINOLoss(nn.Module):
             self.center.copy_(new_center)
         return loss
 
+    def forward_fused(self, student_z: torch.Tensor, teacher_z: torch.Tensor, student_layer: nn.Module,
+                      teacher_layer: nn.Module, epoch: int) -> torch.Tensor:
+        """``forward(student_layer(student_z), teacher_layer(teacher_z), epoch)`` without the
+        logits: ``sslkern.prototype_loss`` on the bottleneck features (ncrops·B and 2·B rows)
+        and the last layers (``WeightNormLinear`` or bias-free ``nn.Linear``). Center mode only."""
+        _fused_mode("DINOLoss", self.teacher_mode)
+        B = teacher_z.shape[0] // self.n_global_crops
+        if student_z.shape[0] != self.ncrops * B:
+            raise ValueError(f"sslkern.nn.DINOLoss: student_z expected ncrops·B = {self.ncrops}·{B} rows, "
+                             f"got {student_z.shape[0]}")
+        (w, g), (wt, gt) = layer_parts(student_layer), layer_parts(teacher_layer)
+        loss, new_center = prototype_loss(
+            student_z, teacher_z, w, wt, self.center, gain=g, teacher_gain=gt, student_temp=self.student_temp,
+            teacher_temp=float(self.teacher_temp_schedule[epoch]), n_global_crops=self.n_global_crops,
+            center_momentum=self.center_momentum)
+        with torch.no_grad():
+            self.center.copy_(new_center)
+        return loss
+
 
 class IBOTPatchLoss(nn.Module):
     """dinov2 ``iBOTPatchLoss`` (masked form): ``center`` buffer of shape (1, 1, patch_out_dim).
@@ -74,6 +102,21 @@ class IBOTPatchLoss(nn.Module):
             student_patch_tokens_masked, teacher_patch_tokens_masked, student_masks_flat, self.center,
             student_temp=self.student_temp, teacher_temp=self.teacher_temp if teacher_temp is None else teacher_temp,
             teacher_mode=self.teacher_mode, center_momentum=self.center_momentum, check_masks=check_masks)
+        with torch.no_grad():
+            self.center.copy_(new_center)
+        return loss
+
+    def forward_fused(self, student_z: torch.Tensor, teacher_z: torch.Tensor, student_layer: nn.Module,
+                      teacher_layer: nn.Module, student_masks_flat: torch.Tensor, teacher_temp: float | None = None,
+                      check_masks: bool = True) -> torch.Tensor:
+        """``forward`` on the masked tokens' bottleneck features (M rows each) and the patch
+        heads' last layers, without the (M, K) logits (``sslkern.prototype_loss``). Center mode only."""
+        _fused_mode("IBOTPatchLoss", self.teacher_mode)
+        (w, g), (wt, gt) = layer_parts(student_layer), layer_parts(teacher_layer)
+        loss, new_center = prototype_loss(
+            student_z, teacher_z, w, wt, self.center, gain=g, teacher_gain=gt, masks=student_masks_flat,
+            student_temp=self.student_temp, teacher_temp=self.teacher_temp if teacher_temp is None else teacher_temp,
+            center_momentum=self.center_momentum, check_masks=check_masks)
         with torch.no_grad():
             self.center.copy_(new_center)
         return loss

@@ -63,6 +63,21 @@ class WeightNormLinear(nn.Module):
         return F.linear(x, self.weight)
 
 
+def layer_parts(layer: nn.Module):
+    """(weight, gain) of a prototype layer for :func:`sslkern.prototype_loss`:
+    ``(weight_v, weight_g)`` of a :class:`WeightNormLinear` (or of torch's ``weight_norm``
+    forms), ``(weight, None)`` of a bias-free ``nn.Linear``."""
+    if isinstance(layer, WeightNormLinear) or (hasattr(layer, "weight_v") and hasattr(layer, "weight_g")):
+        return layer.weight_v, layer.weight_g
+    p = getattr(layer, "parametrizations", None)
+    if p is not None and hasattr(p, "weight") and len(p.weight.original) == 2:  # parametrizations.weight_norm
+        return p.weight.original1, p.weight.original0
+    if isinstance(layer, nn.Linear) and layer.bias is None:
+        return layer.weight, None
+    raise TypeError(f"sslkern.nn: prototype layer expected a WeightNormLinear, a weight_norm Linear or a bias-free "
+                    f"nn.Linear, got {type(layer).__name__}")
+
+
 class DINOHead(nn.Module):
     """dino ``DINOHead(in_dim, out_dim, use_bn, norm_last_layer, nlayers, hidden_dim, bottleneck_dim)``.
 
@@ -92,10 +107,33 @@ class DINOHead(nn.Module):
                 nn.init.zeros_(m.bias)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fix_gain=norm_last_layer)
 
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """The L2-normalised bottleneck features (what the last layer reads)."""
+        return F.normalize(self.mlp(x), dim=-1, p=2)
+
     def forward(self, x: torch.Tensor, return_bottleneck: bool = False):
-        z = F.normalize(self.mlp(x), dim=-1, p=2)
+        z = self.bottleneck(x)
         logits = self.last_layer(z)
         return (logits, z) if return_bottleneck else logits
+
+    def fused_loss(self, x: torch.Tensor, teacher_head: "DINOHead", teacher_x: torch.Tensor, center: torch.Tensor,
+                   **kwargs):
+        """``head(x) → dino_loss`` (``ibot_patch_loss`` with ``masks=``) without the (rows, K) logits.
+
+        ``x``: the student rows' head inputs, ``teacher_x`` the teacher rows' (through
+        ``teacher_head``, no gradient); the loss arguments (``student_temp``, ``teacher_temp``,
+        ``n_global_crops``, ``masks``, ``center_momentum``, ...) go to :func:`sslkern.prototype_loss`,
+        whose result this returns. Gradients reach this head's MLP and its last layer's
+        ``weight_v`` (and ``weight_g`` unless ``norm_last_layer``).
+        """
+        from ..ops.prototype_loss import prototype_loss
+
+        z = self.bottleneck(x)
+        with torch.no_grad():
+            zt = teacher_head.bottleneck(teacher_x)
+        weight, gain = layer_parts(self.last_layer)
+        t_weight, t_gain = layer_parts(teacher_head.last_layer)
+        return prototype_loss(z, zt, weight, t_weight, center, gain=gain, teacher_gain=t_gain, **kwargs)
 
 
 class MultiCropWrapper(nn.Module):

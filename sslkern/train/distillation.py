@@ -34,6 +34,9 @@ def add_distillation_arguments(g, out_dim=4096):
                    help="teacher probabilities: DINO centering or DINOv2 Sinkhorn-Knopp")
     g.add_argument("--momentum-teacher", type=float, default=0.99, help="EMA start, cosine to 1 (dino: 0.996)")
     g.add_argument("--freeze-last-layer", type=int, default=1, help="epochs with the prototypes frozen")
+    g.add_argument("--unfused-head", dest="fused_head", action="store_false",
+                   help="materialise the prototype logits (head → loss); default: the fused prototype loss "
+                        "(sslkern.prototype_loss, no (rows, K) logits; the Sinkhorn teacher always uses the logits)")
 
 
 def check_distillation_arguments(a, error):
