@@ -104,6 +104,28 @@ def clipping_on_dtensors(mesh):
         assert (max(norms) <= 1 + 1e-5) if mode == "per-param" else abs(sum(n * n for n in norms) ** 0.5 - 1) < 1e-5
 
 
+def global_batchnorm_uneven_rows():
+    """GlobalBatchNorm1d with a different number of rows per rank (iBOT's patch head) equals
+    BatchNorm1d on the concatenated rows: outputs, input gradients and running statistics."""
+    from sslkern.nn.heads import GlobalBatchNorm1d
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sizes = [3 + 4 * r for r in range(world)]
+    g = torch.Generator().manual_seed(5)
+    full = torch.randn(sum(sizes), 6, generator=g, dtype=torch.float64) * 2 + 1
+    lo = sum(sizes[:rank])
+    ref, gbn = nn.BatchNorm1d(6).double(), GlobalBatchNorm1d(6).double()
+    x_full = full.clone().requires_grad_(True)
+    ref(x_full).pow(2).sum().backward()
+    x = full[lo:lo + sizes[rank]].clone().requires_grad_(True)
+    y = gbn(x)
+    y.pow(2).sum().backward()
+    y_ref = nn.functional.batch_norm(full, None, None, training=True, eps=ref.eps)[lo:lo + sizes[rank]]
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x.grad, x_full.grad[lo:lo + sizes[rank]], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(gbn.running_mean, ref.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gbn.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
+
+
 def main():
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
@@ -111,6 +133,7 @@ def main():
     ema_on_dtensors(mesh)
     ema_teacher_on_fully_sharded_vit()
     clipping_on_dtensors(mesh)
+    global_batchnorm_uneven_rows()
     dist.barrier()
     if dist.get_rank() == 0:
         print("FSDP-WORKER-OK")

@@ -28,7 +28,11 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
-        n = x.shape[0] * dist.get_world_size()
+        # the global row count: ranks may hold different numbers of rows (iBOT's patch head
+        # sees each rank's masked tokens)
+        count = torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device)
+        dist.all_reduce(count)
+        n = int(count.item())
         mean = all_reduce(x.sum(0)) / n
         var = all_reduce(((x - mean) ** 2).sum(0)) / n
         if self.track_running_stats:
