@@ -15,6 +15,7 @@ oracles):
   data2vec_cls_loss       data2vec 2.0 CLS term (student CLS vs token-mean target)
   data2vec_loss           the two above from the teacher layers in one call (composition)
   info_nce_loss           InfoNCE / NT-Xent contrastive loss (MoCo v3, SimCLR), tiled: no (N, M) logits
+  relation_loss           RelViT pairwise spatial-relation CE (+ distance / angle MSE): no (B, 9, N, N) logits
 
 Modules: ``sslkern.masks`` (mask generators: MAE random, block, data2vec 2.0 inverse block,
 I-JEPA multiblock), ``sslkern.nn`` (EMA teacher, DINO/iBOT losses, ALiBi attention for timm,
@@ -47,6 +48,7 @@ from .ops import (  # noqa: F401
     koleo_loss,
     layer_average_targets,
     masked_regression_loss,
+    relation_loss,
     restore_tokens,
     sinkhorn_knopp_teacher,
 )
