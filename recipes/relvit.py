@@ -78,7 +78,7 @@ class RelViT(Method):
     """RelViT: predict the spatial relations, distances, angles and positions of shuffled patches."""
 
     name, title = "relvit", "RelViT"
-    defaults = dict(epochs=100, batch_size=128, lr=1e-3, weight_decay=0.05, warmup_epochs=5)
+    defaults = dict(epochs=30, batch_size=128, lr=1e-3, weight_decay=0.05, warmup_epochs=3)
     health = {"rel_acc": "low", "token_std": "low"}
 
     @staticmethod
