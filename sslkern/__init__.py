@@ -16,6 +16,7 @@ oracles):
   data2vec_loss           the two above from the teacher layers in one call (composition)
   info_nce_loss           InfoNCE / NT-Xent contrastive loss (MoCo v3, SimCLR), tiled: no (N, M) logits
   prototype_loss          DINO / iBOT prototype layer + loss fused: features and weights in, no (rows, K) logits
+  relation_loss           RelViT pairwise spatial-relation CE (+ distance / angle MSE): no (B, 9, N, N) logits
 
 Modules: ``sslkern.masks`` (mask generators: MAE random, block, data2vec 2.0 inverse block,
 I-JEPA multiblock), ``sslkern.nn`` (EMA teacher, DINO/iBOT losses, ALiBi attention for timm,
@@ -49,6 +50,7 @@ from .ops import (  # noqa: F401
     layer_average_targets,
     masked_regression_loss,
     prototype_loss,
+    relation_loss,
     restore_tokens,
     sinkhorn_knopp_teacher,
 )

@@ -11,3 +11,4 @@ from .tokens import gather_tokens, restore_tokens  # noqa: F401
 from .dino_loss import center_update, dino_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp_teacher  # noqa: F401
 from .info_nce_loss import info_nce_loss  # noqa: F401
 from .prototype_loss import prototype_loss  # noqa: F401
+from .relation_loss import relation_loss  # noqa: F401

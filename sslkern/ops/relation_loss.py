@@ -1,0 +1,305 @@
+"""``relation_loss`` — RelViT's pairwise spatial-relation loss, fused (issue #15).
+
+RelViT (Camporese et al. 2021; ``guglielmocamporese/relvit`` ``models/relvit.py``,
+``datasets/encode_locations.py``) shuffles the patches of each image and asks, for every pair
+of patch tokens (i, j), where patch i lay relative to patch j in the original image: one of 9
+classes (LU, CU, RU, LC, CC, RC, LD, CD, RD). Its head ``MultiHeadAttentionScores(D, 9)`` has
+one query / key projection per class and scores ``x_c(i, j) = q_c(z_i)·k_c(z_j)/√d_head``;
+the loss is ``F.cross_entropy`` of the (B, 9, N, N) scores against the (B, N, N) labels.
+Optional regressions (``use_distances`` / ``use_angles``) use one-head scores of width D and
+``F.mse_loss`` against RelViT's distance and angle matrices.
+
+Fused: the labels come from the tokens' grid cells inside the kernel
+(``3·(sgn(r_i − r_j) + 1) + sgn(c_i − c_j) + 1``; targets of the regressions are read from a
+(G, G) table of the grid, G = cells), the (B, 9, N, N) scores and the (B, N, N) labels never
+exist; the kernels stream over tiles of j. The projections ``z·Wᵀ`` are one GEMM each, done
+here with differentiable torch ops (their gradients to the tokens and the weights flow through
+autograd); the custom op takes the projected (B, N, C·d_head) tensors.
+
+Custom ops: ``torch.ops.sslkern.relation_loss(q, k, pos, table, grid_w, cells, classes, scale,
+smoothing, validate, backend) -> (loss, accuracy)`` and its backward
+``sslkern::relation_loss_backward`` (recomputes the scores; returns dq, dk).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .._backend import Dispatch, ext_op, module_attr
+from .._checks import check_range, check_tensor, fail
+from ..reference.relation_loss import (RelationLosses, pair_targets, relation_labels, relvit_angle_matrix,
+                                       relvit_dist_matrix)
+
+OP = "relation_loss"
+NUM_RELATIONS = 9
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INTS = (torch.int64, torch.int32)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_positions(pos: torch.Tensor, cells: int) -> None:
+    """Host-side value check (one reduction and a sync): used by the reference and Triton backends."""
+    bad = (pos < 0) | (pos >= cells)
+    if bool(bad.any()):
+        b, i = (int(v) for v in bad.nonzero()[0])
+        fail(OP, f"positions expected values in [0, {cells}) (grid cells), got positions[{b}, {i}] = {int(pos[b, i])}",
+             IndexError)
+
+
+def _scores(q, k, classes, scale):
+    """(B, C, N, N) scores in the accumulation type."""
+    B, N, _ = q.shape
+    acc = _acc(q.dtype)
+    qa = q.to(acc).reshape(B, N, classes, -1).transpose(1, 2)
+    ka = k.to(acc).reshape(B, N, classes, -1).transpose(1, 2)
+    return (qa @ ka.transpose(2, 3)) * scale, qa, ka
+
+
+def _reference_fwd(q, k, pos, table, grid_w, cells, classes, scale, smoothing, validate):
+    if validate:
+        check_positions(pos, cells)
+    s, _, _ = _scores(q, k, classes, scale)
+    if table is None:
+        y = relation_labels(pos, grid_w)
+        logp = torch.log_softmax(s, dim=1)
+        nll = -logp.gather(1, y.unsqueeze(1)).squeeze(1)
+        loss = ((1 - smoothing) * nll + smoothing * (-logp.mean(1))).mean()
+        accuracy = (s.argmax(1) == y).to(s.dtype).mean()
+    else:
+        t = pair_targets(table, pos).to(s.dtype)
+        loss = ((s[:, 0] - t) ** 2).mean()
+        accuracy = s.new_zeros(())
+    return loss, accuracy
+
+
+def _reference_bwd(grad, q, k, pos, table, grid_w, cells, classes, scale, smoothing, validate):
+    s, qa, ka = _scores(q, k, classes, scale)
+    B, N = pos.shape
+    g = grad.to(s.dtype) / (B * N * N)
+    if table is None:
+        y = relation_labels(pos, grid_w)
+        G = torch.softmax(s, dim=1) - smoothing / classes
+        G = G - (1 - smoothing) * F.one_hot(y, classes).permute(0, 3, 1, 2).to(s.dtype)
+    else:
+        G = 2 * (s - pair_targets(table, pos).to(s.dtype).unsqueeze(1))
+    G = G * (g * scale)
+    dq = (G @ ka).transpose(1, 2).reshape(q.shape).to(q.dtype)
+    dk = (G.transpose(2, 3) @ qa).transpose(1, 2).reshape(k.shape).to(k.dtype)
+    return dq, dk
+
+
+dispatch = Dispatch(OP, {
+    "reference": lambda: _reference_fwd,
+    "cpu": ext_op("relation_loss_cpu"),
+    "triton": module_attr("sslkern.triton_ops.relation_loss", "relation_loss_triton"),
+})
+dispatch_backward = Dispatch(OP + "_backward", {
+    "reference": lambda: _reference_bwd,
+    "cpu": ext_op("relation_loss_backward_cpu"),
+    "triton": module_attr("sslkern.triton_ops.relation_loss", "relation_loss_backward_triton"),
+})
+
+
+@torch.library.custom_op("sslkern::relation_loss", mutates_args=())
+def _relation_loss_op(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, table: Optional[torch.Tensor], grid_w: int,
+                      cells: int, classes: int, scale: float, smoothing: float, validate: bool,
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    which = dispatch.resolve(q.device, backend)
+    fn = dispatch(q.device, backend)
+    args = (q, k, pos, table, grid_w, cells, classes, scale, smoothing)
+    return fn(*args) if which == "cpu" else fn(*args, validate)
+
+
+@_relation_loss_op.register_fake
+def _(q, k, pos, table, grid_w, cells, classes, scale, smoothing, validate, backend):
+    return q.new_empty((), dtype=_acc(q.dtype)), q.new_empty((), dtype=_acc(q.dtype))
+
+
+@torch.library.custom_op("sslkern::relation_loss_backward", mutates_args=())
+def _relation_loss_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor,
+                               table: Optional[torch.Tensor], grid_w: int, cells: int, classes: int, scale: float,
+                               smoothing: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    which = dispatch_backward.resolve(q.device, backend)
+    fn = dispatch_backward(q.device, backend)
+    args = (grad, q, k, pos, table, grid_w, cells, classes, scale, smoothing)
+    return fn(*args) if which == "cpu" else fn(*args, False)
+
+
+@_relation_loss_backward_op.register_fake
+def _(grad, q, k, pos, table, grid_w, cells, classes, scale, smoothing, backend):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, pos, table, grid_w, cells, classes, scale, smoothing, validate, backend = inputs
+    ctx.save_for_backward(q, k, pos, table)
+    ctx.args = (grid_w, cells, classes, scale, smoothing, backend)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, g_loss, g_acc):
+    q, k, pos, table = ctx.saved_tensors
+    grid_w, cells, classes, scale, smoothing, backend = ctx.args
+    none = (None,) * 9
+    if g_loss is None:
+        return (None, None) + none
+    dq, dk = torch.ops.sslkern.relation_loss_backward(g_loss, q, k, pos, table, grid_w, cells, classes, scale,
+                                                      smoothing, backend)
+    return (dq, dk) + none
+
+
+_relation_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------
+_TABLES: dict = {}
+
+
+def regression_table(kind: str, side: int, device: torch.device) -> torch.Tensor:
+    """RelViT's (G, G) fp32 ``create_dist_matrix`` / ``create_angle_matrix`` for a side × side grid (cached)."""
+    key = (kind, side, str(device))
+    t = _TABLES.get(key)
+    if t is None:
+        t = (relvit_dist_matrix if kind == "distance" else relvit_angle_matrix)(side).to(torch.float32)
+        t = _TABLES[key] = t.contiguous().to(device)
+    return t
+
+
+def _weights(name: str, w, D: int, dtype, device, classes: Optional[int]):
+    check_tensor(OP, name, w, dtypes=_FLOATS, ndim=(2, 3), device=device)
+    if w.dtype != dtype:
+        fail(OP, f"{name} expected dtype {str(dtype).replace('torch.', '')} (tokens' dtype), "
+                 f"got {str(w.dtype).replace('torch.', '')}", TypeError)
+    if w.dim() == 2:
+        w = w.unsqueeze(0)
+    if w.shape[-1] != D or (classes is not None and w.shape[0] != classes) or w.shape[1] == 0:
+        want = f"({classes}, d_head, {D})" if classes is not None else f"(1, d_head, {D}) or (d_head, {D})"
+        fail(OP, f"{name} expected shape {want}, got {tuple(w.shape)}")
+    return w
+
+
+def relation_loss(
+    tokens: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    positions: Optional[torch.Tensor] = None,
+    *,
+    grid=None,
+    distance: Optional[tuple] = None,
+    angle: Optional[tuple] = None,
+    label_smoothing: float = 0.0,
+    num_prefix_tokens: int = 0,
+    backend: Optional[str] = None,
+) -> RelationLosses:
+    r"""RelViT's spatial-relation loss over every pair of patch tokens, fused.
+
+    ``x_c(i, j) = (z_i·Wq_cᵀ)·(z_j·Wk_cᵀ)/√d_head`` for the 9 relation classes c, and
+    ``relation = mean_{b,i,j} CE(x(i, j), y_ij)`` with ``y_ij`` where token i's grid cell lies
+    relative to token j's (0 LU, 1 CU, 2 RU, 3 LC, 4 CC, 5 RC, 6 LD, 7 CD, 8 RD; row index grows
+    downwards): RelViT ``F.cross_entropy(out['rel'], batch['relations'])``.
+
+    Args:
+        tokens: (B, P + N, D) token features (RelViT: the backbone's ``z_patches``); the first
+            ``num_prefix_tokens`` P (CLS) are skipped. fp32, bf16, fp16 or fp64.
+        wq, wk: (9, d_head, D) the per-class query / key weights of RelViT's
+            ``MultiHeadAttentionScores(D, 9)`` (``torch.stack([h.q_lin.weight for h in heads])``;
+            d_head = D // 9 there), tokens' dtype and device.
+        positions: (B, N) int64 / int32 grid cell (row-major index) of each token, in [0, cells)
+            — the patch index before the shuffle (RelViT's ``idx_shuffle``). Default: token t
+            at cell t (needs N = cells).
+        grid: grid side (int) or (rows, cols); default a square grid of N cells.
+        distance, angle: optional ``(wq, wk)`` pairs of shape (1, d, D) or (d, D) (RelViT's
+            one-head ``dist_head`` / ``angle_head``, d = D): adds ``F.mse_loss`` of their
+            scores against RelViT's distance / angle matrices (square grid only).
+        label_smoothing: s of RelViT's ``utils.cross_entropy``:
+            ``(1 − s)·nll + s·mean_c(−log p_c)`` (its loss dropout is not implemented).
+        num_prefix_tokens: leading tokens to skip (CLS, registers).
+        backend: force ``"reference"``, ``"cpu"`` or ``"triton"`` (default: auto).
+
+    Returns:
+        ``RelationLosses(loss, relation, distance, angle, accuracy)``: 0-dim fp32 tensors (fp64
+        for fp64 inputs); ``loss`` = the sum of the terms given (RelViT adds them with weight 1),
+        ``distance`` / ``angle`` None when off, ``accuracy`` the fraction of pairs whose argmax
+        class is the label (no gradient). Gradients flow to ``tokens`` and every weight.
+
+    Positions are checked where they are read: the C++ kernel checks every value; the
+    reference and Triton backends check user-given positions with one reduction (a host sync).
+    """
+    check_tensor(OP, "tokens", tokens, dtypes=_FLOATS, ndim=3)
+    device, dtype = tokens.device, tokens.dtype
+    if not isinstance(num_prefix_tokens, int) or isinstance(num_prefix_tokens, bool) or num_prefix_tokens < 0:
+        fail(OP, f"num_prefix_tokens expected an int >= 0, got {num_prefix_tokens!r}")
+    B, L, D = tokens.shape
+    N = L - num_prefix_tokens
+    if B == 0 or N <= 0 or D == 0:
+        fail(OP, f"tokens expected (B, {num_prefix_tokens} + N, D) with B, N, D > 0, got shape {tuple(tokens.shape)}")
+    wq = _weights("wq", wq, D, dtype, device, NUM_RELATIONS)
+    wk = _weights("wk", wk, D, dtype, device, NUM_RELATIONS)
+    if wk.shape != wq.shape:
+        fail(OP, f"wk expected shape {tuple(wq.shape)} (wq's), got {tuple(wk.shape)}")
+    if grid is None:
+        side = math.isqrt(N)
+        if side * side != N:
+            fail(OP, f"grid expected when N = {N} is not a square (tokens' patch count after the prefix)")
+        gh = gw = side
+    elif isinstance(grid, int) and not isinstance(grid, bool):
+        gh = gw = grid
+    elif isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(g, int) for g in grid):
+        gh, gw = grid
+    else:
+        fail(OP, f"grid expected an int or (rows, cols), got {grid!r}", TypeError)
+    if gh <= 0 or gw <= 0:
+        fail(OP, f"grid expected positive sizes, got {grid!r}")
+    cells = gh * gw
+    validate = positions is not None
+    if positions is None:
+        if N != cells:
+            fail(OP, f"positions expected when N = {N} differs from the grid's {cells} cells")
+        positions = torch.arange(N, device=device).expand(B, N)
+    else:
+        check_tensor(OP, "positions", positions, dtypes=_INTS, shape=(B, N), device=device)
+    positions = positions.to(torch.int64).contiguous()
+    if isinstance(label_smoothing, torch.Tensor):
+        fail(OP, "label_smoothing expected a Python float, got a Tensor", TypeError)
+    check_range(OP, "label_smoothing", float(label_smoothing), 0.0, 1.0)
+    regs = {}
+    for name, pair in (("distance", distance), ("angle", angle)):
+        if pair is None:
+            continue
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            fail(OP, f"{name} expected a (wq, wk) pair of weights, got {type(pair).__name__}", TypeError)
+        a = _weights(f"{name}[0]", pair[0], D, dtype, device, None)
+        b = _weights(f"{name}[1]", pair[1], D, dtype, device, None)
+        if a.shape[0] != 1 or b.shape != a.shape:
+            fail(OP, f"{name} expected two weights of one shape (1, d, {D}), got {tuple(a.shape)} and {tuple(b.shape)}")
+        if gh != gw or cells < 2:
+            fail(OP, f"{name} expected a square grid of at least 2x2 (RelViT's matrices), got {gh}x{gw}")
+        regs[name] = (a, b)
+    backend = backend or ""
+
+    z = tokens[:, num_prefix_tokens:]
+
+    def term(w_q, w_k, classes, table):
+        q = F.linear(z, w_q.reshape(-1, D)).contiguous()
+        k = F.linear(z, w_k.reshape(-1, D)).contiguous()
+        scale = 1.0 / math.sqrt(w_q.shape[1])
+        return torch.ops.sslkern.relation_loss(q, k, positions, table, gw, cells, classes, scale,
+                                               float(label_smoothing), validate, backend)
+
+    rel, accuracy = term(wq, wk, NUM_RELATIONS, None)
+    total, out = rel, {}
+    for name in ("distance", "angle"):
+        out[name] = None
+        if name in regs:
+            out[name], _ = term(*regs[name], 1, regression_table(name, gw, device))
+            total = total + out[name]
+    return RelationLosses(total, rel, out["distance"], out["angle"], accuracy)
