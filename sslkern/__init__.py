@@ -15,6 +15,7 @@ oracles):
   data2vec_cls_loss       data2vec 2.0 CLS term (student CLS vs token-mean target)
   data2vec_loss           the two above from the teacher layers in one call (composition)
   info_nce_loss           InfoNCE / NT-Xent contrastive loss (MoCo v3, SimCLR), tiled: no (N, M) logits
+  hog_targets             MaskFeat per-patch HOG targets (SlowFast HOGLayerC), masked patches only
 
 Modules: ``sslkern.masks`` (mask generators: MAE random, block, data2vec 2.0 inverse block,
 I-JEPA multiblock), ``sslkern.nn`` (EMA teacher, DINO/iBOT losses, ALiBi attention for timm,
@@ -42,6 +43,7 @@ from .ops import (  # noqa: F401
     dino_loss,
     ema_update_,
     gather_tokens,
+    hog_targets,
     ibot_patch_loss,
     info_nce_loss,
     koleo_loss,

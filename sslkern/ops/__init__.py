@@ -7,3 +7,4 @@ from .data2vec_loss import data2vec_loss  # noqa: F401
 from .tokens import gather_tokens, restore_tokens  # noqa: F401
 from .dino_loss import dino_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp_teacher  # noqa: F401
 from .info_nce_loss import info_nce_loss  # noqa: F401
+from .hog_targets import hog_targets  # noqa: F401
