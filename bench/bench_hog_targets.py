@@ -69,4 +69,4 @@ def test_hog_targets_b64_224(benchmark, provider, masked):
     bytes_moved = read + 4 * B * rows * C * 4 * 9
     case = f"B={B} {S}x{S} RGB patch {P} cells {POOL} 9 bins " + ("masked 40% ids" if masked else "all patches")
     measure(benchmark, op="hog_targets", case=case, provider=provider, fn=make_fn(provider, masked),
-            bytes_moved=bytes_moved, target={"hoglayerc": 3.0}.get(provider), rounds=5, warmup=2)
+            bytes_moved=bytes_moved, target={"hoglayerc": 3.0}.get(provider), rounds=3, warmup=2)
