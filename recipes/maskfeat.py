@@ -69,7 +69,7 @@ class MaskFeat(Method):
     """MaskFeat: predict the HOG features of masked patches from the rest of the image."""
 
     name, title = "maskfeat", "MaskFeat"
-    defaults = dict(epochs=40, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_epochs=5)
+    defaults = dict(epochs=60, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_epochs=5)
     health = {"pred_std_ratio": "low"}
 
     @staticmethod
