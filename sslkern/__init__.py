@@ -17,6 +17,7 @@ oracles):
   info_nce_loss           InfoNCE / NT-Xent contrastive loss (MoCo v3, SimCLR), tiled: no (N, M) logits
   prototype_loss          DINO / iBOT prototype layer + loss fused: features and weights in, no (rows, K) logits
   relation_loss           RelViT pairwise spatial-relation CE (+ distance / angle MSE): no (B, 9, N, N) logits
+  hog_targets             MaskFeat per-patch HOG targets (SlowFast HOGLayerC), masked patches only
 
 Modules: ``sslkern.masks`` (mask generators: MAE random, block, data2vec 2.0 inverse block,
 I-JEPA multiblock), ``sslkern.nn`` (EMA teacher, DINO/iBOT losses, ALiBi attention for timm,
@@ -44,6 +45,7 @@ from .ops import (  # noqa: F401
     dino_loss,
     ema_update_,
     gather_tokens,
+    hog_targets,
     ibot_patch_loss,
     info_nce_loss,
     koleo_loss,

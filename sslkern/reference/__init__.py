@@ -12,3 +12,4 @@ from .dino_loss import center_update, dino_loss, ibot_patch_loss, koleo_loss, si
 from .info_nce_loss import info_nce_loss  # noqa: F401
 from .prototype_loss import prototype_loss  # noqa: F401
 from .relation_loss import relation_loss  # noqa: F401
+from .hog_targets import hog_targets  # noqa: F401
