@@ -35,8 +35,9 @@ import triton.language as tl
 D_PADS = (16, 32, 64, 128, 256)
 # (BLOCK_R, BLOCK_K, num_warps) per D_PAD for the tile-gradient kernel; the stats kernel
 # uses BLOCK_R = BLOCK_K = 32, BLOCK_D = min(D_PAD, 64)
-GRAD_CONFIGS = {16: (32, 32, 4), 32: (32, 32, 4), 64: (32, 32, 4), 128: (16, 16, 4), 256: (16, 16, 4)}
+GRAD_CONFIGS = {16: (32, 32, 4), 32: (32, 32, 4), 64: (32, 32, 8), 128: (16, 16, 8), 256: (16, 16, 8)}
 STATS_BLOCK = 32
+STATS_WARPS = 8  # 4 spilled 48-64 B at BLOCK_D >= 32 on sm_80 (GPU report)
 
 
 @triton.jit
@@ -177,10 +178,10 @@ def prototype_loss_triton(student, teacher, weight, gain, teacher_weight, teache
     bd = min(d_pad, 64)
     proto_row_stats_kernel[(triton.cdiv(Rs, STATS_BLOCK),)](
         zs, v, r if r is not None else dummy, dummy, ms, lzs, Rs, K, D, inv_ts,
-        HAS_R=r is not None, HAS_C=False, BLOCK_R=STATS_BLOCK, BLOCK_K=STATS_BLOCK, BLOCK_D=bd)
+        HAS_R=r is not None, HAS_C=False, BLOCK_R=STATS_BLOCK, BLOCK_K=STATS_BLOCK, BLOCK_D=bd, num_warps=STATS_WARPS)
     proto_row_stats_kernel[(triton.cdiv(Rt, STATS_BLOCK),)](
         zt, vt, rt if rt is not None else dummy, c, mt, lzt, Rt, K, D, inv_tt,
-        HAS_R=rt is not None, HAS_C=True, BLOCK_R=STATS_BLOCK, BLOCK_K=STATS_BLOCK, BLOCK_D=bd)
+        HAS_R=rt is not None, HAS_C=True, BLOCK_R=STATS_BLOCK, BLOCK_K=STATS_BLOCK, BLOCK_D=bd, num_warps=STATS_WARPS)
     # per-row / per-group factors and the pairings (small tensors)
     w = torch.full((B,), scale, dtype=f32, device=dev)
     if weights is not None:
@@ -250,7 +251,7 @@ def _aot_configs():
                                "lz_ptr": "*fp32", "R": "i32", "K": "i32", "D": "i32", "inv": "fp32"},
                     constexprs=dict(HAS_R=True, HAS_C=has_c, BLOCK_R=STATS_BLOCK, BLOCK_K=STATS_BLOCK,
                                     BLOCK_D=bd),
-                    num_warps=4, num_stages=2))
+                    num_warps=STATS_WARPS, num_stages=2))
         for d_pad in D_PADS:
             br, bk, nw = GRAD_CONFIGS[d_pad]
             for grad in (True, False):
