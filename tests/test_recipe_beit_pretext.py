@@ -102,9 +102,9 @@ def test_beit_step_matches_modeling_pretrain(tmp_path):
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
     assert 0 < loss < 2 * math.log(16)
     acc = (out_ref.argmax(-1) == labels_ref).float().mean()
-    assert metrics["mlm_acc"] == pytest.approx(float(acc))
+    assert metrics["mlm_acc"] == pytest.approx(float(acc), abs=1e-6)  # fp32 metric vs fp64 recount
     majority = torch.bincount(labels_ref, minlength=16).max() / labels_ref.numel()
-    assert metrics["mlm_gain"] == pytest.approx(float(acc - majority))
+    assert metrics["mlm_gain"] == pytest.approx(float(acc - majority), abs=1e-6)
     assert 0 < metrics["pred_entropy_frac"] <= 1 and 1 <= metrics["token_perplexity"] <= 16
     loss.backward()
     assert model.model.mask_token.grad.abs().sum() > 0 and model.tokenizer.codebook.grad is None
