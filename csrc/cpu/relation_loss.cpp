@@ -15,6 +15,7 @@
 // (B, C, N, N) exists: extra memory is C·N·JT per thread (JT = N up to 2^19 elements). The
 // backward recomputes the logits. fp16 / bf16 inputs are converted to fp32 copies; fp64 runs
 // in fp64. Every exp-based loop runs under flush-to-zero (parallel_for_ftz, common.h).
+#include "blas.h"
 #include "common.h"
 
 #include <algorithm>
@@ -23,28 +24,8 @@
 #include <type_traits>
 #include <vector>
 
-extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
-                       const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-                       const int* ldc);
-extern "C" void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
-                       const double* a, const int* lda, const double* b, const int* ldb, const double* beta,
-                       double* c, const int* ldc);
-
 namespace sslkern {
 namespace {
-
-// Row-major C[m×n] = alpha·op(A)[m×k]·op(B)[k×n] + beta·C (same helper as info_nce_loss.cpp).
-template <typename A>
-inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, A alpha, const A* a, int64_t lda, const A* b,
-                 int64_t ldb, A beta, A* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  const char tA = tb ? 'T' : 'N', tB = ta ? 'T' : 'N';
-  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
-  const int LA = static_cast<int>(std::max<int64_t>(ldb, 1)), LB = static_cast<int>(std::max<int64_t>(lda, 1));
-  const int LC = static_cast<int>(std::max<int64_t>(ldc, 1));
-  if constexpr (std::is_same_v<A, double>) dgemm_(&tA, &tB, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
-  else sgemm_(&tA, &tB, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
-}
 
 // log for x >= 1 (a sum of exponentials of which the largest is 1), vectorisable: frexp by bit
 // manipulation and Cephes' logf polynomial (~1 ulp).

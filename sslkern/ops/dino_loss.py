@@ -29,6 +29,27 @@ OP = "dino_loss"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def crop_layout(op: str, teacher_rows: int, student_rows: int, n_global_crops) -> tuple[int, int, int, int]:
+    """DINO's multi-crop layout from the row counts: (T, B, V, n_pairs) for T = n_global_crops
+    teacher views and V student views of B images, rows view-major; n_pairs = T·V − min(T, V)
+    (same-view pairs skipped). Raises naming the argument when the rows do not fit."""
+    T = int(n_global_crops)
+    if T < 1:
+        fail(op, f"n_global_crops expected >= 1, got {n_global_crops}")
+    if teacher_rows % T:
+        fail(op, f"teacher expected T·B rows with T = n_global_crops = {T}, got {teacher_rows} rows")
+    B = teacher_rows // T
+    if B == 0 or student_rows % B:
+        fail(op, f"student expected V·B rows with B = {B} images (teacher rows / n_global_crops), "
+                 f"got {student_rows} rows")
+    V = student_rows // B
+    n_pairs = T * V - min(T, V)
+    if n_pairs <= 0:
+        fail(op, f"no (teacher, student) pairs with different views: {T} teacher and {V} student crops "
+                 f"(same-view pairs are skipped); pass the local crops too")
+    return T, B, V, n_pairs
+
+
 def _reference_impl(student, teacher, center, weights, scale, student_temp, teacher_temp, n_student_views,
                     n_teacher_views, skip_same_view, teacher_is_probs, compute_grad, center_sum):
     """The custom op's contract in eager PyTorch (materializes probabilities)."""
@@ -259,20 +280,7 @@ def dino_loss(
     (the same rows as the eager reference). With ``"sinkhorn"`` a NaN spreads over the batch.
     """
     _check_common(OP, student, teacher, center, student_temp, teacher_temp, teacher_mode)
-    T = int(n_global_crops)
-    if T < 1:
-        fail(OP, f"n_global_crops expected >= 1, got {n_global_crops}")
-    if teacher.shape[0] % T:
-        fail(OP, f"teacher expected T·B rows with T = n_global_crops = {T}, got {teacher.shape[0]} rows")
-    B = teacher.shape[0] // T
-    if B == 0 or student.shape[0] % B:
-        fail(OP, f"student expected V·B rows with B = {B} images (teacher rows / n_global_crops), "
-                 f"got {student.shape[0]} rows")
-    V = student.shape[0] // B
-    n_pairs = T * V - min(T, V)
-    if n_pairs <= 0:
-        fail(OP, f"no (teacher, student) pairs with different views: {T} teacher and {V} student crops "
-                 f"(same-view pairs are skipped); pass the local crops too")
+    T, B, V, n_pairs = crop_layout(OP, teacher.shape[0], student.shape[0], n_global_crops)
     if center_momentum is not None:
         check_range(OP, "center_momentum", float(center_momentum), 0.0, 1.0)
         if center is None:

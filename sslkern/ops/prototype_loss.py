@@ -26,7 +26,7 @@ import torch
 
 from .._backend import Dispatch, ext_op, module_attr
 from .._checks import check_range, check_tensor, fail
-from .dino_loss import _is_eager_cpu_scalar, _new_center
+from .dino_loss import _is_eager_cpu_scalar, _new_center, crop_layout
 from .dino_loss import _reference_impl as _dino_reference_impl
 
 OP = "prototype_loss"
@@ -247,20 +247,7 @@ def prototype_loss(
         check_range(op, "center_momentum", float(center_momentum), 0.0, 1.0)
     acc = _acc(student, teacher, weight, teacher_weight)
     if masks is None:
-        T = int(n_global_crops)
-        if T < 1:
-            fail(op, f"n_global_crops expected >= 1, got {n_global_crops}")
-        if teacher.shape[0] % T:
-            fail(op, f"teacher expected T·B rows with T = n_global_crops = {T}, got {teacher.shape[0]} rows")
-        B = teacher.shape[0] // T
-        if B == 0 or student.shape[0] % B:
-            fail(op, f"student expected V·B rows with B = {B} images (teacher rows / n_global_crops), "
-                     f"got {student.shape[0]} rows")
-        V = student.shape[0] // B
-        n_pairs = T * V - min(T, V)
-        if n_pairs <= 0:
-            fail(op, f"no (teacher, student) pairs with different views: {T} teacher and {V} student crops "
-                     f"(same-view pairs are skipped); pass the local crops too")
+        T, B, V, n_pairs = crop_layout(op, teacher.shape[0], student.shape[0], n_global_crops)
         weights, scale, skip, n_rows = None, 1.0 / (n_pairs * B), True, teacher.shape[0]
     else:
         check_tensor(op, "masks", masks, dtypes=(torch.bool,), device=device)
