@@ -1,7 +1,9 @@
 """MaskFeat HOG targets (issue #15): B = 64 RGB images 224x224, patch 16, cells of 8, 9 bins.
 
 Cases: every patch (B, 196, 108), and the masked patches only (40 %: 78 ids per image, the
-MaskFeat ratio; SlowFast computes the whole map and selects ``[mask]``). fp32 images.
+MaskFeat ratio; SlowFast computes the whole map and selects ``[mask]``). fp32 images, and a bf16
+case (bf16 images in, fp32 targets out; HOGLayerC accepts fp32 only, so its provider upcasts
+the images inside the timed call, as a user of that code must).
 
 Providers:
   sslkern    sslkern.hog_targets (C++ on CPU, Triton on GPU)
@@ -37,15 +39,16 @@ def data():
         _data["ids"] = ids.to(dev)
         _data["mask"] = torch.zeros(B, n, dtype=torch.bool).scatter_(1, ids, True).to(dev)
         _data["hog"] = HOGLayerC(nbins=9, pool=POOL).to(dev)
+        _data["x_bf16"] = _data["x"].bfloat16()
     return _data
 
 
 _compiled = {}
 
 
-def make_fn(provider, masked):
+def make_fn(provider, masked, bf16=False):
     d = data()
-    x, ids, mask = d["x"], d["ids"] if masked else None, d["mask"] if masked else None
+    x, ids, mask = d["x_bf16" if bf16 else "x"], d["ids"] if masked else None, d["mask"] if masked else None
     if provider == "sslkern":
         return lambda: sslkern.hog_targets(x, P, pool=POOL, ids=ids)
     if provider == "reference":
@@ -54,7 +57,7 @@ def make_fn(provider, masked):
         fn = _compiled.setdefault("fn", torch.compile(sslkern.reference.hog_targets))
         return lambda: fn(x, P, POOL, 9, 0, ids)
     if provider == "hoglayerc":
-        return lambda: maskfeat_hog_labels(d["hog"], x, S // P, mask)
+        return lambda: maskfeat_hog_labels(d["hog"], x.float(), S // P, mask)
     raise ValueError(provider)
 
 
@@ -69,4 +72,13 @@ def test_hog_targets_b64_224(benchmark, provider, masked):
     bytes_moved = read + 4 * B * rows * C * 4 * 9
     case = f"B={B} {S}x{S} RGB patch {P} cells {POOL} 9 bins " + ("masked 40% ids" if masked else "all patches")
     measure(benchmark, op="hog_targets", case=case, provider=provider, fn=make_fn(provider, masked),
+            bytes_moved=bytes_moved, target={"hoglayerc": 3.0}.get(provider), rounds=3, warmup=2)
+
+
+@pytest.mark.parametrize("provider", ["sslkern", "reference", "hoglayerc"])
+def test_hog_targets_b64_224_bf16(benchmark, provider):
+    n = (S // P) ** 2
+    bytes_moved = 2 * B * C * S * S + 4 * B * n * C * 4 * 9
+    case = f"B={B} {S}x{S} RGB patch {P} cells {POOL} 9 bins all patches, bf16 images"
+    measure(benchmark, op="hog_targets", case=case, provider=provider, fn=make_fn(provider, False, bf16=True),
             bytes_moved=bytes_moved, target={"hoglayerc": 3.0}.get(provider), rounds=3, warmup=2)

@@ -56,15 +56,32 @@ CASES = [
     ("data2vec", "Data2Vec", "vits", VITS + ["--batch-size", "4", "--top-k", "6"], 2),
     ("ijepa", "IJEPA", "vits", VITS + ["--batch-size", "4", "--pred-dim", "192", "--pred-depth", "4",
                                        "--pred-heads", "6", "--min-keep", "10"], 2),
+    ("beit", "BEiT", "default", [], 1),
+    ("maskfeat", "MaskFeat", "default", [], 1),
+    ("relvit", "RelViT", "default", [], 1),
+    ("pretext-rotation", "Rotation", "default", ["--task", "rotation"], 1),
+    ("pretext-jigsaw", "Jigsaw", "default", ["--task", "jigsaw"], 1),
+    # BEiT: a 1,024-code k-means tokenizer (DALL-E's dVAE has 8,192 codes; its fit on the
+    # synthetic batch is not part of the step); MaskFeat: 8-pixel HOG cells as the paper at 224
+    ("beit", "BEiT", "vits", VITS + ["--batch-size", "8", "--vocab-size", "1024", "--kmeans-iters", "2"], 2),
+    ("maskfeat", "MaskFeat", "vits", VITS + ["--batch-size", "8", "--hog-pool", "8"], 2),
+    ("relvit", "RelViT", "vits", VITS + ["--batch-size", "8"], 2),
+    ("pretext-rotation", "Rotation", "vits", VITS + ["--task", "rotation", "--batch-size", "8"], 2),
+    ("pretext-jigsaw", "Jigsaw", "vits", VITS + ["--task", "jigsaw", "--batch-size", "8"], 2),
 ]
 IDS = [f"{c[0]}-{c[2]}" for c in CASES]
 
 
 def _recipe(name):
+    name = name.split("-")[0]  # pretext-rotation / pretext-jigsaw: recipes/pretext.py
     spec = importlib.util.spec_from_file_location(f"recipe_{name}", os.path.join(ROOT, "recipes", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _size_name(extra):
+    return "vits" if extra[:2] == VITS[:2] else "default"
 
 
 def make_step(name, cls, extra, threads):
@@ -73,10 +90,14 @@ def make_step(name, cls, extra, threads):
 
     mod = _recipe(name)
     method_cls = getattr(mod, cls)
-    _, a = parse_args(method_cls, ["--out", "/tmp/sslkern-bench-recipe", "--threads", str(threads)] + extra)
+    out = f"/tmp/sslkern-bench-recipe-{name}-{_size_name(extra)}"
+    _, a = parse_args(method_cls, ["--out", out, "--threads", str(threads)] + extra)
     chans = 1 if a.image_size <= 32 else 3  # digits are grey; ViT-S/16 224 gets RGB
-    data = SimpleNamespace(in_chans=chans, mean=torch.zeros(1, chans, 1, 1), std=torch.ones(1, chans, 1, 1))
     torch.manual_seed(0)
+    # what the recipes read of the dataset; BEiT fits its tokenizer on train_images
+    data = SimpleNamespace(name="synthetic", in_chans=chans, mean=torch.zeros(1, chans, 1, 1),
+                           std=torch.ones(1, chans, 1, 1),
+                           train_images=torch.randn(max(64, a.batch_size), chans, a.image_size, a.image_size))
     method = method_cls(a, data)
     opt = make_optimizer(method, a)
     images = torch.randn(a.batch_size, chans, a.image_size, a.image_size)
@@ -109,6 +130,30 @@ def test_train_step(benchmark, case, provider):
                  f"{threads} thread{'s' if threads > 1 else ''}, fp32")
         measure(benchmark, op=f"{name} recipe", case=label, provider=provider, fn=call, setup=reset,
                 rounds=10 if size == "default" else 3)
+    finally:
+        torch.set_num_threads(prev)
+
+
+PRECISION_CASES = [c for c in CASES if c[2] == "vits" and c[0] in ("data2vec2", "mae", "dino")]
+
+
+@pytest.mark.parametrize("provider", ["sslkern", "sslkern_bf16"])
+@pytest.mark.parametrize("case", PRECISION_CASES, ids=[f"{c[0]}-{c[2]}" for c in PRECISION_CASES])
+def test_train_step_precision(benchmark, case, provider):
+    """fp32 vs ``torch.autocast("cpu", torch.bfloat16)`` around the whole step (issue #17: a
+    ``--precision bf16`` option is worth adding only if this is faster end to end)."""
+    name, cls, size, extra, threads = case
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        step, a, reset = make_step(name, cls, extra, threads)
+
+        def call():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=provider == "sslkern_bf16"):
+                step()
+
+        label = f"train step precision, {size} ({a.image_size}px, dim {a.dim}), B={a.batch_size}, {threads} threads"
+        measure(benchmark, op=f"{name} recipe", case=label, provider=provider, fn=call, setup=reset, rounds=3)
     finally:
         torch.set_num_threads(prev)
 

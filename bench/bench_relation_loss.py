@@ -34,14 +34,14 @@ def _dev():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _inputs(regressions, seed=0):
+def _inputs(regressions, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(B, N, D, generator=g)
     wq = torch.randn(9, DH, D, generator=g) / math.sqrt(D)
     wk = torch.randn(9, DH, D, generator=g) / math.sqrt(D)
     regs = [torch.randn(1, D, D, generator=g) / math.sqrt(D) for _ in range(4)] if regressions else []
     perms = torch.stack([torch.randperm(N, generator=g) for _ in range(B)])
-    leaves = [t.to(_dev()).requires_grad_(True) for t in [z, wq, wk] + regs]
+    leaves = [t.to(_dev(), dtype).requires_grad_(True) for t in [z, wq, wk] + regs]
     return leaves, perms.to(_dev())
 
 
@@ -98,4 +98,12 @@ def test_relation_loss_with_regressions(benchmark, provider):
     leaves, perms = _inputs(True, seed=1)
     measure(benchmark, op="relation_loss", case=f"relations + distance + angle B={B} N={N} D={D} fp32 fwd+bwd",
             provider=provider, fn=_fn(provider, leaves, perms, True), bytes_moved=_bytes(leaves),
+            target=TARGETS.get(provider), rounds=ROUNDS, warmup=1)
+
+
+@pytest.mark.parametrize("provider", ["sslkern", "reference", "relvit"])
+def test_relation_loss_b64_n196_d384_bf16(benchmark, provider):
+    leaves, perms = _inputs(False, dtype=torch.bfloat16)
+    measure(benchmark, op="relation_loss", case=f"relations B={B} N={N} D={D} 9 heads x {DH} bf16 fwd+bwd",
+            provider=provider, fn=_fn(provider, leaves, perms, False), bytes_moved=_bytes(leaves),
             target=TARGETS.get(provider), rounds=ROUNDS, warmup=1)

@@ -42,7 +42,7 @@ class BYOL(Method):
     """BYOL: an online network predicts an EMA target network's projection of another view."""
 
     name, title = "byol", "BYOL"
-    defaults = dict(epochs=80, lr=1e-3, weight_decay=0.05, warmup_epochs=5, eval_every=20)
+    defaults = dict(epochs=40, lr=1e-3, weight_decay=0.05, warmup_epochs=5, eval_every=20)
     health = {"embedding_std": "low"}
 
     @staticmethod

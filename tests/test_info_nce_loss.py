@@ -387,6 +387,90 @@ def test_cpu_kernel_checks_direct_calls():
         torch.ops.sslkern_C.info_nce_loss_cpu(q, k, torch.arange(6) + 5, None, 2.0, True, True, False)
 
 
+# ---------------------------------------------------------------------------------------
+# The tied form (NT-Xent, k is q): the CPU kernel walks the (I, J >= I) tiles of the
+# symmetric logits; 256-row blocks, so 2n = 260 (a 4-row last block) and 601 (3 blocks)
+# cover partial tiles, the diagonal and off-diagonal ones, and 1-3 threads the task split
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,D", [(130, 17), (300, 64), (7, 5)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_tied_ntxent_cpu_tiles_and_threads(n, D, threads, dtype):
+    q = torch.randn(n, D).to(dtype)
+    k = torch.randn(n, D).to(dtype)
+    want = _oracle(q, k, temperature=0.1, nt_xent=True)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _run(sslkern.info_nce_loss, q, k, temperature=0.1, nt_xent=True, backend="cpu")
+    finally:
+        torch.set_num_threads(prev)
+    assert_matches(got, want, dtype)
+
+
+@pytest.mark.parametrize("with_exclude", [False, True])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_tied_op_contract(backend, with_exclude):
+    """tied=True: dq is the whole gradient G·Z + Gᵀ·Z of loss(Z, Z), dk is empty (any pos,
+    own column excluded or nothing excluded)."""
+    N, D = 301, 9
+    z = F.normalize(torch.randn(N, D, dtype=torch.float64), dim=1)
+    pos = torch.randint(0, N, (N,))
+    exclude = torch.arange(N) if with_exclude else None
+    if with_exclude:
+        pos = torch.where(pos == exclude, (pos + 1) % N, pos)
+    loss, dz, dk = torch.ops.sslkern.info_nce_loss(z, z, pos, exclude, 4.0, True, True, False, backend, True)
+    assert dk.numel() == 0
+    zl = z.clone().requires_grad_(True)
+    s = zl @ zl.t() * 4.0
+    if with_exclude:
+        s = s.masked_fill(torch.eye(N, dtype=torch.bool), float("-inf"))
+    want = F.cross_entropy(s, pos)
+    want.backward()
+    torch.testing.assert_close(loss, want.detach(), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(dz, zl.grad, atol=1e-12, rtol=1e-10)
+    loss_only, dz0, _ = torch.ops.sslkern.info_nce_loss(z, z, pos, exclude, 4.0, False, False, False, backend, True)
+    assert dz0.numel() == 0
+    torch.testing.assert_close(loss_only, want.detach(), atol=1e-12, rtol=1e-12)
+
+
+def test_tied_opcheck_and_bad_input():
+    z = torch.randn(10, 6, requires_grad=True)
+    pos, excl = (torch.arange(10) + 5) % 10, torch.arange(10)
+    torch.library.opcheck(torch.ops.sslkern.info_nce_loss.default, (z, z, pos, excl, 2.0, True, True, False, "", True))
+    with pytest.raises(RuntimeError, match="tied=True expected k to be q itself"):
+        torch.ops.sslkern_C.info_nce_loss_cpu(z.detach(), z.detach()[:, :5], pos, excl, 2.0, True, True, False, True)
+    with pytest.raises(RuntimeError, match=r"tied=True expected exclude\[i\] = i"):
+        torch.ops.sslkern_C.info_nce_loss_cpu(z.detach(), z.detach(), pos, (excl + 1) % 10, 2.0, True, True, False,
+                                              True)
+    with pytest.raises(ValueError, match="tied=True expected k to be q itself and grad_q == grad_k"):
+        torch.ops.sslkern.info_nce_loss(z, z, pos, excl, 2.0, True, False, False, "", True)
+
+
+def test_tied_cpu_memory_and_no_subnormals():
+    """NT-Xent on the tied path: no (2n, 2n) logits, and no subnormal in the gradient at a
+    small temperature (most probabilities underflow)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n, D = 1024, 32
+    q = torch.randn(n, D, requires_grad=True)
+    k = torch.randn(n, D, requires_grad=True)
+    with sslkern.cpu_cache_disabled(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = sslkern.info_nce_loss(q, k, 0.01, nt_xent=True, backend="cpu")
+        loss.backward()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nb in events:
+        live += nb
+        peak = max(peak, live)
+    assert peak < (2 * n) ** 2 * 4 / 2, peak  # the logits alone would be (2n)²·4 = 16 MiB
+    z = F.normalize(torch.cat([q, k]).detach(), dim=1)
+    pos, excl = (torch.arange(2 * n) + n) % (2 * n), torch.arange(2 * n)
+    _, dz, _ = torch.ops.sslkern.info_nce_loss(z, z, pos, excl, 100.0, True, True, False, "cpu", True)
+    tiny = (dz != 0) & (dz.abs() < torch.finfo(torch.float32).tiny)
+    assert not bool(tiny.any())
+
+
 def test_triton_rejects_fp64():
     if not dispatch._usable("triton", torch.device("cuda" if ON_GPU else "cpu"))[0]:
         pytest.skip("triton backend not usable here")

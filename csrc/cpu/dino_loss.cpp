@@ -97,6 +97,16 @@ void student_grad_from_exp(A* __restrict g, const A* __restrict pex, int64_t n, 
   for (int64_t k = 0; k < n; ++k) g[k] = a * g[k] - gs * pex[k];
 }
 
+// The same for a half-precision student: the exponentials sit in a float scratch row e and
+// the gradient is rounded once, on the store.
+template <typename TS, typename A>
+void student_grad_from_scratch(TS* __restrict g, const A* __restrict e, const A* __restrict pex, int64_t n, A inv_z,
+                               A gs, A nv) {
+  const A a = gs * nv * inv_z;
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) store_a<TS, A>(g, k, a * e[k] - gs * pex[k]);
+}
+
 // Images whose V + T rows hold at most this many elements (256 KiB of fp32) take the
 // full-row path whatever the batch; larger rows take it while the T teacher rows of an image
 // (kept as probabilities) stay within kFullRowTeacherElems and the batch feeds every thread.
@@ -166,10 +176,11 @@ void dino_loss_kernel(const Config& cfg, const TS* s, const TT* t, const A* cent
   // assume every float store may change them and keeps the loops scalar.
   // full_row (k0 = 0, n = K): the row statistics are computed here, while the row is in
   // cache, and the exponentials are stored (teacher: in pq; fp32/fp64 student: in its
-  // gradient row) rather than computed a second time.
+  // gradient row; fp16/bf16 student: in the float scratch row es) rather than computed a
+  // second time.
   constexpr bool kExpInGrad = std::is_same_v<TS, A>;
   auto image_chunk = [&, inv_ts, inv_tt](int64_t b, int64_t k0, int64_t n, int64_t ld, A* pq, A* pex,
-                                         A* colsum, bool full_row) -> double {
+                                         A* colsum, bool full_row, A* es) -> double {
     for (int64_t q = 0; q < T; ++q) {
       const TT* x = t + (q * B + b) * K + k0;
       A* p = pq + q * ld;
@@ -226,6 +237,9 @@ void dino_loss_kernel(const Config& cfg, const TS* s, const TT* t, const A* cent
         if (kExpInGrad && cfg.grad) {
           z = exp_sum_store<TS, A, false>(x, nullptr, reinterpret_cast<A*>(grad + row * K), K, mx, inv_ts);
           exp_stored = true;
+        } else if (es != nullptr && cfg.grad) {
+          z = exp_sum_store<TS, A, false>(x, nullptr, es, K, mx, inv_ts);
+          exp_stored = true;
         } else {
           z = 0;
 #pragma omp simd reduction(+ : z)
@@ -241,9 +255,12 @@ void dino_loss_kernel(const Config& cfg, const TS* s, const TT* t, const A* cent
       // log Z_v counts once per pair for the whole row: add it with the row's first column.
       const double lz = k0 == 0 ? static_cast<double>(n_v) * static_cast<double>(s_logz[row]) : 0.0;
       acc += static_cast<double>(w) * (lz - static_cast<double>(dot) * static_cast<double>(inv_ts));
-      if (exp_stored) {
+      if (exp_stored && kExpInGrad) {
         student_grad_from_exp<A>(reinterpret_cast<A*>(grad + row * K), pex, K, std::exp(-s_logz[row]), w * inv_ts,
                                  static_cast<A>(n_v));
+      } else if (exp_stored) {
+        student_grad_from_scratch<TS, A>(grad + row * K, es, pex, K, std::exp(-s_logz[row]), w * inv_ts,
+                                         static_cast<A>(n_v));
       } else if (cfg.grad) {
         student_grad_chunk<TS, A>(x, pex, grad + row * K + k0, n, m, inv_ts, s_logz[row], w * inv_ts,
                                   static_cast<A>(n_v));
@@ -257,13 +274,14 @@ void dino_loss_kernel(const Config& cfg, const TS* s, const TT* t, const A* cent
   if ((V + T) * K <= kRowMajorElems || (T * K <= kFullRowTeacherElems && B >= 2 * threads)) {
     // Full rows: each task takes whole images, one row at a time (statistics, then dots and
     // gradient while the row is in cache): one read of the logits from memory, one exp per
-    // element. Scratch per task: T + 1 rows (teacher probabilities and their pair sums) and
+    // element. Scratch per task: T + 1 rows (teacher probabilities and their pair sums; one
+    // more for the exponentials of a half-precision student) and
     // a K-buffer of column sums, added in a fixed order.
     const int64_t n_tasks = std::min<int64_t>(threads, B);
     partial.assign(B, 0.0);
     std::vector<std::vector<A>> colsums(cfg.colsum ? n_tasks : 0);
     parallel_for_ftz(0, n_tasks, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<A> pq(T * K), pex(K);
+      std::vector<A> pq(T * K), pex(K), es(kExpInGrad || !cfg.grad ? 0 : K);
       for (int64_t task = lo; task < hi; ++task) {
         A* cs = nullptr;
         if (cfg.colsum) {
@@ -271,7 +289,7 @@ void dino_loss_kernel(const Config& cfg, const TS* s, const TT* t, const A* cent
           cs = colsums[task].data();
         }
         for (int64_t b = task * B / n_tasks; b < (task + 1) * B / n_tasks; ++b) {
-          partial[b] = image_chunk(b, 0, K, K, pq.data(), pex.data(), cs, true);
+          partial[b] = image_chunk(b, 0, K, K, pq.data(), pex.data(), cs, true, es.empty() ? nullptr : es.data());
         }
       }
     });
@@ -298,7 +316,7 @@ void dino_loss_kernel(const Config& cfg, const TS* s, const TT* t, const A* cent
         std::fill(colsum.begin(), colsum.end(), A(0));
         double acc = 0.0;
         for (int64_t b = 0; b < B; ++b) {
-          acc += image_chunk(b, k0, n, C, pq.data(), pex.data(), cfg.colsum ? colsum.data() : nullptr, false);
+          acc += image_chunk(b, k0, n, C, pq.data(), pex.data(), cfg.colsum ? colsum.data() : nullptr, false, nullptr);
         }
         partial[j] = acc;
         if (cfg.colsum) std::copy(colsum.begin(), colsum.begin() + n, colsum_out + k0);

@@ -139,17 +139,178 @@ double info_nce_impl(const A* q, const A* k, int64_t N, int64_t M, int64_t D, co
   return total / static_cast<double>(N);
 }
 
+
+// The tied form (k is q: SimCLR NT-Xent over the 2n views Z, no exclusion or each row's own
+// column excluded). S = Z·Zᵀ/τ is symmetric, so the kernel walks only the tiles (I, J ≥ I)
+// of row blocks, each formed once per pass:
+//   pass 1: row statistics. A tile gives its rows' (max, sum of exp) row-wise and, off the
+//           diagonal, the rows of J column-wise; partial statistics are merged per task and
+//           then across tasks (log-sum-exp merge).
+//   pass 2: the total gradient dZ = G·Z + Gᵀ·Z. With H_ij = exp(S_ij − lse_j)·c the
+//           transpose of G's (J, I) block, A = G_IJ + H holds both, and
+//           dZ_I += A·Z_J,  dZ_J += Aᵀ·Z_I (J ≠ I).
+// Half the logits products of the untied form and one gradient product instead of two:
+// 2 N²D-products' worth of tile GEMMs in all against 3 (and against the eager code's 3:
+// logits, then G·Z and Gᵀ·Z through autograd). Each element's exponential is taken twice
+// per pass (row- and column-shifted); every task accumulates into its own dZ buffer, summed
+// in task order (deterministic for a thread count).
+constexpr int64_t kTiedBlock = 256;
+
+template <typename A>
+inline void lse_merge(A& m, A& z, A m2, A z2) {
+  if (m2 == -std::numeric_limits<A>::infinity()) return;
+  if (m2 != m2 || z2 != z2) {  // NaN rows stay NaN
+    m = m2; z = std::numeric_limits<A>::quiet_NaN();
+    return;
+  }
+  if (m2 > m) {
+    z = z * exp_fast(m - m2) + z2;
+    m = m2;
+  } else {
+    z += z2 * exp_fast(m2 - m);
+  }
+}
+
+template <typename A>
+double info_nce_tied_impl(const A* z, int64_t N, int64_t D, const int64_t* pos, bool excl_self, A inv_temp, A* dz) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t bs = kTiedBlock, nb = (N + bs - 1) / bs;
+  std::vector<std::pair<int64_t, int64_t>> tiles;
+  for (int64_t i = 0; i < nb; ++i)
+    for (int64_t j = i; j < nb; ++j) tiles.emplace_back(i, j);
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size());
+  const int64_t n_tasks = std::min(threads, n_tiles);
+  const auto opts = at::TensorOptions().dtype(std::is_same_v<A, double> ? at::kDouble : at::kFloat);
+  const A ninf = -std::numeric_limits<A>::infinity();
+  at::Tensor S_all = at::empty({n_tasks, bs * bs}, opts);
+  at::Tensor stats = at::empty({n_tasks, 2, N}, opts);  // per task: max, sum
+  // S = Z_I·Z_Jᵀ/τ for tile (I, J) into S (bi × bj, ld bj), own column excluded on the diagonal
+  auto form = [&](int64_t I, int64_t J, A* S, int64_t& i0, int64_t& bi, int64_t& j0, int64_t& bj) {
+    i0 = I * bs; bi = std::min(bs, N - i0); j0 = J * bs; bj = std::min(bs, N - j0);
+    gemm<A>(false, true, bi, bj, D, inv_temp, z + i0 * D, D, z + j0 * D, D, A(0), S, bj);
+    if (I == J && excl_self)
+      for (int64_t i = 0; i < bi; ++i) S[i * bj + i] = ninf;
+  };
+  // tiles are dealt round-robin: task t takes t, t + n_tasks, ... (fixed for a thread count)
+  at::parallel_for(0, n_tasks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<A> cmax(bs), csum(bs);
+    for (int64_t task = lo; task < hi; ++task) {
+      A* S = S_all.data_ptr<A>() + task * bs * bs;
+      A* m = stats.data_ptr<A>() + task * 2 * N;
+      A* zs = m + N;
+      std::fill(m, m + N, ninf);
+      std::fill(zs, zs + N, A(0));
+      for (int64_t t = task; t < n_tiles; t += n_tasks) {
+        int64_t i0, bi, j0, bj;
+        form(tiles[t].first, tiles[t].second, S, i0, bi, j0, bj);
+        for (int64_t i = 0; i < bi; ++i) {
+          const A* s = S + i * bj;
+          const A mx = row_max(s, bj);
+          if (mx == ninf) continue;
+          A sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = 0; j < bj; ++j) sum += exp_fast(s[j] - mx);
+          lse_merge(m[i0 + i], zs[i0 + i], mx, sum);
+        }
+        if (i0 == j0) continue;
+        std::fill(cmax.begin(), cmax.begin() + bj, ninf);
+        std::fill(csum.begin(), csum.begin() + bj, A(0));
+        A* __restrict cm = cmax.data();
+        A* __restrict cs = csum.data();
+        for (int64_t i = 0; i < bi; ++i) {
+          const A* __restrict s = S + i * bj;
+#pragma omp simd
+          for (int64_t j = 0; j < bj; ++j) cm[j] = (s[j] > cm[j] || s[j] != s[j]) ? s[j] : cm[j];
+        }
+        for (int64_t i = 0; i < bi; ++i) {
+          const A* __restrict s = S + i * bj;
+#pragma omp simd
+          for (int64_t j = 0; j < bj; ++j) cs[j] += exp_fast(s[j] - cm[j]);
+        }
+        for (int64_t j = 0; j < bj; ++j) lse_merge(m[j0 + j], zs[j0 + j], cm[j], cs[j]);
+      }
+    }
+  });
+  std::vector<A> lse(N);
+  for (int64_t r = 0; r < N; ++r) {
+    A mr = ninf, zr = 0;
+    for (int64_t t = 0; t < n_tasks; ++t) {
+      const A* m = stats.data_ptr<A>() + t * 2 * N;
+      lse_merge(mr, zr, m[r], m[N + r]);
+    }
+    lse[r] = mr + std::log(zr);
+  }
+  double total = 0.0;
+  for (int64_t i = 0; i < N; ++i) {
+    const A* a = z + i * D;
+    const A* b = z + pos[i] * D;
+    double dot = 0.0;
+    for (int64_t d = 0; d < D; ++d) dot += static_cast<double>(a[d]) * static_cast<double>(b[d]);
+    total += static_cast<double>(lse[i]) - dot * static_cast<double>(inv_temp);
+  }
+  if (dz == nullptr) return total / static_cast<double>(N);
+
+  const A c = inv_temp / static_cast<A>(N);
+  const A tiny = std::numeric_limits<A>::min();
+  at::Tensor dz_parts = at::empty({n_tasks - 1, N * D}, opts);
+  at::parallel_for(0, n_tasks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t task = lo; task < hi; ++task) {
+      A* S = S_all.data_ptr<A>() + task * bs * bs;
+      A* acc = task == 0 ? dz : dz_parts.data_ptr<A>() + (task - 1) * N * D;
+      std::fill(acc, acc + N * D, A(0));
+      for (int64_t t = task; t < n_tiles; t += n_tasks) {
+        int64_t i0, bi, j0, bj;
+        form(tiles[t].first, tiles[t].second, S, i0, bi, j0, bj);
+        const A* __restrict lj = lse.data() + j0;
+        for (int64_t i = 0; i < bi; ++i) {
+          A* __restrict s = S + i * bj;
+          const A li = lse[i0 + i];
+#pragma omp simd
+          for (int64_t j = 0; j < bj; ++j) {
+            const A v = c * (exp_fast(s[j] - li) + exp_fast(s[j] - lj[j]));
+            s[j] = v < tiny ? A(0) : v;
+          }
+        }
+        for (int64_t i = 0; i < bi; ++i) {  // the positives: G's one-hot rows and Gᵀ's columns
+          const int64_t p = pos[i0 + i];
+          if (p >= j0 && p < j0 + bj) S[i * bj + (p - j0)] -= c;
+        }
+        for (int64_t j = 0; j < bj; ++j) {
+          const int64_t p = pos[j0 + j];
+          if (p >= i0 && p < i0 + bi) S[(p - i0) * bj + j] -= c;
+        }
+        gemm<A>(false, false, bi, D, bj, A(1), S, bj, z + j0 * D, D, A(1), acc + i0 * D, D);
+        if (i0 != j0) gemm<A>(true, false, bj, D, bi, A(1), S, bj, z + i0 * D, D, A(1), acc + j0 * D, D);
+      }
+    }
+  });
+  if (n_tasks > 1) {
+    at::parallel_for(0, N, 64, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = 0; t + 1 < n_tasks; ++t) {
+        const A* __restrict src = dz_parts.data_ptr<A>() + t * N * D + lo * D;
+        A* __restrict dst = dz + lo * D;
+        const int64_t n = (hi - lo) * D;
+#pragma omp simd
+        for (int64_t e = 0; e < n; ++e) dst[e] += src[e];
+      }
+    });
+  }
+  return total / static_cast<double>(N);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_loss_cpu(const at::Tensor& q, const at::Tensor& k,
                                                                  const at::Tensor& pos,
                                                                  const std::optional<at::Tensor>& exclude,
                                                                  double inv_temp, bool grad_q, bool grad_k,
-                                                                 bool validate) {
+                                                                 bool validate, bool tied) {
   (void)validate;  // every index is checked here, given or built
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), "sslkern.info_nce_loss: q and k must be CPU tensors");
   TORCH_CHECK(q.dim() == 2 && k.dim() == 2, "sslkern.info_nce_loss: q and k must be 2-D, got ", q.sizes(), " and ",
               k.sizes());
   TORCH_CHECK(q.scalar_type() == k.scalar_type(), "sslkern.info_nce_loss: q and k must have one dtype");
   const int64_t N = q.size(0), D = q.size(1), M = k.size(0);
+  TORCH_CHECK(!tied || q.sizes() == k.sizes(), "sslkern.info_nce_loss: tied=True expected k to be q itself, got shapes ",
+              q.sizes(), " and ", k.sizes());
   TORCH_CHECK(k.size(1) == D, "sslkern.info_nce_loss: k expected ", D, " columns (q's D), got ", k.sizes());
   TORCH_CHECK(N > 0 && M > 0 && D > 0, "sslkern.info_nce_loss: q and k must be non-empty");
   TORCH_CHECK(M * D < (int64_t(1) << 31) && N * D < (int64_t(1) << 31) && M < (int64_t(1) << 31),
@@ -180,6 +341,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_loss_cpu(const at::Tenso
   }
   const bool dbl = q.scalar_type() == at::kDouble;
   const auto acc = dbl ? at::kDouble : at::kFloat;
+  if (tied) {
+    // k is q: one gradient, returned as dq (d loss / d q with k tied to q); dk is empty.
+    // Only k's shape is checked (the columns are read from q): opcheck and tracing may pass
+    // a copy of q as k.
+    TORCH_CHECK(grad_q == grad_k, "sslkern.info_nce_loss: tied=True expected grad_q == grad_k");
+    bool excl_self = false;
+    if (xp) {
+      excl_self = true;
+      for (int64_t i = 0; i < N; ++i)
+        TORCH_CHECK(xp[i] == i, "sslkern.info_nce_loss: tied=True expected exclude[i] = i (each row's own column) "
+                                "or no exclude, got exclude[", i, "] = ", xp[i]);
+    }
+    at::Tensor za = q.to(acc).contiguous();
+    at::Tensor dz = grad_q ? empty_output(q.sizes(), q.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous))
+                           : at::empty({0}, q.options());
+    at::Tensor loss = at::empty({}, q.options().dtype(acc));
+    if (dbl) {
+      loss.fill_(info_nce_tied_impl<double>(za.data_ptr<double>(), N, D, pp, excl_self, inv_temp,
+                                            grad_q ? dz.data_ptr<double>() : nullptr));
+    } else {
+      loss.fill_(info_nce_tied_impl<float>(za.data_ptr<float>(), N, D, pp, excl_self, static_cast<float>(inv_temp),
+                                           grad_q ? dz.data_ptr<float>() : nullptr));
+    }
+    if (grad_q && q.scalar_type() != acc) dz = dz.to(q.scalar_type());
+    return {loss, dz, at::empty({0}, k.options())};
+  }
   const bool direct = q.scalar_type() == acc;  // fp32 / fp64: outputs written in place
   at::Tensor qa = q.to(acc).contiguous(), ka = k.to(acc).contiguous();
   auto grad_buf = [&](bool want, const at::Tensor& like) {
@@ -207,7 +394,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_loss_cpu(const at::Tenso
 
 TORCH_LIBRARY_FRAGMENT(sslkern_C, m) {
   m.def("info_nce_loss_cpu(Tensor q, Tensor k, Tensor pos, Tensor? exclude, float inv_temp, bool grad_q, "
-        "bool grad_k, bool validate) -> (Tensor, Tensor, Tensor)",
+        "bool grad_k, bool validate, bool tied=False) -> (Tensor, Tensor, Tensor)",
         &info_nce_loss_cpu);
 }
 

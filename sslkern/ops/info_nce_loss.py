@@ -12,11 +12,16 @@ rows at a time. Extra memory is O((N + M)·D): the gradients, the normalized inp
 per-thread row blocks.
 
 One custom op, ``torch.ops.sslkern.info_nce_loss(q, k, pos, exclude, inv_temp, grad_q, grad_k,
-validate, backend) -> (loss, dq, dk)``: the gradients of the loss are computed in the same
+validate, backend, tied=False) -> (loss, dq, dk)``: the gradients of the loss are computed in the same
 call when the inputs require grad (the CPU kernel shares one logits block between the loss
 and both gradients: three tile GEMMs in all, as many as the eager code, where a separate
 backward would recompute the logits), and backward rescales them by the incoming gradient
 (Liger cross-entropy style, as ``dino_loss``).
+
+``tied=True`` (NT-Xent: ``k`` is ``q``, the 2n views; the kernels read the columns from ``q``
+and check only ``k``'s shape): ``dq`` is the whole gradient ``G·Z + Gᵀ·Z`` and ``dk`` is empty. The CPU kernel then uses the symmetry of the logits: it
+forms each (I, J ≥ I) tile once per pass (row statistics, then gradient), two tile GEMMs'
+worth of N²·D products in all instead of three; the other backends compute ``dq + dk``.
 """
 from __future__ import annotations
 
@@ -58,8 +63,12 @@ def check_indices(pos: torch.Tensor, exclude: Optional[torch.Tensor], m: int) ->
             fail(OP, f"exclude expected a column other than the positive, got exclude[{i}] = pos[{i}] = {int(pos[i])}")
 
 
-def _reference_impl(q, k, pos, exclude, inv_temp, grad_q, grad_k, validate):
-    """The custom op's contract in eager PyTorch (materializes the logits; the oracle backend)."""
+def _reference_impl(q, k, pos, exclude, inv_temp, grad_q, grad_k, validate, tied=False):
+    """The custom op's contract in eager PyTorch (materializes the logits; the oracle backend).
+
+    ``tied``: ``k`` is ``q`` itself (NT-Xent over the 2n views); ``dq`` is then the whole
+    gradient ``G·Z + Gᵀ·Z`` and ``dk`` is empty.
+    """
     if validate:
         check_indices(pos, exclude, k.shape[0])
     acc = _acc(q.dtype)
@@ -75,6 +84,9 @@ def _reference_impl(q, k, pos, exclude, inv_temp, grad_q, grad_k, validate):
     g = torch.exp(s - lse[:, None])
     g[rows, pos] -= 1
     g = g * (inv_temp / N)
+    if tied:
+        dq = (g @ ka + g.t() @ qa).to(q.dtype) if grad_q else q.new_empty(0)
+        return loss, dq, k.new_empty(0)
     dq = (g @ ka).to(q.dtype) if grad_q else q.new_empty(0)
     dk = (g.t() @ qa).to(k.dtype) if grad_k else k.new_empty(0)
     return loss, dq, dk
@@ -93,21 +105,27 @@ dispatch = Dispatch(
 @torch.library.custom_op("sslkern::info_nce_loss", mutates_args=())
 def _info_nce_loss_op(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, exclude: Optional[torch.Tensor],
                       inv_temp: float, grad_q: bool, grad_k: bool, validate: bool,
-                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    loss, dq, dk = dispatch(q.device, backend)(q, k, pos, exclude, inv_temp, grad_q, grad_k, validate)
+                      backend: str, tied: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if tied and (k.shape != q.shape or grad_q != grad_k):
+        fail(OP, f"tied=True expected k to be q itself and grad_q == grad_k, got shapes {tuple(q.shape)}, "
+                 f"{tuple(k.shape)} and grad_q={grad_q}, grad_k={grad_k}")
+    loss, dq, dk = dispatch(q.device, backend)(q, k, pos, exclude, inv_temp, grad_q, grad_k, validate, tied)
     return loss, dq, dk
 
 
 @_info_nce_loss_op.register_fake
-def _(q, k, pos, exclude, inv_temp, grad_q, grad_k, validate, backend):
+def _(q, k, pos, exclude, inv_temp, grad_q, grad_k, validate, backend, tied=False):
     loss = q.new_empty((), dtype=_acc(q.dtype))
     dq = torch.empty_like(q, memory_format=torch.contiguous_format) if grad_q else q.new_empty(0)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format) if grad_k else k.new_empty(0)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format) if grad_k and not tied else k.new_empty(0)
     return loss, dq, dk
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.grad_q, ctx.grad_k = inputs[5], inputs[6]
+    # tied (k is q): dq is the whole gradient, given to the q argument; k's gets None, so
+    # autograd's sum over the two uses of the one tensor is dq
+    tied = len(inputs) > 9 and inputs[9]
+    ctx.grad_q, ctx.grad_k = inputs[5], inputs[6] and not tied
     ctx.save_for_backward(output[1], output[2])
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.set_materialize_grads(False)
@@ -121,7 +139,7 @@ def _is_eager_cpu_scalar(x: torch.Tensor) -> bool:
 
 def _backward(ctx, g_loss, g_dq, g_dk):
     dq, dk = ctx.saved_tensors
-    none = (None,) * 7
+    none = (None,) * 8
     if g_loss is None:
         return (None, None) + none
     if _is_eager_cpu_scalar(g_loss) and float(g_loss) == 1.0:
@@ -243,10 +261,14 @@ def info_nce_loss(
         q = F.normalize(q, dim=1)
         k = F.normalize(k, dim=1)
     if nt_xent:
-        q = k = torch.cat([q, k], dim=0)
+        # the 2n views are both the rows and the columns: the tied form (symmetric logits,
+        # one gradient; see the op's docstring)
+        z = torch.cat([q, k], dim=0)
         pos, exclude = nt_xent_indices(N, device)
-    else:
-        q, k = q.contiguous(), k.contiguous()
+        loss, _, _ = torch.ops.sslkern.info_nce_loss(z, z, pos, exclude, 1.0 / float(temperature), _needs_grad(z),
+                                                     _needs_grad(z), validate, backend or "", True)
+        return loss
+    q, k = q.contiguous(), k.contiguous()
     loss, _, _ = torch.ops.sslkern.info_nce_loss(q, k, pos, exclude, 1.0 / float(temperature), _needs_grad(q),
                                                  _needs_grad(k), validate, backend or "")
     return loss

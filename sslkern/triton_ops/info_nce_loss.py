@@ -194,7 +194,7 @@ def _config(dtype: torch.dtype, block_do: int) -> dict:
     return CONFIGS[(cls, block_do)]
 
 
-def info_nce_loss_triton(q, k, pos, exclude, inv_temp, grad_q, grad_k, validate):
+def info_nce_loss_triton(q, k, pos, exclude, inv_temp, grad_q, grad_k, validate, tied=False):
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"sslkern.info_nce_loss: the triton backend takes fp32, fp16 or bf16 q and k, got "
                         f"{str(q.dtype).replace('torch.', '')} (fp64 runs on backend='cpu' or 'reference')")
@@ -232,6 +232,10 @@ def info_nce_loss_triton(q, k, pos, exclude, inv_temp, grad_q, grad_k, validate)
         info_nce_bwd_dk_kernel[(triton.cdiv(M, bn), triton.cdiv(D, bdo))](
             q, k, pos, excl, lse, dk, N, M, D, has_excl, inv_temp, g_scale,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_DK=bdk, BLOCK_DO=bdo, DOT_PRECISION=prec, num_warps=nw, num_stages=ns)
+    if tied:  # k is q: the one gradient is dq + dk (summed in fp32, rounded once)
+        if grad_q:
+            dq = dq.add_(dk) if dq.dtype == torch.float32 else (dq.float() + dk.float()).to(q.dtype)
+        dk = k.new_empty(0)
     return loss, dq, dk
 
 
