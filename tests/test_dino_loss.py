@@ -326,6 +326,46 @@ def test_sinkhorn_matches_dinov2_where_finite():
                                R.sinkhorn_knopp_teacher(t.double(), 0.04).double(), atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,K,scale", [(64, 5000, 3.0), (7, 1025, 0.3), (1, 3, 1.0), (97, 2049, 1.0)])
+def test_sinkhorn_cpu_kernel_equals_log_domain(dtype, N, K, scale):
+    """The C++ Sinkhorn (potentials, 1,024-column tasks: K = 1025 / 2049 leave a 1- / 1-column
+    last task) equals the eager log-domain iterations on the same rounded logits; no
+    subnormal probabilities."""
+    from sslkern.ops.dino_loss import _sinkhorn_log_domain
+
+    t = (torch.randn(N, K) * scale).to(dtype)
+    for iters in (1, 3):  # (0 iterations is exp(t / tt) unnormalized: it overflows in both)
+        got = sslkern.sinkhorn_knopp_teacher(t, 0.04, iters, backend="cpu")
+        want = _sinkhorn_log_domain(t, 0.04, iters)
+        assert got.dtype == want.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-6, rtol=1e-4)
+        torch.testing.assert_close(got, want, **tol)
+        ref = sslkern.sinkhorn_knopp_teacher(t, 0.04, iters, backend="reference")
+        torch.testing.assert_close(ref, want, atol=0, rtol=0)
+        if dtype != torch.float64:
+            tiny = (got != 0) & (got < torch.finfo(torch.float32).tiny)
+            assert not bool(tiny.any())
+
+
+def test_sinkhorn_custom_op_and_bad_input():
+    t = torch.randn(6, 40)
+    torch.library.opcheck(torch.ops.sslkern.sinkhorn_teacher.default, (t, 0.05, 3, "cpu"))
+    compiled = torch.compile(lambda x: sslkern.sinkhorn_knopp_teacher(x, 0.05), fullgraph=True)
+    torch.testing.assert_close(compiled(t), sslkern.sinkhorn_knopp_teacher(t, 0.05), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="n_iterations expected an int >= 0, got -1"):
+        sslkern.sinkhorn_knopp_teacher(t, 0.05, -1)
+    with pytest.raises(TypeError, match="n_iterations expected an int, got float"):
+        sslkern.sinkhorn_knopp_teacher(t, 0.05, 2.5)
+    with pytest.raises(ValueError, match="teacher_temp"):
+        sslkern.sinkhorn_knopp_teacher(t, 0.0)
+    nan = t.clone()
+    nan[2, 5] = float("nan")
+    assert torch.isnan(sslkern.sinkhorn_knopp_teacher(nan, 0.05, backend="cpu")).any()
+    with sslkern.use_backend("triton"):  # no Triton Sinkhorn: the default rule, not an error
+        torch.testing.assert_close(sslkern.sinkhorn_knopp_teacher(t, 0.05), sslkern.sinkhorn_knopp_teacher(t, 0.05))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dino_loss_sinkhorn_mode(backend):
     name, device = backend

@@ -378,6 +378,101 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dino_loss_cpu(
   return {loss, grad, csum};
 }
 
+
+// sinkhorn_teacher — DINOv2's Sinkhorn-Knopp teacher (dinov2 DINOLoss.sinkhorn_knopp_teacher),
+// in the log domain with two potential vectors instead of an updated (N x K) matrix:
+// X = t / tt, per iteration a_k = lse_i (X_ik - b_i) (each prototype's mass over the batch),
+// then b_i = lse_k (X_ik - a_k) (each sample's row sums to 1); P = exp(X - a - b). Same
+// result as the eager log-domain version (sslkern/ops/dino_loss.py), which runs torch's
+// logsumexp: there the exponentials of very negative arguments are float32 subnormals and
+// each costs a microcode assist (3x the time at randn x 3 logits, tt = 0.04). Here exp_fast
+// gives exactly 0 below exp(-87) and every task flushes subnormals: the probabilities are
+// normal or 0. 4 passes over the logits per iteration (max, then sum, per direction), 2
+// exponentials per element per iteration, one output write.
+template <typename T, typename A>
+void sinkhorn_kernel(const T* t, int64_t N, int64_t K, A inv_temp, int64_t iters, A* out) {
+  FlushDenormals ftz;
+  const A ninf = -std::numeric_limits<A>::infinity();
+  std::vector<A> a(K, A(0)), b(N, A(0));
+  constexpr int64_t kCols = 1024;  // columns per task of the batch direction
+  const int64_t n_col_tasks = (K + kCols - 1) / kCols;
+  for (int64_t it = 0; it < iters; ++it) {
+    parallel_for_ftz(0, n_col_tasks, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<A> mv(kCols), sv(kCols);
+      for (int64_t c = lo; c < hi; ++c) {
+        const int64_t k0 = c * kCols, n = std::min(kCols, K - k0);
+        A* __restrict m = mv.data();
+        A* __restrict sm = sv.data();
+        std::fill(m, m + n, ninf);
+        std::fill(sm, sm + n, A(0));
+        for (int64_t i = 0; i < N; ++i) {
+          const T* __restrict x = t + i * K + k0;
+          const A bi = b[i];
+#pragma omp simd
+          for (int64_t k = 0; k < n; ++k) {
+            const A v = load_a<T, A>(x, k) * inv_temp - bi;
+            m[k] = (v > m[k] || v != v) ? v : m[k];
+          }
+        }
+        for (int64_t i = 0; i < N; ++i) {
+          const T* __restrict x = t + i * K + k0;
+          const A bi = b[i];
+#pragma omp simd
+          for (int64_t k = 0; k < n; ++k) sm[k] += exp_fast(load_a<T, A>(x, k) * inv_temp - bi - m[k]);
+        }
+        for (int64_t k = 0; k < n; ++k) a[k0 + k] = m[k] + std::log(sm[k]);
+      }
+    });
+    parallel_for_ftz(0, N, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const T* __restrict x = t + i * K;
+        const A* __restrict ak = a.data();
+        A m = ninf;
+        int nan_count = 0;
+#pragma omp simd reduction(max : m) reduction(+ : nan_count)
+        for (int64_t k = 0; k < K; ++k) {
+          const A v = load_a<T, A>(x, k) * inv_temp - ak[k];
+          m = std::max(m, v);
+          nan_count += (v != v);
+        }
+        A z = 0;
+#pragma omp simd reduction(+ : z)
+        for (int64_t k = 0; k < K; ++k) z += exp_fast(load_a<T, A>(x, k) * inv_temp - ak[k] - m);
+        b[i] = nan_count ? std::numeric_limits<A>::quiet_NaN() : m + std::log(z);
+      }
+    });
+  }
+  parallel_for_ftz(0, N, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const T* __restrict x = t + i * K;
+      const A* __restrict ak = a.data();
+      A* __restrict o = out + i * K;
+      const A bi = b[i];
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) o[k] = exp_fast(load_a<T, A>(x, k) * inv_temp - ak[k] - bi);
+    }
+  });
+}
+
+at::Tensor sinkhorn_teacher_cpu(const at::Tensor& teacher, double teacher_temp, int64_t n_iterations) {
+  TORCH_CHECK(teacher.device().is_cpu(), "sinkhorn_knopp_teacher: teacher must be on the CPU");
+  TORCH_CHECK(teacher.dim() == 2, "sinkhorn_knopp_teacher: teacher must be 2-D, got ", teacher.sizes());
+  TORCH_CHECK(teacher_temp > 0, "sinkhorn_knopp_teacher: teacher_temp must be positive");
+  TORCH_CHECK(n_iterations >= 0, "sinkhorn_knopp_teacher: n_iterations must be >= 0");
+  const at::Tensor t = teacher.contiguous();
+  const int64_t N = t.size(0), K = t.size(1);
+  const bool dbl = t.scalar_type() == at::kDouble;
+  at::Tensor out = at::empty({N, K}, t.options().dtype(dbl ? at::kDouble : at::kFloat));
+  if (N == 0 || K == 0) return out;
+  dispatch_float(t.scalar_type(), "sinkhorn_knopp_teacher: teacher", [&](auto tag) {
+    using T = decltype(tag);
+    if (dbl) sinkhorn_kernel<T, double>(ptr<T>(t), N, K, 1.0 / teacher_temp, n_iterations, ptr<double>(out));
+    else sinkhorn_kernel<T, float>(ptr<T>(t), N, K, static_cast<float>(1.0 / teacher_temp), n_iterations,
+                                   ptr<float>(out));
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sslkern_C, m) {
@@ -385,6 +480,7 @@ TORCH_LIBRARY_FRAGMENT(sslkern_C, m) {
         "float student_temp, float teacher_temp, int n_student_views, int n_teacher_views, bool skip_same_view, "
         "bool teacher_is_probs, bool compute_grad, bool center_sum) -> (Tensor, Tensor, Tensor)",
         &dino_loss_cpu);
+  m.def("sinkhorn_teacher_cpu(Tensor teacher, float teacher_temp, int n_iterations) -> Tensor", &sinkhorn_teacher_cpu);
 }
 
 }  // namespace sslkern

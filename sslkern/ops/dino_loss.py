@@ -16,13 +16,14 @@ the raw teacher logits for the center update. Backward only rescales the stored 
 from __future__ import annotations
 
 import math
+import operator
 
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .._backend import Dispatch, ext_op, module_attr
+from .._backend import Dispatch, ext_op, module_attr, requested_backend
 from .._checks import check_choice, check_range, check_tensor, fail
 
 OP = "dino_loss"
@@ -178,19 +179,9 @@ def _logsumexp_over_batch(x: torch.Tensor) -> torch.Tensor:
     return m + torch.log(s)
 
 
-@torch.no_grad()
-def sinkhorn_knopp_teacher(teacher: torch.Tensor, teacher_temp: float, n_iterations: int = 3) -> torch.Tensor:
-    r"""DINOv2 Sinkhorn-Knopp teacher probabilities, (N, K) fp32 (fp64 for fp64) rows summing to 1.
-
-    Same result as dinov2 ``DINOLoss.sinkhorn_knopp_teacher`` (``Q = exp(t/τt)ᵀ``, global
-    normalization, then ``n_iterations`` × (prototype rows over the batch, sample columns
-    over the prototypes)) wherever that is finite, but computed in the log domain, so
-    logits of any size (``t/τt`` ≫ 88) do not overflow. The global scalings of the
-    reference cancel exactly and are left out. With torch.distributed initialized the
-    batch normalization runs over all ranks (as dinov2 does).
-    """
-    check_tensor("sinkhorn_knopp_teacher", "teacher", teacher, dtypes=_FLOATS, ndim=2)
-    check_range("sinkhorn_knopp_teacher", "teacher_temp", float(teacher_temp), 0.0, None, lo_open=True)
+def _sinkhorn_log_domain(teacher: torch.Tensor, teacher_temp: float, n_iterations: int) -> torch.Tensor:
+    """The eager log-domain Sinkhorn (torch ops; batch normalization across ranks when
+    torch.distributed is initialized): the reference backend, GPUs and multi-rank runs."""
     log_q = (teacher if teacher.dtype == torch.float64 else teacher.float()) / teacher_temp
     for _ in range(int(n_iterations)):
         log_q = log_q - _logsumexp_over_batch(log_q)                 # Q /= rowsum (per prototype)
@@ -198,6 +189,55 @@ def sinkhorn_knopp_teacher(teacher: torch.Tensor, teacher_temp: float, n_iterati
     # probabilities below the smallest normal are 0, not subnormals (each subnormal costs a
     # microcode assist in every later product; at randn x 1 logits / 0.04 most entries are)
     return torch.exp(log_q.masked_fill_(log_q < math.log(torch.finfo(log_q.dtype).tiny), float("-inf")))
+
+
+sinkhorn_dispatch = Dispatch(
+    "sinkhorn_knopp_teacher",
+    {"reference": lambda: _sinkhorn_log_domain, "cpu": ext_op("sinkhorn_teacher_cpu")},
+)
+
+
+@torch.library.custom_op("sslkern::sinkhorn_teacher", mutates_args=())
+def _sinkhorn_op(teacher: torch.Tensor, teacher_temp: float, n_iterations: int, backend: str) -> torch.Tensor:
+    want = requested_backend(backend)
+    if want not in ("reference", "cpu"):  # no triton / cuda Sinkhorn: the default rule
+        want = "cpu" if sinkhorn_dispatch._usable("cpu", teacher.device)[0] else "reference"
+    return sinkhorn_dispatch(teacher.device, want)(teacher, teacher_temp, n_iterations)
+
+
+@_sinkhorn_op.register_fake
+def _(teacher, teacher_temp, n_iterations, backend):
+    return teacher.new_empty(teacher.shape, dtype=torch.float64 if teacher.dtype == torch.float64 else torch.float32)
+
+
+@torch.no_grad()
+def sinkhorn_knopp_teacher(teacher: torch.Tensor, teacher_temp: float, n_iterations: int = 3, *,
+                           backend: Optional[str] = None) -> torch.Tensor:
+    r"""DINOv2 Sinkhorn-Knopp teacher probabilities, (N, K) fp32 (fp64 for fp64) rows summing to 1.
+
+    Same result as dinov2 ``DINOLoss.sinkhorn_knopp_teacher`` (``Q = exp(t/τt)ᵀ``, global
+    normalization, then ``n_iterations`` × (prototype rows over the batch, sample columns
+    over the prototypes)) wherever that is finite, but computed in the log domain, so
+    logits of any size (``t/τt`` ≫ 88) do not overflow. The global scalings of the
+    reference cancel exactly and are left out. Probabilities below the smallest normal
+    float are exactly 0.
+
+    Backends: on CPU the C++ kernel (two potential vectors, no (N, K) intermediate, no
+    float32 subnormals: torch's logsumexp took 3× longer on randn × 3 logits than on
+    randn × 0.3 at τt = 0.04); elsewhere, and with torch.distributed initialized (the batch
+    normalization then runs over all ranks, as dinov2 does), the eager log-domain version.
+    """
+    check_tensor("sinkhorn_knopp_teacher", "teacher", teacher, dtypes=_FLOATS, ndim=2)
+    check_range("sinkhorn_knopp_teacher", "teacher_temp", float(teacher_temp), 0.0, None, lo_open=True)
+    try:
+        n_iterations = operator.index(n_iterations)
+    except TypeError:
+        fail("sinkhorn_knopp_teacher", f"n_iterations expected an int, got {type(n_iterations).__name__}", TypeError)
+    if n_iterations < 0:
+        fail("sinkhorn_knopp_teacher", f"n_iterations expected an int >= 0, got {n_iterations}")
+    if _world() > 1:
+        return _sinkhorn_log_domain(teacher, float(teacher_temp), n_iterations)
+    return _sinkhorn_op(teacher, float(teacher_temp), n_iterations, backend or "")
 
 
 # ---------------------------------------------------------------------------------------
@@ -221,9 +261,9 @@ def _check_common(op, student, teacher, center, student_temp, teacher_temp, teac
     check_range(op, "teacher_temp", float(teacher_temp), 0.0, None, lo_open=True)
 
 
-def _teacher_input(teacher, center, teacher_temp, teacher_mode, sinkhorn_iterations):
+def _teacher_input(teacher, center, teacher_temp, teacher_mode, sinkhorn_iterations, backend=None):
     if teacher_mode == "sinkhorn":
-        return sinkhorn_knopp_teacher(teacher, teacher_temp, sinkhorn_iterations), None, True
+        return sinkhorn_knopp_teacher(teacher, teacher_temp, sinkhorn_iterations, backend=backend), None, True
     return teacher.contiguous(), center.reshape(-1).contiguous(), False
 
 
@@ -285,7 +325,7 @@ def dino_loss(
         check_range(OP, "center_momentum", float(center_momentum), 0.0, 1.0)
         if center is None:
             fail(OP, "center expected a tensor when center_momentum is given, got None")
-    t_in, c_in, is_probs = _teacher_input(teacher, center, teacher_temp, teacher_mode, sinkhorn_iterations)
+    t_in, c_in, is_probs = _teacher_input(teacher, center, teacher_temp, teacher_mode, sinkhorn_iterations, backend)
     compute_grad = student.requires_grad and torch.is_grad_enabled()
     want_sum = center_momentum is not None
     loss, _, csum = torch.ops.sslkern.dino_loss(
@@ -347,7 +387,7 @@ def ibot_patch_loss(
     acc = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
     per_image = 1.0 / n_masked.clamp(min=1).to(acc)
     weights = torch.repeat_interleave(per_image, n_masked, output_size=M)
-    t_in, c_in, is_probs = _teacher_input(teacher, center, teacher_temp, teacher_mode, sinkhorn_iterations)
+    t_in, c_in, is_probs = _teacher_input(teacher, center, teacher_temp, teacher_mode, sinkhorn_iterations, backend)
     compute_grad = student.requires_grad and torch.is_grad_enabled()
     want_sum = center_momentum is not None
     loss, _, csum = torch.ops.sslkern.dino_loss(
