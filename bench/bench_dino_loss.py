@@ -183,3 +183,31 @@ def test_ibot_patch_loss_64x196_k8192(benchmark, provider, inputs, dtype):
                                                   f"K={IK}, {inputs} logits, {_dtype_name(dtype)} fwd+bwd+center",
             provider=provider, fn=_fn(provider, "ibot", inputs, dtype), bytes_moved=bytes_moved,
             target={"reference": 5.0, "lightly": 5.0, "compiled": 2.0}.get(provider), rounds=3, warmup=1)
+
+
+# DINOv2 Sinkhorn-Knopp teacher on the DINO case's teacher logits (64, 65536), 3 iterations,
+# τt = 0.04: sslkern's C++ kernel vs the eager log-domain iterations (torch logsumexp: the
+# subnormal cliff of issue #17 sits in its exponentials), torch.compile of them, and dinov2's
+# own formula (exp, then sums; it overflows to inf / NaN once t/τt passes ~88, from x1 up,
+# which costs nothing extra: the time is still its code's). bytes: read the logits once,
+# write the probabilities.
+_sinkhorn_compiled: dict = {}
+
+
+@pytest.mark.parametrize("provider", ["sslkern", "reference", "compiled", "dinov2"])
+@pytest.mark.parametrize("inputs", INPUTS)
+def test_sinkhorn_teacher_64x65536(benchmark, provider, inputs):
+    from sslkern.ops.dino_loss import _sinkhorn_log_domain
+
+    _, t, _ = dino_data(inputs)
+    if provider == "sslkern":
+        fn = lambda: sslkern.sinkhorn_knopp_teacher(t, 0.04, 3)  # noqa: E731
+    elif provider == "reference":
+        fn = lambda: _sinkhorn_log_domain(t, 0.04, 3)  # noqa: E731
+    elif provider == "compiled":
+        comp = _sinkhorn_compiled.setdefault("fn", torch.compile(_sinkhorn_log_domain))
+        fn = lambda: comp(t, 0.04, 3)  # noqa: E731
+    else:
+        fn = lambda: R.sinkhorn_knopp_teacher(t, 0.04, 3)  # noqa: E731
+    measure(benchmark, op="sinkhorn_knopp_teacher", case=f"{T * B}x{K} teacher logits, {inputs}, 3 iterations, fp32",
+            provider=provider, fn=fn, bytes_moved=2 * 4 * t.numel(), rounds=5, warmup=1)
