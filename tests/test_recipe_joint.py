@@ -67,8 +67,8 @@ def test_smoke_run_directory(tmp_path, name):
     for r in train:
         assert np.isfinite(r["loss"])
         assert 0.05 < r["embedding_std"] <= 1.0 + 1e-6  # √D · mean per-dimension std of unit vectors ≤ 1
-        if name in WITH_TEACHER:
-            assert 0.99 <= r["momentum"] < 1
+        if name in WITH_TEACHER:  # cosine from τ0 (BYOL 0.98, MoCo v3 0.99 here) toward 1
+            assert (0.98 if name == "byol" else 0.99) <= r["momentum"] < 1
     if name == "simsiam":
         assert all(-1 - 1e-6 <= r["loss"] <= 1 + 1e-6 for r in train)  # mean of −cos
     if name == "byol":

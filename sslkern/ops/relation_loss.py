@@ -34,6 +34,18 @@ from ..reference.relation_loss import (RelationLosses, pair_targets, relation_la
                                        relvit_dist_matrix)
 
 OP = "relation_loss"
+
+
+def _native_half() -> dict:
+    """Whether this CPU has native half-precision GEMMs (oneDNN's check), per dtype."""
+    try:
+        return {torch.bfloat16: bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                torch.float16: bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())}
+    except (AttributeError, RuntimeError):
+        return {torch.bfloat16: False, torch.float16: False}
+
+
+_CPU_NATIVE_HALF = _native_half()
 NUM_RELATIONS = 9
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTS = (torch.int64, torch.int32)
@@ -287,10 +299,15 @@ def relation_loss(
     backend = backend or ""
 
     z = tokens[:, num_prefix_tokens:]
+    # fp16 / bf16 tokens on a CPU without native half GEMMs (no AVX512-BF16 / AMX-FP16):
+    # the projections run in fp32 (bf16 in, fp32 accumulate, as the reference does), since
+    # torch's emulated half GEMMs there took 4x longer than the whole fp32 loss
+    upcast = z.device.type == "cpu" and not _CPU_NATIVE_HALF.get(z.dtype, True)
 
     def term(w_q, w_k, classes, table):
-        q = F.linear(z, w_q.reshape(-1, D)).contiguous()
-        k = F.linear(z, w_k.reshape(-1, D)).contiguous()
+        zz, w_q, w_k = (z.float(), w_q.float(), w_k.float()) if upcast else (z, w_q, w_k)
+        q = F.linear(zz, w_q.reshape(-1, D)).contiguous()
+        k = F.linear(zz, w_k.reshape(-1, D)).contiguous()
         scale = 1.0 / math.sqrt(w_q.shape[1])
         return torch.ops.sslkern.relation_loss(q, k, positions, table, gw, cells, classes, scale,
                                                float(label_smoothing), validate, backend)
