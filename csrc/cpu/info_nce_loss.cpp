@@ -65,6 +65,21 @@ void scale_row(A* __restrict s, int64_t n, A a) {
   }
 }
 
+// dst (rows x D) += parts[t] for t < n_parts, each part rows x D, summed in task order (so the
+// result is deterministic for a thread count); rows are split across threads.
+template <typename A>
+void add_task_buffers(A* __restrict dst, const A* __restrict parts, int64_t n_parts, int64_t rows, int64_t D) {
+  at::parallel_for(0, rows, 64, [&](int64_t lo, int64_t hi) {
+    const int64_t n = (hi - lo) * D;
+    for (int64_t t = 0; t < n_parts; ++t) {
+      const A* __restrict src = parts + t * rows * D + lo * D;
+      A* __restrict out = dst + lo * D;
+#pragma omp simd
+      for (int64_t e = 0; e < n; ++e) out[e] += src[e];
+    }
+  });
+}
+
 // q, k: contiguous (N x D), (M x D) in the compute type A. dq: N x D (or null), dk: M x D
 // (or null), both A. Returns the loss.
 template <typename A>
@@ -123,17 +138,7 @@ double info_nce_impl(const A* q, const A* k, int64_t N, int64_t M, int64_t D, co
       }
     }
   });
-  if (dk && n_tasks > 1) {  // dk = sum of the task buffers, in task order
-    at::parallel_for(0, M, 64, [&](int64_t lo, int64_t hi) {
-      for (int64_t t = 0; t + 1 < n_tasks; ++t) {
-        const A* __restrict src = dk_parts.data_ptr<A>() + t * M * D + lo * D;
-        A* __restrict dst = dk + lo * D;
-        const int64_t n = (hi - lo) * D;
-#pragma omp simd
-        for (int64_t e = 0; e < n; ++e) dst[e] += src[e];
-      }
-    });
-  }
+  if (dk && n_tasks > 1) add_task_buffers(dk, dk_parts.data_ptr<A>(), n_tasks - 1, M, D);  // in task order
   double total = 0.0;
   for (double v : partial) total += v;  // fixed order: deterministic for a thread count
   return total / static_cast<double>(N);
@@ -284,17 +289,7 @@ double info_nce_tied_impl(const A* z, int64_t N, int64_t D, const int64_t* pos, 
       }
     }
   });
-  if (n_tasks > 1) {
-    at::parallel_for(0, N, 64, [&](int64_t lo, int64_t hi) {
-      for (int64_t t = 0; t + 1 < n_tasks; ++t) {
-        const A* __restrict src = dz_parts.data_ptr<A>() + t * N * D + lo * D;
-        A* __restrict dst = dz + lo * D;
-        const int64_t n = (hi - lo) * D;
-#pragma omp simd
-        for (int64_t e = 0; e < n; ++e) dst[e] += src[e];
-      }
-    });
-  }
+  if (n_tasks > 1) add_task_buffers(dz, dz_parts.data_ptr<A>(), n_tasks - 1, N, D);
   return total / static_cast<double>(N);
 }
 
