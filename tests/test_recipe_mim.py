@@ -30,6 +30,7 @@ TINY = {  # 1,257 training digits // 256 = 4 steps per epoch, 8 steps in 2 epoch
     "ijepa": COMMON + ["--pred-dim", "16", "--pred-depth", "1", "--pred-heads", "2"],
 }
 CLASSES = {"mae": "MAE", "data2vec": "Data2Vec", "ijepa": "IJEPA"}
+IJEPA_LAYOUT = ["--patch-size", "2", "--num-targets", "4", "--target-scale", "0.15", "0.2", "--min-keep", "4"]
 DATA = SimpleNamespace(in_chans=1, mean=torch.zeros(1, 1, 1, 1), std=torch.ones(1, 1, 1, 1))
 
 
@@ -271,7 +272,7 @@ def ijepa_forward(model, imgs, masks_enc, masks_pred):
 def test_ijepa_step_matches_ijepa_train():
     import sslkern
 
-    mod, model, a = _model("ijepa")
+    mod, model, a = _model("ijepa", IJEPA_LAYOUT)  # ijepa's own proportions: 8x8 grid, 4 targets
     with torch.no_grad():
         for p in model.target_encoder.module.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -332,7 +333,7 @@ def test_smoke_run_directory(tmp_path, name):
         assert s["collapsed"] is False and s["verdict"].startswith("not collapsed: target_std")
         assert all(0.99 <= r["momentum"] <= 1 for r in train) and all("target_std" in r for r in train)
     model = ckpt.load_exported_encoder(os.path.join(out, f"encoder_{encoders[0]}.safetensors"))
-    n_tokens = (16 // (2 if name == "ijepa" else 4)) ** 2 + (0 if name == "ijepa" else 1)
+    n_tokens = (16 // 4) ** 2 + (0 if name == "ijepa" else 1)
     assert model.forward_features(torch.randn(2, 1, 16, 16)).shape == (2, n_tokens, 32)
 
 
@@ -357,7 +358,7 @@ def test_reference_backend_gives_the_same_losses(tmp_path, name):
     ("data2vec", ["--loss-beta", "-1"], "--loss-beta expected >= 0, got -1.0"),
     ("data2vec", ["--layer-norm", "batch"], "invalid choice: 'batch'"),
     ("data2vec", ["--ema-end", "1.5"], "--ema-end expected in [0, 1], got 1.5"),
-    ("ijepa", ["--patch-size", "4"], "--target-scale 0.15 0.2 gives target blocks as small as 1x1 on the 4x4 grid, "
+    ("ijepa", ["--target-scale", "0.15", "0.2", "--min-keep", "4"], "--target-scale 0.15 0.2 gives target blocks as small as 1x1 on the 4x4 grid, "
                                      "not more than --min-keep 4 tokens"),
     ("ijepa", ["--patch-size", "8"], "expected a grid of at least 4x4 for multi-block masks, got 2x2"),
     ("ijepa", ["--context-scale", "0.9", "0.5"], "--context-scale expected 0 < lo <= hi <= 1, got 0.9 0.5"),
@@ -377,7 +378,7 @@ def test_std_verdict_floor_and_slow_collapse():
     same = torch.randn(1, 5, 3).expand(8, 5, 3)  # every image the same features
     assert batch_std(same) == 0.0 and batch_std(torch.randn(64, 5, 3)) == pytest.approx(1.0, abs=0.15)
     assert std_verdict({"s": 0.01}, "s", 0.05)[0] is True
-    collapsed, line = std_verdict({"s": 0.077}, "s", 0.05, initial=0.441)  # the default I-JEPA run's figures
+    collapsed, line = std_verdict({"s": 0.077}, "s", 0.05, initial=0.441)  # I-JEPA's first default (patch 2)
     assert collapsed and line.startswith("collapsing: s fell to 0.077 from 0.441")
     collapsed, line = std_verdict({"s": 0.548}, "s", 0.05, initial=0.69)  # data2vec's
     assert not collapsed and "0.79x" in line
