@@ -72,8 +72,8 @@ struct Problem {
 
 // One image: loss sum and argmax hits (forward), or dq_b / dk_b with G scaled by gcoef (backward).
 template <typename A>
-void image_pass(const Problem<A>& P, int64_t b, A* S, int32_t* rj, int32_t* cj, int64_t jt, bool backward, A gcoef,
-                A* dq, A* dk, double& loss_out, double& hits_out) {
+void image_pass(const Problem<A>& P, int64_t b, A* S, int32_t* rj, int32_t* cj, A* work, int32_t* lab, int64_t jt,
+                bool backward, A gcoef, A* dq, A* dk, double& loss_out, double& hits_out) {
   const int64_t N = P.N, C = P.C, dh = P.dh, ld = C * dh;
   const A* qb = P.q + b * N * ld;
   const A* kb = P.k + b * N * ld;
@@ -91,39 +91,65 @@ void image_pass(const Problem<A>& P, int64_t b, A* S, int32_t* rj, int32_t* cj, 
     for (int64_t i = 0; i < N; ++i) {
       const int64_t pi = pb[i];
       if (ce) {
+        // class-outer loops over the tile row (each one a plain vector loop over jj): labels,
+        // max and argmax, exp-sum, the label and mean logits, then the loss or G in place
         const int32_t ri = static_cast<int32_t>(pi / P.W), ci = static_cast<int32_t>(pi % P.W);
-        A* s[kRel];
-        for (int c = 0; c < kRel; ++c) s[c] = S + c * N * nj + i * nj;
         const A one_minus = A(1) - P.smooth, s_over = P.smooth / A(kRel);
-        A row_loss = 0, row_hits = 0;
-#pragma omp simd reduction(+ : row_loss, row_hits)
+        A* __restrict m = work;
+        A* __restrict z = work + nj;
+        A* __restrict xy = work + 2 * nj;
+        A* __restrict xs = work + 3 * nj;
+        int32_t* __restrict y = lab;
+        int32_t* __restrict am = lab + nj;
+        const A* __restrict s0 = S + i * nj;
+#pragma omp simd
         for (int64_t jj = 0; jj < nj; ++jj) {
-          const int32_t y = 3 * ((ri > rj[jj]) - (ri < rj[jj]) + 1) + ((ci > cj[jj]) - (ci < cj[jj]) + 1);
-          A x[kRel];
-          A m = -std::numeric_limits<A>::infinity();
-          int32_t am = 0;
-          for (int c = 0; c < kRel; ++c) {
-            x[c] = s[c][jj];
-            am = x[c] > m ? c : am;
-            m = x[c] > m ? x[c] : m;
-          }
-          A z = 0, xy = 0, xs = 0;
-          for (int c = 0; c < kRel; ++c) {
-            z += exp_fast(x[c] - m);
-            xy += c == y ? x[c] : A(0);
-            xs += x[c];
-          }
-          if (!backward) {
-            row_loss += m + log_fast(z) - one_minus * xy - s_over * xs;
-            row_hits += am == y ? A(1) : A(0);
-          } else {
-            const A inv = gcoef / z;
-            for (int c = 0; c < kRel; ++c)
-              s[c][jj] = exp_fast(x[c] - m) * inv - gcoef * ((c == y ? one_minus : A(0)) + s_over);
+          y[jj] = 3 * ((ri > rj[jj]) - (ri < rj[jj]) + 1) + ((ci > cj[jj]) - (ci < cj[jj]) + 1);
+          m[jj] = s0[jj];
+          am[jj] = 0;
+          z[jj] = 0;
+          xy[jj] = 0;
+          xs[jj] = 0;
+        }
+        for (int c = 1; c < kRel; ++c) {
+          const A* __restrict sc = S + c * N * nj + i * nj;
+#pragma omp simd
+          for (int64_t jj = 0; jj < nj; ++jj) {
+            const bool gt = sc[jj] > m[jj];
+            am[jj] = gt ? c : am[jj];
+            m[jj] = gt ? sc[jj] : m[jj];
           }
         }
-        loss += static_cast<double>(row_loss);
-        hits += static_cast<double>(row_hits);
+        for (int c = 0; c < kRel; ++c) {
+          const A* __restrict sc = S + c * N * nj + i * nj;
+#pragma omp simd
+          for (int64_t jj = 0; jj < nj; ++jj) {
+            const A x = sc[jj];
+            z[jj] += exp_fast(x - m[jj]);
+            xy[jj] += y[jj] == c ? x : A(0);
+            xs[jj] += x;
+          }
+        }
+        if (!backward) {
+          A row_loss = 0, row_hits = 0;
+#pragma omp simd reduction(+ : row_loss, row_hits)
+          for (int64_t jj = 0; jj < nj; ++jj) {
+            row_loss += m[jj] + log_fast(z[jj]) - one_minus * xy[jj] - s_over * xs[jj];
+            row_hits += am[jj] == y[jj] ? A(1) : A(0);
+          }
+          loss += static_cast<double>(row_loss);
+          hits += static_cast<double>(row_hits);
+        } else {
+#pragma omp simd
+          for (int64_t jj = 0; jj < nj; ++jj) z[jj] = gcoef / z[jj];
+          const A g_smooth = gcoef * s_over, g_label = gcoef * one_minus;
+          for (int c = 0; c < kRel; ++c) {
+            A* __restrict sc = S + c * N * nj + i * nj;
+#pragma omp simd
+            for (int64_t jj = 0; jj < nj; ++jj)
+              sc[jj] = exp_fast(sc[jj] - m[jj]) * z[jj] - g_smooth - (y[jj] == c ? g_label : A(0));
+          }
+        }
       } else {
         A* s = S + i * nj;
         const float* trow = P.table + pi * P.G;
@@ -163,14 +189,17 @@ void run(const Problem<A>& P, bool backward, A gcoef, A* dq, A* dk, double* loss
   const auto opts = at::TensorOptions().dtype(std::is_same_v<A, double> ? at::kDouble : at::kFloat);
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), P.B));
   at::Tensor S_all = at::empty({threads, C * N * jt}, opts);
-  at::Tensor idx_all = at::empty({threads, 2 * jt}, at::TensorOptions().dtype(at::kInt));
+  at::Tensor idx_all = at::empty({threads, 4 * jt}, at::TensorOptions().dtype(at::kInt));  // rj, cj, y, argmax
+  at::Tensor work_all = at::empty({threads, 4 * jt}, opts);                                  // m, z, x_y, sum x
   // one task per chunk of images, a scratch block per chunk (chunks = threads)
   parallel_for_ftz(0, threads, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
       A* S = S_all.data_ptr<A>() + t * C * N * jt;
-      int32_t* rj = idx_all.data_ptr<int32_t>() + t * 2 * jt;
+      int32_t* rj = idx_all.data_ptr<int32_t>() + t * 4 * jt;
+      A* work = work_all.data_ptr<A>() + t * 4 * jt;
       const int64_t b0 = t * P.B / threads, b1 = (t + 1) * P.B / threads;
-      for (int64_t b = b0; b < b1; ++b) image_pass<A>(P, b, S, rj, rj + jt, jt, backward, gcoef, dq, dk, lp[b], hp[b]);
+      for (int64_t b = b0; b < b1; ++b)
+        image_pass<A>(P, b, S, rj, rj + jt, work, rj + 2 * jt, jt, backward, gcoef, dq, dk, lp[b], hp[b]);
     }
   });
   double l = 0, h = 0;
