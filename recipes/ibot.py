@@ -71,8 +71,8 @@ class IBOT(Method):
     """iBOT / DINOv2: DINO's image-level self-distillation plus masked patch-token distillation."""
 
     name, title = "ibot", "iBOT"
-    defaults = dict(epochs=80, lr=1e-3, weight_decay=0.04, weight_decay_end=0.2, warmup_epochs=5, clip_grad=3.0,
-                    clip_mode="per-param", eval_every=20)
+    defaults = dict(epochs=25, lr=1e-3, weight_decay=0.04, weight_decay_end=0.2, warmup_epochs=5, clip_grad=3.0,
+                    clip_mode="per-param", eval_every=20, warmup_teacher_temp_epochs=9)  # τt warm-up: 3/8 of the run
     health = {"teacher_entropy_frac": "high", "batch_entropy_frac": "low", "kl": "low",
               "patch_teacher_entropy_frac": "high", "patch_batch_entropy_frac": "low", "patch_kl": "low"}
 
