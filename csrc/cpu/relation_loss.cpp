@@ -9,10 +9,10 @@
 //     angle matrix).
 // Both are averaged over the B·N·N pairs. Streaming over j tiles: a task owns one image b; for
 // each tile of JT columns it forms the C logits blocks S_c (N × JT, one BLAS product each, alpha =
-// scale), takes the per-pair statistics in one vectorised pass, and (backward) turns S into
+// scale), takes the per-pair statistics in class-outer vector loops per tile row, and (backward) turns S into
 // G = dℓ/dx in place, then dq_b += G_c·K_c (accumulated over tiles) and dk_b[tile] = G_cᵀ·Q_c.
 // The labels come from the grid coordinates inside the pass; nothing of size (B, N, N) or
-// (B, C, N, N) exists: extra memory is C·N·JT per thread (JT = N up to 2^19 elements). The
+// (B, C, N, N) exists: extra memory is C·N·JT (+ 8·JT) per thread (JT = N up to 2^19 elements). The
 // backward recomputes the logits. fp16 / bf16 inputs are converted to fp32 copies; fp64 runs
 // in fp64. Every exp-based loop runs under flush-to-zero (parallel_for_ftz, common.h).
 #include "blas.h"
