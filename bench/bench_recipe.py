@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import sslkern
+from sslkern._backend import cpu_native_half
 from harness import measure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,7 +145,7 @@ def test_train_step_precision(benchmark, case, provider):
     """fp32 vs ``torch.autocast("cpu", torch.bfloat16)`` around the whole step (issue #17: a
     ``--precision bf16`` option is worth adding only if this is faster end to end)."""
     name, cls, size, extra, threads = case
-    native = torch.cuda.is_available() or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    native = torch.cuda.is_available() or cpu_native_half(torch.bfloat16)
     if provider == "sslkern_bf16" and not native and os.environ.get("SSLKERN_BENCH_SLOW") != "1":
         pytest.skip("CPU without native bf16 GEMMs (no AVX512-BF16 / AMX): one autocast step took >= ~100 s "
                     "here (docs/bench/precision.md); SSLKERN_BENCH_SLOW=1 to time it")

@@ -15,6 +15,7 @@ process (``SSLKERN_BACKEND``), in that order of precedence.
 from __future__ import annotations
 
 import contextlib
+import functools
 import contextvars
 import importlib
 import importlib.util
@@ -48,6 +49,17 @@ def extension():
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_native_half(dtype: torch.dtype) -> bool:
+    """Whether this CPU has native GEMMs for fp16 / bf16 (oneDNN's check: AVX512-BF16 / AMX);
+    without them torch emulates half matmuls, far slower than fp32. False for other dtypes."""
+    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
+    try:
+        return bool(probe and getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def backend_status() -> dict[str, tuple[bool, str]]:

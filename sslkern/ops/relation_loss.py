@@ -28,24 +28,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._backend import Dispatch, ext_op, module_attr
+from .._backend import Dispatch, cpu_native_half, ext_op, module_attr
 from .._checks import check_range, check_tensor, fail
 from ..reference.relation_loss import (RelationLosses, pair_targets, relation_labels, relvit_angle_matrix,
                                        relvit_dist_matrix)
 
 OP = "relation_loss"
 
-
-def _native_half() -> dict:
-    """Whether this CPU has native half-precision GEMMs (oneDNN's check), per dtype."""
-    try:
-        return {torch.bfloat16: bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-                torch.float16: bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())}
-    except (AttributeError, RuntimeError):
-        return {torch.bfloat16: False, torch.float16: False}
-
-
-_CPU_NATIVE_HALF = _native_half()
 NUM_RELATIONS = 9
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTS = (torch.int64, torch.int32)
@@ -302,7 +291,7 @@ def relation_loss(
     # fp16 / bf16 tokens on a CPU without native half GEMMs (no AVX512-BF16 / AMX-FP16):
     # the projections run in fp32 (bf16 in, fp32 accumulate, as the reference does), since
     # torch's emulated half GEMMs there took 4x longer than the whole fp32 loss
-    upcast = z.device.type == "cpu" and not _CPU_NATIVE_HALF.get(z.dtype, True)
+    upcast = z.device.type == "cpu" and z.dtype in (torch.float16, torch.bfloat16) and not cpu_native_half(z.dtype)
 
     def term(w_q, w_k, classes, table):
         zz, w_q, w_k = (z.float(), w_q.float(), w_k.float()) if upcast else (z, w_q, w_k)
