@@ -9,7 +9,7 @@ One step, as unilm ``beit/engine_for_pretraining.py`` with ``modeling_pretrain.p
   1. view      random resized crop + small rotation (``sslkern.train.data.augment``); the
                tokenizer sees the same view (BEiT: the same crop at the dVAE's resolution)
   2. tokens    one visual token per patch from the frozen tokenizer (BEiT: DALL-E dVAE
-               ``get_codebook_indices``; here k-means on patch pixels, see below)
+               ``get_codebook_indices``; here k-means on the pixels of the 3x3-patch window around each patch)
   3. mask      blockwise masking of ~40 % of the patches (``sslkern.masks.block_mask``: blocks
                of area U(min, remaining), log-uniform aspect 0.3-3.3, as ``MaskingGenerator``)
   4. encoder   patch embeddings of masked patches replaced by a learned mask token
@@ -23,10 +23,11 @@ batch's most common token), ``pred_perplexity`` (how many distinct tokens the ar
 predictions use) and ``token_perplexity`` (codebook usage of the targets).
 
 Deviations (docs/recipes/beit.md): the tokenizer is fitted on the training set before the
-run (k-means, ``--vocab-size`` 64 codes, cached as OUT/tokenizer.safetensors) because DALL-E's
+run (k-means, ``--vocab-size`` 64 codes, ``--tokenizer-context`` 1 patch of neighbourhood per
+side, cached as OUT/tokenizer.safetensors) because DALL-E's
 dVAE cannot be downloaded here; 16x16 digits, patch 4 → 16 tokens, 6 masked, blocks of at
 least 2 patches (BEiT: 75 of 196, blocks ≥ 16); learned absolute positions of timm's ViT and
-no layer scale (BEiT: shared relative position bias, layer scale 0.1); lr 2e-3 at batch 128.
+no layer scale by default (``--layer-scale``; BEiT: relative position bias, layer scale 0.1).
 """
 from __future__ import annotations
 
@@ -96,6 +97,9 @@ class BEiT(Method):
         g.add_argument("--min-block-patches", type=int, default=2, help="smallest masking block (BEiT 16 of 196)")
         g.add_argument("--vocab-size", type=int, default=64, help="tokenizer codes (k-means centroids)")
         g.add_argument("--kmeans-iters", type=int, default=30)
+        g.add_argument("--tokenizer-context", type=int, default=1,
+                       help="patches of neighbourhood per side each token sees (1: the 3x3-patch window; 0: the patch only)")
+        g.add_argument("--layer-scale", type=float, default=0.0, help="layer-scale init (BEiT pretraining 0.1; 0 = none)")
         g.add_argument("--tokenizer", default=None,
                        help="load this tokenizer file instead of fitting one (default: fit, cached as OUT/tokenizer.safetensors)")
 
@@ -110,6 +114,10 @@ class BEiT(Method):
             error(f"--min-block-patches expected in [1, {int(n * a.mask_ratio)}] (the masked count), got {a.min_block_patches}")
         if a.vocab_size < 2:
             error(f"--vocab-size expected >= 2, got {a.vocab_size}")
+        if a.tokenizer_context < 0:
+            error(f"--tokenizer-context expected >= 0, got {a.tokenizer_context}")
+        if a.layer_scale < 0:
+            error(f"--layer-scale expected >= 0 (0 = none), got {a.layer_scale}")
         if a.kmeans_iters < 1:
             error(f"--kmeans-iters expected a positive integer, got {a.kmeans_iters}")
         if a.tokenizer is not None and not os.path.isfile(a.tokenizer):
@@ -118,7 +126,7 @@ class BEiT(Method):
     def __init__(self, a, data):
         super().__init__()
         self.a = a
-        vit = build_vit(a, data.in_chans)
+        vit = build_vit(a, data.in_chans, init_values=a.layer_scale or None)
         self.grid = tuple(vit.patch_embed.grid_size)
         self.tokenizer = self.make_tokenizer(a, data)
         self.model = MaskedImageModel(vit, self.tokenizer.num_codes)
@@ -135,7 +143,7 @@ class BEiT(Method):
         fit = {"dataset": data.name, "train_images": int(data.train_images.shape[0]), "seed": a.seed,
                "iters": a.kmeans_iters, "image_size": a.image_size}
         path = os.path.join(a.out, "tokenizer.safetensors")
-        tok = PatchKMeansTokenizer(a.vocab_size, a.patch_size, data.in_chans)
+        tok = PatchKMeansTokenizer(a.vocab_size, a.patch_size, data.in_chans, a.tokenizer_context)
         if os.path.exists(path):
             cached, meta = PatchKMeansTokenizer.load(path)
             if cached.settings == tok.settings and all(meta.get(k) == v for k, v in fit.items()):

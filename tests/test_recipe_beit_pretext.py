@@ -59,9 +59,10 @@ def _ctx(model, seed=7):
 # ---------------------------------------------------------------------------------------
 # BEiT vs unilm beit/
 # ---------------------------------------------------------------------------------------
-def beit_forward(model, samples, bool_masked_pos, codebook, p):
+def beit_forward(model, samples, bool_masked_pos, codebook, p, context=1):
     """modeling_pretrain VisionTransformerForMaskedImageModeling.forward(return_all_tokens=False) and the
-    engine's loss, with the recipe's weights; the tokenizer's ``get_codebook_indices`` = nearest centroid."""
+    engine's loss, with the recipe's weights; the tokenizer's ``get_codebook_indices`` = nearest centroid
+    of the patch (context 0) or of the zero-padded window of (2·context + 1)² patches centred on it."""
     vit, mim = model.model.vit, model.model
     x = vit.patch_embed(samples)
     batch_size, seq_len, _ = x.size()
@@ -76,7 +77,12 @@ def beit_forward(model, samples, bool_masked_pos, codebook, p):
     x = vit.norm(x)[:, 1:]
     outputs = mim.lm_head(x[bool_masked_pos])
     b, c, h, w_ = samples.shape
-    patches = samples.reshape(b, c, h // p, p, w_ // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, p * p * c)
+    if context == 0:
+        patches = samples.reshape(b, c, h // p, p, w_ // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, p * p * c)
+    else:
+        k = (2 * context + 1) * p
+        win = torch.nn.functional.pad(samples, (context * p,) * 4).unfold(2, k, p).unfold(3, k, p)  # (b, c, gh, gw, k, k)
+        patches = win.permute(0, 2, 3, 1, 4, 5).reshape(b, -1, c * k * k)
     input_ids = torch.cdist(patches, codebook.expand(b, -1, -1)).argmin(-1)
     labels = input_ids[bool_masked_pos]
     return torch.nn.CrossEntropyLoss()(input=outputs, target=labels), outputs, labels
@@ -97,6 +103,7 @@ def test_beit_step_matches_modeling_pretrain(tmp_path):
     mask = sslkern.masks.block_mask(6, (4, 4), 0.4, min_num_patches=2, max_num_patches=6, generator=g).mask
     # MaskingGenerator semantics: at most 6 of 16 patches per image, at least one block of >= 2
     assert (mask.sum(1) <= 6).all() and (mask.sum(1) >= 2).all()
+    assert model.tokenizer.context == 1 and model.tokenizer.codebook.shape[1] == 12 * 12
     loss_ref, out_ref, labels_ref = beit_forward(model, views, mask, model.tokenizer.codebook, 4)
     loss, metrics = model(images, _ctx(model, seed=7))
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
@@ -108,6 +115,21 @@ def test_beit_step_matches_modeling_pretrain(tmp_path):
     assert 0 < metrics["pred_entropy_frac"] <= 1 and 1 <= metrics["token_perplexity"] <= 16
     loss.backward()
     assert model.model.mask_token.grad.abs().sum() > 0 and model.tokenizer.codebook.grad is None
+
+
+def test_beit_patch_only_tokens_match_modeling_pretrain(tmp_path):
+    """--tokenizer-context 0 (each token from its own patch's pixels) against the same transcription."""
+    import sslkern
+
+    _, model, _ = _model("beit", tmp_path, ["--tokenizer-context", "0"])
+    assert model.tokenizer.codebook.shape[1] == 16
+    images = torch.randn(6, 1, 16, 16)
+    g = torch.Generator().manual_seed(7)
+    views = augment(images, g)
+    mask = sslkern.masks.block_mask(6, (4, 4), 0.4, min_num_patches=2, max_num_patches=6, generator=g).mask
+    loss_ref, _, _ = beit_forward(model, views, mask, model.tokenizer.codebook, 4, context=0)
+    loss, _ = model(images, _ctx(model, seed=7))
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
 
 
 def test_beit_tokenizer_cached_in_run_directory_and_loaded(tmp_path):
@@ -252,6 +274,8 @@ def test_reference_backend_gives_the_same_losses(tmp_path, name):
     ("beit", ["--min-block-patches", "7"], "--min-block-patches expected in [1, 6] (the masked count), got 7"),
     ("beit", ["--vocab-size", "1"], "--vocab-size expected >= 2, got 1"),
     ("beit", ["--kmeans-iters", "0"], "--kmeans-iters expected a positive integer, got 0"),
+    ("beit", ["--tokenizer-context", "-1"], "--tokenizer-context expected >= 0, got -1"),
+    ("beit", ["--layer-scale", "-0.1"], "--layer-scale expected >= 0 (0 = none), got -0.1"),
     ("beit", ["--tokenizer", "/nonexistent/tok.safetensors"], "--tokenizer '/nonexistent/tok.safetensors' does not exist"),
     ("rotation", ["--task", "colour"], "invalid choice: 'colour'"),
     ("rotation", ["--head-dim", "0"], "--head-dim expected a positive integer, got 0"),

@@ -95,3 +95,36 @@ def test_save_load_round_trip_and_errors(tmp_path):
         tok(torch.randn(2, 1, 4, 4))
     with pytest.raises(ValueError, match="num_codes expected >= 2"):
         PatchKMeansTokenizer(1, 2, 1)
+
+
+def test_patch_windows_context_is_the_zero_padded_neighbourhood():
+    from sslkern.train.tokenizer import patch_windows
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 6, 9, generator=g)  # 2x3 grid of 3x3 patches
+    assert torch.equal(patch_windows(x, 3, 0), patchify(x, 3))
+    w = patch_windows(x, 3, 1)
+    assert w.shape == (2, 6, 3 * 9 * 9)
+    pad = torch.nn.functional.pad(x, (3, 3, 3, 3))
+    for n in range(6):
+        r, c = divmod(n, 3)
+        ref = pad[:, :, 3 * r:3 * r + 9, 3 * c:3 * c + 9].reshape(2, -1)  # window centred on patch n
+        assert torch.equal(w[:, n], ref)
+    with pytest.raises(ValueError, match="context expected >= 0"):
+        patch_windows(x, 3, -1)
+    with pytest.raises(ValueError, match="multiple of patch_size 4"):
+        patch_windows(x, 4, 1)
+
+
+def test_context_tokenizer_fits_saves_and_loads(tmp_path):
+    img, _, _ = _blobs(k=5, per=40, p=2)
+    tok = PatchKMeansTokenizer(6, 2, 1, context=1)
+    assert tok.codebook.shape == (6, 36) and tok.settings["context"] == 1
+    info = tok.fit(img, torch.Generator().manual_seed(0), iters=10)
+    ids = tok(img)
+    assert ids.shape == (40, 16) and int(ids.max()) < 6 and info["perplexity"] > 1
+    path = str(tmp_path / "tok.safetensors")
+    tok.save(path)
+    back, meta = PatchKMeansTokenizer.load(path)
+    assert back.settings == tok.settings and torch.equal(back(img), ids)
+    with pytest.raises(ValueError, match="context expected >= 0"):
+        PatchKMeansTokenizer(6, 2, 1, context=-1)

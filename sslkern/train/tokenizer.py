@@ -9,8 +9,11 @@ Why k-means and not a small VQ model: a VQ-VAE's codebook minimises the same qua
 error that Lloyd's algorithm does, only through an encoder and by SGD. On small patches
 (4x4 grey pixels on the default data) an encoder adds little, k-means is deterministic, has
 no hyper-parameters beyond ``K`` and fits in well under a second; a VQ model would need its
-own training run, dead-code handling and tuning. The cost: the tokens see one patch only
-(DALL-E's encoder sees a neighbourhood), and they quantise raw pixels, not learned features.
+own training run, dead-code handling and tuning. The cost: they quantise raw pixels, not
+learned features. ``context`` narrows the other gap: DALL-E's encoder sees a neighbourhood,
+and with ``context = c`` each token is the nearest centroid of the zero-padded window of
+(2c + 1) x (2c + 1) patches centred on its patch (``patch_windows``), so a token says what
+the patch is part of, not only its pixels. ``context = 0`` is the patch alone.
 
 ``PatchKMeansTokenizer`` holds the codebook as a buffer (so it is part of a recipe's state
 dict), ``fit`` is seeded by a ``torch.Generator`` (k-means++ seeding, then Lloyd steps; a
@@ -23,11 +26,12 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
 
-__all__ = ["PatchKMeansTokenizer", "patchify", "perplexity"]
+__all__ = ["PatchKMeansTokenizer", "patchify", "patch_windows", "perplexity"]
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -38,6 +42,23 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
         raise ValueError(f"patchify: image size {h}x{w} expected a multiple of patch_size {p}")
     x = images.reshape(b, c, h // p, p, w // p, p)
     return torch.einsum("nchpwq->nhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def patch_windows(images: torch.Tensor, patch_size: int, context: int = 0) -> torch.Tensor:
+    """(B, C, H, W) → (B, N, C·w·w): for each patch (row-major), the pixels of the window of
+    ``w = (2·context + 1)·patch_size`` centred on it (zero outside the image), channel-major.
+
+    ``context = 0`` is :func:`patchify` (the patch itself, pixels (row, col, channel)).
+    """
+    if context < 0:
+        raise ValueError(f"patch_windows: context expected >= 0, got {context}")
+    if context == 0:
+        return patchify(images, patch_size)
+    h, w, p = images.shape[2], images.shape[3], patch_size
+    if h % p or w % p:
+        raise ValueError(f"patch_windows: image size {h}x{w} expected a multiple of patch_size {p}")
+    k = (2 * context + 1) * p
+    return F.unfold(images, kernel_size=k, padding=context * p, stride=p).transpose(1, 2)
 
 
 @torch.no_grad()
@@ -57,18 +78,26 @@ def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 class PatchKMeansTokenizer(nn.Module):
     """Nearest-centroid tokens of image patches; ``forward(images) → (B, N) int64``."""
 
-    def __init__(self, num_codes: int, patch_size: int, in_chans: int):
+    def __init__(self, num_codes: int, patch_size: int, in_chans: int, context: int = 0):
         super().__init__()
         if num_codes < 2:
             raise ValueError(f"PatchKMeansTokenizer: num_codes expected >= 2, got {num_codes}")
         if patch_size < 1 or in_chans < 1:
             raise ValueError(f"PatchKMeansTokenizer: patch_size and in_chans expected positive, got {patch_size}, {in_chans}")
-        self.num_codes, self.patch_size, self.in_chans = num_codes, patch_size, in_chans
-        self.register_buffer("codebook", torch.zeros(num_codes, patch_size * patch_size * in_chans))
+        if context < 0:
+            raise ValueError(f"PatchKMeansTokenizer: context expected >= 0 (patches of neighbourhood per side), got {context}")
+        self.num_codes, self.patch_size, self.in_chans, self.context = num_codes, patch_size, in_chans, context
+        side = (2 * context + 1) * patch_size
+        self.register_buffer("codebook", torch.zeros(num_codes, side * side * in_chans))
 
     @property
     def settings(self) -> dict:
-        return {"num_codes": self.num_codes, "patch_size": self.patch_size, "in_chans": self.in_chans}
+        return {"num_codes": self.num_codes, "patch_size": self.patch_size, "in_chans": self.in_chans,
+                "context": self.context}
+
+    def windows(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) → (B, N, codebook dim): what each token quantises (the patch, or its window)."""
+        return patch_windows(images, self.patch_size, self.context)
 
     @torch.no_grad()
     def encode_patches(self, patches: torch.Tensor) -> torch.Tensor:
@@ -80,7 +109,7 @@ class PatchKMeansTokenizer(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != self.in_chans:
             raise ValueError(f"PatchKMeansTokenizer: images expected (B, {self.in_chans}, H, W), got {tuple(images.shape)}")
-        return self.encode_patches(patchify(images, self.patch_size))
+        return self.encode_patches(self.windows(images))
 
     @torch.no_grad()
     def fit(self, images: torch.Tensor, generator: torch.Generator, *, iters: int = 30,
@@ -91,7 +120,7 @@ class PatchKMeansTokenizer(nn.Module):
         ``{"inertia": mean squared distance to the nearest centroid, "perplexity": codebook
         usage on the fitted patches, "patches": count}``.
         """
-        x = patchify(images.float(), self.patch_size).reshape(-1, self.codebook.shape[1]).to(self.codebook.device)
+        x = self.windows(images.float()).reshape(-1, self.codebook.shape[1]).to(self.codebook.device)
         if x.shape[0] > max_patches:
             x = x[torch.randperm(x.shape[0], generator=generator, device=generator.device)[:max_patches].to(x.device)]
         m, k = x.shape[0], self.num_codes
@@ -136,7 +165,7 @@ class PatchKMeansTokenizer(nn.Module):
         tensors, meta = ckpt.load_tensors(path)
         if "codebook" not in tensors or not all(k in meta for k in ("num_codes", "patch_size", "in_chans")):
             raise ValueError(f"{path!r} is not a PatchKMeansTokenizer file (expected a codebook and its settings)")
-        tok = cls(meta["num_codes"], meta["patch_size"], meta["in_chans"])
+        tok = cls(meta["num_codes"], meta["patch_size"], meta["in_chans"], meta.get("context", 0))
         if tuple(tensors["codebook"].shape) != tuple(tok.codebook.shape):
             raise ValueError(f"{path!r}: codebook shape {tuple(tensors['codebook'].shape)} does not match its settings {tok.settings}")
         tok.codebook.copy_(tensors["codebook"])
