@@ -97,6 +97,27 @@ def test_matches_foreach_lerp_and_peers():
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
 
 
+def test_eager_cpu_fast_path_bumps_versions_and_takes_parameters():
+    """The eager CPU call goes straight to the kernel: teachers' versions still move (autograd sees
+    the in-place write), nn.Parameters and uneven element counts per thread are handled, and the
+    result equals the reference."""
+    g = torch.Generator().manual_seed(5)
+    sizes = [384, 7, 1152 * 384, 3, 16385, 1, 65536 + 17] * 3  # tiny and chunk-crossing tensors mixed
+    teachers = [torch.nn.Parameter(torch.randn(n, generator=g), requires_grad=False) for n in sizes]
+    students = [torch.randn(n, generator=g) for n in sizes]
+    want = [t.detach().clone() for t in teachers]
+    ref_ema_update_(want, students, 0.99)
+    before = [t._version for t in teachers]
+    sslkern.ema_update_(teachers, students, 0.99)
+    assert all(t._version > v for t, v in zip(teachers, before))
+    for t, w in zip(teachers, want):
+        torch.testing.assert_close(t.detach(), w, rtol=1e-6, atol=1e-7)
+    # a view into the teacher's storage at another offset is still refused
+    buf = torch.randn(20)
+    with pytest.raises(ValueError, match="share memory"):
+        sslkern.ema_update_([buf[:10]], [buf[10:]], 0.5)
+
+
 def test_opcheck():
     teachers, students = make([(5, 3), (7,)], torch.float32, torch.float32, "cpu")
     for mt, mv in [(None, 0.9), (torch.tensor(0.9), 0.0)]:

@@ -199,6 +199,42 @@ def test_opcheck(regression):
                           (torch.tensor(1.5), q.detach(), k.detach(), pos, table, 3, 9, C, 0.5, 0.1, ""))
 
 
+@pytest.mark.parametrize("regression", [False, True])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_with_grad_op_equals_forward_and_backward(regression, backend):
+    """relation_loss_with_grad (one pass) = relation_loss + relation_loss_backward(grad 1); opcheck."""
+    B, N, C, dh = 3, 25, (1 if regression else 9), 5
+    g = torch.Generator().manual_seed(11)
+    q, k = (torch.randn(B, N, C * dh, generator=g) for _ in range(2))
+    pos = torch.stack([torch.randperm(N, generator=g) for _ in range(B)])
+    table = torch.rand(N, N, generator=g) if regression else None
+    args = (q, k, pos, table, 5, 25, C, 0.4, 0.0 if regression else 0.2, True, backend)
+    loss, acc, dq, dk = torch.ops.sslkern.relation_loss_with_grad(*args)
+    loss_f, acc_f = torch.ops.sslkern.relation_loss(*args)
+    dq_b, dk_b = torch.ops.sslkern.relation_loss_backward(torch.tensor(1.0), *args[:9], backend)
+    torch.testing.assert_close(loss, loss_f, rtol=1e-6, atol=1e-7)
+    assert float(acc) == float(acc_f)
+    torch.testing.assert_close(dq, dq_b, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(dk, dk_b, rtol=1e-5, atol=1e-8)
+    qg, kg = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+    torch.library.opcheck(torch.ops.sslkern.relation_loss_with_grad.default, (qg, kg) + args[2:])
+    # the backward scales the saved gradients by the incoming one
+    out = torch.ops.sslkern.relation_loss_with_grad(qg, kg, *args[2:])
+    gq, gk = torch.autograd.grad(2.5 * out[0], (qg, kg))
+    torch.testing.assert_close(gq, 2.5 * dq_b, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(gk, 2.5 * dk_b, rtol=1e-5, atol=1e-8)
+
+
+def test_no_grad_forward_takes_the_loss_only_op():
+    z, wq, wk, regs, perms = _inputs(2, 4, 24, 3, torch.float32, prefix=1, reg_dim=24)
+    with torch.no_grad():
+        a = sslkern.relation_loss(z, wq, wk, perms, num_prefix_tokens=1)
+    b = sslkern.relation_loss(z, wq.requires_grad_(True), wk, perms, num_prefix_tokens=1)
+    assert b.loss.requires_grad and not a.loss.requires_grad
+    torch.testing.assert_close(a.loss, b.loss.detach(), rtol=1e-6, atol=1e-7)
+    assert float(a.accuracy) == float(b.accuracy)
+
+
 def test_compile_fullgraph_equals_eager():
     z, wq, wk, regs, perms = _inputs(2, 4, 24, 3, torch.float32, prefix=1, reg_dim=24)
     leaves = [t.requires_grad_(True) for t in [z, wq, wk] + regs]

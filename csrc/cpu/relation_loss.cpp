@@ -13,8 +13,9 @@
 // G = dℓ/dx in place, then dq_b += G_c·K_c (accumulated over tiles) and dk_b[tile] = G_cᵀ·Q_c.
 // The labels come from the grid coordinates inside the pass; nothing of size (B, N, N) or
 // (B, C, N, N) exists: extra memory is C·N·JT (+ 8·JT) per thread (JT = N up to 2^19 elements). The
-// backward recomputes the logits. fp16 / bf16 inputs are converted to fp32 copies; fp64 runs
-// in fp64. Every exp-based loop runs under flush-to-zero (parallel_for_ftz, common.h).
+// backward recomputes the logits, unless the forward ran as relation_loss_with_grad_cpu (loss and
+// gradients from one pass; the autograd wrapper then scales the saved dq, dk). fp16 / bf16
+// inputs are converted to fp32 copies; fp64 runs in fp64. Every exp-based loop runs under flush-to-zero (parallel_for_ftz, common.h).
 #include "blas.h"
 #include "common.h"
 
@@ -70,10 +71,11 @@ struct Problem {
   A scale, smooth;
 };
 
-// One image: loss sum and argmax hits (forward), or dq_b / dk_b with G scaled by gcoef (backward).
+// One image: loss sum and argmax hits (with_loss), and / or dq_b / dk_b with G scaled by gcoef
+// (backward). Both in one pass is the forward that also returns the gradient (no recompute).
 template <typename A>
 void image_pass(const Problem<A>& P, int64_t b, A* S, int32_t* rj, int32_t* cj, A* work, int32_t* lab, int64_t jt,
-                bool backward, A gcoef, A* dq, A* dk, double& loss_out, double& hits_out) {
+                bool backward, bool with_loss, A gcoef, A* dq, A* dk, double& loss_out, double& hits_out) {
   const int64_t N = P.N, C = P.C, dh = P.dh, ld = C * dh;
   const A* qb = P.q + b * N * ld;
   const A* kb = P.k + b * N * ld;
@@ -130,7 +132,7 @@ void image_pass(const Problem<A>& P, int64_t b, A* S, int32_t* rj, int32_t* cj, 
             xs[jj] += x;
           }
         }
-        if (!backward) {
+        if (with_loss) {
           A row_loss = 0, row_hits = 0;
 #pragma omp simd reduction(+ : row_loss, row_hits)
           for (int64_t jj = 0; jj < nj; ++jj) {
@@ -139,7 +141,8 @@ void image_pass(const Problem<A>& P, int64_t b, A* S, int32_t* rj, int32_t* cj, 
           }
           loss += static_cast<double>(row_loss);
           hits += static_cast<double>(row_hits);
-        } else {
+        }
+        if (backward) {
 #pragma omp simd
           for (int64_t jj = 0; jj < nj; ++jj) z[jj] = gcoef / z[jj];
           const A g_smooth = gcoef * s_over, g_label = gcoef * one_minus;
@@ -158,8 +161,8 @@ void image_pass(const Problem<A>& P, int64_t b, A* S, int32_t* rj, int32_t* cj, 
 #pragma omp simd reduction(+ : row_loss)
         for (int64_t jj = 0; jj < nj; ++jj) {
           const A d = s[jj] - static_cast<A>(trow[pj[jj]]);
-          if (!backward) row_loss += d * d;
-          else s[jj] = A(2) * gcoef * d;
+          row_loss += d * d;
+          if (backward) s[jj] = A(2) * gcoef * d;
         }
         loss += static_cast<double>(row_loss);
       }
@@ -180,7 +183,7 @@ void image_pass(const Problem<A>& P, int64_t b, A* S, int32_t* rj, int32_t* cj, 
 }
 
 template <typename A>
-void run(const Problem<A>& P, bool backward, A gcoef, A* dq, A* dk, double* loss, double* hits) {
+void run(const Problem<A>& P, bool backward, bool with_loss, A gcoef, A* dq, A* dk, double* loss, double* hits) {
   const int64_t N = P.N, C = P.C;
   int64_t jt = N;
   if (C * N * N > kTileElems) jt = std::max<int64_t>(16, (kTileElems / (C * N)) / 16 * 16);
@@ -199,7 +202,7 @@ void run(const Problem<A>& P, bool backward, A gcoef, A* dq, A* dk, double* loss
       A* work = work_all.data_ptr<A>() + t * 4 * jt;
       const int64_t b0 = t * P.B / threads, b1 = (t + 1) * P.B / threads;
       for (int64_t b = b0; b < b1; ++b)
-        image_pass<A>(P, b, S, rj, rj + jt, work, rj + 2 * jt, jt, backward, gcoef, dq, dk, lp[b], hp[b]);
+        image_pass<A>(P, b, S, rj, rj + jt, work, rj + 2 * jt, jt, backward, with_loss, gcoef, dq, dk, lp[b], hp[b]);
     }
   });
   double l = 0, h = 0;
@@ -255,23 +258,53 @@ Problem<A> problem(const Checked& c, const at::Tensor& qa, const at::Tensor& ka,
                     static_cast<A>(scale), static_cast<A>(smoothing)};
 }
 
-std::tuple<at::Tensor, at::Tensor> relation_loss_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
-                                                     const std::optional<at::Tensor>& table, int64_t grid_w,
-                                                     int64_t cells, int64_t classes, double scale, double smoothing) {
+struct Result {
+  at::Tensor loss, accuracy, dq, dk;
+};
+
+// The pass over every image: loss and accuracy (with_loss), gradients dq, dk of grad · loss
+// (backward), or both from one pass.
+Result relation_pass(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
+                     const std::optional<at::Tensor>& table, int64_t grid_w, int64_t cells, int64_t classes,
+                     double scale, double smoothing, bool backward, bool with_loss, double grad) {
   Checked c = check(q, k, pos, table, grid_w, cells, classes);
   FlushDenormals guard;
   const bool dbl = q.scalar_type() == at::kDouble;
   const auto acc = dbl ? at::kDouble : at::kFloat;
   at::Tensor qa = q.to(acc).contiguous(), ka = k.to(acc).contiguous();
-  double l = 0, h = 0;
-  if (dbl) run<double>(problem<double>(c, qa, ka, grid_w, cells, scale, smoothing), false, 0.0, nullptr, nullptr, &l, &h);
-  else run<float>(problem<float>(c, qa, ka, grid_w, cells, scale, smoothing), false, 0.0f, nullptr, nullptr, &l, &h);
   const double pairs = static_cast<double>(c.B) * c.N * c.N;
-  at::Tensor loss = at::empty({}, q.options().dtype(acc));
-  at::Tensor accuracy = at::empty({}, q.options().dtype(acc));
-  loss.fill_(l / pairs);
-  accuracy.fill_(c.table.defined() ? 0.0 : h / pairs);
-  return {loss, accuracy};
+  Result r;
+  if (backward) {
+    const auto o = q.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous);
+    r.dq = empty_output(q.sizes(), o);
+    r.dk = empty_output(k.sizes(), o);
+  }
+  const double g = grad / pairs;
+  double l = 0, h = 0;
+  if (dbl)
+    run<double>(problem<double>(c, qa, ka, grid_w, cells, scale, smoothing), backward, with_loss, g,
+                backward ? r.dq.data_ptr<double>() : nullptr, backward ? r.dk.data_ptr<double>() : nullptr, &l, &h);
+  else
+    run<float>(problem<float>(c, qa, ka, grid_w, cells, scale, smoothing), backward, with_loss, static_cast<float>(g),
+               backward ? r.dq.data_ptr<float>() : nullptr, backward ? r.dk.data_ptr<float>() : nullptr, &l, &h);
+  if (backward && q.scalar_type() != acc) {
+    r.dq = r.dq.to(q.scalar_type());
+    r.dk = r.dk.to(k.scalar_type());
+  }
+  if (with_loss) {
+    r.loss = at::empty({}, q.options().dtype(acc));
+    r.accuracy = at::empty({}, q.options().dtype(acc));
+    r.loss.fill_(l / pairs);
+    r.accuracy.fill_(c.table.defined() ? 0.0 : h / pairs);
+  }
+  return r;
+}
+
+std::tuple<at::Tensor, at::Tensor> relation_loss_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos,
+                                                     const std::optional<at::Tensor>& table, int64_t grid_w,
+                                                     int64_t cells, int64_t classes, double scale, double smoothing) {
+  Result r = relation_pass(q, k, pos, table, grid_w, cells, classes, scale, smoothing, false, true, 0.0);
+  return {r.loss, r.accuracy};
 }
 
 std::tuple<at::Tensor, at::Tensor> relation_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& q,
@@ -279,26 +312,18 @@ std::tuple<at::Tensor, at::Tensor> relation_loss_backward_cpu(const at::Tensor& 
                                                               const std::optional<at::Tensor>& table, int64_t grid_w,
                                                               int64_t cells, int64_t classes, double scale,
                                                               double smoothing) {
-  Checked c = check(q, k, pos, table, grid_w, cells, classes);
   TORCH_CHECK(grad.numel() == 1 && grad.device().is_cpu(), "sslkern.relation_loss: grad must be a CPU scalar");
-  FlushDenormals guard;
-  const bool dbl = q.scalar_type() == at::kDouble;
-  const auto acc = dbl ? at::kDouble : at::kFloat;
-  at::Tensor qa = q.to(acc).contiguous(), ka = k.to(acc).contiguous();
-  const auto o = q.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous);
-  at::Tensor dq = empty_output(q.sizes(), o), dk = empty_output(k.sizes(), o);
-  const double pairs = static_cast<double>(c.B) * c.N * c.N;
-  const double g = grad.to(at::kDouble).item<double>() / pairs;
-  double l = 0, h = 0;
-  if (dbl) run<double>(problem<double>(c, qa, ka, grid_w, cells, scale, smoothing), true, g, dq.data_ptr<double>(),
-                       dk.data_ptr<double>(), &l, &h);
-  else run<float>(problem<float>(c, qa, ka, grid_w, cells, scale, smoothing), true, static_cast<float>(g),
-                  dq.data_ptr<float>(), dk.data_ptr<float>(), &l, &h);
-  if (q.scalar_type() != acc) {
-    dq = dq.to(q.scalar_type());
-    dk = dk.to(k.scalar_type());
-  }
-  return {dq, dk};
+  Result r = relation_pass(q, k, pos, table, grid_w, cells, classes, scale, smoothing, true, false,
+                           grad.to(at::kDouble).item<double>());
+  return {r.dq, r.dk};
+}
+
+// Forward that also returns d loss / dq, d loss / dk (for grad = 1) from the same pass.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> relation_loss_with_grad_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& pos, const std::optional<at::Tensor>& table,
+    int64_t grid_w, int64_t cells, int64_t classes, double scale, double smoothing) {
+  Result r = relation_pass(q, k, pos, table, grid_w, cells, classes, scale, smoothing, true, true, 1.0);
+  return {r.loss, r.accuracy, r.dq, r.dk};
 }
 
 }  // namespace
@@ -310,6 +335,9 @@ TORCH_LIBRARY_FRAGMENT(sslkern_C, m) {
   m.def("relation_loss_backward_cpu(Tensor grad, Tensor q, Tensor k, Tensor pos, Tensor? table, int grid_w, int cells, "
         "int classes, float scale, float smoothing) -> (Tensor, Tensor)",
         &relation_loss_backward_cpu);
+  m.def("relation_loss_with_grad_cpu(Tensor q, Tensor k, Tensor pos, Tensor? table, int grid_w, int cells, "
+        "int classes, float scale, float smoothing) -> (Tensor, Tensor, Tensor, Tensor)",
+        &relation_loss_with_grad_cpu);
 }
 
 }  // namespace sslkern

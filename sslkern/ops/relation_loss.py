@@ -18,7 +18,12 @@ autograd); the custom op takes the projected (B, N, C·d_head) tensors.
 
 Custom ops: ``torch.ops.sslkern.relation_loss(q, k, pos, table, grid_w, cells, classes, scale,
 smoothing, validate, backend) -> (loss, accuracy)`` and its backward
-``sslkern::relation_loss_backward`` (recomputes the scores; returns dq, dk).
+``sslkern::relation_loss_backward`` (recomputes the scores; returns dq, dk); and
+``sslkern::relation_loss_with_grad`` (same arguments) -> (loss, accuracy, dq, dk), the loss and
+its gradients to q and k from one pass over the scores (C++; the other backends run their
+forward and backward kernels), whose backward only scales the saved dq, dk by the incoming
+gradient. ``relation_loss`` uses it when q or k needs a gradient: the scores are formed once
+instead of twice, at the cost of keeping dq, dk (the size of q, k) from forward to backward.
 """
 from __future__ import annotations
 
@@ -100,6 +105,26 @@ dispatch = Dispatch(OP, {
     "cpu": ext_op("relation_loss_cpu"),
     "triton": module_attr("sslkern.triton_ops.relation_loss", "relation_loss_triton"),
 })
+def _composed_with_grad(fwd_loader, bwd_loader):
+    """Loss and (dq, dk) of grad 1 from a backend's forward and backward kernels (two passes)."""
+    def load():
+        fwd, bwd = fwd_loader(), bwd_loader()
+
+        def fn(q, k, pos, table, grid_w, cells, classes, scale, smoothing, validate):
+            loss, accuracy = fwd(q, k, pos, table, grid_w, cells, classes, scale, smoothing, validate)
+            dq, dk = bwd(torch.ones((), dtype=loss.dtype, device=loss.device), q, k, pos, table, grid_w, cells,
+                         classes, scale, smoothing, False)
+            return loss, accuracy, dq, dk
+        return fn
+    return load
+
+
+dispatch_with_grad = Dispatch(OP + "_with_grad", {
+    "reference": _composed_with_grad(lambda: _reference_fwd, lambda: _reference_bwd),
+    "cpu": ext_op("relation_loss_with_grad_cpu"),
+    "triton": _composed_with_grad(module_attr("sslkern.triton_ops.relation_loss", "relation_loss_triton"),
+                                  module_attr("sslkern.triton_ops.relation_loss", "relation_loss_backward_triton")),
+})
 dispatch_backward = Dispatch(OP + "_backward", {
     "reference": lambda: _reference_bwd,
     "cpu": ext_op("relation_loss_backward_cpu"),
@@ -157,6 +182,41 @@ def _backward(ctx, g_loss, g_acc):
 
 
 _relation_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("sslkern::relation_loss_with_grad", mutates_args=())
+def _relation_loss_with_grad_op(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, table: Optional[torch.Tensor],
+                                grid_w: int, cells: int, classes: int, scale: float, smoothing: float, validate: bool,
+                                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    which = dispatch_with_grad.resolve(q.device, backend)
+    fn = dispatch_with_grad(q.device, backend)
+    args = (q, k, pos, table, grid_w, cells, classes, scale, smoothing)
+    return fn(*args) if which == "cpu" else fn(*args, validate)
+
+
+@_relation_loss_with_grad_op.register_fake
+def _(q, k, pos, table, grid_w, cells, classes, scale, smoothing, validate, backend):
+    acc = _acc(q.dtype)
+    return (q.new_empty((), dtype=acc), q.new_empty((), dtype=acc),
+            torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format))
+
+
+def _setup_context_with_grad(ctx, inputs, output):
+    ctx.save_for_backward(output[2], output[3])
+    ctx.mark_non_differentiable(output[1], output[2], output[3])
+
+
+def _backward_with_grad(ctx, g_loss, g_acc, g_dq, g_dk):
+    dq, dk = ctx.saved_tensors
+    none = (None,) * 9
+    if g_loss is None:
+        return (None, None) + none
+    g = g_loss.to(dq.dtype)
+    return (dq * g, dk * g) + none
+
+
+_relation_loss_with_grad_op.register_autograd(_backward_with_grad, setup_context=_setup_context_with_grad)
 
 
 # ---------------------------------------------------------------------------------------
@@ -298,8 +358,11 @@ def relation_loss(
         q = F.linear(zz, w_q.reshape(-1, D)).contiguous()
         k = F.linear(zz, w_k.reshape(-1, D)).contiguous()
         scale = 1.0 / math.sqrt(w_q.shape[1])
-        return torch.ops.sslkern.relation_loss(q, k, positions, table, gw, cells, classes, scale,
-                                               float(label_smoothing), validate, backend)
+        args = (q, k, positions, table, gw, cells, classes, scale, float(label_smoothing), validate, backend)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+            # one pass gives the loss and d loss / d(q, k); the backward only scales them
+            return torch.ops.sslkern.relation_loss_with_grad(*args)[:2]
+        return torch.ops.sslkern.relation_loss(*args)
 
     rel, accuracy = term(wq, wk, NUM_RELATIONS, None)
     total, out = rel, {}
