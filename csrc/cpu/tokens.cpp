@@ -294,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor> gather_tokens_backward_cpu(const at::Tensor& 
               if (first[s] < 0) {
                 first[s] = row * Lo + t;
                 if constexpr (std::is_same_v<T, A>) {
-                  std::memcpy(gxb + s * D, src, D * sizeof(T));
+                  put_row(gxb + s * D, src, static_cast<const T*>(nullptr), D, stream);  // a repeat reads it back: same thread
                 }
               } else {
                 if constexpr (std::is_same_v<T, A>) {
@@ -421,6 +421,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> restore_tokens_backwa
     std::vector<std::vector<A>> pos_part(need_pos ? std::max<int64_t>(split.tasks, 1) : 0);
     for (auto& v : mt_part) v.assign(static_cast<size_t>(D), A(0));
     for (auto& v : pos_part) v.assign(static_cast<size_t>(L * D), A(0));
+    const bool stream = gxv.nbytes() >= static_cast<size_t>(kStreamMinBytes);
     at::parallel_for(0, split.tasks, 1, [&](int64_t task_lo, int64_t task_hi) {
       for (int64_t task = task_lo; task < task_hi; ++task) {
         A* mp = need_mask_token ? mt_part[task].data() : nullptr;
@@ -435,7 +436,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> restore_tokens_backwa
             const T* src = g + (b * L + P + i) * D;
             if (pp) add_to(pp + (P + i) * D, src, D);
             if (k < Nk) {
-              std::memcpy(gv + (b * Lv + P + k) * D, src, D * sizeof(T));
+              put_row(gv + (b * Lv + P + k) * D, src, static_cast<const T*>(nullptr), D, stream);
               if (gf) zero_row(gf + (b * N + i) * D, D);
             } else {
               if (gf) std::memcpy(gf + (b * N + i) * D, src, D * sizeof(T));
@@ -444,6 +445,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> restore_tokens_backwa
           }
         }
       }
+      stream_fence();
     });
     if (need_mask_token) reduce_partials(ptr<T>(gmt), mt_part, D);
     if (need_pos) reduce_partials(ptr<T>(gpos), pos_part, L * D);

@@ -225,6 +225,8 @@ def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, *, pos_embed: torch.T
         check_indices: check the values here, once (an ``IndexError`` names ``ids_keep``):
             one device reduction and one host sync, which also finds out whether any index
             repeats within an image (if none, the GPU backward writes with plain stores).
+            On the C++ CPU backend the kernel checks every index itself (the same
+            ``IndexError``), so no separate pass runs here.
             ``False``: no check and no sync (for CUDA-graph capture, e.g. an MAE / data2vec
             step); out-of-range rows then read and write nothing (zero output rows, no
             gradient) on the GPU; the C++ CPU kernels still raise. Backward never checks, and
@@ -279,7 +281,8 @@ def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, *, pos_embed: torch.T
     ids = ids.to(torch.int64).contiguous()
     P = num_prefix_tokens if prefix is None else prefix.shape[0]
     unique = False
-    if check_indices and not torch.compiler.is_compiling():
+    # the C++ kernels check every index themselves (same IndexError): no second pass and sync here
+    if check_indices and not torch.compiler.is_compiling() and gather_dispatch.resolve(x.device, backend or "") != "cpu":
         unique = _check_indices(op, "ids_keep", ids, L - (num_prefix_tokens if prefix is None else 0), unique_rows=True)
     if prefix is None:
         pos = _check_pos(op, pos_embed, L, D, x.dtype, x.device)
@@ -404,6 +407,7 @@ def restore_tokens(x_vis: torch.Tensor, ids_restore: torch.Tensor, *, mask_token
         fill = fill.to(x_vis.dtype).contiguous()
     pos = _check_pos(op, pos_embed, num_prefix_tokens + N, D, x_vis.dtype, x_vis.device)
     ids = ids_restore.to(torch.int64).contiguous()
-    if check_indices and not torch.compiler.is_compiling():
+    if (check_indices and not torch.compiler.is_compiling()
+            and restore_dispatch.resolve(x_vis.device, backend or "") != "cpu"):
         _check_indices(op, "ids_restore", ids, N)
     return _restore_op(x_vis.contiguous(), ids, mask_token, fill, pos, num_prefix_tokens, backend or "")
