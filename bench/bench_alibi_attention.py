@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import sslkern
-from harness import measure
+from harness import measure, measure_interleaved
 from sslkern.reference.alibi_attention import alibi_bias, fairseq_get_alibi, fairseq_masked_alibi, grid_coords
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -149,3 +149,14 @@ def test_alibi_attention_masked_d2v(benchmark, provider, q_scale):
             case=f"data2vec2 masked B=256 H=6 L=1+39 of 14x14 Dh=64 2D ALiBi, LN+linear q,k x q{q_scale:g}, fp32 fwd+bwd",
             provider=provider, fn=fn, setup=setup, bytes_moved=_bytes_moved(256, 40, torch.float32),
             target=2.0 if provider == "fairseq_sdpa" else None, rounds=5, warmup=2)
+
+
+@pytest.mark.parametrize("kind", ["vit_s", "d2v_masked"])
+def test_alibi_attention_q_scale_interleaved(benchmark, kind):
+    """The issue-#17 bar (time within 1.3x between q x 1 and q x 8), timed round-robin: one call
+    of each scale per round, so the VM's drift over minutes does not enter the ratio."""
+    make = full_fn if kind == "vit_s" else masked_fn
+    (f1, s1), (f8, s8) = make("sslkern", 1.0), make("sslkern", 8.0)
+    case = ("ViT-S B=32 H=6 L=197 Dh=64" if kind == "vit_s" else "data2vec2 masked B=256 H=6 L=1+39 of 14x14 Dh=64")
+    measure_interleaved(benchmark, op="alibi_attention", case=f"{case} 2D ALiBi fp32 fwd+bwd, q x1 vs x8 interleaved",
+                        fns={"sslkern": f1, "sslkern_q8": f8}, setup={"sslkern": s1, "sslkern_q8": s8}, rounds=20)

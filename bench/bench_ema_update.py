@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sslkern
-from harness import measure
+from harness import measure, measure_interleaved
 
 timm = pytest.importorskip("timm")
 M = 0.996
@@ -85,3 +85,15 @@ def test_ema_update(benchmark, provider, arch, sdtype, targets):
     measure(benchmark, op="ema_update_", case=case, provider=provider,
             fn=make_fn(provider, teacher, student, tp, sp), bytes_moved=bytes_moved,
             target=targets.get(provider), rounds=15, warmup=2)
+
+
+@pytest.mark.parametrize("arch", ["vit_small_patch16_224", "vit_base_patch16_224"], ids=["vit_s", "vit_b"])
+def test_ema_update_interleaved(benchmark, arch):
+    """sslkern, _foreach_lerp_ and one lerp_ over pre-flattened buffers, timed round-robin (one
+    call of each per round): their ratios (targets 1.0x and 1/1.1) are within the VM's drift
+    when each is timed in its own block."""
+    teacher, student, tp, sp = params(arch, torch.float32)
+    fns = {p: make_fn(p, teacher, student, tp, sp) for p in ("sslkern", "foreach_lerp", "flat_lerp")}
+    name = arch.split("_patch")[0].replace("vit_small", "ViT-S").replace("vit_base", "ViT-B")
+    measure_interleaved(benchmark, op="ema_update_", case=f"{name} ({len(tp)} tensors) fp32, interleaved",
+                        fns=fns, rounds=30)

@@ -192,3 +192,51 @@ def measure(
         machine=machine(), torch_version=torch.__version__,
         date=datetime.date.today().isoformat(),
     ))
+
+
+def measure_interleaved(benchmark, *, op: str, case: str, fns: dict, rounds: int = 25, warmup: int = 2,
+                        setup: dict | None = None) -> dict:
+    """Time several callables round-robin (one call of each per round) and record each as a
+    provider of one case; the first key is the baseline the ratios are taken against (name it
+    "sslkern"). For sweeps of one op over its inputs: on a shared VM whose speed drifts by
+    10-30 % over minutes, timing each variant in its own block measures the drift, not the op.
+    Returns {name: median seconds}."""
+    rounds = max(rounds, MIN_ROUNDS)
+    setup = setup or {}
+    times: dict = {k: [] for k in fns}
+    for k, fn in fns.items():
+        for _ in range(max(warmup, MIN_WARMUP)):
+            if k in setup:
+                setup[k]()
+            fn()
+            _sync()
+
+    def one_round():
+        for k, fn in fns.items():
+            if k in setup:
+                setup[k]()
+            t0 = time.perf_counter()
+            fn()
+            _sync()
+            times[k].append(time.perf_counter() - t0)
+
+    peaks = {}
+    for k, fn in fns.items():
+        if k in setup:
+            setup[k]()
+        peaks[k] = peak_extra_bytes(fn)
+    benchmark.group = f"{op}: {case}"
+    benchmark.extra_info.update(op=op, case=case, provider="interleaved")
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=0)
+    if getattr(getattr(benchmark, "stats", None), "stats", None) is None:  # --benchmark-disable
+        return {}
+    out = {}
+    for k, ts in times.items():
+        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+        out[k] = statistics.median(ts)
+        RESULTS.append(Result(
+            op=op, case=case, provider=k, median_ms=out[k] * 1e3, iqr_ms=(q[2] - q[0]) * 1e3,
+            min_ms=min(ts) * 1e3, rounds=len(ts), peak_extra_mb=peaks[k] / 2**20, bytes_moved=None, gbps=None,
+            target=None, machine=machine(), torch_version=torch.__version__,
+            date=datetime.date.today().isoformat()))
+    return out

@@ -365,7 +365,7 @@ def restore_tokens(x_vis: torch.Tensor, ids_restore: torch.Tensor, *, mask_token
             ``x_vis`` gradients of ranks that never appear are zero, and of ranks that appear
             twice are one of the two).
         check_indices: check the range here, once (one device reduction and one host sync;
-            an ``IndexError`` names ``ids_restore``). ``False``: no check, no sync (CUDA-graph
+            an ``IndexError`` names ``ids_restore``; on the C++ CPU backend the kernel checks instead). ``False``: no check, no sync (CUDA-graph
             capture); out-of-range ranks then give zero rows on the GPU. Backward never checks,
             nor does a ``torch.compile``\ d call.
         mask_token: ``(D,)``, ``(1, 1, D)`` learned token (MAE); gradient = sum over removed slots.
