@@ -211,3 +211,21 @@ def test_sinkhorn_teacher_64x65536(benchmark, provider, inputs):
         fn = lambda: R.sinkhorn_knopp_teacher(t, 0.04, 3)  # noqa: E731
     measure(benchmark, op="sinkhorn_knopp_teacher", case=f"{T * B}x{K} teacher logits, {inputs}, 3 iterations, fp32",
             provider=provider, fn=fn, bytes_moved=2 * 4 * t.numel(), rounds=5, warmup=1)
+
+
+@pytest.mark.parametrize("provider", ["sslkern", "reference", "dinov2"])
+def test_sinkhorn_teacher_64x65536_bf16(benchmark, provider):
+    """The same on bf16 teacher logits of the DINO head (issue #17: a bf16 case per op; bf16
+    in, fp32 math, fp32 probabilities out)."""
+    from sslkern.ops.dino_loss import _sinkhorn_log_domain
+
+    _, t32, _ = dino_data(INPUTS[0])
+    t = t32.to(torch.bfloat16)
+    if provider == "sslkern":
+        fn = lambda: sslkern.sinkhorn_knopp_teacher(t, 0.04, 3)  # noqa: E731
+    elif provider == "reference":
+        fn = lambda: _sinkhorn_log_domain(t, 0.04, 3)  # noqa: E731
+    else:
+        fn = lambda: R.sinkhorn_knopp_teacher(t, 0.04, 3)  # noqa: E731
+    measure(benchmark, op="sinkhorn_knopp_teacher", case=f"{T * B}x{K} teacher logits, {INPUTS[0]}, 3 iterations, bf16",
+            provider=provider, fn=fn, bytes_moved=(2 + 4) * t.numel(), rounds=5, warmup=1)

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import sslkern
-from harness import measure
+from harness import measure, measure_interleaved
 from sslkern.reference.relation_loss import relvit_head_scores, relvit_ssl_signal
 
 B, SIDE, D = 64, 14, 384
@@ -107,3 +107,12 @@ def test_relation_loss_b64_n196_d384_bf16(benchmark, provider):
     measure(benchmark, op="relation_loss", case=f"relations B={B} N={N} D={D} 9 heads x {DH} bf16 fwd+bwd",
             provider=provider, fn=_fn(provider, leaves, perms, False), bytes_moved=_bytes(leaves),
             target=TARGETS.get(provider), rounds=ROUNDS, warmup=1)
+
+
+def test_relation_loss_b64_n196_d384_interleaved(benchmark):
+    """sslkern vs RelViT's code (the 3x target), one call of each per round: the VM's drift
+    between the blocks of the per-provider tests does not enter this ratio."""
+    leaves, perms = _inputs(False)
+    fns = {p: _fn(p, leaves, perms, False) for p in ("sslkern", "relvit")}
+    measure_interleaved(benchmark, op="relation_loss",
+                        case=f"relations B={B} N={N} D={D} 9 heads x {DH} fp32 fwd+bwd, interleaved", fns=fns, rounds=15)

@@ -15,6 +15,10 @@
 // The tile products run single-threaded inside the tasks (ATen's parallel_for). fp16 / bf16
 // inputs are converted to fp32 copies first; fp64 runs in fp64. The exponential is
 // exp_fast (common.h): exact 0 below exp(-87), so no float32 subnormal ever enters G.
+// As alibi_attention.cpp: without -fno-trapping-math gcc does not if-convert exp_fast's clamps
+// on AVX2, and the exp loops stay scalar. Set for this file only, before any include. Results
+// unchanged (no FP exception flags are read here).
+#pragma GCC optimize("no-trapping-math")
 #include "common.h"
 
 #include <algorithm>

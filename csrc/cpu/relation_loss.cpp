@@ -16,6 +16,10 @@
 // backward recomputes the logits, unless the forward ran as relation_loss_with_grad_cpu (loss and
 // gradients from one pass; the autograd wrapper then scales the saved dq, dk). fp16 / bf16
 // inputs are converted to fp32 copies; fp64 runs in fp64. Every exp-based loop runs under flush-to-zero (parallel_for_ftz, common.h).
+// As alibi_attention.cpp: without -fno-trapping-math gcc does not if-convert exp_fast's clamps
+// and the selects of the per-pair loops on AVX2, and those loops stay scalar. Set for this file
+// only, before any include. Results unchanged (no FP exception flags are read here).
+#pragma GCC optimize("no-trapping-math")
 #include "blas.h"
 #include "common.h"
 
