@@ -132,14 +132,18 @@ dispatch_backward = Dispatch(OP + "_backward", {
 })
 
 
+def _run(table: Dispatch, device: torch.device, backend: str, args: tuple, validate: bool):
+    """The backend's kernel on ``args``; the reference and Triton ones also take ``validate``
+    (the C++ kernels check every position themselves)."""
+    fn = table(device, backend)
+    return fn(*args) if table.resolve(device, backend) == "cpu" else fn(*args, validate)
+
+
 @torch.library.custom_op("sslkern::relation_loss", mutates_args=())
 def _relation_loss_op(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, table: Optional[torch.Tensor], grid_w: int,
                       cells: int, classes: int, scale: float, smoothing: float, validate: bool,
                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    which = dispatch.resolve(q.device, backend)
-    fn = dispatch(q.device, backend)
-    args = (q, k, pos, table, grid_w, cells, classes, scale, smoothing)
-    return fn(*args) if which == "cpu" else fn(*args, validate)
+    return _run(dispatch, q.device, backend, (q, k, pos, table, grid_w, cells, classes, scale, smoothing), validate)
 
 
 @_relation_loss_op.register_fake
@@ -151,10 +155,8 @@ def _(q, k, pos, table, grid_w, cells, classes, scale, smoothing, validate, back
 def _relation_loss_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor,
                                table: Optional[torch.Tensor], grid_w: int, cells: int, classes: int, scale: float,
                                smoothing: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    which = dispatch_backward.resolve(q.device, backend)
-    fn = dispatch_backward(q.device, backend)
-    args = (grad, q, k, pos, table, grid_w, cells, classes, scale, smoothing)
-    return fn(*args) if which == "cpu" else fn(*args, False)
+    return _run(dispatch_backward, q.device, backend, (grad, q, k, pos, table, grid_w, cells, classes, scale, smoothing),
+                False)
 
 
 @_relation_loss_backward_op.register_fake
@@ -188,10 +190,8 @@ _relation_loss_op.register_autograd(_backward, setup_context=_setup_context)
 def _relation_loss_with_grad_op(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, table: Optional[torch.Tensor],
                                 grid_w: int, cells: int, classes: int, scale: float, smoothing: float, validate: bool,
                                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    which = dispatch_with_grad.resolve(q.device, backend)
-    fn = dispatch_with_grad(q.device, backend)
-    args = (q, k, pos, table, grid_w, cells, classes, scale, smoothing)
-    return fn(*args) if which == "cpu" else fn(*args, validate)
+    return _run(dispatch_with_grad, q.device, backend, (q, k, pos, table, grid_w, cells, classes, scale, smoothing),
+                validate)
 
 
 @_relation_loss_with_grad_op.register_fake
