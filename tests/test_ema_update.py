@@ -103,7 +103,7 @@ def test_eager_cpu_fast_path_bumps_versions_and_takes_parameters():
     result equals the reference."""
     g = torch.Generator().manual_seed(5)
     sizes = [384, 7, 1152 * 384, 3, 16385, 1, 65536 + 17] * 3  # tiny and chunk-crossing tensors mixed
-    teachers = [torch.nn.Parameter(torch.randn(n, generator=g), requires_grad=False) for n in sizes]
+    teachers = [torch.nn.Parameter(torch.randn(n, generator=g), requires_grad=i % 2 == 0) for i, n in enumerate(sizes)]
     students = [torch.randn(n, generator=g) for n in sizes]
     want = [t.detach().clone() for t in teachers]
     ref_ema_update_(want, students, 0.99)

@@ -7,8 +7,9 @@
 //
 // All tensor pairs are cut into fixed-size chunks and the chunk list is split across
 // threads in runs of equal element counts, so the parallelism is over the whole parameter
-// set, not per tensor (a ViT has many tiny tensors). Arithmetic is fp32 (fp64 when the teacher is fp64); the teacher and
-// student may have different storage dtypes (fp32 teacher, bf16/fp16 student).
+// set, not per tensor (a ViT has many tiny tensors). Arithmetic is fp32 (fp64 when the
+// teacher is fp64); the teacher and student may have different storage dtypes (fp32
+// teacher, bf16/fp16 student).
 #include "common.h"
 
 #include <algorithm>
@@ -106,13 +107,13 @@ void ema_update_cpu(at::TensorList teachers, at::TensorList students, const std:
   std::vector<int64_t> upto(ntasks + 1, 0);  // elements in tasks [0, k)
   for (int64_t k = 0; k < ntasks; ++k) upto[k + 1] = upto[k] + (tasks[k].end - tasks[k].begin);
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
+  // part p runs the tasks whose first element falls in [p, p + 1) · total / parts
+  auto first = [&](int64_t part) {
+    const int64_t e = upto[ntasks] / parts * part + std::min<int64_t>(part, upto[ntasks] % parts);
+    return static_cast<int64_t>(std::lower_bound(upto.begin(), upto.end() - 1, e) - upto.begin());
+  };
   at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t p = lo; p < hi; ++p) {
-      // tasks whose first element falls in [p, p + 1) · total / parts
-      auto first = [&](int64_t part) {
-        const int64_t e = upto[ntasks] / parts * part + std::min<int64_t>(part, upto[ntasks] % parts);
-        return static_cast<int64_t>(std::lower_bound(upto.begin(), upto.end() - 1, e) - upto.begin());
-      };
       for (int64_t k = first(p), end = p + 1 == parts ? ntasks : first(p + 1); k < end; ++k) {
         const Task& task = tasks[k];
         fns[task.pair](tptr[task.pair], sptr[task.pair], task.begin, task.end, w);

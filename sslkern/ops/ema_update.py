@@ -147,7 +147,8 @@ def ema_update_(
     if not compiling and teachers and dispatch.resolve(device, backend or "") == "cpu":
         # eager CPU: straight to the kernel (the custom op's Python layers cost ~1-2 ms per call
         # for a ViT's 150 pairs, 10-20 % of the update); versions bumped as the op would
-        dispatch(device, "cpu")(teachers, students, m_tensor, m_value)
+        with torch.no_grad():
+            dispatch(device, "cpu")(teachers, students, m_tensor, m_value)
         torch.autograd.graph.increment_version(teachers)
         return
     with torch.no_grad():
