@@ -97,6 +97,16 @@ def _fn(provider, kind, dtype):
     return run
 
 
+def _bytes(kind, dtype):
+    """Fewest bytes one fwd + bwd + center call must move: read the features, both weights
+    (v and the teacher's v, plus gains) and the center; write the feature gradient, the weight
+    gradient dv and the new center. (Compute-bound: the tile products dominate the time.)"""
+    zs, zt, layer, teacher, c, _ = data(kind, dtype)
+    e = torch.finfo(dtype).bits // 8
+    return (e * (2 * zs.numel() + zt.numel() + 3 * layer.weight_v.numel()) + 4 * 2 * c.numel()
+            + 4 * 2 * layer.weight_g.numel())
+
+
 def _dtype_name(dtype):
     return str(dtype).removeprefix("torch.").replace("float", "fp").replace("bfp", "bf")
 
@@ -111,7 +121,7 @@ def test_prototype_loss_dino_b32_k65536(benchmark, provider, dtype):
         pytest.skip("bf16 unfused head on CPU: ~145 s per call (SSLKERN_BENCH_SLOW=1 to time it)")
     measure(benchmark, op="prototype_loss", case=f"DINO B={B} {T}+{V - T} crops Db={DB} K={K} "
                                                  f"{_dtype_name(dtype)} fwd+bwd+center",
-            provider=provider, fn=_fn(provider, "dino", dtype), rounds=3, warmup=1)
+            provider=provider, fn=_fn(provider, "dino", dtype), bytes_moved=_bytes("dino", dtype), rounds=3, warmup=1)
 
 
 @pytest.mark.parametrize("provider", ["sslkern", "unfused"])
@@ -122,4 +132,4 @@ def test_prototype_loss_ibot_64x196_k65536(benchmark, provider, dtype):
     zs = data("ibot", dtype)[0]
     measure(benchmark, op="prototype_loss", case=f"iBOT {IB}x{IL} half masked 10-50% (M={zs.shape[0]}) Db={DB} "
                                                  f"K={K} {_dtype_name(dtype)} fwd+bwd+center",
-            provider=provider, fn=_fn(provider, "ibot", dtype), rounds=3, warmup=1)
+            provider=provider, fn=_fn(provider, "ibot", dtype), bytes_moved=_bytes("ibot", dtype), rounds=3, warmup=1)
