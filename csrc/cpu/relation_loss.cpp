@@ -8,14 +8,15 @@
 //   classes = 1 (regression): (x − table[pos_i·G + pos_j])², table (G, G) fp32 (RelViT's distance or
 //     angle matrix).
 // Both are averaged over the B·N·N pairs. Streaming over j tiles: a task owns one image b; for
-// each tile of JT columns it forms the C logits blocks S_c (N × JT, one BLAS product each, alpha =
-// scale), takes the per-pair statistics in class-outer vector loops per tile row, and (backward) turns S into
-// G = dℓ/dx in place, then dq_b += G_c·K_c (accumulated over tiles) and dk_b[tile] = G_cᵀ·Q_c.
-// The labels come from the grid coordinates inside the pass; nothing of size (B, N, N) or
-// (B, C, N, N) exists: extra memory is C·N·JT (+ 8·JT) per thread (JT = N up to 2^19 elements). The
-// backward recomputes the logits, unless the forward ran as relation_loss_with_grad_cpu (loss and
-// gradients from one pass; the autograd wrapper then scales the saved dq, dk). fp16 / bf16
-// inputs are converted to fp32 copies; fp64 runs in fp64. Every exp-based loop runs under flush-to-zero (parallel_for_ftz, common.h).
+// each tile of JT columns it forms the C logits blocks S_c (N × JT, one BLAS product each,
+// alpha = scale), takes the per-pair statistics in class-outer vector loops per tile row, and
+// (backward) turns S into G = dℓ/dx in place, then dq_b += G_c·K_c (accumulated over tiles) and
+// dk_b[tile] = G_cᵀ·Q_c. The labels come from the grid coordinates inside the pass; nothing of
+// size (B, N, N) or (B, C, N, N) exists: extra memory is C·N·JT (+ 8·JT) per thread (JT = N up
+// to 2^19 elements). The backward recomputes the logits, unless the forward ran as
+// relation_loss_with_grad_cpu (loss and gradients from one pass; the autograd wrapper then
+// scales the saved dq, dk). fp16 / bf16 inputs are converted to fp32 copies; fp64 runs in fp64.
+// Every exp-based loop runs under flush-to-zero (parallel_for_ftz, common.h).
 // As alibi_attention.cpp: without -fno-trapping-math gcc does not if-convert exp_fast's clamps
 // and the selects of the per-pair loops on AVX2, and those loops stay scalar. Set for this file
 // only, before any include. Results unchanged (no FP exception flags are read here).

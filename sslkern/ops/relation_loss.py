@@ -105,6 +105,8 @@ dispatch = Dispatch(OP, {
     "cpu": ext_op("relation_loss_cpu"),
     "triton": module_attr("sslkern.triton_ops.relation_loss", "relation_loss_triton"),
 })
+
+
 def _composed_with_grad(fwd_loader, bwd_loader):
     """Loss and (dq, dk) of grad 1 from a backend's forward and backward kernels (two passes)."""
     def load():
