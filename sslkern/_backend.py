@@ -62,6 +62,28 @@ def cpu_native_half(dtype: torch.dtype) -> bool:
         return False
 
 
+_DNN_LINEAR: list = []
+
+
+def cpu_dnn_linear():
+    """torch's oneDNN fp32 linear for dense CPU tensors (``torch.ops.mkldnn._linear_pointwise``,
+    ``y = x·wᵀ``), or None where this torch build lacks it. On the AVX2 CPUs measured it ran the
+    projection GEMMs of relation_loss (12544 × 384 × 378) in 30–34 ms against 47–50 ms for
+    ``F.linear`` (MKL). Probed once, on a tiny product checked against ``F.linear``."""
+    if not _DNN_LINEAR:
+        op = None
+        try:
+            cand = torch.ops.mkldnn._linear_pointwise
+            if torch.backends.mkldnn.is_available():
+                x, w = torch.randn(5, 7), torch.randn(3, 7)
+                if torch.allclose(cand(x, w, None, "none", [], ""), torch.nn.functional.linear(x, w), atol=1e-5):
+                    op = cand
+        except (AttributeError, RuntimeError):
+            op = None
+        _DNN_LINEAR.append(op)
+    return _DNN_LINEAR[0]
+
+
 def backend_status() -> dict[str, tuple[bool, str]]:
     """{backend: (available, reason)} for this process."""
     ext = extension()

@@ -251,6 +251,52 @@ def test_compile_fullgraph_equals_eager():
         torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.skipif(sslkern._backend.cpu_dnn_linear() is None, reason="this torch has no oneDNN linear")
+@pytest.mark.parametrize("needs", ["all", "tokens", "weights", "q only"])
+def test_cpu_projections_equal_linear(needs):
+    """The fp32 CPU projections (oneDNN forward, MKL backward) against F.linear and its autograd:
+    values and every gradient, on a sliced (non-contiguous) token tensor, for each subset of inputs
+    that need a gradient, and with only q's output used (dk is None)."""
+    from sslkern.ops.relation_loss import _projections
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(3, 1 + 37, 20, generator=g)
+    wq, wk = torch.randn(18, 20, generator=g), torch.randn(18, 20, generator=g)
+    gq, gk = torch.randn(3, 37, 18, generator=g), torch.randn(3, 37, 18, generator=g)
+    outs = {}
+    for path in ("fast", "linear"):
+        b = base.clone().requires_grad_(needs in ("all", "tokens", "q only"))
+        a, c = wq.clone().requires_grad_(needs in ("all", "weights", "q only")), wk.clone().requires_grad_(needs != "tokens")
+        z = b[:, 1:]
+        q, k = _projections(z, a, c) if path == "fast" else (torch.nn.functional.linear(z, a), torch.nn.functional.linear(z, c))
+        assert q.is_contiguous() and k.is_contiguous()
+        leaves = [t for t in (b, a, c) if t.requires_grad]
+        if needs == "q only":
+            grads = torch.autograd.grad(q, leaves, gq, allow_unused=True)
+        else:
+            grads = torch.autograd.grad([q, k], leaves, [gq, gk])
+        outs[path] = (q.detach(), k.detach()) + tuple(grads)
+    for x, y in zip(outs["fast"], outs["linear"]):
+        if x is None or y is None:
+            assert x is None and y is None
+        else:
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_of_a_scaled_loss_and_a_retained_graph():
+    """d(3·loss) = 3·d(loss) (the saved gradients scaled), and with a retained graph two backward
+    passes give the same gradients (the saved ones returned as they are for grad 1 are not
+    accumulated into)."""
+    z, wq, wk, regs, perms = _inputs(2, 5, 24, 3, torch.float32, reg_dim=24)
+    leaves = [t.requires_grad_(True) for t in [z, wq, wk] + regs]
+    loss = sslkern.relation_loss(z, wq, wk, perms, distance=tuple(regs[:2]), angle=tuple(regs[2:])).loss
+    once = torch.autograd.grad(loss, leaves, retain_graph=True)
+    twice = torch.autograd.grad(loss, leaves, retain_graph=True)
+    tripled = torch.autograd.grad(3 * loss, leaves)
+    for a, b, c in zip(once, twice, tripled):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        torch.testing.assert_close(c, 3 * a, atol=1e-7, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------

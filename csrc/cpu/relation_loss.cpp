@@ -9,10 +9,11 @@
 //     angle matrix).
 // Both are averaged over the B·N·N pairs. Streaming over j tiles: a task owns one image b; for
 // each tile of JT columns it forms the C logits blocks S_c (N × JT, one BLAS product each,
-// alpha = scale), takes the per-pair statistics in class-outer vector loops per tile row, and
-// (backward) turns S into G = dℓ/dx in place, then dq_b += G_c·K_c (accumulated over tiles) and
+// alpha = scale), takes the per-pair statistics pair-major per tile row (the 9 logits of 8 pairs in
+// AVX2 registers: max / argmax, one exp each, sums; ce_row_avx2), and (backward) turns S into
+// G = dℓ/dx in place, then dq_b += G_c·K_c (accumulated over tiles) and
 // dk_b[tile] = G_cᵀ·Q_c. The labels come from the grid coordinates inside the pass; nothing of
-// size (B, N, N) or (B, C, N, N) exists: extra memory is C·N·JT (+ 8·JT) per thread (JT = N up
+// size (B, N, N) or (B, C, N, N) exists: extra memory is C·N·JT (+ 2·JT) per thread (JT = N up
 // to 2^19 elements). The backward recomputes the logits, unless the forward ran as
 // relation_loss_with_grad_cpu (loss and gradients from one pass; the autograd wrapper then
 // scales the saved dq, dk). fp16 / bf16 inputs are converted to fp32 copies; fp64 runs in fp64.
@@ -66,6 +67,176 @@ inline double log_fast(double x) { return std::log(x); }
 constexpr int64_t kTileElems = int64_t(1) << 19;
 constexpr int kRel = 9;
 
+// One row i of a tile, pair-major: the 9 logits of each pair (i, j) for the max / argmax, the
+// exponentials (one per logit, kept for G), the sums and (backward) G = dl/dx, written over S in
+// place. Logits are shifted by their max m before the sums (the loss lse − (1 − s)·x_y − s·mean x
+// does not change under the shift). Generic code (fp64, the tail of a row, CPUs without AVX2).
+template <typename A, bool kBackward, bool kLoss>
+inline void ce_row(A* __restrict s, int64_t cs, int64_t nj, int32_t ri, int32_t ci, const int32_t* __restrict rj,
+                   const int32_t* __restrict cj, A smooth, A gcoef, A& loss_out, A& hits_out) {
+  const A one_minus = A(1) - smooth, s_over = smooth / A(kRel);
+  const A g_smooth = gcoef * s_over, g_label = gcoef * one_minus;
+  A row_loss = 0, row_hits = 0;
+#pragma omp simd reduction(+ : row_loss, row_hits)
+  for (int64_t jj = 0; jj < nj; ++jj) {
+    const int32_t y = 3 * ((ri > rj[jj]) - (ri < rj[jj]) + 1) + ((ci > cj[jj]) - (ci < cj[jj]) + 1);
+    A x[kRel];
+#pragma GCC unroll 9
+    for (int c = 0; c < kRel; ++c) x[c] = s[c * cs + jj];
+    A m = x[0];
+    int32_t am = 0;
+#pragma GCC unroll 9
+    for (int c = 1; c < kRel; ++c) {
+      const bool gt = x[c] > m;
+      am = gt ? c : am;
+      m = gt ? x[c] : m;
+    }
+    A z = 0, xy = 0, xs = 0;
+#pragma GCC unroll 9
+    for (int c = 0; c < kRel; ++c) {
+      x[c] -= m;
+      xy += y == c ? x[c] : A(0);
+      xs += x[c];
+      x[c] = exp_fast(x[c]);
+      z += x[c];
+    }
+    if (kLoss) {
+      // lse - (1-s) x_y - s mean x, all logits shifted by m (the shift cancels)
+      row_loss += log_fast(z) - one_minus * xy - s_over * xs;
+      row_hits += am == y ? A(1) : A(0);
+    }
+    if (kBackward) {
+      const A rz = gcoef / z;
+  #pragma GCC unroll 9
+    for (int c = 0; c < kRel; ++c) s[c * cs + jj] = x[c] * rz - g_smooth - (y == c ? g_label : A(0));
+    }
+  }
+  loss_out = row_loss;
+  hits_out = row_hits;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// exp_fast and log_fast (above, common.h) on 8 lanes: the same range reduction and polynomials.
+inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(lo, x));  // NaN stays NaN (2nd operand)
+  const __m256 big = _mm256_set1_ps(12582912.0f);
+  const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), big), big);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 e = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(e, _mm256_castsi256_ps(bits)));
+}
+inline __m256 log8(__m256 x) {  // x >= 1
+  __m256i bits = _mm256_castps_si256(x);
+  __m256i e = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(0xff)),
+                               _mm256_set1_epi32(126));
+  bits = _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f000000));
+  const __m256 m = _mm256_castsi256_ps(bits);
+  const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.70710678118654752f), _CMP_LT_OQ);
+  e = _mm256_add_epi32(e, _mm256_castps_si256(small));  // the mask is -1 where small
+  const __m256 f = _mm256_add_ps(_mm256_sub_ps(m, _mm256_set1_ps(1.0f)), _mm256_and_ps(small, m));
+  const __m256 z = _mm256_mul_ps(f, f);
+  __m256 y = _mm256_set1_ps(7.0376836292e-2f);
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.1514610310e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.1676998740e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.2420140846e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.4249322787e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.6668057665e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.0000714765e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-2.4999993993e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(3.3333331174e-1f));
+  y = _mm256_mul_ps(_mm256_mul_ps(y, f), z);
+  const __m256 fe = _mm256_cvtepi32_ps(e);
+  y = _mm256_fmadd_ps(fe, _mm256_set1_ps(-2.12194440e-4f), y);
+  y = _mm256_fmadd_ps(z, _mm256_set1_ps(-0.5f), y);
+  return _mm256_fmadd_ps(fe, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y));
+}
+
+// ce_row for fp32 with AVX2 intrinsics, 8 pairs at a time (gcc keeps the 9-logit arrays of the
+// generic loop in memory and runs it at ~the speed of the class-outer loops); tail: generic.
+template <bool kBackward, bool kLoss>
+inline void ce_row_avx2(float* __restrict s, int64_t cs, int64_t nj, int32_t ri, int32_t ci,
+                        const int32_t* __restrict rj, const int32_t* __restrict cj, float smooth, float gcoef,
+                        float& loss_out, float& hits_out) {
+  const float one_minus = 1.0f - smooth, s_over = smooth / float(kRel);
+  const __m256 v_one_minus = _mm256_set1_ps(one_minus), v_s_over = _mm256_set1_ps(s_over);
+  const __m256 v_g_smooth = _mm256_set1_ps(gcoef * s_over), v_g_label = _mm256_set1_ps(gcoef * one_minus);
+  const __m256 v_gcoef = _mm256_set1_ps(gcoef), v_one = _mm256_set1_ps(1.0f);
+  const __m256i v_ri = _mm256_set1_epi32(ri), v_ci = _mm256_set1_epi32(ci), v_four = _mm256_set1_epi32(4);
+  __m256 v_loss = _mm256_setzero_ps(), v_hits = _mm256_setzero_ps();
+  int64_t jj = 0;
+  for (; jj + 8 <= nj; jj += 8) {
+    const __m256i vr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rj + jj));
+    const __m256i vc = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cj + jj));
+    // y = 3·(sgn(ri − rj) + 1) + sgn(ci − cj) + 1 = 4 + 3·(gt_r − lt_r) + (gt_c − lt_c); masks are −1
+    const __m256i dr = _mm256_sub_epi32(_mm256_cmpgt_epi32(vr, v_ri), _mm256_cmpgt_epi32(v_ri, vr));
+    const __m256i dc = _mm256_sub_epi32(_mm256_cmpgt_epi32(vc, v_ci), _mm256_cmpgt_epi32(v_ci, vc));
+    const __m256i y = _mm256_add_epi32(v_four, _mm256_add_epi32(_mm256_add_epi32(dr, _mm256_add_epi32(dr, dr)), dc));
+    __m256 x[kRel];
+    for (int c = 0; c < kRel; ++c) x[c] = _mm256_loadu_ps(s + c * cs + jj);
+    __m256 m = x[0];
+    __m256 am = _mm256_setzero_ps();  // argmax as float lanes (0..8)
+    for (int c = 1; c < kRel; ++c) {
+      const __m256 gt = _mm256_cmp_ps(x[c], m, _CMP_GT_OQ);
+      am = _mm256_blendv_ps(am, _mm256_set1_ps(float(c)), gt);
+      m = _mm256_blendv_ps(m, x[c], gt);
+    }
+    __m256 z = _mm256_setzero_ps(), xy = _mm256_setzero_ps(), xs = _mm256_setzero_ps();
+    for (int c = 0; c < kRel; ++c) {
+      x[c] = _mm256_sub_ps(x[c], m);
+      const __m256 eq = _mm256_castsi256_ps(_mm256_cmpeq_epi32(y, _mm256_set1_epi32(c)));
+      xy = _mm256_add_ps(xy, _mm256_and_ps(eq, x[c]));
+      xs = _mm256_add_ps(xs, x[c]);
+      x[c] = exp8(x[c]);
+      z = _mm256_add_ps(z, x[c]);
+    }
+    if (kLoss) {
+      v_loss = _mm256_add_ps(v_loss, _mm256_fnmadd_ps(v_s_over, xs, _mm256_fnmadd_ps(v_one_minus, xy, log8(z))));
+      const __m256 hit = _mm256_cmp_ps(am, _mm256_cvtepi32_ps(y), _CMP_EQ_OQ);
+      v_hits = _mm256_add_ps(v_hits, _mm256_and_ps(hit, v_one));
+    }
+    if (kBackward) {
+      const __m256 rz = _mm256_div_ps(v_gcoef, z);
+      for (int c = 0; c < kRel; ++c) {
+        const __m256 eq = _mm256_castsi256_ps(_mm256_cmpeq_epi32(y, _mm256_set1_epi32(c)));
+        const __m256 g = _mm256_sub_ps(_mm256_fmsub_ps(x[c], rz, v_g_smooth), _mm256_and_ps(eq, v_g_label));
+        _mm256_storeu_ps(s + c * cs + jj, g);
+      }
+    }
+  }
+  alignas(32) float l8[8], h8[8];
+  _mm256_store_ps(l8, v_loss);
+  _mm256_store_ps(h8, v_hits);
+  float row_loss = 0, row_hits = 0;
+  for (int t = 0; t < 8; ++t) row_loss += l8[t], row_hits += h8[t];
+  float tl = 0, th = 0;
+  if (jj < nj) ce_row<float, kBackward, kLoss>(s + jj, cs, nj - jj, ri, ci, rj + jj, cj + jj, smooth, gcoef, tl, th);
+  loss_out = row_loss + tl;
+  hits_out = row_hits + th;
+}
+#endif
+
+template <typename A, bool kBackward, bool kLoss>
+inline void ce_row_best(A* s, int64_t cs, int64_t nj, int32_t ri, int32_t ci, const int32_t* rj, const int32_t* cj,
+                        A smooth, A gcoef, A& loss_out, A& hits_out) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<A, float>) {
+    ce_row_avx2<kBackward, kLoss>(s, cs, nj, ri, ci, rj, cj, smooth, gcoef, loss_out, hits_out);
+    return;
+  }
+#endif
+  ce_row<A, kBackward, kLoss>(s, cs, nj, ri, ci, rj, cj, smooth, gcoef, loss_out, hits_out);
+}
+
 template <typename A>
 struct Problem {
   const A* q;
@@ -79,7 +250,7 @@ struct Problem {
 // One image: loss sum and argmax hits (with_loss), and / or dq_b / dk_b with G scaled by gcoef
 // (backward). Both in one pass is the forward that also returns the gradient (no recompute).
 template <typename A>
-void image_pass(const Problem<A>& P, int64_t b, A* S, int32_t* rj, int32_t* cj, A* work, int32_t* lab, int64_t jt,
+void image_pass(const Problem<A>& P, int64_t b, A* S, int32_t* rj, int32_t* cj, int64_t jt,
                 bool backward, bool with_loss, A gcoef, A* dq, A* dk, double& loss_out, double& hits_out) {
   const int64_t N = P.N, C = P.C, dh = P.dh, ld = C * dh;
   const A* qb = P.q + b * N * ld;
@@ -98,66 +269,16 @@ void image_pass(const Problem<A>& P, int64_t b, A* S, int32_t* rj, int32_t* cj, 
     for (int64_t i = 0; i < N; ++i) {
       const int64_t pi = pb[i];
       if (ce) {
-        // class-outer loops over the tile row (each one a plain vector loop over jj): labels,
-        // max and argmax, exp-sum, the label and mean logits, then the loss or G in place
         const int32_t ri = static_cast<int32_t>(pi / P.W), ci = static_cast<int32_t>(pi % P.W);
-        const A one_minus = A(1) - P.smooth, s_over = P.smooth / A(kRel);
-        A* __restrict m = work;
-        A* __restrict z = work + nj;
-        A* __restrict xy = work + 2 * nj;
-        A* __restrict xs = work + 3 * nj;
-        int32_t* __restrict y = lab;
-        int32_t* __restrict am = lab + nj;
-        const A* __restrict s0 = S + i * nj;
-#pragma omp simd
-        for (int64_t jj = 0; jj < nj; ++jj) {
-          y[jj] = 3 * ((ri > rj[jj]) - (ri < rj[jj]) + 1) + ((ci > cj[jj]) - (ci < cj[jj]) + 1);
-          m[jj] = s0[jj];
-          am[jj] = 0;
-          z[jj] = 0;
-          xy[jj] = 0;
-          xs[jj] = 0;
-        }
-        for (int c = 1; c < kRel; ++c) {
-          const A* __restrict sc = S + c * N * nj + i * nj;
-#pragma omp simd
-          for (int64_t jj = 0; jj < nj; ++jj) {
-            const bool gt = sc[jj] > m[jj];
-            am[jj] = gt ? c : am[jj];
-            m[jj] = gt ? sc[jj] : m[jj];
-          }
-        }
-        for (int c = 0; c < kRel; ++c) {
-          const A* __restrict sc = S + c * N * nj + i * nj;
-#pragma omp simd
-          for (int64_t jj = 0; jj < nj; ++jj) {
-            const A x = sc[jj];
-            z[jj] += exp_fast(x - m[jj]);
-            xy[jj] += y[jj] == c ? x : A(0);
-            xs[jj] += x;
-          }
-        }
-        if (with_loss) {
-          A row_loss = 0, row_hits = 0;
-#pragma omp simd reduction(+ : row_loss, row_hits)
-          for (int64_t jj = 0; jj < nj; ++jj) {
-            row_loss += m[jj] + log_fast(z[jj]) - one_minus * xy[jj] - s_over * xs[jj];
-            row_hits += am[jj] == y[jj] ? A(1) : A(0);
-          }
-          loss += static_cast<double>(row_loss);
-          hits += static_cast<double>(row_hits);
-        }
-        if (backward) {
-#pragma omp simd
-          for (int64_t jj = 0; jj < nj; ++jj) z[jj] = gcoef / z[jj];
-          const A g_smooth = gcoef * s_over, g_label = gcoef * one_minus;
-          for (int c = 0; c < kRel; ++c) {
-            A* __restrict sc = S + c * N * nj + i * nj;
-#pragma omp simd
-            for (int64_t jj = 0; jj < nj; ++jj)
-              sc[jj] = exp_fast(sc[jj] - m[jj]) * z[jj] - g_smooth - (y[jj] == c ? g_label : A(0));
-          }
-        }
+        A row_loss = 0, row_hits = 0;
+        if (backward && with_loss)
+          ce_row_best<A, true, true>(S + i * nj, N * nj, nj, ri, ci, rj, cj, P.smooth, gcoef, row_loss, row_hits);
+        else if (backward)
+          ce_row_best<A, true, false>(S + i * nj, N * nj, nj, ri, ci, rj, cj, P.smooth, gcoef, row_loss, row_hits);
+        else
+          ce_row_best<A, false, true>(S + i * nj, N * nj, nj, ri, ci, rj, cj, P.smooth, gcoef, row_loss, row_hits);
+        loss += static_cast<double>(row_loss);
+        hits += static_cast<double>(row_hits);
       } else {
         A* s = S + i * nj;
         const float* trow = P.table + pi * P.G;
@@ -197,17 +318,15 @@ void run(const Problem<A>& P, bool backward, bool with_loss, A gcoef, A* dq, A* 
   const auto opts = at::TensorOptions().dtype(std::is_same_v<A, double> ? at::kDouble : at::kFloat);
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), P.B));
   at::Tensor S_all = at::empty({threads, C * N * jt}, opts);
-  at::Tensor idx_all = at::empty({threads, 4 * jt}, at::TensorOptions().dtype(at::kInt));  // rj, cj, y, argmax
-  at::Tensor work_all = at::empty({threads, 4 * jt}, opts);                                  // m, z, x_y, sum x
+  at::Tensor idx_all = at::empty({threads, 2 * jt}, at::TensorOptions().dtype(at::kInt));  // rj, cj
   // one task per chunk of images, a scratch block per chunk (chunks = threads)
   parallel_for_ftz(0, threads, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
       A* S = S_all.data_ptr<A>() + t * C * N * jt;
-      int32_t* rj = idx_all.data_ptr<int32_t>() + t * 4 * jt;
-      A* work = work_all.data_ptr<A>() + t * 4 * jt;
+      int32_t* rj = idx_all.data_ptr<int32_t>() + t * 2 * jt;
       const int64_t b0 = t * P.B / threads, b1 = (t + 1) * P.B / threads;
       for (int64_t b = b0; b < b1; ++b)
-        image_pass<A>(P, b, S, rj, rj + jt, work, rj + 2 * jt, jt, backward, with_loss, gcoef, dq, dk, lp[b], hp[b]);
+        image_pass<A>(P, b, S, rj, rj + jt, jt, backward, with_loss, gcoef, dq, dk, lp[b], hp[b]);
     }
   });
   double l = 0, h = 0;
