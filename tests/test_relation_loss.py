@@ -297,6 +297,18 @@ def test_gradient_of_a_scaled_loss_and_a_retained_graph():
         torch.testing.assert_close(c, 3 * a, atol=1e-7, rtol=1e-5)
 
 
+def test_first_call_does_not_draw_from_the_random_stream():
+    """The one-time oneDNN probe (sslkern._backend.cpu_dnn_linear) uses fixed values: a relation
+    loss in between leaves torch's global generator where it was."""
+    sslkern._backend._DNN_LINEAR.clear()
+    z, wq, wk, regs, perms = _inputs(2, 4, 24, 3, torch.float32)
+    torch.manual_seed(5)
+    a = torch.rand(3)
+    torch.manual_seed(5)
+    sslkern.relation_loss(z, wq, wk, perms)
+    torch.testing.assert_close(torch.rand(3), a, atol=0, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------

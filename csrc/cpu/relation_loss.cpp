@@ -107,8 +107,8 @@ inline void ce_row(A* __restrict s, int64_t cs, int64_t nj, int32_t ri, int32_t 
     }
     if (kBackward) {
       const A rz = gcoef / z;
-  #pragma GCC unroll 9
-    for (int c = 0; c < kRel; ++c) s[c * cs + jj] = x[c] * rz - g_smooth - (y == c ? g_label : A(0));
+#pragma GCC unroll 9
+      for (int c = 0; c < kRel; ++c) s[c * cs + jj] = x[c] * rz - g_smooth - (y == c ? g_label : A(0));
     }
   }
   loss_out = row_loss;

@@ -216,10 +216,12 @@ def _backward_with_grad(ctx, g_loss, g_acc, g_dq, g_dk):
     none = (None,) * 9
     if g_loss is None:
         return (None, None) + none
-    if type(g_loss) is torch.Tensor and g_loss.device.type == "cpu" and float(g_loss) == 1.0:
+    if (type(g_loss) is torch.Tensor and g_loss.device.type == "cpu" and not g_loss.requires_grad
+            and float(g_loss) == 1.0):
         # the common case (the loss itself is differentiated): the saved gradients as they are;
         # scaling by 1 cost two fresh (B, N, C·d_head) buffers (~20 ms of page faults at RelViT's size).
-        # Plain CPU tensors only: no host read of fake / traced values or of GPU memory
+        # Plain CPU tensors only (no host read of fake / traced values or of GPU memory), and
+        # not under create_graph, where the result must stay a function of the incoming gradient
         return (dq, dk) + none
     g = g_loss.to(dq.dtype)
     return (dq * g, dk * g) + none
