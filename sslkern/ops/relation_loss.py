@@ -255,9 +255,12 @@ class _CPUProjections(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if dq2 is not None and dk2 is not None:
                 dz = torch.addmm(dq2 @ w_q, dk2, w_k)
-            elif dq2 is not None or dk2 is not None:
-                dz = dq2 @ w_q if dq2 is not None else dk2 @ w_k
-            dz = None if dz is None else dz.view(z.shape)
+            elif dq2 is not None:
+                dz = dq2 @ w_q
+            elif dk2 is not None:
+                dz = dk2 @ w_k
+            if dz is not None:
+                dz = dz.view(z.shape)
         if ctx.needs_input_grad[1] and dq2 is not None:
             dwq = dq2.t() @ z2
         if ctx.needs_input_grad[2] and dk2 is not None:
