@@ -67,9 +67,9 @@ _DNN_LINEAR: list = []
 
 def cpu_dnn_linear():
     """torch's oneDNN fp32 linear for dense CPU tensors (``torch.ops.mkldnn._linear_pointwise``,
-    ``y = x·wᵀ``), or None where this torch build lacks it. On the AVX2 CPUs measured it ran the
-    projection GEMMs of relation_loss (12544 × 384 × 378) in 30–34 ms against 47–50 ms for
-    ``F.linear`` (MKL). Probed once, on a tiny product checked against ``F.linear``."""
+    ``y = x·wᵀ``), or None where this torch build lacks it; ``relation_loss`` runs its
+    projections on it (faster than ``F.linear``'s MKL path on the CPUs measured, see
+    docs/design.md). Probed once, on a tiny product checked against ``F.linear``."""
     if not _DNN_LINEAR:
         op = None
         try:
@@ -147,16 +147,30 @@ class Dispatch:
 
     ``impls`` maps a backend to a zero-argument loader that returns the callable; loaders
     keep Triton (and the extension) from being imported until an op actually needs them.
+    Every implementation takes the custom op's arguments minus ``backend``.
+
+    ``gpu_order``: the backends tried, in order, for CUDA tensors.
+    ``checks_indices``: the backends whose kernels check every index value themselves (the
+    public function then skips its front-door check, see :meth:`checks_indices_itself`).
+    ``forced_missing``: what a forced backend the op does not implement does: ``"error"``,
+    or ``"default"`` (use the default rule; for helpers such as the Sinkhorn teacher that
+    only some backends have).
     """
 
-    def __init__(self, op: str, impls: dict[str, Callable[[], Callable]], gpu_order: tuple[str, ...] = ("triton", "cuda")):
+    def __init__(self, op: str, impls: dict[str, Callable[[], Callable]],
+                 gpu_order: tuple[str, ...] = ("triton", "cuda"), checks_indices: tuple[str, ...] = (),
+                 forced_missing: str = "error"):
         unknown = set(impls) - set(BACKENDS)
         if unknown:
             raise ValueError(f"{op}: unknown backends {unknown}")
+        if forced_missing not in ("error", "default"):
+            raise ValueError(f"{op}: forced_missing expected 'error' or 'default', got {forced_missing!r}")
         self.op = op
         self._loaders = impls
         self._cache: dict[str, Callable] = {}
         self.gpu_order = gpu_order
+        self._checks_indices = frozenset(checks_indices)
+        self._forced_missing = forced_missing
 
     @property
     def backends(self) -> tuple[str, ...]:
@@ -168,7 +182,8 @@ class Dispatch:
             fn = self._cache[backend] = self._loaders[backend]()
         return fn
 
-    def _usable(self, backend: str, device: torch.device) -> tuple[bool, str]:
+    def usable(self, backend: str, device: torch.device) -> tuple[bool, str]:
+        """(whether ``backend`` can run tensors on ``device`` here, why not)."""
         if backend not in self._loaders:
             return False, f"{self.op} has no {backend} implementation (it has: {', '.join(self.backends)})"
         if backend == "reference":
@@ -187,14 +202,16 @@ class Dispatch:
     def resolve(self, device: torch.device, backend: str | None = None) -> str:
         """The backend that will run for tensors on ``device``."""
         want = requested_backend(backend)
+        if want is not None and want not in self._loaders and self._forced_missing == "default":
+            want = None
         if want is not None:
-            ok, why = self._usable(want, device)
+            ok, why = self.usable(want, device)
             if not ok:
                 raise RuntimeError(f"sslkern.{self.op}: backend {want!r} cannot run here: {why}")
             return want
         order = ("cpu",) if device.type == "cpu" else self.gpu_order
         for b in order:
-            if self._usable(b, device)[0]:
+            if self.usable(b, device)[0]:
                 return b
         if device.type == "cpu" and "cpu" in self._loaders and self.op not in _warned:
             _warned.add(self.op)
@@ -204,6 +221,11 @@ class Dispatch:
                 stacklevel=3,
             )
         return "reference"
+
+    def checks_indices_itself(self, device: torch.device, backend: str | None = None) -> bool:
+        """Whether the backend that will run checks every index value in its kernel (so the
+        public function's one-sync check would be a second pass)."""
+        return self.resolve(device, backend) in self._checks_indices
 
     def __call__(self, device: torch.device, backend: str | None = None) -> Callable:
         """The implementation for tensors on ``device``; for a CUDA device it runs under

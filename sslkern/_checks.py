@@ -3,16 +3,22 @@
 Every public function validates its arguments here, once, before the op runs. The
 messages say which argument, what was expected and what was given, e.g.
 ``sslkern.ema_update_: students[3] expected shape (384,), got (383,)``.
-Checks only look at metadata (shape, dtype, device), so they also run under
-``torch.compile`` with fake tensors; checks that need values live in the kernels.
+Checks only look at metadata (shape, dtype, device) and Python scalars, so they also run
+under ``torch.compile`` with fake tensors; the one check of tensor values (indices in
+range) is ``sslkern.ops._common.check_index_values``.
 """
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from typing import Iterable, Sequence
 
 import torch
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+HALF_OR_FLOAT32 = (torch.float16, torch.bfloat16, torch.float32)
+FLOAT_DTYPES = HALF_OR_FLOAT32 + (torch.float64,)
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
 class ArgumentError(ValueError):
@@ -43,8 +49,8 @@ def check_tensor(
     if dtypes is not None:
         dtypes = tuple(dtypes)
         if x.dtype not in dtypes:
-            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-            fail(op, f"{name} expected dtype in ({names}), got {str(x.dtype).replace('torch.', '')}", TypeError)
+            names = ", ".join(dtype_name(d) for d in dtypes)
+            fail(op, f"{name} expected dtype in ({names}), got {dtype_name(x.dtype)}", TypeError)
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if x.dim() not in allowed:
@@ -76,12 +82,42 @@ def check_choice(op: str, name: str, value, choices: Sequence) -> None:
 
 def check_range(op: str, name: str, value: float, lo: float | None = None, hi: float | None = None,
                 lo_open: bool = False, hi_open: bool = False) -> None:
-    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
+    """``value`` in the interval (NaN is in none)."""
+    bad = value != value or (lo is not None and (value <= lo if lo_open else value < lo)) or (
         hi is not None and (value >= hi if hi_open else value > hi))
     if bad:
         lb = "(" if lo_open else "["
         rb = ")" if hi_open else "]"
         fail(op, f"{name} must be in {lb}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{rb}, got {value}")
+
+
+def check_float(op: str, name: str, value, lo: float | None = None, hi: float | None = None, *,
+                lo_open: bool = False, hi_open: bool = False, finite: bool = True) -> float:
+    """A real Python number (not a bool or a tensor) in the interval; finite unless
+    ``finite=False``. Returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        fail(op, f"{name} expected a real number, got {type(value).__name__}", TypeError)
+    value = float(value)
+    if math.isnan(value) or (finite and math.isinf(value)):
+        fail(op, f"{name} expected a finite number, got {value}")
+    check_range(op, name, value, lo, hi, lo_open, hi_open)
+    return value
+
+
+def check_int(op: str, name: str, value, lo: int | None = None, hi: int | None = None) -> int:
+    """A Python integer (``operator.index``; not a bool) in [lo, hi]. Returns it as an int."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        fail(op, f"{name} expected an int, got {type(value).__name__}", TypeError)
+    check_range(op, name, value, lo, hi)
+    return value
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def is_dense(x: torch.Tensor) -> bool:

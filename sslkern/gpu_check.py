@@ -76,8 +76,8 @@ def _rel(got, want) -> float:
     return float((got - want).abs().max() / scale)
 
 
-def _usable(dispatch, backend, device) -> bool:
-    return dispatch._usable(backend, device)[0]
+def usable(dispatch, backend, device) -> bool:
+    return dispatch.usable(backend, device)[0]
 
 
 def _expect(cond: bool, what: str, failures: list):
@@ -128,7 +128,7 @@ def _dino_large_k(ctx):
     B, V, T, K = ctx.size((8, 10, 2, 65536), (2, 3, 2, 300))
     tol = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
     failures, rows = [], {}
-    for backend in [b for b in ctx.gpu_backends if b in dispatch.backends and _usable(dispatch, b, ctx.device)]:
+    for backend in [b for b in ctx.gpu_backends if b in dispatch.backends and usable(dispatch, b, ctx.device)]:
         for dt, t in tol.items():
             g = torch.Generator(device=ctx.device).manual_seed(0)
             s = (torch.randn(V * B, K, device=ctx.device, generator=g) * 3).to(dt)
@@ -478,7 +478,7 @@ def _backends_of(name, device):
 
     mod, attr = _OP_DISPATCH[name]
     d = getattr(importlib.import_module(mod), attr)
-    return [b for b in ("triton", "cuda") if b in d.backends and d._usable(b, device)[0]]
+    return [b for b in ("triton", "cuda") if b in d.backends and d.usable(b, device)[0]]
 
 
 @check("opcheck")

@@ -22,7 +22,7 @@ def available_backends(dispatch, device: str = "cpu") -> list[str]:
     """The backends of an op that can run tensors on ``device`` in this process."""
     out = []
     for b in dispatch.backends:
-        ok, _ = dispatch._usable(b, torch.device(device))
+        ok, _ = dispatch.usable(b, torch.device(device))
         if ok:
             out.append(b)
     return out
@@ -40,7 +40,7 @@ def backend_params(dispatch, include_reference: bool = False):
             continue
         device = "cuda" if b == "cuda" or (b == "triton" and torch.cuda.is_available()) else "cpu"
         marks = [pytest.mark.cuda] if device == "cuda" else []
-        ok, why = (True, "") if b == "reference" else dispatch._usable(b, torch.device(device)) if (
+        ok, why = (True, "") if b == "reference" else dispatch.usable(b, torch.device(device)) if (
             device == "cpu" or torch.cuda.is_available()) else (False, "no CUDA device")
         if not ok:
             marks.append(pytest.mark.skip(reason=f"{b}: {why}"))

@@ -327,7 +327,7 @@ def test_bad_input(call, exc, match):
 
 @pytest.mark.skipif(not ON_GPU and "triton" not in [p.id for p in BACKENDS if not p.marks], reason="no triton")
 def test_triton_rejects_unsupported_head_dim_and_fp64():
-    if not dispatch._usable("triton", torch.device("cuda" if ON_GPU else "cpu"))[0]:
+    if not dispatch.usable("triton", torch.device("cuda" if ON_GPU else "cpu"))[0]:
         pytest.skip("triton backend not usable here")
     dev = "cuda" if ON_GPU else "cpu"
     q, k, v = (t.to(dev) for t in _qkv(L=5, Dh=256))

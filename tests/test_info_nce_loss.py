@@ -472,7 +472,7 @@ def test_tied_cpu_memory_and_no_subnormals():
 
 
 def test_triton_rejects_fp64():
-    if not dispatch._usable("triton", torch.device("cuda" if ON_GPU else "cpu"))[0]:
+    if not dispatch.usable("triton", torch.device("cuda" if ON_GPU else "cpu"))[0]:
         pytest.skip("triton backend not usable here")
     dev = "cuda" if ON_GPU else "cpu"
     q, k = (t.to(dev) for t in _qk(dtype=torch.float64))

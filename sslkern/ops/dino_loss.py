@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._backend import Dispatch, ext_op, module_attr, requested_backend
+from .._backend import Dispatch, ext_op, module_attr
 from .._checks import check_choice, check_range, check_tensor, fail
 
 OP = "dino_loss"
@@ -191,18 +191,18 @@ def _sinkhorn_log_domain(teacher: torch.Tensor, teacher_temp: float, n_iteration
     return torch.exp(log_q.masked_fill_(log_q < math.log(torch.finfo(log_q.dtype).tiny), float("-inf")))
 
 
+# no Triton / CUDA Sinkhorn: a forced triton / cuda backend (e.g. passed on by dino_loss) takes
+# the default rule, which runs the eager iterations on CUDA tensors
 sinkhorn_dispatch = Dispatch(
     "sinkhorn_knopp_teacher",
     {"reference": lambda: _sinkhorn_log_domain, "cpu": ext_op("sinkhorn_teacher_cpu")},
+    forced_missing="default",
 )
 
 
 @torch.library.custom_op("sslkern::sinkhorn_teacher", mutates_args=())
 def _sinkhorn_op(teacher: torch.Tensor, teacher_temp: float, n_iterations: int, backend: str) -> torch.Tensor:
-    want = requested_backend(backend)
-    if want not in ("reference", "cpu"):  # no triton / cuda Sinkhorn: the default rule
-        want = "cpu" if sinkhorn_dispatch._usable("cpu", teacher.device)[0] else "reference"
-    return sinkhorn_dispatch(teacher.device, want)(teacher, teacher_temp, n_iterations)
+    return sinkhorn_dispatch(teacher.device, backend)(teacher, teacher_temp, n_iterations)
 
 
 @_sinkhorn_op.register_fake
