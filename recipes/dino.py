@@ -10,7 +10,7 @@ One step, as in dino ``main_dino.py``:
                MLP → L2-normalised bottleneck → weight-normalised prototypes (gain fixed)
   4. loss      cross-entropy between the centred, sharpened teacher and the student over all
                cross-view pairs, fused with the center update (``sslkern.nn.DINOLoss``) and with
-               the heads' prototype layers (``forward_fused``: no (rows, K) logits are stored;
+               the heads' prototype layers (``DINOLoss`` given the layers: no (rows, K) logits are stored;
                ``--unfused-head`` materialises them)
   5. step      AdamW, warm-up + cosine lr, cosine weight decay, per-parameter clipping,
                the last layer frozen during the first epoch
@@ -83,7 +83,7 @@ class DINO(Method):
             zt = t_head.bottleneck(self.teacher.module.features(global_crops))              # 2. teacher (2B, Db)
         zs = head.bottleneck(self.student.features(global_crops + local_crops))              # 3. student (V·B, Db)
         if self.a.fused_head and self.a.teacher == "center":                                 # 4. loss + center:
-            loss = self.loss.forward_fused(zs, zt, head.last_layer, t_head.last_layer, ctx.epoch)  # no (V·B, K)
+            loss = self.loss(zs, zt, ctx.epoch, head.last_layer, t_head.last_layer)      # no (V·B, K)
         else:
             loss = self.loss(head.last_layer(zs), t_head.last_layer(zt), ctx.epoch)
         with torch.no_grad():

@@ -15,7 +15,7 @@ One step:
   5. loss      DINO loss on the image head (``sslkern.nn.DINOLoss``) + iBOT masked patch loss
                (``sslkern.nn.IBOTPatchLoss``, per-image weights) + KoLeo on the student's
                global-crop features (``sslkern.koleo_loss``, weight 0.1); both losses fused with
-               the heads' prototype layers (``forward_fused``; ``--unfused-head``: logits)
+               the heads' prototype layers (the losses given the layers; ``--unfused-head``: logits)
   6. step, EMA as DINO (cosine momentum)
 
 Deviations for the small default (see docs/recipes/ibot.md): the DINO settings of
@@ -140,9 +140,9 @@ class IBOT(Method):
         layers = (self.student.image.head.last_layer, self.teacher.module.image.head.last_layer,
                   self.student.patch_head.last_layer, self.teacher.module.patch_head.last_layer)
         if a.fused_head and a.teacher == "center":                                           # 5. losses, fused
-            dino = self.dino_loss.forward_fused(zs_img, zt_img, layers[0], layers[1], ctx.epoch)  # with the
-            ibot = self.ibot_loss.forward_fused(zs_patch, zt_patch, layers[2], layers[3], masks,  # prototypes
-                                                teacher_temp=tt)
+            dino = self.dino_loss(zs_img, zt_img, ctx.epoch, layers[0], layers[1])           # with the
+            ibot = self.ibot_loss(zs_patch, zt_patch, masks, teacher_temp=tt,                # prototypes
+                                  student_layer=layers[2], teacher_layer=layers[3])
         else:
             dino = self.dino_loss(layers[0](zs_img), layers[1](zt_img), ctx.epoch)
             ibot = self.ibot_loss(layers[2](zs_patch), layers[3](zt_patch), masks, teacher_temp=tt)

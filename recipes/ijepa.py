@@ -11,7 +11,7 @@ One step, as ijepa ``src/train.py`` with ``src/masks/multiblock.py`` and the pre
   2. targets   the EMA target encoder on the full image, parameter-free layer norm over
                features (``sslkern.layer_average_targets([h], layer_norm="layer")``)
   3. context   the context encoder on the context tokens only, sin-cos positions added in the
-               gather (``sslkern.nn.encode_visible`` → ``sslkern.gather_tokens``)
+               gather (``sslkern.patch.forward_masked`` → ``sslkern.gather_tokens``)
   4. predictor a narrow ViT on the context tokens plus one mask token per target patch carrying
                its position (``sslkern.gather_tokens(mask_token, ids, pos_embed=...)``)
   5. loss      smooth-L1 (β = 1) against the targets at the target blocks, mean over tokens and
@@ -178,7 +178,7 @@ class IJEPA(Method):
         with torch.no_grad():                                                            # 2. targets (B, N, D)
             h = self.target_encoder.module.forward_features(images)
             h = sslkern.layer_average_targets([h], layer_norm="layer", final_norm="none")
-        z = sslkern.nn.encode_visible(self.encoder, images, ctx_ids)                     # 3. context (B, Kc, D)
+        z = sslkern.patch.forward_masked(self.encoder, images, ctx_ids)                   # 3. context (B, Kc, D)
         pred = self.predictor(z, ctx_ids, tgt_ids)                                       # 4. predictor (B·T, Kt, D)
         loss = sslkern.masked_regression_loss(pred, h, ids=tgt_ids.flatten(0, 1), beta=1.0,  # 5. smooth-L1 mean
                                               scale=1.0 / h.shape[-1], reduction="mean")

@@ -8,7 +8,7 @@ One step, as in mae ``models_mae.py`` (``forward_encoder`` / ``forward_decoder``
   1. view      random resized crop + small rotation (``sslkern.train.data.augment``)
   2. mask      random masking at 0.75 (``sslkern.masks.random_mask``: argsort of uniform noise)
   3. encoder   the visible patches only, the fixed sin-cos position add fused into the gather
-               (``sslkern.nn.encode_visible`` → ``sslkern.gather_tokens``), CLS + blocks + norm
+               (``sslkern.patch.forward_masked`` → ``sslkern.gather_tokens``), CLS + blocks + norm
   4. decoder   a narrow ViT: linear to the decoder width, the encoder output put back on the grid
                with the learned mask token in the removed slots and the decoder's sin-cos
                positions added in the same pass (``sslkern.nn.DecoderInput`` →
@@ -141,7 +141,7 @@ class MAE(Method):
         masks = sslkern.masks.random_mask(images.shape[0] * ctx.world_size, n, a.mask_ratio,  # 2. mask (global batch)
                                           generator=gen, device=gen.device)
         ids_keep, ids_restore, mask = masks.ids_keep[rows], masks.ids_restore[rows], masks.mask[rows]
-        latent = sslkern.nn.encode_visible(self.encoder, images, ids_keep)              # 3. encoder (B, 1+Nk, D)
+        latent = sslkern.patch.forward_masked(self.encoder, images, ids_keep)            # 3. encoder (B, 1+Nk, D)
         pred = self.decoder(latent, ids_restore)                                         # 4. decoder (B, N, p·p·C)
         target = self.target(images)                                                     # 5. loss: per-patch MSE,
         loss = sslkern.masked_regression_loss(pred, target, mask, scale=1.0 / pred.shape[-1],  # mean over removed

@@ -20,8 +20,9 @@ oracles):
   hog_targets             MaskFeat per-patch HOG targets (SlowFast HOGLayerC), masked patches only
 
 Modules: ``sslkern.masks`` (mask generators: MAE random, block, data2vec 2.0 inverse block,
-I-JEPA multiblock), ``sslkern.nn`` (EMA teacher, DINO/iBOT losses, ALiBi attention for timm,
-masked-encoder helpers), ``sslkern.schedules``, ``sslkern.reference`` (eager oracles).
+I-JEPA multiblock), ``sslkern.nn`` (EMA teacher, DINO/iBOT losses with their centers,
+InfoNCE, ALiBi attention for timm, masked-token embedding and decoder input),
+``sslkern.schedules``, ``sslkern.reference`` (eager oracles). ``__all__`` lists the public API.
 
 Integration: ``sslkern.patch_timm_vit(model)`` (timm ViT: sslkern attention, ALiBi,
 ``forward_masked``), ``sslkern.compat.{lightly,dinov2,timm}`` (drop-in losses, EMA, mask
@@ -34,10 +35,10 @@ step; see ``sslkern.cpu_cache``): ``sslkern.empty_cpu_cache()``, ``sslkern.cpu_c
 Force a backend with ``backend=`` on a call, ``with sslkern.use_backend(name):`` or the
 ``SSLKERN_BACKEND`` environment variable. ``python -m sslkern.info`` says what is available.
 """
-from .version import __version__  # noqa: F401
-from ._backend import BACKENDS, backend_status, use_backend  # noqa: F401
-from ._checks import ArgumentError  # noqa: F401
-from .ops import (  # noqa: F401
+from .version import __version__
+from ._backend import BACKENDS, backend_status, use_backend
+from ._checks import ArgumentError
+from .ops import (
     alibi_attention,
     alibi_slopes,
     data2vec_cls_loss,
@@ -56,7 +57,20 @@ from .ops import (  # noqa: F401
     restore_tokens,
     sinkhorn_knopp_teacher,
 )
-from .cpu_cache import cpu_cache_disabled, cpu_cache_info, empty_cpu_cache, set_cpu_cache_limit  # noqa: F401
-from . import masks, nn, reference, schedules  # noqa: F401
-from . import compat, patch  # noqa: F401
-from .patch import patch_timm_vit  # noqa: F401
+from .cpu_cache import cpu_cache_disabled, cpu_cache_info, empty_cpu_cache, set_cpu_cache_limit
+from . import masks, nn, reference, schedules
+from . import compat, patch
+from .patch import patch_timm_vit
+
+__all__ = [
+    "__version__",
+    # ops
+    "alibi_attention", "alibi_slopes", "data2vec_cls_loss", "data2vec_loss", "dino_loss", "ema_update_",
+    "gather_tokens", "hog_targets", "ibot_patch_loss", "info_nce_loss", "koleo_loss", "layer_average_targets",
+    "masked_regression_loss", "prototype_loss", "relation_loss", "restore_tokens", "sinkhorn_knopp_teacher",
+    # backends, errors, the CPU output cache
+    "BACKENDS", "backend_status", "use_backend", "ArgumentError",
+    "cpu_cache_disabled", "cpu_cache_info", "empty_cpu_cache", "set_cpu_cache_limit",
+    # modules
+    "masks", "nn", "reference", "schedules", "compat", "patch", "patch_timm_vit",
+]

@@ -91,7 +91,7 @@ def _rows_ids(ids_keep: torch.Tensor, mask_major: bool) -> torch.Tensor:
 
 
 def forward_masked(self: nn.Module, x: torch.Tensor, ids_keep: torch.Tensor, *, mask_major: bool = False,
-                   attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   attn_mask: Optional[torch.Tensor] = None, check_indices: bool = True) -> torch.Tensor:
     """The encoder on the kept patch tokens only (MAE encoder, data2vec 2.0 / iBOT student).
 
     ``x``: (B, C, H, W) images. ``ids_keep``: (B, Nk) kept patch indices, or (B, M, Nk)
@@ -101,8 +101,11 @@ def forward_masked(self: nn.Module, x: torch.Tensor, ids_keep: torch.Tensor, *, 
     (:func:`sslkern.gather_tokens`), the prefix tokens (CLS, registers) prepended; then
     ``patch_drop``, ``norm_pre``, the blocks (ALiBi, when on, with the kept tokens' true
     grid coordinates) and ``norm``. Returns (rows, P + Nk, D), like ``forward_features``.
+    ``check_indices=False``: no host sync for the index check (CUDA graphs; see
+    :func:`sslkern.gather_tokens`). On an unpatched timm ViT call it as a function:
+    ``sslkern.patch.forward_masked(vit, x, ids_keep)``.
     """
-    tokens = embed_visible(self, x, ids_keep, mask_major=mask_major)
+    tokens = embed_visible(self, x, ids_keep, mask_major=mask_major, check_indices=check_indices)
     tokens = self.patch_drop(tokens)
     tokens = self.norm_pre(tokens)
     ctx: Optional[AlibiContext] = getattr(self, "_sslkern_alibi", None)

@@ -4,6 +4,7 @@ Without a GPU the Triton backend runs in the interpreter on CPU tensors: the var
 be set before any Triton kernel is defined, hence here, before sslkern is imported.
 """
 import os
+import sys
 import zlib
 
 import pytest
@@ -11,6 +12,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# the repository tools (tools/gpu_report.py, tools/gpu_model.py) are tested too
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 
 import sslkern  # noqa: E402
 from sslkern._backend import backend_status  # noqa: E402

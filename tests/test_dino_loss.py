@@ -1,4 +1,4 @@
-"""dino_loss / ibot_patch_loss / sinkhorn_knopp_teacher / koleo_loss (SPEC section 2).
+"""dino_loss / ibot_patch_loss / sinkhorn_knopp_teacher / koleo_loss.
 
 Every backend against the eager references (dino DINOLoss math, dinov2 iBOT / Sinkhorn /
 KoLeo) and against lightly's DINOLoss / IBOTPatchLoss, with the loss, the student gradient
@@ -10,9 +10,19 @@ import torch
 
 import sslkern
 from sslkern import reference as R
+from sslkern.nn.dino import update_center_
 from sslkern.ops.dino_loss import dispatch
 
 from conftest import backend_params
+
+
+def with_center(result, center, n_rows, momentum=0.9):
+    """(loss, updated center) from ``(loss, teacher_sum)``: the op's local column sum and the
+    center update ``sslkern.nn.DINOLoss`` / ``IBOTPatchLoss`` make of it (one process)."""
+    loss, teacher_sum = result
+    c = center.clone()
+    update_center_(c, teacher_sum, n_rows, momentum)
+    return loss, c
 
 BACKENDS = backend_params(dispatch, include_reference=True)
 # Tolerances (loss, gradient): fp32 math in every backend; the kernels take the dots
@@ -61,8 +71,9 @@ def test_matches_dino_reference(backend, dtype):
         ts, tt = 0.1, 0.04 + 0.03 * torch.rand(()).item()
         want_loss, want_grad, want_center = reference_all(student, teacher, center, ts, tt, T)
         s = student.clone().requires_grad_(True)
-        loss, new_center = sslkern.dino_loss(s, teacher, center, student_temp=ts, teacher_temp=tt, n_global_crops=T,
-                                             center_momentum=0.9, backend=name)
+        loss, new_center = with_center(sslkern.dino_loss(s, teacher, center, student_temp=ts, teacher_temp=tt,
+                                                         n_global_crops=T, return_teacher_sum=True, backend=name),
+                                       center, teacher.shape[0])
         loss.backward()
         assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
         assert s.grad.dtype == dtype and new_center.shape == center.shape
@@ -90,8 +101,9 @@ def test_matches_lightly(backend):
     want = crit(list(teacher.chunk(T)), list(s_ref.chunk(V)), epoch=0)
     want.backward()
     s = student.clone().requires_grad_(True)
-    loss, new_center = sslkern.dino_loss(s, teacher, center, student_temp=0.1, teacher_temp=0.04, n_global_crops=T,
-                                         center_momentum=0.9, backend=name)
+    loss, new_center = with_center(sslkern.dino_loss(s, teacher, center, student_temp=0.1, teacher_temp=0.04,
+                                                     n_global_crops=T, return_teacher_sum=True, backend=name),
+                                   center, teacher.shape[0])
     loss.backward()
     torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s.grad, s_ref.grad, atol=1e-7, rtol=1e-4)
@@ -111,8 +123,8 @@ def test_cpu_paths_agree(dtype):
         for n in (1, 3):
             torch.set_num_threads(n)
             s = student.clone().requires_grad_(True)
-            loss, c = sslkern.dino_loss(s, teacher, center, teacher_temp=0.05, n_global_crops=T, center_momentum=0.9,
-                                        backend="cpu")
+            loss, c = with_center(sslkern.dino_loss(s, teacher, center, teacher_temp=0.05, n_global_crops=T,
+                                                    return_teacher_sum=True, backend="cpu"), center, teacher.shape[0])
             loss.backward()
             tol = TOL[dtype]
             torch.testing.assert_close(loss, want_loss, **tol)
@@ -130,7 +142,8 @@ def test_large_k_cpu():
     student, teacher, center = make(B, V, T, K, torch.float32, "cpu")
     want_loss, want_grad, want_center = reference_all(student, teacher, center, 0.1, 0.04, T)
     s = student.clone().requires_grad_(True)
-    loss, c = sslkern.dino_loss(s, teacher, center, n_global_crops=T, center_momentum=0.9)
+    loss, c = with_center(sslkern.dino_loss(s, teacher, center, n_global_crops=T, return_teacher_sum=True), center,
+                          teacher.shape[0])
     loss.backward()
     torch.testing.assert_close(loss, want_loss, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(s.grad, want_grad, atol=1e-9, rtol=1e-4)
@@ -198,10 +211,19 @@ def test_single_crop_and_bad_input():
         sslkern.dino_loss(s, t.int(), c)
     with pytest.raises(ValueError, match="student_temp must be in"):
         sslkern.dino_loss(s, t, c, student_temp=0.0)
+    for bad in (float("nan"), float("inf")):  # refused here, not by the kernel
+        with pytest.raises(ValueError, match="teacher_temp expected a finite number"):
+            sslkern.dino_loss(s, t, c, teacher_temp=bad)
+    with pytest.raises(TypeError, match="student_temp expected a real number"):
+        sslkern.dino_loss(s, t, c, student_temp="0.1")
+    with pytest.raises(TypeError, match="n_global_crops expected an int"):
+        sslkern.dino_loss(s, t, c, n_global_crops=2.0)
+    with pytest.raises(ValueError, match="sinkhorn_iterations must be in"):
+        sslkern.dino_loss(s, t, c, teacher_mode="sinkhorn", sinkhorn_iterations=-1)
+    with pytest.raises(ValueError, match="return_teacher_sum must be one of"):
+        sslkern.dino_loss(s, t, c, return_teacher_sum="yes")
     with pytest.raises(ValueError, match="teacher_mode must be one of"):
         sslkern.dino_loss(s, t, c, teacher_mode="softmax")
-    with pytest.raises(ValueError, match="center_momentum must be in"):
-        sslkern.dino_loss(s, t, c, center_momentum=1.5)
     with pytest.raises(ValueError, match="masks expected 3 set entries"):
         m = torch.zeros(2, 5, dtype=torch.bool)
         m[0, :2] = True
@@ -246,8 +268,8 @@ def test_compile_fullgraph_matches_eager():
     ps, pt = torch.randn(7, K), torch.randn(7, K)
 
     def step(s, t, c, ps, pt):
-        loss, nc = sslkern.dino_loss(s, t, c, n_global_crops=T, center_momentum=0.9)
-        ploss, pc = sslkern.ibot_patch_loss(ps, pt, masks, c, center_momentum=0.9)
+        loss, nc = sslkern.dino_loss(s, t, c, n_global_crops=T, return_teacher_sum=True)
+        ploss, pc = sslkern.ibot_patch_loss(ps, pt, masks, c, return_teacher_sum=True)
         return loss + ploss, nc, pc
 
     s1, ps1 = s.clone().requires_grad_(True), ps.clone().requires_grad_(True)
@@ -294,8 +316,9 @@ def test_ibot_matches_reference_and_lightly(backend, dtype):
     want2 = R.ibot_patch_loss(student.float(), teacher.float(), masks, center, 0.1, 0.05)
     torch.testing.assert_close(want2, want, atol=1e-5, rtol=1e-5)  # the two references agree
     s = student.clone().requires_grad_(True)
-    loss, new_center = sslkern.ibot_patch_loss(s, teacher, masks, center, student_temp=0.1, teacher_temp=0.05,
-                                               center_momentum=0.9, backend=name)
+    loss, new_center = with_center(sslkern.ibot_patch_loss(s, teacher, masks, center, student_temp=0.1,
+                                                           teacher_temp=0.05, return_teacher_sum=True, backend=name),
+                                   center, M)
     loss.backward()
     tol = TOL[dtype]
     torch.testing.assert_close(loss, want, **tol)
@@ -453,7 +476,7 @@ def test_ibot_chunked_path_cpu():
     want = R.ibot_patch_loss(s_ref, t, masks, c, 0.1, 0.04)
     want.backward()
     s2 = s.clone().requires_grad_(True)
-    loss, new_c = sslkern.ibot_patch_loss(s2, t, masks, c, center_momentum=0.9, backend="cpu")
+    loss, new_c = with_center(sslkern.ibot_patch_loss(s2, t, masks, c, return_teacher_sum=True, backend="cpu"), c, M)
     loss.backward()
     torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(s2.grad, s_ref.grad, atol=1e-9, rtol=1e-4)
@@ -471,17 +494,25 @@ def _distributed_worker(rank, world, port, result_queue):
         c = torch.randn(K)
         sl = slice(rank * B, (rank + 1) * B)
         s, t = s_all[:, sl].reshape(V * B, K), t_all[:, sl].reshape(T * B, K)
-        _, new_c = sslkern.dino_loss(s, t, c, n_global_crops=T, center_momentum=0.9)
+        # the functional op is local: its teacher sum covers this rank's rows only
+        _, local_sum = sslkern.dino_loss(s, t, c, n_global_crops=T, return_teacher_sum=True)
+        assert torch.allclose(local_sum, t.sum(0), atol=1e-5)
+        # the module all-reduces it for the center
+        module = sslkern.nn.DINOLoss(K, V, 0.04, 0.04, 0, 1, center_momentum=0.9, n_global_crops=T)
+        module.center.copy_(c.reshape(1, K))
+        module(s, t, 0)
         p = sslkern.sinkhorn_knopp_teacher(t_all[0, sl], 0.1)
-        result_queue.put((rank, new_c.tolist(), p.tolist()))  # plain lists: the worker exits right after
+        # plain lists: the worker exits right after
+        result_queue.put((rank, module.center.reshape(-1).tolist(), p.tolist()))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_distributed_center_and_sinkhorn():
-    """Two gloo ranks: the center and the Sinkhorn teacher equal the single-process result
-    on the full batch (dino all-reduces the center sum, dinov2 the Sinkhorn sums)."""
+    """Two gloo ranks: sslkern.nn.DINOLoss's center and the Sinkhorn teacher equal the
+    single-process result on the full batch (dino all-reduces the center sum in its loss
+    module, dinov2 the Sinkhorn sums); the functional loss's teacher sum stays local."""
     import socket
 
     import torch.multiprocessing as mp
@@ -598,8 +629,9 @@ def test_deterministic_mode_center_sum_without_atomics(monkeypatch):
     try:
         for det in (True, True, False):
             torch.use_deterministic_algorithms(det)
-            outs.append(sslkern.dino_loss(student, teacher, center, n_global_crops=T, center_momentum=0.9,
-                                          backend="triton"))
+            outs.append(with_center(sslkern.dino_loss(student, teacher, center, n_global_crops=T,
+                                                      return_teacher_sum=True, backend="triton"),
+                                    center, teacher.shape[0]))
     finally:
         torch.use_deterministic_algorithms(old)
     assert flags == [0, 0, 1]

@@ -1,5 +1,6 @@
 """``python -m sslkern.gpu_check --dry``: the lent-GPU validation command runs on CPU (Triton
-interpreter, small sizes) so it cannot rot; on a GPU it runs at GPU sizes (not here)."""
+interpreter, small sizes) so it cannot rot, and opchecks every custom op; on a GPU it runs at
+GPU sizes (not here)."""
 import json
 import subprocess
 import sys
@@ -19,15 +20,28 @@ def test_dry_run_writes_report_and_passes(tmp_path):
     assert not bad, bad
     status = {r["name"]: r["status"] for r in report["results"]}
     # what must really run on CPU, and what needs a GPU
-    for name in ("dino_large_k", "fp16_grad_scaler", "large_tokens", "large_targets_and_loss", "large_ema",
-                 "alibi_grid_and_strides", "determinism", "opcheck", "bench"):
+    for name in ("dino_large_k", "fp16_loss_scale", "large_tokens", "large_targets_and_loss", "large_ema",
+                 "alibi_grid_and_strides", "determinism", "opcheck"):
         assert status[name] == "pass", name
-    for name in ("device_placement", "cuda_graph_capture", "compute_sanitizer"):
+    for name in ("device_placement", "cuda_graph_capture", "compute_sanitizer", "test_suite", "bench"):
         assert status[name] == "skip", name
+    # --dry opchecks every registered custom op (on the triton backend, in the interpreter)
+    opcheck = next(r for r in report["results"] if r["name"] == "opcheck")["details"]
+    every = gpu_check.custom_op_names()
+    assert len(every) >= 18 and all(opcheck[f"{op} triton"] == "ok" for op in every), opcheck
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert saved["mode"].startswith("dry") and len(saved["results"]) == len(names)
     md = (tmp_path / "gpu_check.md").read_text()
-    assert "| dino_large_k | pass |" in md and "not a measurement" in md
+    assert "| dino_large_k | pass |" in md and "| opcheck | pass |" in md
+
+
+def test_a_custom_op_without_a_case_fails_the_opcheck(monkeypatch):
+    real = gpu_check.custom_op_names
+    monkeypatch.setattr(gpu_check, "custom_op_names", lambda: real() + ["made_up_op"])
+    monkeypatch.setattr(gpu_check, "OP_CASES", gpu_check.OP_CASES[:1])  # ema_update_ only: fast
+    ctx = gpu_check.Ctx(dry=True, deadline=float("inf"))
+    out = gpu_check._opcheck(ctx)
+    assert any("made_up_op" in f for f in out["failures"]) and out["details"]["ema_update_ triton"] == "ok"
 
 
 def test_failures_are_reported_and_set_the_exit_status(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ Every configuration in every ``sslkern/triton_ops/*.py`` ``AOT_CONFIGS`` list is
 ahead of time (``triton.compile`` for ``GPUTarget("cuda", 80|90, 32)`` down to a cubin,
 then ``ptxas -v``), so a kernel that only works in the Triton interpreter fails here. New
 op modules are picked up automatically. Compilation runs once per module in two child
-processes (``sslkern.gpu_report.run_jobs``) with the interpreter switched off; the tests
+processes (``tools/gpu_report.py: run_jobs``) with the interpreter switched off; the tests
 then read the shared results. Every ``csrc/cuda/*.cu`` is compiled with nvcc when nvcc and
 a CUDA build of torch are present.
 """
@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from sslkern import gpu_report as gr
+import gpu_report as gr  # tools/gpu_report.py (tests/conftest.py puts tools/ on sys.path)
 
 HAVE_TRITON_NVIDIA = importlib.util.find_spec("triton") is not None and \
     importlib.util.find_spec("triton.backends.nvidia") is not None

@@ -1,10 +1,10 @@
-"""The bytes-and-flops model (sslkern.gpu_model): hand formulas agree with a count of the eager
+"""The bytes-and-flops model (tools/gpu_model.py): hand formulas agree with a count of the eager
 op sequence, and the counter itself counts what it claims to."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from sslkern import gpu_model as gm
+import gpu_model as gm  # tools/gpu_model.py (tests/conftest.py puts tools/ on sys.path)
 
 ACCOUNTS = gm.accounts()
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sslkern
+from sslkern.nn.dino import update_center_
 from sslkern.ops.prototype_loss import dispatch
 
 BACKENDS = ["reference", "cpu", "triton"]
@@ -47,15 +48,15 @@ def unfused(zs, zt, v, gain, vt, gt, c, *, masks=None, T=2, ts=0.1, tt=0.04, bac
     """The head's last layer with autograd → the (fused-logits) loss: what the op replaces."""
     s, t = zs @ _w(v, gain).t(), zt @ _w(vt, gt).t()
     if masks is None:
-        return sslkern.dino_loss(s, t, c, student_temp=ts, teacher_temp=tt, n_global_crops=T, center_momentum=0.9,
-                                 backend=backend)
-    return sslkern.ibot_patch_loss(s, t, masks, c, student_temp=ts, teacher_temp=tt, center_momentum=0.9,
+        return sslkern.dino_loss(s, t, c, student_temp=ts, teacher_temp=tt, n_global_crops=T,
+                                 return_teacher_sum=True, backend=backend)
+    return sslkern.ibot_patch_loss(s, t, masks, c, student_temp=ts, teacher_temp=tt, return_teacher_sum=True,
                                    backend=backend)
 
 
 def fused(zs, zt, v, gain, vt, gt, c, *, masks=None, T=2, ts=0.1, tt=0.04, backend=None):
     return sslkern.prototype_loss(zs, zt, v, vt, c, gain=gain, teacher_gain=gt, masks=masks, student_temp=ts,
-                                  teacher_temp=tt, n_global_crops=T, center_momentum=0.9, backend=backend)
+                                  teacher_temp=tt, n_global_crops=T, return_teacher_sum=True, backend=backend)
 
 
 def _grads(loss, x):
@@ -214,9 +215,15 @@ def test_matches_dino_original_head_and_loss(norm_last_layer):
     params = [p for p in ours.mlp.parameters()]
     theirs_params = [theirs_layer.weight_v] + ([theirs_layer.weight_g] if not norm_last_layer else [])
     g0 = torch.autograd.grad(loss0, params + theirs_params)
-    # ours: the head's fused path
-    loss1, new_center = ours.fused_loss(x, teacher, x[:2 * B], center, student_temp=0.1, teacher_temp=0.04,
-                                        center_momentum=0.9)
+    # ours: the fused path on the head's bottleneck features and last layers
+    zs1 = ours.bottleneck(x)
+    with torch.no_grad():
+        zt1 = teacher.bottleneck(x[:2 * B])
+    loss1, teacher_sum = sslkern.prototype_loss(
+        zs1, zt1, ours.last_layer.weight_v, teacher.last_layer.weight_v, center, gain=ours.last_layer.weight_g,
+        teacher_gain=teacher.last_layer.weight_g, student_temp=0.1, teacher_temp=0.04, return_teacher_sum=True)
+    new_center = center.clone()
+    update_center_(new_center, teacher_sum, 2 * B, 0.9)
     our_params = [ours.last_layer.weight_v] + ([ours.last_layer.weight_g] if not norm_last_layer else [])
     g1 = torch.autograd.grad(loss1, params + our_params)
     assert float(loss1) == pytest.approx(float(loss0), rel=2e-6)
@@ -309,12 +316,12 @@ def test_compile_fullgraph_matches_eager():
     xi = make(int(masks.sum()), 1, 1, 97, 9, seed=8)
 
     def step(zs, zt, v, gain, vt, gt, c):
-        loss, nc = sslkern.prototype_loss(zs, zt, v, vt, c, gain=gain, teacher_gain=gt, center_momentum=0.9)
+        loss, nc = sslkern.prototype_loss(zs, zt, v, vt, c, gain=gain, teacher_gain=gt, return_teacher_sum=True)
         return loss, nc
 
     def step_ibot(zs, zt, v, gain, vt, gt, c):
         return sslkern.prototype_loss(zs, zt, v, vt, c, gain=gain, teacher_gain=gt, masks=masks, check_masks=False,
-                                      center_momentum=0.9)
+                                      return_teacher_sum=True)
 
     for fn, args in ((step, x), (step_ibot, xi)):
         l0, c0 = fn(*args)
@@ -381,12 +388,16 @@ def test_bad_input():
         sslkern.prototype_loss(zs[:3], zt[:3], v, vt, c, masks=m)
     with pytest.raises(TypeError, match="student expected dtype"):
         sslkern.prototype_loss(zs.int(), zt, v, vt, c)
-    with pytest.raises(E, match="center_momentum"):
-        sslkern.prototype_loss(zs, zt, v, vt, c, center_momentum=1.5)
+    with pytest.raises(E, match="teacher_temp expected a finite number"):
+        sslkern.prototype_loss(zs, zt, v, vt, c, teacher_temp=float("nan"))
+    with pytest.raises(E, match="return_teacher_sum must be one of"):
+        sslkern.prototype_loss(zs, zt, v, vt, c, return_teacher_sum=None)
+    with pytest.raises(E, match="check_masks must be one of"):
+        sslkern.prototype_loss(zs[:3], zt[:3], v, vt, c, masks=torch.ones(1, 3, dtype=torch.bool), check_masks="no")
 
 
 def test_nn_losses_fused_match_unfused():
-    """sslkern.nn.DINOLoss / IBOTPatchLoss .forward_fused: same loss and center as forward on the logits."""
+    """sslkern.nn.DINOLoss / IBOTPatchLoss given the prototype layers: same loss and center as on the logits."""
     torch.manual_seed(3)
     K, D, B, ncrops = 300, 16, 3, 5
     head = sslkern.nn.DINOHead(20, K, nlayers=2, hidden_dim=24, bottleneck_dim=D)
@@ -397,8 +408,7 @@ def test_nn_losses_fused_match_unfused():
     a.center.normal_()
     b.center.copy_(a.center)
     l0 = a(head(x), teacher(x[:2 * B]), epoch=1)
-    l1 = b.forward_fused(head.bottleneck(x), teacher.bottleneck(x[:2 * B]), head.last_layer, teacher.last_layer,
-                         epoch=1)
+    l1 = b(head.bottleneck(x), teacher.bottleneck(x[:2 * B]), 1, head.last_layer, teacher.last_layer)
     assert float(l1) == pytest.approx(float(l0), rel=2e-6)
     torch.testing.assert_close(b.center, a.center)
     masks = make_masks(4, 6, seed=3)
@@ -407,13 +417,15 @@ def test_nn_losses_fused_match_unfused():
     p = sslkern.nn.IBOTPatchLoss(K)
     q = copy.deepcopy(p)
     l0 = p(head(xp), teacher(xp), masks, teacher_temp=0.05)
-    l1 = q.forward_fused(head.bottleneck(xp), teacher.bottleneck(xp), head.last_layer, teacher.last_layer, masks,
-                         teacher_temp=0.05)
+    l1 = q(head.bottleneck(xp), teacher.bottleneck(xp), masks, teacher_temp=0.05, student_layer=head.last_layer,
+           teacher_layer=teacher.last_layer)
     assert float(l1) == pytest.approx(float(l0), rel=2e-6)
     torch.testing.assert_close(q.center, p.center)
     with pytest.raises(ValueError, match="sinkhorn"):
         s = sslkern.nn.DINOLoss(K, ncrops, 0.04, 0.07, 3, 10, teacher_mode="sinkhorn")
-        s.forward_fused(head.bottleneck(x), teacher.bottleneck(x[:2 * B]), head.last_layer, teacher.last_layer, 1)
+        s(head.bottleneck(x), teacher.bottleneck(x[:2 * B]), 1, head.last_layer, teacher.last_layer)
+    with pytest.raises(ValueError, match="both or neither"):
+        b(head.bottleneck(x), teacher.bottleneck(x[:2 * B]), 1, head.last_layer)
     assert np.isfinite(float(l1))
 
 

@@ -194,7 +194,7 @@ def test_opcheck(regression):
     k = torch.randn(B, N, C * dh, requires_grad=True)
     pos = torch.stack([torch.randperm(N) for _ in range(B)])
     table = torch.rand(N, N) if regression else None
-    torch.library.opcheck(torch.ops.sslkern.relation_loss.default, (q, k, pos, table, 3, 9, C, 0.5, 0.1, True, ""))
+    torch.library.opcheck(torch.ops.sslkern.relation_loss.default, (q, k, pos, table, 3, 9, C, 0.5, 0.1, ""))
     torch.library.opcheck(torch.ops.sslkern.relation_loss_backward.default,
                           (torch.tensor(1.5), q.detach(), k.detach(), pos, table, 3, 9, C, 0.5, 0.1, ""))
 
@@ -208,7 +208,7 @@ def test_with_grad_op_equals_forward_and_backward(regression, backend):
     q, k = (torch.randn(B, N, C * dh, generator=g) for _ in range(2))
     pos = torch.stack([torch.randperm(N, generator=g) for _ in range(B)])
     table = torch.rand(N, N, generator=g) if regression else None
-    args = (q, k, pos, table, 5, 25, C, 0.4, 0.0 if regression else 0.2, True, backend)
+    args = (q, k, pos, table, 5, 25, C, 0.4, 0.0 if regression else 0.2, backend)
     loss, acc, dq, dk = torch.ops.sslkern.relation_loss_with_grad(*args)
     loss_f, acc_f = torch.ops.sslkern.relation_loss(*args)
     dq_b, dk_b = torch.ops.sslkern.relation_loss_backward(torch.tensor(1.0), *args[:9], backend)

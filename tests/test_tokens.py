@@ -213,11 +213,12 @@ def test_opcheck():
     ids = multi_ids(B, 2, N, 0.5)
     ops = torch.ops.sslkern
     for mm in (False, True):
-        torch.library.opcheck(ops.gather_tokens.default, (x, ids, pos, P, mm, False, ""))
-        torch.library.opcheck(ops.gather_tokens.default, (x, ids, None, P, mm, False, ""))
+        torch.library.opcheck(ops.gather_tokens.default, (x, ids, pos, P, mm, False, None, ""))
+        torch.library.opcheck(ops.gather_tokens.default, (x, ids, None, P, mm, False, None, ""))
         g = torch.randn(B * 2, P + ids.shape[2], D)
         for need_pos in (False, True):
-            torch.library.opcheck(ops.gather_tokens_backward.default, (g, ids, P + N, P, mm, need_pos, False, ""))
+            torch.library.opcheck(ops.gather_tokens_backward.default,
+                                  (g, ids, P + N, P, mm, need_pos, False, False, ""))
     tm = masks.random_mask(B, N, 0.5)
     xv = torch.randn(B, P + tm.ids_keep.shape[1], D, requires_grad=True)
     mt = torch.randn(D, requires_grad=True)
@@ -276,14 +277,14 @@ def test_out_of_range_indices_raise(backend):
     name, device = backend
     x = torch.randn(2, 1 + 8, 4, device=device)
     bad = torch.tensor([[0, 8], [1, 2]], device=device)
-    with pytest.raises(IndexError, match=r"ids_keep must hold indices in \[0, 8\)"):
+    with pytest.raises(IndexError, match=r"ids_keep expected values in \[0, 8\)"):
         sslkern.gather_tokens(x, bad, num_prefix_tokens=1, backend=name)
-    with pytest.raises(IndexError, match=r"ids_keep must hold indices in \[0, 8\)"):
+    with pytest.raises(IndexError, match=r"ids_keep expected values in \[0, 8\)"):
         sslkern.gather_tokens(x, -bad - 1, num_prefix_tokens=1, backend=name)
     xv = torch.randn(2, 1 + 3, 4, device=device)
     ids_restore = torch.stack([torch.randperm(8) for _ in range(2)]).to(device)
     ids_restore[1, 5] = 8
-    with pytest.raises(IndexError, match=r"ids_restore must hold indices in \[0, 8\)"):
+    with pytest.raises(IndexError, match=r"ids_restore expected values in \[0, 8\)"):
         sslkern.restore_tokens(xv, ids_restore, mask_token=torch.randn(4, device=device), num_prefix_tokens=1,
                                backend=name)
 
@@ -445,14 +446,17 @@ def test_unchecked_out_of_range_ids_touch_nothing():
 
 
 def test_front_door_finds_repeated_indices():
-    from sslkern.ops.tokens import _check_indices
+    from sslkern.ops._common import check_index_values
+    from sslkern.ops.tokens import _repeats_in_rows
     uniq = torch.stack([torch.randperm(10)[:6] for _ in range(3)])
-    assert _check_indices("gather_tokens", "ids_keep", uniq.unsqueeze(1), 10, unique_rows=True)
+    assert not check_index_values("gather_tokens", "ids_keep", uniq, 10, also=_repeats_in_rows(uniq, 10))
     clones = torch.stack([torch.stack([torch.randperm(10)[:6] for _ in range(2)]) for _ in range(3)])
     clones[:, 1] = clones[:, 0]  # two clone masks keep the same tokens
-    assert not _check_indices("gather_tokens", "ids_keep", clones, 10, unique_rows=True)
-    with pytest.raises(IndexError, match=r"ids_keep must hold indices in \[0, 10\), got 1[0-3]"):
-        _check_indices("gather_tokens", "ids_keep", uniq + 4, 10, unique_rows=True)
+    assert check_index_values("gather_tokens", "ids_keep", clones, 10, also=_repeats_in_rows(clones, 10))
+    bad = uniq.clone()
+    bad[1, 2] = 12
+    with pytest.raises(IndexError, match=r"ids_keep expected values in \[0, 10\), got ids_keep\[1, 2\] = 12"):
+        check_index_values("gather_tokens", "ids_keep", bad, 10, also=_repeats_in_rows(bad, 10))
 
 
 @pytest.mark.skipif(not STATUS_TRITON, reason="triton backend unavailable")
@@ -578,10 +582,10 @@ def test_prefix_tokens_gradcheck_opcheck_and_errors():
             a, ids, pos_embed=p, prefix_tokens=c, mask_major=mm), (x, cls, pos))
     ops = torch.ops.sslkern
     x32, pre, pos32 = torch.randn(B, N, D, requires_grad=True), torch.randn(P, D, requires_grad=True), torch.randn(P + N, D)
-    torch.library.opcheck(ops.gather_tokens.default, (x32, ids, pos32, P, False, False, "", pre))
+    torch.library.opcheck(ops.gather_tokens.default, (x32, ids, pos32, P, False, False, pre, ""))
     g = torch.randn(B * 2, P + 2, D)
     for need_pos in (False, True):
-        torch.library.opcheck(ops.gather_tokens_backward.default, (g, ids, N, P, False, need_pos, False, "", True))
+        torch.library.opcheck(ops.gather_tokens_backward.default, (g, ids, N, P, False, need_pos, False, True, ""))
     f = torch.compile(lambda a, c: sslkern.gather_tokens(a, ids, pos_embed=pos32, prefix_tokens=c), fullgraph=True)
     torch.testing.assert_close(f(x32, pre), sslkern.gather_tokens(x32, ids, pos_embed=pos32, prefix_tokens=pre))
     with pytest.raises(ValueError, match=r"prefix_tokens expected shape \(1, 3\) or \(1, 1, 3\)"):

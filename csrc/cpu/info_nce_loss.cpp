@@ -301,8 +301,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_loss_cpu(const at::Tenso
                                                                  const at::Tensor& pos,
                                                                  const std::optional<at::Tensor>& exclude,
                                                                  double inv_temp, bool grad_q, bool grad_k,
-                                                                 bool validate, bool tied) {
-  (void)validate;  // every index is checked here, given or built
+                                                                 bool tied) {
+  // every index is checked here (the op's Dispatch declares it: no front-door pass on CPU)
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), "sslkern.info_nce_loss: q and k must be CPU tensors");
   TORCH_CHECK(q.dim() == 2 && k.dim() == 2, "sslkern.info_nce_loss: q and k must be 2-D, got ", q.sizes(), " and ",
               k.sizes());
@@ -393,7 +393,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_loss_cpu(const at::Tenso
 
 TORCH_LIBRARY_FRAGMENT(sslkern_C, m) {
   m.def("info_nce_loss_cpu(Tensor q, Tensor k, Tensor pos, Tensor? exclude, float inv_temp, bool grad_q, "
-        "bool grad_k, bool validate, bool tied=False) -> (Tensor, Tensor, Tensor)",
+        "bool grad_k, bool tied) -> (Tensor, Tensor, Tensor)",
         &info_nce_loss_cpu);
 }
 

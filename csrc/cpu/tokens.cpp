@@ -136,8 +136,8 @@ void check_ids_range(const at::Tensor& ids, int64_t hi, const char* op, const ch
   const int64_t n = ids.numel();
   for (int64_t k = 0; k < n; ++k) {
     if (p[k] < 0 || p[k] >= hi) {
-      TORCH_CHECK_INDEX(false, "sslkern.", op, ": ", name, " must hold indices in [0, ", hi, "), got ", p[k],
-                        " at flat position ", k);
+      TORCH_CHECK_INDEX(false, "sslkern.", op, ": ", name, " expected values in [0, ", hi, "), got ", name,
+                        ".flatten()[", k, "] = ", p[k]);
     }
   }
 }

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import FLOAT_DTYPES, check_tensor, fail
+from ..ops._common import world_size
 from ..ops.dino_loss import koleo_loss
 from ..ops.dino_loss import sinkhorn_knopp_teacher as _sinkhorn
 from ._common import pair_cross_entropy, rows
@@ -45,7 +46,7 @@ __all__ = ["DINOLoss", "iBOTPatchLoss", "KoLeoLoss"]
 
 
 def _dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    return world_size() > 1
 
 
 class _StagedCenter:
@@ -60,7 +61,7 @@ class _StagedCenter:
     @torch.no_grad()
     def apply_center_update(self) -> None:
         if self.updated is False:
-            world = dist.get_world_size() if _dist() else 1
+            world = world_size()
             if self.reduce_handle is not None:
                 self.reduce_handle.wait()
             batch = self.async_batch_center / (self._center_len * world)

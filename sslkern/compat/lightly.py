@@ -34,24 +34,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_tensor, fail
+from ..nn.dino import mean_over_ranks
 from ..ops.dino_loss import ibot_patch_loss, koleo_loss
 from ..ops.tokens import gather_tokens, restore_tokens
 from ._common import fused_ema_, pair_cross_entropy, rows
 
 __all__ = ["DINOLoss", "IBOTPatchLoss", "KoLeoLoss", "update_momentum", "get_at_index", "set_at_index",
            "random_token_mask", "Center"]
-
-
-def _world() -> int:
-    d = torch.distributed
-    return d.get_world_size() if d.is_available() and d.is_initialized() else 1
-
-
-def _mean_over_ranks(x: Tensor) -> Tensor:
-    if _world() > 1:
-        torch.distributed.all_reduce(x)
-        x = x / _world()
-    return x
 
 
 class DINOLoss(nn.Module):
@@ -105,14 +94,14 @@ class DINOLoss(nn.Module):
                                         student_temp=self.student_temp,
                                         teacher_temp=self._temperature(teacher_temp, epoch), center_sum=True)
         with torch.no_grad():
-            batch_center = _mean_over_ranks((csum / t.shape[0]).reshape(self.center.shape))
+            batch_center = mean_over_ranks((csum / t.shape[0]).reshape(self.center.shape))
             self.center.copy_(self.center * self.center_momentum + batch_center * (1 - self.center_momentum))
         return loss
 
     @torch.no_grad()
     def update_center(self, teacher_out: Tensor) -> None:
         """lightly ``update_center``: ``teacher_out`` (views, B, K)."""
-        batch_center = _mean_over_ranks(torch.mean(teacher_out, dim=(0, 1), keepdim=True))
+        batch_center = mean_over_ranks(torch.mean(teacher_out, dim=(0, 1), keepdim=True))
         self.center.copy_(self.center * self.center_momentum + batch_center * (1 - self.center_momentum))
 
 
@@ -136,7 +125,7 @@ class Center(nn.Module):
 
     @torch.no_grad()
     def update(self, x: Tensor) -> None:
-        batch_center = _mean_over_ranks(torch.mean(x, dim=self.dim, keepdim=True))
+        batch_center = mean_over_ranks(torch.mean(x, dim=self.dim, keepdim=True))
         self.center.copy_(self.center * self.momentum + batch_center * (1 - self.momentum))
 
 
@@ -160,11 +149,12 @@ class IBOTPatchLoss(nn.Module):
     def forward(self, teacher_out: Tensor, student_out: Tensor, mask: Tensor,
                 teacher_temp: Optional[float] = None) -> Tensor:
         temp = float(torch.tensor(teacher_temp if teacher_temp is not None else self.teacher_temp))
-        loss, new_center = ibot_patch_loss(student_out, teacher_out, mask, self.center.value,
-                                           student_temp=self.student_temp, teacher_temp=temp,
-                                           center_momentum=self.center.momentum)
-        with torch.no_grad():
-            self.center.center.copy_(new_center)
+        loss, teacher_sum = ibot_patch_loss(student_out, teacher_out, mask, self.center.value,
+                                            student_temp=self.student_temp, teacher_temp=temp, return_teacher_sum=True)
+        with torch.no_grad():  # lightly's Center.update: the mean masked teacher row, averaged over ranks
+            batch_center = mean_over_ranks(teacher_sum / max(teacher_out.shape[0], 1))
+            c = self.center.center
+            c.copy_(c * self.center.momentum + batch_center.reshape(c.shape).to(c.dtype) * (1 - self.center.momentum))
         return loss
 
 

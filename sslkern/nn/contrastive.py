@@ -6,12 +6,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..ops._common import world_size
 from ..ops.info_nce_loss import info_nce_loss
-
-
-def _dist_ready() -> bool:
-    d = torch.distributed
-    return d.is_available() and d.is_initialized() and d.get_world_size() > 1
 
 
 class InfoNCELoss(nn.Module):
@@ -44,7 +40,7 @@ class InfoNCELoss(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
         offset = 0
-        if self.gather_distributed and _dist_ready():
+        if self.gather_distributed and world_size() > 1:
             d = torch.distributed
             with torch.no_grad():
                 parts = [torch.empty_like(k) for _ in range(d.get_world_size())]

@@ -6,7 +6,8 @@ import copy
 import torch
 from torch import nn
 
-from ..ops.ema_update import _dtensor_type, ema_update_, local_shards
+from ..ops._common import dtensor_class, local_shards
+from ..ops.ema_update import ema_update_
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -17,14 +18,14 @@ def _unwrap(module: nn.Module) -> nn.Module:
 
 
 def _data_ptr(p: torch.Tensor) -> int:
-    dtensor = _dtensor_type()
+    dtensor = dtensor_class()
     return p.to_local().data_ptr() if dtensor is not None and isinstance(p, dtensor) else p.data_ptr()
 
 
 class EMATeacher(nn.Module):
     """A frozen copy of a student whose parameters follow ``θt ← m·θt + (1 − m)·θs``.
 
-    Semantics (SPEC section 1, fairseq ``EMAModule`` / timm ``ModelEmaV3``):
+    Semantics (fairseq ``EMAModule`` / timm ``ModelEmaV3``):
       - student parameters that require grad are averaged, in one fused pass;
       - parameters with ``requires_grad=False`` and all buffers (integer ones too) are copied;
       - student parameters the teacher does not have (a decoder, a predictor) are skipped;

@@ -87,6 +87,8 @@ class DINOHead(nn.Module):
 
     ``forward(x)``: (R, in_dim) → (R, out_dim) prototype logits;
     ``forward(x, return_bottleneck=True)`` also returns the L2-normalised bottleneck features.
+    The loss without the logits: ``sslkern.nn.DINOLoss(...)(head.bottleneck(x), teacher.bottleneck(xt),
+    epoch, head.last_layer, teacher.last_layer)`` (or :func:`sslkern.prototype_loss`).
     """
 
     def __init__(self, in_dim: int, out_dim: int, *, use_bn: bool = False, norm_last_layer: bool = True,
@@ -119,25 +121,6 @@ class DINOHead(nn.Module):
         z = self.bottleneck(x)
         logits = self.last_layer(z)
         return (logits, z) if return_bottleneck else logits
-
-    def fused_loss(self, x: torch.Tensor, teacher_head: "DINOHead", teacher_x: torch.Tensor, center: torch.Tensor,
-                   **kwargs):
-        """``head(x) → dino_loss`` (``ibot_patch_loss`` with ``masks=``) without the (rows, K) logits.
-
-        ``x``: the student rows' head inputs, ``teacher_x`` the teacher rows' (through
-        ``teacher_head``, no gradient); the loss arguments (``student_temp``, ``teacher_temp``,
-        ``n_global_crops``, ``masks``, ``center_momentum``, ...) go to :func:`sslkern.prototype_loss`,
-        whose result this returns. Gradients reach this head's MLP and its last layer's
-        ``weight_v`` (and ``weight_g`` unless ``norm_last_layer``).
-        """
-        from ..ops.prototype_loss import prototype_loss
-
-        z = self.bottleneck(x)
-        with torch.no_grad():
-            zt = teacher_head.bottleneck(teacher_x)
-        weight, gain = layer_parts(self.last_layer)
-        t_weight, t_gain = layer_parts(teacher_head.last_layer)
-        return prototype_loss(z, zt, weight, t_weight, center, gain=gain, teacher_gain=t_gain, **kwargs)
 
 
 class MultiCropWrapper(nn.Module):

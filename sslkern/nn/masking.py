@@ -2,9 +2,10 @@
 
 ``embed_visible`` runs a timm ``VisionTransformer``'s patch embedding and position
 embedding on the kept patches only (one fused ``gather_tokens`` pass: the full
-``x + pos_embed`` is never formed), ``encode_visible`` continues through the blocks and
-the final norm, and ``DecoderInput`` builds the MAE / data2vec 2.0 decoder input with
-``restore_tokens`` (mask token or per-slot noise, decoder positions fused).
+``x + pos_embed`` is never formed); ``sslkern.patch.forward_masked`` continues through the
+blocks and the final norm (the encoder on the kept tokens). ``DecoderInput`` builds the MAE /
+data2vec 2.0 decoder input with ``restore_tokens`` (mask token or per-slot noise, decoder
+positions fused).
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def embed_visible(vit: nn.Module, images: torch.Tensor, ids_keep: torch.Tensor, 
         # prefix tokens and their positions fused into the gather (MAE's forward_encoder, no cat)
         pre = torch.cat([t.reshape(-1, D) for t in shared]) if len(shared) > 1 else shared[0].reshape(-1, D)
         return vit.pos_drop(gather_tokens(patches, ids_keep, pos_embed=pos.reshape(-1, D), prefix_tokens=pre,
-                                          mask_major=mask_major))
+                                          mask_major=mask_major, check_indices=check_indices))
     prefix = _prefix_tokens(vit, B)
     if pos is not None:
         pos = pos.reshape(-1, D)
@@ -65,16 +66,6 @@ def embed_visible(vit: nn.Module, images: torch.Tensor, ids_keep: torch.Tensor, 
         M = rows // B
         pre = pre.repeat(M, 1, 1) if mask_major else pre.repeat_interleave(M, dim=0)
     return vit.pos_drop(torch.cat([pre, vis], dim=1))
-
-
-def encode_visible(vit: nn.Module, images: torch.Tensor, ids_keep: torch.Tensor, *,
-                   mask_major: bool = False, check_indices: bool = True) -> torch.Tensor:
-    """``vit.forward_features`` on the kept tokens only (MAE encoder, data2vec 2.0 student)."""
-    x = embed_visible(vit, images, ids_keep, mask_major=mask_major, check_indices=check_indices)
-    x = vit.patch_drop(x)
-    x = vit.norm_pre(x)
-    x = vit.blocks(x)
-    return vit.norm(x)
 
 
 class DecoderInput(nn.Module):

@@ -1,4 +1,4 @@
-"""``alibi_attention`` — attention with an in-kernel ALiBi bias (SPEC section 4).
+"""``alibi_attention`` — attention with an in-kernel ALiBi bias (fairseq data2vec 2.0 ``get_alibi``).
 
 ``softmax(scale·q·kᵀ + bias)·v`` where the 1D / 2D linear bias is computed inside the
 kernel from per-token coordinates: no (B, H, L, L) tensor is ever allocated, also on
@@ -18,19 +18,20 @@ from typing import Optional
 import torch
 
 from .._backend import Dispatch, ext_op, module_attr
-from .._checks import check_choice, check_tensor, fail
+from .._checks import FLOAT_DTYPES, check_choice, check_float, check_int, check_tensor, fail
 from ..reference.alibi_attention import MODES, alibi_bias, alibi_slopes as _ref_slopes, grid_coords
+from ._common import acc_dtype
 
 OP = "alibi_attention"
 _MODE_ID = {"none": 0, "1d": 1, "2d": 1, "2d_euclidean": 2}  # kernel distance: none / Manhattan / Euclidean
 _MODE_NAME = {0: "none", 1: "2d", 2: "2d_euclidean"}
-FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ---------------------------------------------------------------------------------------
-# Reference backend: the materialized bias (the oracle; also runs anywhere)
+# Eager backend: the custom ops' contracts on the materialized bias (runs anywhere)
 # ---------------------------------------------------------------------------------------
-def _reference_forward(q, k, v, slopes, coords, num_prefix_tokens, mode, scale):
+def alibi_attention_eager(q, k, v, slopes, coords, num_prefix_tokens, mode, scale):
+    """The forward custom op's contract (output and row log-sum-exp) in eager PyTorch."""
     acc = slopes.dtype
     s = scale * torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2))
     s = s + alibi_bias(slopes, coords, _MODE_NAME[mode], num_prefix_tokens)
@@ -39,9 +40,9 @@ def _reference_forward(q, k, v, slopes, coords, num_prefix_tokens, mode, scale):
     return out.to(q.dtype).contiguous(), lse.contiguous()
 
 
-def _reference_backward(dout, q, k, v, out, lse, slopes, coords, num_prefix_tokens, mode, scale):
-    # The attention backward written out on the materialized matrices (the custom op runs
-    # below autograd, so this does not rely on it).
+def alibi_attention_backward_eager(dout, q, k, v, out, lse, slopes, coords, num_prefix_tokens, mode, scale):
+    """The backward custom op's contract: the attention backward written out on the
+    materialized matrices (custom-op bodies run below autograd)."""
     acc, dtype = slopes.dtype, q.dtype
     q, k, v, dout, out = (t.to(acc) for t in (q, k, v, dout, out))
     neg_dist = alibi_bias(torch.ones_like(slopes), coords, _MODE_NAME[mode], num_prefix_tokens)
@@ -57,12 +58,12 @@ def _reference_backward(dout, q, k, v, out, lse, slopes, coords, num_prefix_toke
 
 
 dispatch = Dispatch(OP, {
-    "reference": lambda: _reference_forward,
+    "reference": lambda: alibi_attention_eager,
     "cpu": ext_op("alibi_attention_cpu"),
     "triton": module_attr("sslkern.triton_ops.alibi_attention", "alibi_attention_triton"),
 })
 dispatch_backward = Dispatch(OP + "_backward", {
-    "reference": lambda: _reference_backward,
+    "reference": lambda: alibi_attention_backward_eager,
     "cpu": ext_op("alibi_attention_backward_cpu"),
     "triton": module_attr("sslkern.triton_ops.alibi_attention", "alibi_attention_backward_triton"),
 })
@@ -129,9 +130,7 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     power of two followed by every other slope of the set for twice that power
     (H=6 → [1/4, 1/16, 1/64, 1/256, 1/2, 1/8]).
     """
-    if not isinstance(num_heads, int) or num_heads < 1:
-        fail("alibi_slopes", f"num_heads expected a positive int, got {num_heads!r}")
-    return _ref_slopes(num_heads)
+    return _ref_slopes(check_int("alibi_slopes", "num_heads", num_heads, 1))
 
 
 def _autocast(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -187,29 +186,27 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, slopes
         bias_scale.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(OP, name, t, dtypes=FLOATS, ndim=4)
+        check_tensor(OP, name, t, dtypes=FLOAT_DTYPES, ndim=4)
     q, k, v = _autocast(q, k, v)
     B, H, L, Dh = q.shape
     device = q.device
     check_tensor(OP, "k", k, dtypes=(q.dtype,), shape=tuple(q.shape), device=device)
     check_tensor(OP, "v", v, dtypes=(q.dtype,), shape=tuple(q.shape), device=device)
     check_choice(OP, "mode", mode, MODES)
-    if not isinstance(num_prefix_tokens, int) or not 0 <= num_prefix_tokens <= L:
-        fail(OP, f"num_prefix_tokens expected an int in [0, L={L}], got {num_prefix_tokens!r}")
-    P = num_prefix_tokens
+    P = num_prefix_tokens = check_int(OP, "num_prefix_tokens", num_prefix_tokens, 0, L)
     lp = L - P
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q)
 
     # Effective slopes (B, H): slopes × bias_scale, built with differentiable torch ops.
     if slopes is None:
         slopes = _ref_slopes(H).to(device)
     else:
-        check_tensor(OP, "slopes", slopes, dtypes=FLOATS, ndim=(1, 2), device=device)
+        check_tensor(OP, "slopes", slopes, dtypes=FLOAT_DTYPES, ndim=(1, 2), device=device)
         if tuple(slopes.shape) not in ((H,), (B, H)):
             fail(OP, f"slopes expected shape ({H},) or ({B}, {H}) (one per head of q), got {tuple(slopes.shape)}")
     eff = slopes.to(acc).expand(B, H)
     if bias_scale is not None:
-        check_tensor(OP, "bias_scale", bias_scale, dtypes=FLOATS, shape=(H,), device=device)
+        check_tensor(OP, "bias_scale", bias_scale, dtypes=FLOAT_DTYPES, shape=(H,), device=device)
         eff = eff * bias_scale.to(acc)[None, :]
     if mode == "none":
         eff = eff * 0  # keeps the graph (zero gradients) without a special case in the kernels
@@ -240,7 +237,7 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, slopes
         crd = coords.to(torch.float32).reshape(-1, lp, 2)
     crd = crd.expand(B, lp, 2).contiguous()
 
-    scale = Dh**-0.5 if scale is None else float(scale)
+    scale = Dh**-0.5 if scale is None else check_float(OP, "scale", scale)
     # autocast off inside: the inputs are already cast, and the reference backend's fp32
     # softmax must not be recast to half by autocast
     with torch.autocast(device.type, enabled=False):

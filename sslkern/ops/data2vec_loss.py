@@ -1,4 +1,4 @@
-"""``data2vec_loss`` — data2vec 2.0 loss from teacher layers in one call (SPEC section 5).
+"""``data2vec_loss`` — data2vec 2.0 loss from teacher layers in one call (fairseq ``data2vec2.py``).
 
 A composition of the fused ops (no extra kernel): targets are built once per image by
 ``layer_average_targets`` (memory B·T·D, the K layers are not stacked) and read in place
@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .._checks import fail
+from .._checks import check_int
 from .layer_average_targets import layer_average_targets
 from .masked_regression_loss import data2vec_cls_loss, masked_regression_loss
 
@@ -50,8 +50,7 @@ def data2vec_loss(
     """
     n = int(layers.shape[0]) if isinstance(layers, torch.Tensor) else len(layers)
     if top_k is not None:
-        if not isinstance(top_k, int) or top_k < 1 or top_k > n:
-            fail("data2vec_loss", f"top_k expected an int in [1, {n}] (the number of layers given), got {top_k!r}")
+        top_k = check_int("data2vec_loss", "top_k", top_k, 1, n)
         layers = layers[n - top_k:] if isinstance(layers, torch.Tensor) else list(layers)[n - top_k:]
     targets = layer_average_targets(layers, layer_norm=layer_norm, final_norm=final_norm, eps=eps, backend=backend)
     reg = masked_regression_loss(pred, targets, mask, ids=ids, beta=beta, scale=scale, reduction=reduction,

@@ -1,5 +1,6 @@
 """``dino_loss``, ``ibot_patch_loss`` — fused teacher softmax + sharpened cross-entropy
-over multi-crop pairs (SPEC section 2); ``sinkhorn_knopp_teacher`` and ``koleo_loss``.
+over multi-crop pairs (dino ``main_dino.py: DINOLoss``, dinov2 ``iBOTPatchLoss``);
+``sinkhorn_knopp_teacher`` and ``koleo_loss``.
 
 Both losses run the one custom op ``torch.ops.sslkern.dino_loss``, which for ``B`` groups
 (images, or masked tokens for iBOT), ``V`` student rows and ``T`` teacher rows per group computes
@@ -11,32 +12,34 @@ probabilities, e.g. Sinkhorn-Knopp), and — in the same pass, without materiali
 probability — the gradient w.r.t. the student logits
 ``scale·w_b/τs · (n_v softmax(s_v/τs) − Σ_{q paired with v} p_q)`` and the column sum of
 the raw teacher logits for the center update. Backward only rescales the stored gradient
-(Liger cross-entropy style), so the extra memory is O((V+T)·B) row statistics.
+(``register_saved_gradients``, Liger cross-entropy style), so the extra memory is
+O((V+T)·B) row statistics.
+
+The functions are local to the process: the teacher column sum they return with
+``return_teacher_sum=True`` covers this process's rows; ``sslkern.nn.DINOLoss`` /
+``IBOTPatchLoss`` all-reduce it for the center update. The Sinkhorn-Knopp teacher is the one
+global step (its batch normalisation spans all ranks by definition).
 """
 from __future__ import annotations
 
 import math
-import operator
-
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .._backend import Dispatch, ext_op, module_attr
-from .._checks import check_choice, check_range, check_tensor, fail
+from .._checks import FLOAT_DTYPES, check_choice, check_float, check_int, check_tensor, fail
+from ._common import acc_dtype, needs_grad, register_saved_gradients, world_size
 
 OP = "dino_loss"
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def crop_layout(op: str, teacher_rows: int, student_rows: int, n_global_crops) -> tuple[int, int, int, int]:
     """DINO's multi-crop layout from the row counts: (T, B, V, n_pairs) for T = n_global_crops
     teacher views and V student views of B images, rows view-major; n_pairs = T·V − min(T, V)
     (same-view pairs skipped). Raises naming the argument when the rows do not fit."""
-    T = int(n_global_crops)
-    if T < 1:
-        fail(op, f"n_global_crops expected >= 1, got {n_global_crops}")
+    T = check_int(op, "n_global_crops", n_global_crops, 1)
     if teacher_rows % T:
         fail(op, f"teacher expected T·B rows with T = n_global_crops = {T}, got {teacher_rows} rows")
     B = teacher_rows // T
@@ -51,10 +54,25 @@ def crop_layout(op: str, teacher_rows: int, student_rows: int, n_global_crops) -
     return T, B, V, n_pairs
 
 
-def _reference_impl(student, teacher, center, weights, scale, student_temp, teacher_temp, n_student_views,
+def ibot_weights(op: str, masks, n_rows: int, check_masks: bool, acc: torch.dtype, device) -> torch.Tensor:
+    """iBOT's per-token weights ``1/n_masked(image)`` for the ``n_rows`` masked tokens of
+    ``masks`` (B_g, ...) bool, in ``masks.nonzero()`` order; with ``check_masks`` (eager
+    only) the count of set entries is checked against ``n_rows`` (one host sync)."""
+    check_tensor(op, "masks", masks, dtypes=(torch.bool,), device=device)
+    if masks.dim() < 2:
+        fail(op, f"masks expected (B_g, L) or (B_g, H, W), got shape {tuple(masks.shape)}")
+    check_choice(op, "check_masks", check_masks, (True, False))
+    n_masked = masks.flatten(1).sum(-1)
+    if check_masks and not torch.compiler.is_compiling() and int(n_masked.sum()) != n_rows:
+        fail(op, f"masks expected {n_rows} set entries (one per masked token row), got {int(n_masked.sum())}")
+    return torch.repeat_interleave(1.0 / n_masked.clamp(min=1).to(acc), n_masked, output_size=n_rows)
+
+
+def dino_loss_eager(student, teacher, center, weights, scale, student_temp, teacher_temp, n_student_views,
                     n_teacher_views, skip_same_view, teacher_is_probs, compute_grad, center_sum):
-    """The custom op's contract in eager PyTorch (materializes probabilities)."""
-    acc = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    """The custom op's contract in eager PyTorch (the ``reference`` backend; materializes the
+    probabilities)."""
+    acc = acc_dtype(student, teacher)
     B = student.shape[0] // n_student_views
     K = student.shape[1]
     with torch.no_grad():
@@ -86,7 +104,7 @@ def _reference_impl(student, teacher, center, weights, scale, student_temp, teac
 dispatch = Dispatch(
     OP,
     {
-        "reference": lambda: _reference_impl,
+        "reference": lambda: dino_loss_eager,
         "cpu": ext_op("dino_loss_cpu"),
         "triton": module_attr("sslkern.triton_ops.dino_loss", "dino_loss_triton"),
     },
@@ -119,57 +137,23 @@ def _dino_loss_op(
 @_dino_loss_op.register_fake
 def _(student, teacher, center, weights, scale, student_temp, teacher_temp, n_student_views, n_teacher_views,
       skip_same_view, teacher_is_probs, compute_grad, center_sum, backend):
-    acc = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    acc = acc_dtype(student, teacher)
     loss = student.new_empty((), dtype=acc)
     grad = torch.empty_like(student) if compute_grad else student.new_empty(0)
     csum = student.new_empty((student.shape[1],) if center_sum else (0,), dtype=acc)
     return loss, grad, csum
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.compute_grad = inputs[11]
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1], output[2])
-    ctx.set_materialize_grads(False)  # no (V·B, K) zeros for the unused outputs' gradients
-
-
-def _is_eager_cpu_scalar(x: torch.Tensor) -> bool:
-    """A real CPU tensor (not traced by torch.compile / AOT autograd): its value can be read."""
-    return (type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling()
-            and torch._guards.detect_fake_mode((x,)) is None)
-
-
-def _backward(ctx, g_loss, g_grad, g_csum):
-    if not ctx.compute_grad:
-        raise RuntimeError("sslkern.dino_loss: backward through a call made without compute_grad "
-                           "(the student did not require grad when the loss was computed)")
-    (grad,) = ctx.saved_tensors
-    if g_loss is None:
-        return (None,) * 14
-    if _is_eager_cpu_scalar(g_loss) and float(g_loss) == 1.0:
-        # the usual case (loss.backward()): the stored gradient is the answer, no copy
-        # (Liger cross-entropy does the same); a CPU scalar, so no device sync
-        return (grad,) + (None,) * 13
-    # Multiply in fp32 (fp64 for fp64) and round once: the upstream scalar of an fp16 step
-    # under GradScaler is 65,536 (initial scale), which is inf in fp16 itself.
-    acc = torch.float64 if torch.float64 in (grad.dtype, g_loss.dtype) else torch.float32
-    return (torch.mul(grad.to(acc), g_loss.to(device=grad.device, dtype=acc)).to(grad.dtype),) + (None,) * 13
-
-
-_dino_loss_op.register_autograd(_backward, setup_context=_setup_context)
+# the student (input 0) gets the gradient written in the forward (output 1), when compute_grad
+register_saved_gradients(_dino_loss_op, OP, lambda inputs: {0: 1} if inputs[11] else {})
 
 
 # ---------------------------------------------------------------------------------------
 # Teachers
 # ---------------------------------------------------------------------------------------
-def _world() -> int:
-    d = torch.distributed
-    return d.get_world_size() if d.is_available() and d.is_initialized() else 1
-
-
 def _logsumexp_over_batch(x: torch.Tensor) -> torch.Tensor:
     """logsumexp over dim 0, across ranks when torch.distributed is initialized."""
-    if _world() == 1:
+    if world_size() == 1:
         return torch.logsumexp(x, dim=0, keepdim=True)
     m = x.amax(dim=0, keepdim=True)
     torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX)
@@ -223,42 +207,47 @@ def sinkhorn_knopp_teacher(teacher: torch.Tensor, teacher_temp: float, n_iterati
     float are exactly 0.
 
     Backends: on CPU the C++ kernel (two potential vectors, no (N, K) intermediate, no
-    float32 subnormals: torch's logsumexp took 3× longer on randn × 3 logits than on
-    randn × 0.3 at τt = 0.04); elsewhere, and with torch.distributed initialized (the batch
-    normalization then runs over all ranks, as dinov2 does), the eager log-domain version.
+    float32 subnormals, whose cost made torch's logsumexp depend on the logit scale);
+    elsewhere, and with torch.distributed initialized, the eager log-domain version. The
+    batch normalisation then runs over all ranks, as dinov2 does: the one collective in
+    sslkern's functional ops, since the Sinkhorn-Knopp assignment is a global one.
     """
-    check_tensor("sinkhorn_knopp_teacher", "teacher", teacher, dtypes=_FLOATS, ndim=2)
-    check_range("sinkhorn_knopp_teacher", "teacher_temp", float(teacher_temp), 0.0, None, lo_open=True)
-    try:
-        n_iterations = operator.index(n_iterations)
-    except TypeError:
-        fail("sinkhorn_knopp_teacher", f"n_iterations expected an int, got {type(n_iterations).__name__}", TypeError)
-    if n_iterations < 0:
-        fail("sinkhorn_knopp_teacher", f"n_iterations expected an int >= 0, got {n_iterations}")
-    if _world() > 1:
-        return _sinkhorn_log_domain(teacher, float(teacher_temp), n_iterations)
-    return _sinkhorn_op(teacher, float(teacher_temp), n_iterations, backend or "")
+    op = "sinkhorn_knopp_teacher"
+    check_tensor(op, "teacher", teacher, dtypes=FLOAT_DTYPES, ndim=2)
+    teacher_temp = check_float(op, "teacher_temp", teacher_temp, 0.0, None, lo_open=True)
+    n_iterations = check_int(op, "n_iterations", n_iterations, 0)
+    if world_size() > 1:
+        return _sinkhorn_log_domain(teacher, teacher_temp, n_iterations)
+    return _sinkhorn_op(teacher, teacher_temp, n_iterations, backend or "")
 
 
 # ---------------------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------------------
-def _check_common(op, student, teacher, center, student_temp, teacher_temp, teacher_mode):
-    check_tensor(op, "student", student, dtypes=_FLOATS, ndim=2)
+def _check_common(op, student, teacher, center, student_temp, teacher_temp, teacher_mode, sinkhorn_iterations,
+                  return_teacher_sum):
+    check_tensor(op, "student", student, dtypes=FLOAT_DTYPES, ndim=2)
     device = student.device
-    check_tensor(op, "teacher", teacher, dtypes=_FLOATS, ndim=2, device=device)
+    check_tensor(op, "teacher", teacher, dtypes=FLOAT_DTYPES, ndim=2, device=device)
     K = student.shape[1]
     if teacher.shape[1] != K:
         fail(op, f"teacher expected {K} columns (the student's K), got shape {tuple(teacher.shape)}")
     check_choice(op, "teacher_mode", teacher_mode, ("center", "sinkhorn"))
     if center is not None:
-        check_tensor(op, "center", center, dtypes=_FLOATS, device=device)
-        if center.numel() != K or center.dim() == 0 or any(d != 1 for d in center.shape[:-1]):
-            fail(op, f"center expected shape ({K},) (or (1, {K})), got {tuple(center.shape)}")
+        check_center(op, center, K, device)
     elif teacher_mode == "center":
         fail(op, "center expected a tensor of shape (K,) when teacher_mode='center', got None")
-    check_range(op, "student_temp", float(student_temp), 0.0, None, lo_open=True)
-    check_range(op, "teacher_temp", float(teacher_temp), 0.0, None, lo_open=True)
+    check_choice(op, "return_teacher_sum", return_teacher_sum, (True, False))
+    check_int(op, "sinkhorn_iterations", sinkhorn_iterations, 0)
+    return (check_float(op, "student_temp", student_temp, 0.0, None, lo_open=True),
+            check_float(op, "teacher_temp", teacher_temp, 0.0, None, lo_open=True))
+
+
+def check_center(op: str, center, K: int, device) -> None:
+    """A (K,) center, or dino's (1, K) / dinov2's (1, 1, K)."""
+    check_tensor(op, "center", center, dtypes=FLOAT_DTYPES, device=device)
+    if center.numel() != K or center.dim() == 0 or any(d != 1 for d in center.shape[:-1]):
+        fail(op, f"center expected shape ({K},) (or (1, {K})), got {tuple(center.shape)}")
 
 
 def _teacher_input(teacher, center, teacher_temp, teacher_mode, sinkhorn_iterations, backend=None):
@@ -267,16 +256,17 @@ def _teacher_input(teacher, center, teacher_temp, teacher_mode, sinkhorn_iterati
     return teacher.contiguous(), center.reshape(-1).contiguous(), False
 
 
-def _new_center(center, csum, n_rows, center_momentum):
-    # Per-rank mean, then the mean over ranks: dino's all-reduced sum / (rows·world) when every
-    # rank has the same rows; dinov2's patch center (mean of per-rank token means) otherwise.
-    with torch.no_grad():
-        batch_center = csum / n_rows
-        if _world() > 1:
-            torch.distributed.all_reduce(batch_center)
-            batch_center = batch_center / _world()
-        new = center.reshape(-1).to(csum.dtype) * center_momentum + batch_center * (1 - center_momentum)
-        return new.to(center.dtype).reshape(center.shape)
+def _loss_and_sum(op, student, teacher, center, weights, scale, student_temp, teacher_temp, V, T, skip_same_view,
+                  teacher_mode, sinkhorn_iterations, return_teacher_sum, backend):
+    t_in, c_in, is_probs = _teacher_input(teacher, center, teacher_temp, teacher_mode, sinkhorn_iterations, backend)
+    loss, _, teacher_sum = torch.ops.sslkern.dino_loss(
+        student.contiguous(), t_in, c_in, weights, scale, student_temp, teacher_temp, V, T, skip_same_view, is_probs,
+        needs_grad(student), return_teacher_sum and not is_probs, backend or "")
+    if not return_teacher_sum:
+        return loss
+    if is_probs:  # the fused sum runs over the raw logits; the Sinkhorn path passes probabilities
+        teacher_sum = teacher.detach().to(loss.dtype).sum(0)
+    return loss, teacher_sum
 
 
 def dino_loss(
@@ -288,54 +278,42 @@ def dino_loss(
     teacher_temp: float = 0.04,
     n_global_crops: int = 2,
     teacher_mode: str = "center",
-    center_momentum: Optional[float] = None,
     sinkhorn_iterations: int = 3,
+    return_teacher_sum: bool = False,
     backend: Optional[str] = None,
 ):
     r"""DINO loss over multi-crop pairs (dino ``main_dino.py: DINOLoss``), fused.
 
     ``L = 1/P Σ_{q<T} Σ_{v<V, v≠q} mean_b(−Σ_k p_q[b,k] log_softmax(s_v[b]/τs)[k])`` with
     ``p_q = softmax((t_q − c)/τt)`` (``teacher_mode="center"``) or the DINOv2 Sinkhorn-Knopp
-    teacher (``"sinkhorn"``, ``sinkhorn_iterations``; ``center`` is then only used for the
-    optional center update), and P = T·V − T the number of pairs with v ≠ q.
+    teacher (``"sinkhorn"``, ``sinkhorn_iterations``; ``center`` is then unused and may be
+    None), and P = T·V − T the number of pairs with v ≠ q.
 
     Args:
         student: (V·B, K) logits, crop-major (crop 0's B rows first); fp32, bf16, fp16, fp64.
         teacher: (T·B, K) logits of the T = ``n_global_crops`` global crops; no gradient.
         center: (K,) (or DINO's (1, K)) teacher center; no gradient.
-        student_temp, teacher_temp: τs, τt > 0.
-        center_momentum: if given, also return DINO's updated center
-            ``m·c + (1−m)·Σ_rows(t)/(T·B·world)`` (batch sum fused into the loss pass and
-            all-reduced when torch.distributed is initialized), in ``center``'s shape and dtype.
+        student_temp, teacher_temp: τs, τt, finite and > 0.
+        return_teacher_sum: also return ``Σ_rows teacher`` (K,), the column sum of this
+            process's raw teacher logits, computed in the loss pass: DINO's center update is
+            ``c ← m·c + (1−m)·all_reduce(Σ)/(T·B·world)`` (``sslkern.nn.DINOLoss`` does it).
         backend: force ``"reference"``, ``"cpu"`` or ``"triton"`` (default: auto).
 
     Returns:
-        the loss, a 0-dim fp32 tensor (fp64 for fp64 inputs); ``(loss, new_center)`` when
-        ``center_momentum`` is given. Differentiable w.r.t. ``student`` only: the gradient is
-        computed in the forward pass when ``student`` requires grad (stored in its dtype),
-        backward rescales it. Arithmetic is fp32 (fp64 for fp64 inputs).
+        the loss, a 0-dim fp32 tensor (fp64 for fp64 inputs); ``(loss, teacher_sum)`` with
+        ``return_teacher_sum`` (fp32 / fp64, detached). Differentiable w.r.t. ``student``
+        only: the gradient is computed in the forward pass when ``student`` requires grad
+        (stored in its dtype), backward rescales it. Arithmetic is fp32 (fp64 for fp64 inputs).
 
     NaN: a NaN in a student row gives a NaN loss and a NaN gradient for that row; a NaN in
     a teacher row gives a NaN loss and NaN gradients for the student rows paired with it
     (the same rows as the eager reference). With ``"sinkhorn"`` a NaN spreads over the batch.
     """
-    _check_common(OP, student, teacher, center, student_temp, teacher_temp, teacher_mode)
+    student_temp, teacher_temp = _check_common(OP, student, teacher, center, student_temp, teacher_temp,
+                                               teacher_mode, sinkhorn_iterations, return_teacher_sum)
     T, B, V, n_pairs = crop_layout(OP, teacher.shape[0], student.shape[0], n_global_crops)
-    if center_momentum is not None:
-        check_range(OP, "center_momentum", float(center_momentum), 0.0, 1.0)
-        if center is None:
-            fail(OP, "center expected a tensor when center_momentum is given, got None")
-    t_in, c_in, is_probs = _teacher_input(teacher, center, teacher_temp, teacher_mode, sinkhorn_iterations, backend)
-    compute_grad = student.requires_grad and torch.is_grad_enabled()
-    want_sum = center_momentum is not None
-    loss, _, csum = torch.ops.sslkern.dino_loss(
-        student.contiguous(), t_in, c_in, None, 1.0 / (n_pairs * B), float(student_temp), float(teacher_temp),
-        V, T, True, is_probs, compute_grad, want_sum and not is_probs, backend or "")
-    if not want_sum:
-        return loss
-    if is_probs:  # the fused sum runs over the raw logits; the Sinkhorn path passes probabilities
-        csum = teacher.to(loss.dtype).sum(0)
-    return loss, _new_center(center, csum.detach(), teacher.shape[0], float(center_momentum))
+    return _loss_and_sum(OP, student, teacher, center, None, 1.0 / (n_pairs * B), student_temp, teacher_temp, V, T,
+                         True, teacher_mode, sinkhorn_iterations, return_teacher_sum, backend)
 
 
 def ibot_patch_loss(
@@ -347,8 +325,8 @@ def ibot_patch_loss(
     student_temp: float = 0.1,
     teacher_temp: float = 0.04,
     teacher_mode: str = "center",
-    center_momentum: Optional[float] = None,
     sinkhorn_iterations: int = 3,
+    return_teacher_sum: bool = False,
     check_masks: bool = True,
     backend: Optional[str] = None,
 ):
@@ -365,46 +343,28 @@ def ibot_patch_loss(
         check_masks: check that count (eager mode only): one host sync. ``False`` skips it
             (no sync: CUDA-graph capture); a wrong count then gives wrong per-image weights.
         center: (K,) (or dinov2's (1, 1, K)) patch center.
-        center_momentum: if given, also return the updated patch center
-            ``m·c + (1−m)·mean_tokens(t)`` (all-reduced across ranks when distributed).
-    Returns: the loss (0-dim fp32; fp64 for fp64 inputs), or ``(loss, new_center)``.
+        return_teacher_sum: also return the column sum of this process's M teacher rows
+            (dinov2's patch center is ``m·c + (1−m)·mean over ranks of (Σ/M)``;
+            ``sslkern.nn.IBOTPatchLoss`` does it).
+    Returns: the loss (0-dim fp32; fp64 for fp64 inputs), or ``(loss, teacher_sum)``.
     """
     op = "ibot_patch_loss"
-    _check_common(op, student, teacher, center, student_temp, teacher_temp, teacher_mode)
-    check_tensor(op, "masks", masks, dtypes=(torch.bool,), device=student.device)
-    if masks.dim() < 2:
-        fail(op, f"masks expected (B_g, L) or (B_g, H, W), got shape {tuple(masks.shape)}")
+    student_temp, teacher_temp = _check_common(op, student, teacher, center, student_temp, teacher_temp,
+                                               teacher_mode, sinkhorn_iterations, return_teacher_sum)
     M = student.shape[0]
     if teacher.shape[0] != M:
         fail(op, f"teacher expected {M} rows (the student's masked tokens), got {teacher.shape[0]}")
-    n_masked = masks.flatten(1).sum(-1)
-    if check_masks and not torch.compiler.is_compiling() and int(n_masked.sum()) != M:
-        fail(op, f"masks expected {M} set entries (one per masked token row), got {int(n_masked.sum())}")
-    if center_momentum is not None:
-        check_range(op, "center_momentum", float(center_momentum), 0.0, 1.0)
-        if center is None:
-            fail(op, "center expected a tensor when center_momentum is given, got None")
-    acc = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
-    per_image = 1.0 / n_masked.clamp(min=1).to(acc)
-    weights = torch.repeat_interleave(per_image, n_masked, output_size=M)
-    t_in, c_in, is_probs = _teacher_input(teacher, center, teacher_temp, teacher_mode, sinkhorn_iterations, backend)
-    compute_grad = student.requires_grad and torch.is_grad_enabled()
-    want_sum = center_momentum is not None
-    loss, _, csum = torch.ops.sslkern.dino_loss(
-        student.contiguous(), t_in, c_in, weights, 1.0 / masks.shape[0], float(student_temp), float(teacher_temp),
-        1, 1, False, is_probs, compute_grad, want_sum and not is_probs, backend or "")
-    if not want_sum:
-        return loss
-    if is_probs:
-        csum = teacher.to(loss.dtype).sum(0)
-    return loss, _new_center(center, csum.detach(), max(M, 1), float(center_momentum))
+    weights = ibot_weights(op, masks, M, check_masks, acc_dtype(student, teacher), student.device)
+    return _loss_and_sum(op, student, teacher, center, weights, 1.0 / masks.shape[0], student_temp, teacher_temp, 1,
+                         1, False, teacher_mode, sinkhorn_iterations, return_teacher_sum, backend)
 
 
 def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     r"""KoLeo regularizer (dinov2 ``KoLeoLoss``): ``−mean_i log(‖x̂_i − x̂_nn(i)‖ + eps)`` with
     ``x̂ = normalize(x)`` and nn(i) the other row of largest dot product. (N, D), N ≥ 2.
     Plain PyTorch (an (N, N) similarity matrix): N is a per-GPU batch, so this is cheap."""
-    check_tensor("koleo_loss", "x", x, dtypes=_FLOATS, ndim=2)
+    check_tensor("koleo_loss", "x", x, dtypes=FLOAT_DTYPES, ndim=2)
+    eps = check_float("koleo_loss", "eps", eps, 0.0, None)
     if x.shape[0] < 2:
         fail("koleo_loss", f"x expected at least 2 rows (each needs a neighbour), got {x.shape[0]}")
     xf = F.normalize(x.float() if x.dtype != torch.float64 else x, eps=eps, p=2, dim=-1)

@@ -1,12 +1,6 @@
-"""``ema_update_`` — fused multi-tensor EMA of teacher parameters (SPEC section 1).
-
-This module is the template every sslkern op follows:
-  1. the public function (docstring: equation, shapes, dtypes, reference) checks its
-     arguments once and calls
-  2. the ``torch.library`` custom op ``torch.ops.sslkern.<name>``, whose body asks the
-     op's ``Dispatch`` table for a backend (reference / cpu / triton / cuda) and runs it;
-  3. ``register_fake`` (and ``register_autograd`` for differentiable ops) make the op work
-     under ``torch.compile(fullgraph=True)`` and autograd.
+"""``ema_update_`` — fused multi-tensor EMA of teacher parameters (timm ``ModelEmaV3``,
+fairseq ``EMAModule``). The op layout is the one every op follows (docs/design.md, *How to
+write an op*); this op mutates its inputs and has no gradient.
 """
 from __future__ import annotations
 
@@ -15,13 +9,15 @@ from typing import Optional, Sequence
 import torch
 
 from .._backend import Dispatch, ext_op, module_attr
-from .._checks import FLOAT_DTYPES, check_range, check_tensor, fail, is_dense
+from .._checks import FLOAT_DTYPES, check_float, check_tensor, fail, is_dense
+from ._common import local_shards
 
 OP = "ema_update_"
 _FLOATS = frozenset(FLOAT_DTYPES)
 
 
-def _reference(teachers, students, momentum, momentum_value):
+def ema_update_eager(teachers, students, momentum, momentum_value):
+    """The custom op's contract on the oracle ``sslkern.reference.ema_update_``."""
     from ..reference.ema_update import ema_update_
 
     ema_update_(teachers, students, momentum if momentum is not None else momentum_value)
@@ -30,7 +26,7 @@ def _reference(teachers, students, momentum, momentum_value):
 dispatch = Dispatch(
     OP,
     {
-        "reference": lambda: _reference,
+        "reference": lambda: ema_update_eager,
         "cpu": ext_op("ema_update_cpu"),
         "triton": module_attr("sslkern.triton_ops.ema_update", "ema_update_triton"),
         "cuda": ext_op("ema_update_cuda"),
@@ -53,45 +49,6 @@ def _ema_update_op(
 @_ema_update_op.register_fake
 def _(teachers, students, momentum, momentum_value, backend):
     return None
-
-
-def _dtensor_type():
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
-
-
-def local_shards(op: str, teachers: list, students: list, names: Sequence[str] | None = None) -> tuple[list, list]:
-    """Replace every (DTensor teacher, DTensor student) pair by this rank's local shards.
-
-    Both of a pair must be DTensors with the same mesh, placements and global shape, or
-    both plain tensors; ``names`` (default ``teachers[i]``/``students[i]``) name the pair
-    in the error.
-    """
-    dtensor = _dtensor_type()
-    if dtensor is None or not any(isinstance(x, dtensor) for x in teachers + students):
-        return teachers, students
-    out_t, out_s = [], []
-    for i, (t, s) in enumerate(zip(teachers, students)):
-        tn, sn = (f"teachers[{i}]", f"students[{i}]") if names is None else (f"teacher {names[i]!r}", f"student {names[i]!r}")
-        td, sd = isinstance(t, dtensor), isinstance(s, dtensor)
-        if td != sd:
-            fail(op, f"{tn} is {'a DTensor' if td else 'a plain tensor'} but {sn} is {'a DTensor' if sd else 'a plain tensor'}: "
-                     f"shard the teacher exactly like the student (same fully_shard units)")
-        if td:
-            if t.device_mesh != s.device_mesh or tuple(t.placements) != tuple(s.placements):
-                fail(op, f"{tn} and {sn} are sharded differently: placements {tuple(t.placements)} on "
-                         f"{t.device_mesh} vs {tuple(s.placements)} on {s.device_mesh}; shard the teacher exactly "
-                         f"like the student")
-            if tuple(t.shape) != tuple(s.shape):
-                fail(op, f"{sn} expected global shape {tuple(t.shape)} (as {tn}), got {tuple(s.shape)}")
-            with torch.no_grad():
-                t, s = t.to_local(), s.to_local()
-        out_t.append(t)
-        out_s.append(s)
-    return out_t, out_s
 
 
 def ema_update_(
@@ -141,12 +98,12 @@ def ema_update_(
             fail(OP, f"momentum expected to be on {device} or a CPU scalar, got {momentum.device}")
         m_tensor, m_value = momentum.reshape(()), 0.0
     else:
-        m_value = float(momentum)
-        check_range(OP, "momentum", m_value, 0.0, 1.0)
+        m_value = check_float(OP, "momentum", momentum, 0.0, 1.0)
         m_tensor = None
     if not compiling and teachers and dispatch.resolve(device, backend or "") == "cpu":
-        # eager CPU: straight to the kernel (the custom op's Python layers cost ~1-2 ms per call
-        # for a ViT's 150 pairs, 10-20 % of the update); versions bumped as the op would
+        # eager CPU: straight to the kernel, past the custom op's Python layers (their cost is a
+        # visible share of a ViT's update: docs/design.md, *Fast paths*); versions bumped as
+        # the op would
         with torch.no_grad():
             dispatch(device, "cpu")(teachers, students, m_tensor, m_value)
         torch.autograd.graph.increment_version(teachers)

@@ -6,14 +6,14 @@ from typing import Optional
 import torch
 
 from .._backend import Dispatch, ext_op, module_attr
-from .._checks import check_range, check_same_device, check_tensor, fail
+from .._checks import HALF_OR_FLOAT32, INDEX_DTYPES, check_choice, check_int, check_same_device, check_tensor, fail
+from ._common import check_index_values
 
 OP = "hog_targets"
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
-def _reference(images, ids, window, patch_size, pool, nbins):
+def hog_targets_eager(images, ids, window, patch_size, pool, nbins):
+    """The custom op's contract on the oracle ``sslkern.reference.hog_targets``."""
     from ..reference.hog_targets import hog_targets
 
     gw = 0 if window is None else int(window.shape[0])
@@ -23,7 +23,7 @@ def _reference(images, ids, window, patch_size, pool, nbins):
 dispatch = Dispatch(
     OP,
     {
-        "reference": lambda: _reference,
+        "reference": lambda: hog_targets_eager,
         "cpu": ext_op("hog_targets_cpu"),
         "triton": module_attr("sslkern.triton_ops.hog_targets", "hog_targets_triton"),
     },
@@ -107,15 +107,13 @@ def hog_targets(
     ``t_k = kπ/nbins`` (same bins in every backend); HOGLayerC's ``atan2`` can put a pixel
     within a few ulp of an edge into the neighbouring bin.
     """
-    check_tensor(OP, "images", images, dtypes=_DTYPES, ndim=4)
+    check_tensor(OP, "images", images, dtypes=HALF_OR_FLOAT32, ndim=4)
     device = check_same_device(OP, {"images": images, "ids": ids})
     B, C, H, W = (int(s) for s in images.shape)
-    for name, v in (("patch_size", patch_size), ("pool", pool), ("nbins", nbins), ("gaussian_window", gaussian_window)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            fail(OP, f"{name} expected an int, got {type(v).__name__}", TypeError)
-    check_range(OP, "patch_size", patch_size, 1, None)
-    check_range(OP, "pool", pool, 1, None)
-    check_range(OP, "nbins", nbins, 1, 256)
+    patch_size = check_int(OP, "patch_size", patch_size, 1)
+    pool = check_int(OP, "pool", pool, 1)
+    nbins = check_int(OP, "nbins", nbins, 1, 256)
+    gaussian_window = check_int(OP, "gaussian_window", gaussian_window, 0)
     if patch_size % pool:
         fail(OP, f"patch_size expected a multiple of pool {pool}, got {patch_size}")
     if H < 2 or W < 2 or H % patch_size or W % patch_size:
@@ -128,13 +126,12 @@ def hog_targets(
         window = _window(gaussian_window, device)
     N = (H // patch_size) * (W // patch_size)
     if ids is not None:
-        check_tensor(OP, "ids", ids, dtypes=_INDEX_DTYPES, ndim=2)
+        check_tensor(OP, "ids", ids, dtypes=INDEX_DTYPES, ndim=2)
         if int(ids.shape[0]) != B:
             fail(OP, f"ids expected shape ({B}, *) (one row per image), got {tuple(ids.shape)}")
         ids = ids.to(torch.int64).contiguous()
-        if check_indices and ids.numel() and not torch.compiler.is_compiling():
-            bad = (ids < 0) | (ids >= N)
-            if bool(bad.any()):  # the one host sync
-                raise IndexError(f"sslkern.hog_targets: ids expected values in [0, {N}), got {ids[bad][0].item()}")
+        check_choice(OP, "check_indices", check_indices, (True, False))
+        if check_indices:
+            check_index_values(OP, "ids", ids, N, meaning=" (patch indices)")
     with torch.no_grad():
         return torch.ops.sslkern.hog_targets(images.detach(), ids, window, patch_size, pool, nbins, backend or "")

@@ -1,4 +1,4 @@
-"""``info_nce_loss`` — fused InfoNCE / NT-Xent contrastive loss (issue #14).
+"""``info_nce_loss`` — fused InfoNCE / NT-Xent contrastive loss.
 
 For rows ``q`` (N, D), columns ``k`` (M, D), temperature τ, one positive column ``pos[i]``
 per row and optionally one excluded column ``exclude[i]`` per row:
@@ -12,11 +12,11 @@ rows at a time. Extra memory is O((N + M)·D): the gradients, the normalized inp
 per-thread row blocks.
 
 One custom op, ``torch.ops.sslkern.info_nce_loss(q, k, pos, exclude, inv_temp, grad_q, grad_k,
-validate, backend, tied=False) -> (loss, dq, dk)``: the gradients of the loss are computed in the same
+tied, backend) -> (loss, dq, dk)``: the gradients of the loss are computed in the same
 call when the inputs require grad (the CPU kernel shares one logits block between the loss
 and both gradients: three tile GEMMs in all, as many as the eager code, where a separate
 backward would recompute the logits), and backward rescales them by the incoming gradient
-(Liger cross-entropy style, as ``dino_loss``).
+(``register_saved_gradients``, as ``dino_loss``).
 
 ``tied=True`` (NT-Xent: ``k`` is ``q``, the 2n views; the kernels read the columns from ``q``
 and check only ``k``'s shape): ``dq`` is the whole gradient ``G·Z + Gᵀ·Z`` and ``dk`` is empty. The CPU kernel then uses the symmetry of the logits: it
@@ -31,47 +31,21 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import Dispatch, ext_op, module_attr
-from .._checks import check_range, check_tensor, fail
+from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_float, check_int, check_tensor, dtype_name, fail
 from ..reference.info_nce_loss import nt_xent_indices
+from ._common import acc_dtype, check_index_values, needs_grad, register_saved_gradients
 
 OP = "info_nce_loss"
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_INTS = (torch.int64, torch.int32)
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_index_values(name: str, idx: torch.Tensor, m: int, allow_none: bool) -> None:
-    """Host-side value check (one reduction and a sync): used by the reference and Triton backends."""
-    lo = -1 if allow_none else 0
-    bad = (idx < lo) | (idx >= m)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        fail(OP, f"{name} expected values in [{lo}, {m}) (column indices of k{', -1 = none' if allow_none else ''}), "
-                 f"got {name}[{i}] = {int(idx[i])}", IndexError)
-
-
-def check_indices(pos: torch.Tensor, exclude: Optional[torch.Tensor], m: int) -> None:
-    _check_index_values("pos", pos, m, False)
-    if exclude is not None:
-        _check_index_values("exclude", exclude, m, True)
-        same = exclude == pos
-        if bool(same.any()):
-            i = int(same.nonzero()[0, 0])
-            fail(OP, f"exclude expected a column other than the positive, got exclude[{i}] = pos[{i}] = {int(pos[i])}")
-
-
-def _reference_impl(q, k, pos, exclude, inv_temp, grad_q, grad_k, validate, tied=False):
-    """The custom op's contract in eager PyTorch (materializes the logits; the oracle backend).
+def info_nce_loss_eager(q, k, pos, exclude, inv_temp, grad_q, grad_k, tied):
+    """The custom op's contract in eager PyTorch (the ``reference`` backend; materializes the
+    logits).
 
     ``tied``: ``k`` is ``q`` itself (NT-Xent over the 2n views); ``dq`` is then the whole
     gradient ``G·Z + Gᵀ·Z`` and ``dk`` is empty.
     """
-    if validate:
-        check_indices(pos, exclude, k.shape[0])
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q)
     N, M = q.shape[0], k.shape[0]
     qa, ka = q.to(acc), k.to(acc)
     s = (qa @ ka.t()) * inv_temp
@@ -95,70 +69,54 @@ def _reference_impl(q, k, pos, exclude, inv_temp, grad_q, grad_k, validate, tied
 dispatch = Dispatch(
     OP,
     {
-        "reference": lambda: _reference_impl,
+        "reference": lambda: info_nce_loss_eager,
         "cpu": ext_op("info_nce_loss_cpu"),
         "triton": module_attr("sslkern.triton_ops.info_nce_loss", "info_nce_loss_triton"),
     },
+    checks_indices=("cpu",),
 )
 
 
 @torch.library.custom_op("sslkern::info_nce_loss", mutates_args=())
 def _info_nce_loss_op(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, exclude: Optional[torch.Tensor],
-                      inv_temp: float, grad_q: bool, grad_k: bool, validate: bool,
-                      backend: str, tied: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      inv_temp: float, grad_q: bool, grad_k: bool, tied: bool,
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if tied and (k.shape != q.shape or grad_q != grad_k):
         fail(OP, f"tied=True expected k to be q itself and grad_q == grad_k, got shapes {tuple(q.shape)}, "
                  f"{tuple(k.shape)} and grad_q={grad_q}, grad_k={grad_k}")
-    loss, dq, dk = dispatch(q.device, backend)(q, k, pos, exclude, inv_temp, grad_q, grad_k, validate, tied)
-    return loss, dq, dk
+    return dispatch(q.device, backend)(q, k, pos, exclude, inv_temp, grad_q, grad_k, tied)
 
 
 @_info_nce_loss_op.register_fake
-def _(q, k, pos, exclude, inv_temp, grad_q, grad_k, validate, backend, tied=False):
-    loss = q.new_empty((), dtype=_acc(q.dtype))
+def _(q, k, pos, exclude, inv_temp, grad_q, grad_k, tied, backend):
+    loss = q.new_empty((), dtype=acc_dtype(q))
     dq = torch.empty_like(q, memory_format=torch.contiguous_format) if grad_q else q.new_empty(0)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format) if grad_k and not tied else k.new_empty(0)
     return loss, dq, dk
 
 
-def _setup_context(ctx, inputs, output):
-    # tied (k is q): dq is the whole gradient, given to the q argument; k's gets None, so
-    # autograd's sum over the two uses of the one tensor is dq
-    tied = len(inputs) > 9 and inputs[9]
-    ctx.grad_q, ctx.grad_k = inputs[5], inputs[6] and not tied
-    ctx.save_for_backward(output[1], output[2])
-    ctx.mark_non_differentiable(output[1], output[2])
-    ctx.set_materialize_grads(False)
+# q (input 0) gets dq (output 1), k (input 1) gets dk (output 2). Tied (k is q): dq is the whole
+# gradient, given to the q argument; k's gets None, so autograd's sum over the two uses of the
+# one tensor is dq.
+register_saved_gradients(_info_nce_loss_op, OP, lambda inputs: {
+    **({0: 1} if inputs[5] else {}), **({1: 2} if inputs[6] and not inputs[7] else {})})
 
 
-def _is_eager_cpu_scalar(x: torch.Tensor) -> bool:
-    """A real CPU tensor (not traced by torch.compile / AOT autograd): its value can be read."""
-    return (type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling()
-            and torch._guards.detect_fake_mode((x,)) is None)
-
-
-def _backward(ctx, g_loss, g_dq, g_dk):
-    dq, dk = ctx.saved_tensors
-    none = (None,) * 8
-    if g_loss is None:
-        return (None, None) + none
-    if _is_eager_cpu_scalar(g_loss) and float(g_loss) == 1.0:
-        # loss.backward(): the gradients computed with the loss are the answer, no copy
-        return (dq if ctx.grad_q else None, dk if ctx.grad_k else None) + none
-    return ((dq * g_loss.to(dq.dtype)) if ctx.grad_q else None,
-            (dk * g_loss.to(dk.dtype)) if ctx.grad_k else None) + none
-
-
-_info_nce_loss_op.register_autograd(_backward, setup_context=_setup_context)
+def _check_index_values(pos: torch.Tensor, exclude: Optional[torch.Tensor], m: int) -> None:
+    """pos in [0, M), exclude in [-1, M) and never the positive: one host sync when all hold."""
+    if exclude is None:
+        check_index_values(OP, "pos", pos, m, meaning=" (column indices of k)")
+        return
+    bad_exclude = (exclude < -1) | (exclude >= m) | (exclude == pos)
+    if check_index_values(OP, "pos", pos, m, meaning=" (column indices of k)", also=bad_exclude):
+        check_index_values(OP, "exclude", exclude, m, lo=-1, meaning=" (column indices of k, -1 = none)")
+        i = int((exclude == pos).nonzero()[0, 0])
+        fail(OP, f"exclude expected a column other than the positive, got exclude[{i}] = pos[{i}] = {int(pos[i])}")
 
 
 # ---------------------------------------------------------------------------------------
 # Public function
 # ---------------------------------------------------------------------------------------
-def _needs_grad(t: torch.Tensor) -> bool:
-    return t.requires_grad and torch.is_grad_enabled()
-
-
 def info_nce_loss(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -194,9 +152,9 @@ def info_nce_loss(
         normalize: L2-normalize the rows of ``q`` and ``k`` first (``F.normalize``, eps
             1e-12, as MoCo v3 and lightly do), inside this function with differentiable
             torch ops. ``False``: the caller passes normalized (or any) embeddings.
-        pos: optional (N,) int64/int32 column index of each row's positive, in [0, M).
+        pos: optional (N,) integer column index of each row's positive, in [0, M).
         pos_offset: with ``pos=None``, ``pos[i] = i + pos_offset`` (needs N + pos_offset ≤ M).
-        exclude: optional (N,) int64/int32 column left out of row i's logsumexp (−1 = none;
+        exclude: optional (N,) integer column left out of row i's logsumexp (−1 = none;
             never the positive).
         nt_xent: the SimCLR form above (``pos``, ``pos_offset``, ``exclude`` must be unset).
         backend: force ``"reference"``, ``"cpu"`` or ``"triton"`` (default: auto).
@@ -207,31 +165,26 @@ def info_nce_loss(
         logits are formed once) and backward rescales it. Arithmetic is fp32 (fp64 for fp64);
         fp16 / bf16 gradients are rounded to the input dtype once.
 
-    Index values are checked where they are read: the C++ kernel checks every index; the
-    reference and Triton backends check user-given ``pos`` / ``exclude`` with one reduction
-    on the device (a host sync). NaN in a row of ``q`` gives a NaN loss; NaN anywhere makes
+    Index values of a given ``pos`` / ``exclude`` are checked here, with one reduction on the
+    device and one host sync (an ``IndexError`` naming the argument); the C++ kernel checks
+    every index itself, so CPU calls skip that pass. NaN in a row of ``q`` gives a NaN loss; NaN anywhere makes
     the affected gradient rows NaN, as in the eager code.
     """
-    check_tensor(OP, "q", q, dtypes=_FLOATS, ndim=2)
+    check_tensor(OP, "q", q, dtypes=FLOAT_DTYPES, ndim=2)
     device = q.device
-    check_tensor(OP, "k", k, dtypes=_FLOATS, ndim=2, device=device)
+    check_tensor(OP, "k", k, dtypes=FLOAT_DTYPES, ndim=2, device=device)
     if k.dtype != q.dtype:
-        fail(OP, f"k expected dtype {str(q.dtype).replace('torch.', '')} (q's dtype), "
-                 f"got {str(k.dtype).replace('torch.', '')}", TypeError)
+        fail(OP, f"k expected dtype {dtype_name(q.dtype)} (q's dtype), got {dtype_name(k.dtype)}", TypeError)
     N, D = q.shape
     M = k.shape[0]
     if k.shape[1] != D:
         fail(OP, f"k expected {D} columns (q's D), got shape {tuple(k.shape)}")
     if N == 0 or M == 0 or D == 0:
         fail(OP, f"q and k expected non-empty (N, D) and (M, D), got {tuple(q.shape)} and {tuple(k.shape)}")
-    if isinstance(temperature, torch.Tensor):
-        fail(OP, "temperature expected a Python float, got a Tensor", TypeError)
-    check_range(OP, "temperature", float(temperature), 0.0, None, lo_open=True)
-    if not float(temperature) < float("inf"):
-        fail(OP, f"temperature expected a finite value, got {temperature}")
-    if not isinstance(pos_offset, int) or isinstance(pos_offset, bool):
-        fail(OP, f"pos_offset expected an int, got {type(pos_offset).__name__}", TypeError)
-    validate = False
+    temperature = check_float(OP, "temperature", temperature, 0.0, None, lo_open=True)
+    pos_offset = check_int(OP, "pos_offset", pos_offset)
+    check_choice(OP, "normalize", normalize, (True, False))
+    check_choice(OP, "nt_xent", nt_xent, (True, False))
     if nt_xent:
         if pos is not None or exclude is not None or pos_offset != 0:
             fail(OP, "nt_xent=True builds its own positives and exclusions: pos, pos_offset and exclude "
@@ -241,21 +194,22 @@ def info_nce_loss(
             fail(OP, f"k expected shape {tuple(q.shape)} with nt_xent=True (the second view of q's batch), "
                      f"got {tuple(k.shape)}")
     else:
+        user_indices = pos is not None or exclude is not None
         if pos is not None:
             if pos_offset != 0:
                 fail(OP, f"pos_offset expected 0 when pos is given, got {pos_offset}")
-            check_tensor(OP, "pos", pos, dtypes=_INTS, shape=(N,), device=device)
+            check_tensor(OP, "pos", pos, dtypes=INDEX_DTYPES, shape=(N,), device=device)
             pos = pos.to(torch.int64).contiguous()
-            validate = True
         else:
             if pos_offset < 0 or N + pos_offset > M:
                 fail(OP, f"pos_offset expected in [0, M - N] = [0, {M - N}] (positives k[i + pos_offset] for "
                          f"N = {N} rows, M = {M} columns), got {pos_offset}")
             pos = torch.arange(pos_offset, pos_offset + N, device=device)
         if exclude is not None:
-            check_tensor(OP, "exclude", exclude, dtypes=_INTS, shape=(N,), device=device)
+            check_tensor(OP, "exclude", exclude, dtypes=INDEX_DTYPES, shape=(N,), device=device)
             exclude = exclude.to(torch.int64).contiguous()
-            validate = True
+        if user_indices and not dispatch.checks_indices_itself(device, backend):
+            _check_index_values(pos, exclude, M)
 
     if normalize:
         q = F.normalize(q, dim=1)
@@ -265,10 +219,10 @@ def info_nce_loss(
         # one gradient; see the op's docstring)
         z = torch.cat([q, k], dim=0)
         pos, exclude = nt_xent_indices(N, device)
-        loss, _, _ = torch.ops.sslkern.info_nce_loss(z, z, pos, exclude, 1.0 / float(temperature), _needs_grad(z),
-                                                     _needs_grad(z), validate, backend or "", True)
+        loss, _, _ = torch.ops.sslkern.info_nce_loss(z, z, pos, exclude, 1.0 / temperature, needs_grad(z),
+                                                     needs_grad(z), True, backend or "")
         return loss
     q, k = q.contiguous(), k.contiguous()
-    loss, _, _ = torch.ops.sslkern.info_nce_loss(q, k, pos, exclude, 1.0 / float(temperature), _needs_grad(q),
-                                                 _needs_grad(k), validate, backend or "")
+    loss, _, _ = torch.ops.sslkern.info_nce_loss(q, k, pos, exclude, 1.0 / temperature, needs_grad(q),
+                                                 needs_grad(k), False, backend or "")
     return loss

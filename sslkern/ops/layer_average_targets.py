@@ -1,4 +1,5 @@
-"""``layer_average_targets`` — data2vec teacher targets: top-K layer average (SPEC section 5)."""
+"""``layer_average_targets`` — data2vec teacher targets: top-K layer average (fairseq
+``data2vec2.py: make_targets``)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -6,14 +7,14 @@ from typing import Sequence
 import torch
 
 from .._backend import Dispatch, ext_op, module_attr
-from .._checks import check_choice, check_range, check_tensor, fail
+from .._checks import HALF_OR_FLOAT32, check_choice, check_float, check_tensor, dtype_name, fail
 
 OP = "layer_average_targets"
 NORMS = ("instance", "layer", "none")
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _reference(layers, layer_norm, final_norm, eps):
+def layer_average_targets_eager(layers, layer_norm, final_norm, eps):
+    """The custom op's contract on the oracle ``sslkern.reference.layer_average_targets``."""
     from ..reference.layer_average_targets import layer_average_targets
 
     return layer_average_targets(layers, layer_norm, final_norm, eps)
@@ -22,7 +23,7 @@ def _reference(layers, layer_norm, final_norm, eps):
 dispatch = Dispatch(
     OP,
     {
-        "reference": lambda: _reference,
+        "reference": lambda: layer_average_targets_eager,
         "cpu": ext_op("layer_average_targets_cpu"),
         "triton": module_attr("sslkern.triton_ops.layer_average_targets", "layer_average_targets_triton"),
     },
@@ -73,23 +74,23 @@ def layer_average_targets(
     With T = 1 the instance norm gives zeros (torch's ``F.instance_norm`` refuses T = 1).
     """
     if isinstance(layers, torch.Tensor):
-        check_tensor(OP, "layers", layers, dtypes=_DTYPES, ndim=4)
+        check_tensor(OP, "layers", layers, dtypes=HALF_OR_FLOAT32, ndim=4)
         layers = list(layers.unbind(0))
     else:
         layers = list(layers)
     if not layers:
         fail(OP, "layers expected at least one tensor, got an empty list")
-    first = check_tensor(OP, "layers[0]", layers[0], dtypes=_DTYPES, ndim=3)
+    first = check_tensor(OP, "layers[0]", layers[0], dtypes=HALF_OR_FLOAT32, ndim=3)
     for i, y in enumerate(layers[1:], 1):
         check_tensor(OP, f"layers[{i}]", y, shape=tuple(first.shape), device=first.device)
         if y.dtype != first.dtype:
-            fail(OP, f"layers[{i}] expected dtype {str(first.dtype).replace('torch.', '')} like layers[0], "
-                     f"got {str(y.dtype).replace('torch.', '')}", TypeError)
+            fail(OP, f"layers[{i}] expected dtype {dtype_name(first.dtype)} like layers[0], got {dtype_name(y.dtype)}",
+                 TypeError)
     check_choice(OP, "layer_norm", layer_norm, NORMS)
     check_choice(OP, "final_norm", final_norm, NORMS)
-    check_range(OP, "eps", float(eps), 0.0, None, lo_open=True)
+    eps = check_float(OP, "eps", eps, 0.0, None, lo_open=True)
     layers = [y.detach() for y in layers]
     if not all(tuple(y.stride()) == tuple(first.stride()) and (y.shape[-1] <= 1 or y.stride(-1) == 1) for y in layers):
         layers = [y.contiguous() for y in layers]
     with torch.no_grad():
-        return torch.ops.sslkern.layer_average_targets(layers, layer_norm, final_norm, float(eps), backend or "")
+        return torch.ops.sslkern.layer_average_targets(layers, layer_norm, final_norm, eps, backend or "")

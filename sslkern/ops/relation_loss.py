@@ -1,4 +1,4 @@
-"""``relation_loss`` — RelViT's pairwise spatial-relation loss, fused (issue #15).
+"""``relation_loss`` — RelViT's pairwise spatial-relation loss, fused.
 
 RelViT (Camporese et al. 2021; ``guglielmocamporese/relvit`` ``models/relvit.py``,
 ``datasets/encode_locations.py``) shuffles the patches of each image and asks, for every pair
@@ -15,17 +15,18 @@ Fused: the labels come from the tokens' grid cells inside the kernel
 exist; the kernels stream over tiles of j. The projections ``z·Wᵀ`` are one GEMM each, done
 here with differentiable torch ops (their gradients to the tokens and the weights flow through
 autograd; for fp32 CPU tensors in eager mode ``_CPUProjections`` runs the forward products on
-torch's oneDNN linear, faster than MKL's there); the custom op takes the projected
-(B, N, C·d_head) tensors.
+torch's oneDNN linear, which beat MKL's ``F.linear`` there: docs/design.md, *Fast paths*); the
+custom op takes the projected (B, N, C·d_head) tensors.
 
 Custom ops: ``torch.ops.sslkern.relation_loss(q, k, pos, table, grid_w, cells, classes, scale,
-smoothing, validate, backend) -> (loss, accuracy)`` and its backward
+smoothing, backend) -> (loss, accuracy)`` and its backward
 ``sslkern::relation_loss_backward`` (recomputes the scores; returns dq, dk); and
 ``sslkern::relation_loss_with_grad`` (same arguments) -> (loss, accuracy, dq, dk), the loss and
 its gradients to q and k from one pass over the scores (C++; the other backends run their
 forward and backward kernels), whose backward only scales the saved dq, dk by the incoming
-gradient. ``relation_loss`` uses it when q or k needs a gradient: the scores are formed once
-instead of twice, at the cost of keeping dq, dk (the size of q, k) from forward to backward.
+gradient (``register_saved_gradients``). ``relation_loss`` uses it when q or k needs a
+gradient: the scores are formed once instead of twice, at the cost of keeping dq, dk (the
+size of q, k) from forward to backward.
 """
 from __future__ import annotations
 
@@ -36,42 +37,27 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import Dispatch, cpu_dnn_linear, cpu_native_half, ext_op, module_attr
-from .._checks import check_range, check_tensor, fail
+from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_float, check_int, check_tensor, dtype_name, fail
 from ..reference.relation_loss import (RelationLosses, pair_targets, relation_labels, relvit_angle_matrix,
                                        relvit_dist_matrix)
+from ._common import acc_dtype, check_index_values, register_saved_gradients
 
 OP = "relation_loss"
 
 NUM_RELATIONS = 9
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_INTS = (torch.int64, torch.int32)
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def check_positions(pos: torch.Tensor, cells: int) -> None:
-    """Host-side value check (one reduction and a sync): used by the reference and Triton backends."""
-    bad = (pos < 0) | (pos >= cells)
-    if bool(bad.any()):
-        b, i = (int(v) for v in bad.nonzero()[0])
-        fail(OP, f"positions expected values in [0, {cells}) (grid cells), got positions[{b}, {i}] = {int(pos[b, i])}",
-             IndexError)
 
 
 def _scores(q, k, classes, scale):
     """(B, C, N, N) scores in the accumulation type."""
     B, N, _ = q.shape
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q)
     qa = q.to(acc).reshape(B, N, classes, -1).transpose(1, 2)
     ka = k.to(acc).reshape(B, N, classes, -1).transpose(1, 2)
     return (qa @ ka.transpose(2, 3)) * scale, qa, ka
 
 
-def _reference_fwd(q, k, pos, table, grid_w, cells, classes, scale, smoothing, validate):
-    if validate:
-        check_positions(pos, cells)
+def relation_loss_eager(q, k, pos, table, grid_w, cells, classes, scale, smoothing):
+    """The forward custom op's contract in eager PyTorch (the ``reference`` backend)."""
     s, _, _ = _scores(q, k, classes, scale)
     if table is None:
         y = relation_labels(pos, grid_w)
@@ -86,7 +72,8 @@ def _reference_fwd(q, k, pos, table, grid_w, cells, classes, scale, smoothing, v
     return loss, accuracy
 
 
-def _reference_bwd(grad, q, k, pos, table, grid_w, cells, classes, scale, smoothing, validate):
+def relation_loss_backward_eager(grad, q, k, pos, table, grid_w, cells, classes, scale, smoothing):
+    """The backward custom op's contract in eager PyTorch: dq, dk written out."""
     s, qa, ka = _scores(q, k, classes, scale)
     B, N = pos.shape
     g = grad.to(s.dtype) / (B * N * N)
@@ -102,65 +89,57 @@ def _reference_bwd(grad, q, k, pos, table, grid_w, cells, classes, scale, smooth
     return dq, dk
 
 
-dispatch = Dispatch(OP, {
-    "reference": lambda: _reference_fwd,
-    "cpu": ext_op("relation_loss_cpu"),
-    "triton": module_attr("sslkern.triton_ops.relation_loss", "relation_loss_triton"),
-})
-
-
-def _composed_with_grad(fwd_loader, bwd_loader):
-    """Loss and (dq, dk) of grad 1 from a backend's forward and backward kernels (two passes)."""
+def _forward_then_backward(fwd_loader, bwd_loader):
+    """A backend's ``relation_loss_with_grad``: the loss and (dq, dk) of grad 1 from its
+    forward and backward kernels (two passes; the C++ backend has a one-pass kernel)."""
     def load():
         fwd, bwd = fwd_loader(), bwd_loader()
 
-        def fn(q, k, pos, table, grid_w, cells, classes, scale, smoothing, validate):
-            loss, accuracy = fwd(q, k, pos, table, grid_w, cells, classes, scale, smoothing, validate)
+        def fn(q, k, pos, table, grid_w, cells, classes, scale, smoothing):
+            loss, accuracy = fwd(q, k, pos, table, grid_w, cells, classes, scale, smoothing)
             dq, dk = bwd(torch.ones((), dtype=loss.dtype, device=loss.device), q, k, pos, table, grid_w, cells,
-                         classes, scale, smoothing, False)
+                         classes, scale, smoothing)
             return loss, accuracy, dq, dk
         return fn
     return load
 
 
-dispatch_with_grad = Dispatch(OP + "_with_grad", {
-    "reference": _composed_with_grad(lambda: _reference_fwd, lambda: _reference_bwd),
-    "cpu": ext_op("relation_loss_with_grad_cpu"),
-    "triton": _composed_with_grad(module_attr("sslkern.triton_ops.relation_loss", "relation_loss_triton"),
-                                  module_attr("sslkern.triton_ops.relation_loss", "relation_loss_backward_triton")),
-})
+_TRITON = "sslkern.triton_ops.relation_loss"
+dispatch = Dispatch(OP, {
+    "reference": lambda: relation_loss_eager,
+    "cpu": ext_op("relation_loss_cpu"),
+    "triton": module_attr(_TRITON, "relation_loss_triton"),
+}, checks_indices=("cpu",))
 dispatch_backward = Dispatch(OP + "_backward", {
-    "reference": lambda: _reference_bwd,
+    "reference": lambda: relation_loss_backward_eager,
     "cpu": ext_op("relation_loss_backward_cpu"),
-    "triton": module_attr("sslkern.triton_ops.relation_loss", "relation_loss_backward_triton"),
+    "triton": module_attr(_TRITON, "relation_loss_backward_triton"),
 })
-
-
-def _run(table: Dispatch, device: torch.device, backend: str, args: tuple, validate: bool):
-    """The backend's kernel on ``args``; the reference and Triton ones also take ``validate``
-    (the C++ kernels check every position themselves)."""
-    fn = table(device, backend)
-    return fn(*args) if table.resolve(device, backend) == "cpu" else fn(*args, validate)
+dispatch_with_grad = Dispatch(OP + "_with_grad", {
+    "reference": _forward_then_backward(lambda: relation_loss_eager, lambda: relation_loss_backward_eager),
+    "cpu": ext_op("relation_loss_with_grad_cpu"),
+    "triton": _forward_then_backward(module_attr(_TRITON, "relation_loss_triton"),
+                                     module_attr(_TRITON, "relation_loss_backward_triton")),
+}, checks_indices=("cpu",))
 
 
 @torch.library.custom_op("sslkern::relation_loss", mutates_args=())
 def _relation_loss_op(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, table: Optional[torch.Tensor], grid_w: int,
-                      cells: int, classes: int, scale: float, smoothing: float, validate: bool,
+                      cells: int, classes: int, scale: float, smoothing: float,
                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _run(dispatch, q.device, backend, (q, k, pos, table, grid_w, cells, classes, scale, smoothing), validate)
+    return dispatch(q.device, backend)(q, k, pos, table, grid_w, cells, classes, scale, smoothing)
 
 
 @_relation_loss_op.register_fake
-def _(q, k, pos, table, grid_w, cells, classes, scale, smoothing, validate, backend):
-    return q.new_empty((), dtype=_acc(q.dtype)), q.new_empty((), dtype=_acc(q.dtype))
+def _(q, k, pos, table, grid_w, cells, classes, scale, smoothing, backend):
+    return q.new_empty((), dtype=acc_dtype(q)), q.new_empty((), dtype=acc_dtype(q))
 
 
 @torch.library.custom_op("sslkern::relation_loss_backward", mutates_args=())
 def _relation_loss_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor,
                                table: Optional[torch.Tensor], grid_w: int, cells: int, classes: int, scale: float,
                                smoothing: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _run(dispatch_backward, q.device, backend, (grad, q, k, pos, table, grid_w, cells, classes, scale, smoothing),
-                False)
+    return dispatch_backward(q.device, backend)(grad, q, k, pos, table, grid_w, cells, classes, scale, smoothing)
 
 
 @_relation_loss_backward_op.register_fake
@@ -170,7 +149,7 @@ def _(grad, q, k, pos, table, grid_w, cells, classes, scale, smoothing, backend)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, pos, table, grid_w, cells, classes, scale, smoothing, validate, backend = inputs
+    q, k, pos, table, grid_w, cells, classes, scale, smoothing, backend = inputs
     ctx.save_for_backward(q, k, pos, table)
     ctx.args = (grid_w, cells, classes, scale, smoothing, backend)
     ctx.mark_non_differentiable(output[1])
@@ -178,13 +157,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, g_loss, g_acc):
     q, k, pos, table = ctx.saved_tensors
-    grid_w, cells, classes, scale, smoothing, backend = ctx.args
-    none = (None,) * 9
     if g_loss is None:
-        return (None, None) + none
-    dq, dk = torch.ops.sslkern.relation_loss_backward(g_loss, q, k, pos, table, grid_w, cells, classes, scale,
-                                                      smoothing, backend)
-    return (dq, dk) + none
+        return (None,) * 10
+    dq, dk = torch.ops.sslkern.relation_loss_backward(g_loss, q, k, pos, table, *ctx.args)
+    return (dq, dk) + (None,) * 8
 
 
 _relation_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -192,48 +168,27 @@ _relation_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.library.custom_op("sslkern::relation_loss_with_grad", mutates_args=())
 def _relation_loss_with_grad_op(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, table: Optional[torch.Tensor],
-                                grid_w: int, cells: int, classes: int, scale: float, smoothing: float, validate: bool,
+                                grid_w: int, cells: int, classes: int, scale: float, smoothing: float,
                                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _run(dispatch_with_grad, q.device, backend, (q, k, pos, table, grid_w, cells, classes, scale, smoothing),
-                validate)
+    return dispatch_with_grad(q.device, backend)(q, k, pos, table, grid_w, cells, classes, scale, smoothing)
 
 
 @_relation_loss_with_grad_op.register_fake
-def _(q, k, pos, table, grid_w, cells, classes, scale, smoothing, validate, backend):
-    acc = _acc(q.dtype)
+def _(q, k, pos, table, grid_w, cells, classes, scale, smoothing, backend):
+    acc = acc_dtype(q)
     return (q.new_empty((), dtype=acc), q.new_empty((), dtype=acc),
             torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format))
 
 
-def _setup_context_with_grad(ctx, inputs, output):
-    ctx.save_for_backward(output[2], output[3])
-    ctx.mark_non_differentiable(output[1], output[2], output[3])
-
-
-def _backward_with_grad(ctx, g_loss, g_acc, g_dq, g_dk):
-    dq, dk = ctx.saved_tensors
-    none = (None,) * 9
-    if g_loss is None:
-        return (None, None) + none
-    if (type(g_loss) is torch.Tensor and g_loss.device.type == "cpu" and not g_loss.requires_grad
-            and float(g_loss) == 1.0):
-        # the common case (the loss itself is differentiated): the saved gradients as they are;
-        # scaling by 1 cost two fresh (B, N, C·d_head) buffers (~20 ms of page faults at RelViT's size).
-        # Plain CPU tensors only (no host read of fake / traced values or of GPU memory), and
-        # not under create_graph, where the result must stay a function of the incoming gradient
-        return (dq, dk) + none
-    g = g_loss.to(dq.dtype)
-    return (dq * g, dk * g) + none
-
-
-_relation_loss_with_grad_op.register_autograd(_backward_with_grad, setup_context=_setup_context_with_grad)
+# q (input 0) and k (input 1) get dq and dk (outputs 2, 3) times the incoming gradient
+register_saved_gradients(_relation_loss_with_grad_op, OP, lambda inputs: {0: 2, 1: 3})
 
 
 class _CPUProjections(torch.autograd.Function):
     """``q = z·Wqᵀ``, ``k = z·Wkᵀ`` for fp32 CPU tensors in eager mode: the forward products on
-    torch's oneDNN linear (30–34 vs 47–50 ms each for MKL's at RelViT's size on the AVX2 CPU
-    measured), the backward on MKL with the two parts of dz summed by ``addmm`` (no separate add):
+    torch's oneDNN linear (faster than MKL's ``F.linear`` at RelViT's size on the CPUs measured,
+    docs/design.md), the backward on MKL with the two parts of dz summed by ``addmm`` (no separate add):
     ``dz = dq·Wq + dk·Wk``, ``dWq = dqᵀ·z``, ``dWk = dkᵀ·z``. Same products as ``F.linear``;
     only the summation order inside the GEMMs differs (fp32 rounding)."""
 
@@ -293,10 +248,9 @@ def regression_table(kind: str, side: int, device: torch.device) -> torch.Tensor
 
 
 def _weights(name: str, w, D: int, dtype, device, classes: Optional[int]):
-    check_tensor(OP, name, w, dtypes=_FLOATS, ndim=(2, 3), device=device)
+    check_tensor(OP, name, w, dtypes=FLOAT_DTYPES, ndim=(2, 3), device=device)
     if w.dtype != dtype:
-        fail(OP, f"{name} expected dtype {str(dtype).replace('torch.', '')} (tokens' dtype), "
-                 f"got {str(w.dtype).replace('torch.', '')}", TypeError)
+        fail(OP, f"{name} expected dtype {dtype_name(dtype)} (tokens' dtype), got {dtype_name(w.dtype)}", TypeError)
     if w.dim() == 2:
         w = w.unsqueeze(0)
     if w.shape[-1] != D or (classes is not None and w.shape[0] != classes) or w.shape[1] == 0:
@@ -331,7 +285,7 @@ def relation_loss(
         wq, wk: (9, d_head, D) the per-class query / key weights of RelViT's
             ``MultiHeadAttentionScores(D, 9)`` (``torch.stack([h.q_lin.weight for h in heads])``;
             d_head = D // 9 there), tokens' dtype and device.
-        positions: (B, N) int64 / int32 grid cell (row-major index) of each token, in [0, cells)
+        positions: (B, N) integer grid cell (row-major index) of each token, in [0, cells)
             — the patch index before the shuffle (RelViT's ``idx_shuffle``). Default: token t
             at cell t (needs N = cells).
         grid: grid side (int) or (rows, cols); default a square grid of N cells.
@@ -349,13 +303,12 @@ def relation_loss(
         ``distance`` / ``angle`` None when off, ``accuracy`` the fraction of pairs whose argmax
         class is the label (no gradient). Gradients flow to ``tokens`` and every weight.
 
-    Positions are checked where they are read: the C++ kernel checks every value; the
-    reference and Triton backends check user-given positions with one reduction (a host sync).
+    Given positions are checked here, with one reduction and one host sync (an ``IndexError``
+    naming ``positions``); the C++ kernel checks every value itself, so CPU calls skip that pass.
     """
-    check_tensor(OP, "tokens", tokens, dtypes=_FLOATS, ndim=3)
+    check_tensor(OP, "tokens", tokens, dtypes=FLOAT_DTYPES, ndim=3)
     device, dtype = tokens.device, tokens.dtype
-    if not isinstance(num_prefix_tokens, int) or isinstance(num_prefix_tokens, bool) or num_prefix_tokens < 0:
-        fail(OP, f"num_prefix_tokens expected an int >= 0, got {num_prefix_tokens!r}")
+    num_prefix_tokens = check_int(OP, "num_prefix_tokens", num_prefix_tokens, 0)
     B, L, D = tokens.shape
     N = L - num_prefix_tokens
     if B == 0 or N <= 0 or D == 0:
@@ -378,17 +331,16 @@ def relation_loss(
     if gh <= 0 or gw <= 0:
         fail(OP, f"grid expected positive sizes, got {grid!r}")
     cells = gh * gw
-    validate = positions is not None
     if positions is None:
         if N != cells:
             fail(OP, f"positions expected when N = {N} differs from the grid's {cells} cells")
-        positions = torch.arange(N, device=device).expand(B, N)
+        positions = torch.arange(N, device=device).expand(B, N).contiguous()
     else:
-        check_tensor(OP, "positions", positions, dtypes=_INTS, shape=(B, N), device=device)
-    positions = positions.to(torch.int64).contiguous()
-    if isinstance(label_smoothing, torch.Tensor):
-        fail(OP, "label_smoothing expected a Python float, got a Tensor", TypeError)
-    check_range(OP, "label_smoothing", float(label_smoothing), 0.0, 1.0)
+        check_tensor(OP, "positions", positions, dtypes=INDEX_DTYPES, shape=(B, N), device=device)
+        positions = positions.to(torch.int64).contiguous()
+        if not dispatch.checks_indices_itself(device, backend):
+            check_index_values(OP, "positions", positions, cells, meaning=" (grid cells)")
+    label_smoothing = check_float(OP, "label_smoothing", label_smoothing, 0.0, 1.0)
     regs = {}
     for name, pair in (("distance", distance), ("angle", angle)):
         if pair is None:
@@ -414,7 +366,7 @@ def relation_loss(
         zz, w_q, w_k = (z.float(), w_q.float(), w_k.float()) if upcast else (z, w_q, w_k)
         q, k = _projections(zz, w_q.reshape(-1, D), w_k.reshape(-1, D))
         scale = 1.0 / math.sqrt(w_q.shape[1])
-        args = (q, k, positions, table, gw, cells, classes, scale, float(label_smoothing), validate, backend)
+        args = (q, k, positions, table, gw, cells, classes, scale, label_smoothing, backend)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
             # one pass gives the loss and d loss / d(q, k); the backward only scales them
             return torch.ops.sslkern.relation_loss_with_grad(*args)[:2]

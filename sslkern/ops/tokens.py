@@ -1,4 +1,4 @@
-"""``gather_tokens`` / ``restore_tokens`` — fused masked-token gather and restore (SPEC section 3).
+"""``gather_tokens`` / ``restore_tokens`` — fused masked-token gather and restore (mae ``models_mae.py``).
 
 MAE, data2vec 2.0, I-JEPA and iBOT all keep a subset of patch tokens for the encoder and
 put the encoder output back in place (with mask tokens) for the decoder. Done eagerly this
@@ -14,31 +14,129 @@ from typing import Optional
 import torch
 
 from .._backend import Dispatch, ext_op, module_attr
-from .._checks import FLOAT_DTYPES, check_range, check_tensor, fail
+from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_int, check_tensor, fail
+from ._common import acc_dtype, check_index_values
 
-_INT_DTYPES = (torch.int64, torch.int32)
-_REF = "sslkern.reference.tokens"
-_TRI = "sslkern.triton_ops.tokens"
+_TRITON = "sslkern.triton_ops.tokens"
 
-gather_dispatch = Dispatch("gather_tokens", {
-    "reference": lambda: _gather_reference,
-    "cpu": ext_op("gather_tokens_cpu"),
-    "triton": module_attr(_TRI, "gather_tokens_triton"),
-    "cuda": ext_op("gather_tokens_cuda"),
-})
-def _no_unique(loader):
-    """A backend without a one-writer path: accept and ignore ``unique``."""
+
+# ---------------------------------------------------------------------------------------
+# Eager backends: the custom ops' contracts in plain PyTorch
+# ---------------------------------------------------------------------------------------
+def gather_tokens_eager(x, ids_keep, pos_embed, num_prefix_tokens, mask_major):
+    """``gather_tokens`` without shared prefix tokens, on the oracle."""
+    from ..reference.tokens import gather_tokens
+
+    return gather_tokens(x, ids_keep, pos_embed=pos_embed, num_prefix_tokens=num_prefix_tokens,
+                         mask_major=mask_major).contiguous()
+
+
+def restore_tokens_eager(x_vis, ids_restore, mask_token, fill, pos_embed, num_prefix_tokens):
+    """``restore_tokens`` on the oracle."""
+    from ..reference.tokens import restore_tokens
+
+    return restore_tokens(x_vis, ids_restore, mask_token=mask_token, fill=fill, pos_embed=pos_embed,
+                          num_prefix_tokens=num_prefix_tokens).contiguous()
+
+
+def gather_tokens_backward_eager(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos):
+    """(grad_x, grad_pos) written out (custom-op bodies run below autograd)."""
+    B, M, Nk = ids_keep.shape
+    P, D = num_prefix_tokens, grad_out.shape[-1]
+    g = grad_out.reshape(M, B, P + Nk, D).transpose(0, 1) if mask_major else grad_out.reshape(B, M, P + Nk, D)
+    acc = acc_dtype(grad_out)
+    grad_x = torch.zeros(B, num_tokens, D, dtype=acc, device=grad_out.device)
+    grad_x[:, :P] = g[:, :, :P].to(acc).sum(1)
+    idx = (ids_keep.long() + P).reshape(B, M * Nk, 1).expand(-1, -1, D)
+    grad_x.scatter_add_(1, idx, g[:, :, P:].reshape(B, M * Nk, D).to(acc))
+    grad_pos = grad_x.sum(0).to(grad_out.dtype) if need_pos else grad_out.new_empty(0)
+    return grad_x.to(grad_out.dtype), grad_pos
+
+
+def restore_tokens_backward_eager(grad_out, ids_restore, num_visible, num_prefix_tokens, need_mask_token, need_fill,
+                                  need_pos):
+    """(grad_x_vis, grad_mask_token, grad_fill, grad_pos) written out."""
+    B, N = ids_restore.shape
+    P, Nk, D = num_prefix_tokens, num_visible, grad_out.shape[-1]
+    g = grad_out[:, P:]
+    rank = ids_restore.long()
+    visible = (rank < Nk).unsqueeze(-1)
+    grad_vis = torch.zeros(B, P + Nk, D, dtype=grad_out.dtype, device=grad_out.device)
+    grad_vis[:, :P] = grad_out[:, :P]
+    if Nk > 0:
+        # slot i goes to visible rank ids_restore[b, i]; removed slots go to a dummy row Nk
+        target = torch.where(rank < Nk, rank, torch.full_like(rank, Nk)) + P
+        buf = torch.zeros(B, P + Nk + 1, D, dtype=grad_out.dtype, device=grad_out.device)
+        buf.scatter_(1, target.unsqueeze(-1).expand(-1, -1, D), g)
+        grad_vis[:, P:] = buf[:, P:P + Nk]
+    acc = acc_dtype(grad_out)
+    removed_g = torch.where(visible, torch.zeros((), dtype=g.dtype, device=g.device), g)
+    gmt = removed_g.to(acc).sum((0, 1)).to(grad_out.dtype) if need_mask_token else grad_out.new_empty(0)
+    gfill = removed_g if need_fill else grad_out.new_empty(0)
+    gpos = grad_out.to(acc).sum(0).to(grad_out.dtype) if need_pos else grad_out.new_empty(0)
+    return grad_vis, gmt, gfill.contiguous(), gpos
+
+
+# ---------------------------------------------------------------------------------------
+# Backend adapters: every backend takes the custom ops' arguments
+# ---------------------------------------------------------------------------------------
+def _gather_with_prefix(loader):
+    """A gather kernel without shared prefix tokens (and no use for ``unique``): the patches
+    through the kernel, the P shared rows (plus their positions) put in front."""
     def load():
         fn = loader()
-        return lambda *args, unique=False: fn(*args)
+
+        def gather(x, ids_keep, pos_embed, num_prefix_tokens, mask_major, unique, prefix_tokens):
+            if prefix_tokens is None:
+                return fn(x, ids_keep, pos_embed, num_prefix_tokens, mask_major)
+            P = num_prefix_tokens
+            body = fn(x, ids_keep, None if pos_embed is None else pos_embed[P:].contiguous(), 0, mask_major)
+            pre = prefix_tokens if pos_embed is None else prefix_tokens + pos_embed[:P]
+            return torch.cat([pre.unsqueeze(0).expand(body.shape[0], -1, -1), body], dim=1)
+        return gather
     return load
 
 
-def _cuda_gather_backward():
+def _gather_cpu():
+    fn = ext_op("gather_tokens_cpu")()  # the C++ kernel fuses the shared prefix into the copy
+    return lambda x, ids_keep, pos_embed, P, mask_major, unique, prefix_tokens: fn(
+        x, ids_keep, pos_embed, P, mask_major, prefix_tokens)
+
+
+def _gather_backward_with_prefix(loader):
+    """A gather backward kernel ``fn(grad_out, ids, num_tokens, P, mask_major, need_pos, unique)``
+    without the shared-prefix form: ``external_prefix`` sums the prefix rows' gradient here."""
+    def load():
+        fn = loader()
+
+        def backward(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos, unique,
+                     external_prefix):
+            if not external_prefix:
+                return fn(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos, unique)
+            P = num_prefix_tokens
+            grad_x, grad_pos = fn(grad_out[:, P:].contiguous(), ids_keep, num_tokens, 0, mask_major, need_pos, unique)
+            grad_pre = grad_out[:, :P].to(acc_dtype(grad_out)).sum(0).to(grad_out.dtype)
+            return grad_x, (torch.cat([grad_pre, grad_pos], dim=0) if need_pos else grad_pre)
+        return backward
+    return load
+
+
+def _gather_backward_cpu():
+    fn = ext_op("gather_tokens_backward_cpu")()  # no atomics on CPU: ``unique`` has no use there
+    return lambda grad_out, ids_keep, num_tokens, P, mask_major, need_pos, unique, external_prefix: fn(
+        grad_out, ids_keep, num_tokens, P, mask_major, need_pos, external_prefix)
+
+
+def _gather_backward_eager_any_unique():
+    return lambda grad_out, ids_keep, num_tokens, P, mask_major, need_pos, unique: gather_tokens_backward_eager(
+        grad_out, ids_keep, num_tokens, P, mask_major, need_pos)
+
+
+def _gather_backward_cuda():
     fn = ext_op("gather_tokens_backward_cuda")()
 
-    def run(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos, unique=False):
-        if torch.are_deterministic_algorithms_enabled():  # atomics: take the index_add_ path
+    def run(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos, unique):
+        if torch.are_deterministic_algorithms_enabled():  # the kernel's atomics: take the index_add_ path
             from ..triton_ops.tokens import gather_tokens_backward_deterministic as det
             gx = det(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major)
             return gx.to(grad_out.dtype), (gx.sum(0).to(grad_out.dtype) if need_pos else grad_out.new_empty(0))
@@ -46,7 +144,7 @@ def _cuda_gather_backward():
     return run
 
 
-def _cuda_restore_backward():
+def _restore_backward_cuda():
     fn = ext_op("restore_tokens_backward_cuda")()
 
     def run(grad_out, ids_restore, num_visible, num_prefix_tokens, need_mask_token, need_fill, need_pos):
@@ -59,39 +157,31 @@ def _cuda_restore_backward():
     return run
 
 
+gather_dispatch = Dispatch("gather_tokens", {
+    "reference": _gather_with_prefix(lambda: gather_tokens_eager),
+    "cpu": _gather_cpu,
+    "triton": _gather_with_prefix(module_attr(_TRITON, "gather_tokens_triton")),
+    "cuda": _gather_with_prefix(ext_op("gather_tokens_cuda")),
+}, checks_indices=("cpu",))
 gather_backward_dispatch = Dispatch("gather_tokens_backward", {
-    "reference": _no_unique(module_attr(_REF, "gather_tokens_backward")),
-    "cpu": _no_unique(ext_op("gather_tokens_backward_cpu")),
-    "triton": module_attr(_TRI, "gather_tokens_backward_triton"),
-    "cuda": _cuda_gather_backward,
+    "reference": _gather_backward_with_prefix(_gather_backward_eager_any_unique),
+    "cpu": _gather_backward_cpu,
+    "triton": _gather_backward_with_prefix(module_attr(_TRITON, "gather_tokens_backward_triton")),
+    "cuda": _gather_backward_with_prefix(_gather_backward_cuda),
 })
 restore_dispatch = Dispatch("restore_tokens", {
-    "reference": lambda: _restore_reference,
+    "reference": lambda: restore_tokens_eager,
     "cpu": ext_op("restore_tokens_cpu"),
-    "triton": module_attr(_TRI, "restore_tokens_triton"),
+    "triton": module_attr(_TRITON, "restore_tokens_triton"),
     "cuda": ext_op("restore_tokens_cuda"),
-})
+}, checks_indices=("cpu",))
 restore_backward_dispatch = Dispatch("restore_tokens_backward", {
-    "reference": module_attr(_REF, "restore_tokens_backward"),
+    "reference": lambda: restore_tokens_backward_eager,
     "cpu": ext_op("restore_tokens_backward_cpu"),
-    "triton": module_attr(_TRI, "restore_tokens_backward_triton"),
-    "cuda": _cuda_restore_backward,
+    "triton": module_attr(_TRITON, "restore_tokens_backward_triton"),
+    "cuda": _restore_backward_cuda,
 })
 dispatch = gather_dispatch  # the backends of this op family (tests parametrize over it)
-
-
-def _gather_reference(x, ids_keep, pos_embed, num_prefix_tokens, mask_major):
-    from ..reference.tokens import gather_tokens
-
-    return gather_tokens(x, ids_keep, pos_embed=pos_embed, num_prefix_tokens=num_prefix_tokens,
-                         mask_major=mask_major).contiguous()
-
-
-def _restore_reference(x_vis, ids_restore, mask_token, fill, pos_embed, num_prefix_tokens):
-    from ..reference.tokens import restore_tokens
-
-    return restore_tokens(x_vis, ids_restore, mask_token=mask_token, fill=fill, pos_embed=pos_embed,
-                          num_prefix_tokens=num_prefix_tokens).contiguous()
 
 
 # ---------------------------------------------------------------------------------------
@@ -99,51 +189,32 @@ def _restore_reference(x_vis, ids_restore, mask_token, fill, pos_embed, num_pref
 # ---------------------------------------------------------------------------------------
 @torch.library.custom_op("sslkern::gather_tokens", mutates_args=())
 def _gather_op(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: Optional[torch.Tensor], num_prefix_tokens: int,
-               mask_major: bool, unique: bool, backend: str,
-               prefix_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
-    name = gather_dispatch.resolve(x.device, backend)
-    fn = gather_dispatch(x.device, name)
-    if prefix_tokens is None:
-        return fn(x, ids_keep, pos_embed, num_prefix_tokens, mask_major)
-    if name == "cpu":  # shared prefix tokens fused into the copy
-        return fn(x, ids_keep, pos_embed, num_prefix_tokens, mask_major, prefix_tokens)
-    # other backends: the patches through the backend, the P shared rows in front
-    P = num_prefix_tokens
-    body = fn(x, ids_keep, None if pos_embed is None else pos_embed[P:].contiguous(), 0, mask_major)
-    pre = prefix_tokens if pos_embed is None else prefix_tokens + pos_embed[:P]
-    return torch.cat([pre.unsqueeze(0).expand(body.shape[0], -1, -1), body], dim=1)
+               mask_major: bool, unique: bool, prefix_tokens: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+    return gather_dispatch(x.device, backend)(x, ids_keep, pos_embed, num_prefix_tokens, mask_major, unique,
+                                              prefix_tokens)
 
 
 @_gather_op.register_fake
-def _(x, ids_keep, pos_embed, num_prefix_tokens, mask_major, unique, backend, prefix_tokens=None):
+def _(x, ids_keep, pos_embed, num_prefix_tokens, mask_major, unique, prefix_tokens, backend):
     B, M, Nk = ids_keep.shape
     return x.new_empty(B * M, num_prefix_tokens + Nk, x.shape[2])
 
 
 @torch.library.custom_op("sslkern::gather_tokens_backward", mutates_args=())
 def _gather_backward_op(grad_out: torch.Tensor, ids_keep: torch.Tensor, num_tokens: int, num_prefix_tokens: int,
-                        mask_major: bool, need_pos: bool, unique: bool, backend: str,
-                        external_prefix: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                        mask_major: bool, need_pos: bool, unique: bool, external_prefix: bool,
+                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x, sums): sums = the batch sum of grad_out's rows by position (pos_embed's
     gradient, fused), (P + N, D) if ``need_pos`` else empty (0,). ``external_prefix``: x held
     no prefix rows (``num_tokens`` = N) and sums are (P, D) without ``need_pos``: its first P
     rows are the shared prefix tokens' gradient either way. ``unique``: every grad_x row has
     at most one source row (plain stores on the GPU)."""
-    name = gather_backward_dispatch.resolve(grad_out.device, backend)
-    fn = gather_backward_dispatch(grad_out.device, name)
-    if not external_prefix:
-        return fn(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos, unique=unique)
-    if name == "cpu":
-        return fn(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos, True)
-    P = num_prefix_tokens
-    grad_x, grad_pos = fn(grad_out[:, P:].contiguous(), ids_keep, num_tokens, 0, mask_major, need_pos, unique=unique)
-    acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
-    grad_pre = grad_out[:, :P].to(acc).sum(0).to(grad_out.dtype)
-    return grad_x, (torch.cat([grad_pre, grad_pos], dim=0) if need_pos else grad_pre)
+    return gather_backward_dispatch(grad_out.device, backend)(grad_out, ids_keep, num_tokens, num_prefix_tokens,
+                                                              mask_major, need_pos, unique, external_prefix)
 
 
 @_gather_backward_op.register_fake
-def _(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos, unique, backend, external_prefix=False):
+def _(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos, unique, external_prefix, backend):
     D = grad_out.shape[2]
     if need_pos:
         gpos = grad_out.new_empty(num_tokens + (num_prefix_tokens if external_prefix else 0), D)
@@ -153,8 +224,7 @@ def _(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos, u
 
 
 def _gather_setup(ctx, inputs, output):
-    x, ids_keep, pos_embed, P, mask_major, unique, backend = inputs[:7]
-    prefix = inputs[7] if len(inputs) > 7 else None
+    x, ids_keep, pos_embed, P, mask_major, unique, prefix, backend = inputs
     ctx.save_for_backward(ids_keep)
     ctx.meta = (x.shape[1], P, mask_major, unique, backend, pos_embed is not None, prefix is not None)
 
@@ -164,16 +234,13 @@ def _gather_backward(ctx, grad):
     L, P, mask_major, unique, backend, has_pos, has_prefix = ctx.meta
     need_pos = bool(has_pos and ctx.needs_input_grad[2])
     grad = grad.contiguous()
-    grad_x, grad_pos = _gather_backward_op(grad, ids_keep, L, P, mask_major, need_pos, unique, backend, has_prefix)
-    grads = [(grad_x if ctx.needs_input_grad[0] else None), None, (grad_pos if need_pos else None), None, None, None,
-             None]
-    if len(ctx.needs_input_grad) > 7:
-        # shared by every output row: the batch sum of the prefix rows, the first P sums
-        grad_prefix = None
-        if has_prefix and ctx.needs_input_grad[7]:  # a copy: grad_pos may be accumulated in place
-            grad_prefix = grad_pos[:P].clone() if need_pos else grad_pos
-        grads.append(grad_prefix)
-    return tuple(grads)
+    grad_x, grad_pos = _gather_backward_op(grad, ids_keep, L, P, mask_major, need_pos, unique, has_prefix, backend)
+    # shared prefix tokens: every output row's prefix rows, summed over the batch (the first P sums)
+    grad_prefix = None
+    if has_prefix and ctx.needs_input_grad[6]:  # a copy: grad_pos may be accumulated in place
+        grad_prefix = grad_pos[:P].clone() if need_pos else grad_pos
+    return (grad_x if ctx.needs_input_grad[0] else None), None, (grad_pos if need_pos else None), None, None, None, \
+        grad_prefix, None
 
 
 _gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
@@ -188,24 +255,12 @@ def _check_pos(op, pos_embed, n_total, d, dtype, device):
     return pos_embed.reshape(n_total, d).to(dtype).contiguous()
 
 
-def _check_indices(op: str, name: str, ids: torch.Tensor, hi: int, unique_rows: bool = False) -> bool:
-    """The front-door index check: values in [0, hi) (IndexError naming ``name``), in one
-    device reduction and one host sync. With ``unique_rows`` also returns whether no index
-    repeats within a row of ``ids`` (B, ...) (same sync), else False."""
-    if ids.numel() == 0:
-        return True
-    bad = (ids < 0) | (ids >= hi)
-    if unique_rows:
-        flat = ids.reshape(ids.shape[0], -1).clamp(0, max(hi - 1, 0))
-        counts = torch.zeros(ids.shape[0], max(hi, 1), dtype=torch.int32, device=ids.device)
-        counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.int32))
-        flags = int(bad.any().to(torch.int32) + 2 * (counts > 1).any().to(torch.int32))  # the one sync
-        any_bad, repeats = bool(flags & 1), bool(flags & 2)
-    else:
-        any_bad, repeats = bool(bad.any()), True
-    if any_bad:
-        raise IndexError(f"sslkern.{op}: {name} must hold indices in [0, {hi}), got {ids[bad][0].item()}")
-    return not repeats
+def _repeats_in_rows(ids: torch.Tensor, hi: int) -> torch.Tensor:
+    """(B,) bool: whether a (clamped) index repeats within each row of ``ids`` (B, ...)."""
+    flat = ids.reshape(ids.shape[0], -1).clamp(0, max(hi - 1, 0))
+    counts = torch.zeros(ids.shape[0], max(hi, 1), dtype=torch.int32, device=ids.device)
+    counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.int32))
+    return (counts > 1).any(1)
 
 
 def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, *, pos_embed: torch.Tensor | None = None,
@@ -268,27 +323,27 @@ def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, *, pos_embed: torch.T
         if num_prefix_tokens not in (0, P_ext) or isinstance(num_prefix_tokens, bool):
             fail(op, f"num_prefix_tokens expected 0 or {P_ext} (the rows of prefix_tokens), got {num_prefix_tokens!r}")
         prefix = prefix_tokens.reshape(P_ext, D).to(x.dtype).contiguous()
-    check_tensor(op, "ids_keep", ids_keep, dtypes=_INT_DTYPES, ndim=(2, 3), device=x.device)
+    check_tensor(op, "ids_keep", ids_keep, dtypes=INDEX_DTYPES, ndim=(2, 3), device=x.device)
     if ids_keep.shape[0] != B:
         fail(op, f"ids_keep expected batch size {B} (x.shape[0]), got shape {tuple(ids_keep.shape)}")
-    if not isinstance(num_prefix_tokens, int) or isinstance(num_prefix_tokens, bool):
-        fail(op, f"num_prefix_tokens expected an int, got {type(num_prefix_tokens).__name__}", TypeError)
-    if prefix is None:
-        check_range(op, "num_prefix_tokens", num_prefix_tokens, 0, L)
+    num_prefix_tokens = check_int(op, "num_prefix_tokens", num_prefix_tokens, 0, L if prefix is None else None)
+    check_choice(op, "mask_major", mask_major, (True, False))
+    mask_major = bool(mask_major)
+    check_choice(op, "check_indices", check_indices, (True, False))
     if mask_major and ids_keep.dim() != 3:
         fail(op, f"mask_major=True needs ids_keep of shape (B, M, Nk), got {tuple(ids_keep.shape)}")
     ids = ids_keep if ids_keep.dim() == 3 else ids_keep.unsqueeze(1)
     ids = ids.to(torch.int64).contiguous()
     P = num_prefix_tokens if prefix is None else prefix.shape[0]
     unique = False
-    # the C++ kernels check every index themselves (same IndexError): no second pass and sync here
-    if check_indices and not torch.compiler.is_compiling() and gather_dispatch.resolve(x.device, backend or "") != "cpu":
-        unique = _check_indices(op, "ids_keep", ids, L - (num_prefix_tokens if prefix is None else 0), unique_rows=True)
-    if prefix is None:
-        pos = _check_pos(op, pos_embed, L, D, x.dtype, x.device)
-        return _gather_op(x.contiguous(), ids, pos, num_prefix_tokens, bool(mask_major), unique, backend or "")
-    pos = _check_pos(op, pos_embed, P + L, D, x.dtype, x.device)
-    return _gather_op(x.contiguous(), ids, pos, P, bool(mask_major), unique, backend or "", prefix)
+    if check_indices and not gather_dispatch.checks_indices_itself(x.device, backend):
+        n_patches = L - (num_prefix_tokens if prefix is None else 0)
+        # the same sync finds out whether an index repeats within an image (if not, the GPU
+        # backward writes with plain stores)
+        unique = not check_index_values(op, "ids_keep", ids, n_patches, meaning=" (patch token indices)",
+                                        also=_repeats_in_rows(ids, n_patches))
+    pos = _check_pos(op, pos_embed, L if prefix is None else P + L, D, x.dtype, x.device)
+    return _gather_op(x.contiguous(), ids, pos, P, mask_major, unique, prefix, backend or "")
 
 
 # ---------------------------------------------------------------------------------------
@@ -385,13 +440,12 @@ def restore_tokens(x_vis: torch.Tensor, ids_restore: torch.Tensor, *, mask_token
     op = "restore_tokens"
     check_tensor(op, "x_vis", x_vis, dtypes=FLOAT_DTYPES, ndim=3)
     B, Lv, D = x_vis.shape
-    check_tensor(op, "ids_restore", ids_restore, dtypes=_INT_DTYPES, ndim=2, device=x_vis.device)
+    check_tensor(op, "ids_restore", ids_restore, dtypes=INDEX_DTYPES, ndim=2, device=x_vis.device)
     N = ids_restore.shape[1]
     if ids_restore.shape[0] != B:
         fail(op, f"ids_restore expected batch size {B} (x_vis.shape[0]), got shape {tuple(ids_restore.shape)}")
-    if not isinstance(num_prefix_tokens, int) or isinstance(num_prefix_tokens, bool):
-        fail(op, f"num_prefix_tokens expected an int, got {type(num_prefix_tokens).__name__}", TypeError)
-    check_range(op, "num_prefix_tokens", num_prefix_tokens, 0, Lv)
+    num_prefix_tokens = check_int(op, "num_prefix_tokens", num_prefix_tokens, 0, Lv)
+    check_choice(op, "check_indices", check_indices, (True, False))
     Nk = Lv - num_prefix_tokens
     if Nk > N:
         fail(op, f"x_vis expected at most {num_prefix_tokens} + {N} tokens (ids_restore has N = {N}), got {Lv}")
@@ -407,7 +461,6 @@ def restore_tokens(x_vis: torch.Tensor, ids_restore: torch.Tensor, *, mask_token
         fill = fill.to(x_vis.dtype).contiguous()
     pos = _check_pos(op, pos_embed, num_prefix_tokens + N, D, x_vis.dtype, x_vis.device)
     ids = ids_restore.to(torch.int64).contiguous()
-    if (check_indices and not torch.compiler.is_compiling()
-            and restore_dispatch.resolve(x_vis.device, backend or "") != "cpu"):
-        _check_indices(op, "ids_restore", ids, N)
+    if check_indices and not restore_dispatch.checks_indices_itself(x_vis.device, backend):
+        check_index_values(op, "ids_restore", ids, N, meaning=" (shuffle ranks)")
     return _restore_op(x_vis.contiguous(), ids, mask_token, fill, pos, num_prefix_tokens, backend or "")

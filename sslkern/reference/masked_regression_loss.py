@@ -1,4 +1,4 @@
-"""Eager reference for ``masked_regression_loss`` and ``data2vec_cls_loss`` (SPEC section 5).
+"""Eager reference for ``masked_regression_loss`` and ``data2vec_cls_loss``.
 
 Follows fairseq ``examples/data2vec/models/data2vec2.py``: the per-image targets are
 repeated for the clone batch (``repeat_interleave(M, 0)``), the masked positions are
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _elementwise(x: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+def elementwise_loss(x: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
     if beta == 0:
         return F.mse_loss(x, y, reduction="none")
     return F.smooth_l1_loss(x, y, reduction="none", beta=beta)
@@ -35,7 +35,7 @@ def masked_regression_loss(pred, target, mask=None, *, ids=None, beta: float = 0
     else:
         x, y = x.reshape(-1, D), y.reshape(-1, D)
     s = (1.0 / math.sqrt(D)) if scale is None else scale
-    loss = (_elementwise(x, y, beta) * s).sum()
+    loss = (elementwise_loss(x, y, beta) * s).sum()
     if reduction == "mean":
         loss = loss / max(x.shape[0], 1)
     return loss.to(torch.float32) if cdtype == torch.float32 else loss
@@ -50,32 +50,8 @@ def data2vec_cls_loss(cls_pred, target, *, weight: float = 0.01, beta: float = 0
     cdtype = torch.float64 if cls_pred.dtype == torch.float64 else torch.float32
     y = target.detach().to(cdtype).mean(dim=1).repeat_interleave(M, 0)
     s = (1.0 / math.sqrt(D)) if scale is None else scale
-    loss = (_elementwise(cls_pred.to(cdtype), y, beta) * s).sum()
+    loss = (elementwise_loss(cls_pred.to(cdtype), y, beta) * s).sum()
     if reduction == "mean":
         loss = loss / max(cls_pred.shape[0], 1)
     loss = loss * weight
     return loss.to(torch.float32) if cdtype == torch.float32 else loss
-
-
-def masked_regression_loss_backward(grad_out, pred, target, mask=None, ids=None, beta: float = 0.0, scale=None,
-                                    mean: bool = False) -> torch.Tensor:
-    """d loss / d pred in closed form (autograd is not available below a custom op):
-    ``g · scale · ℓ'(pred − y)`` at counted tokens (÷ count for "mean"), 0 elsewhere."""
-    B, T, D = target.shape
-    M = pred.shape[0] // B
-    cdtype = torch.float64 if pred.dtype == torch.float64 else torch.float32
-    y = target.to(cdtype).repeat_interleave(M, 0)
-    if ids is not None:
-        y = torch.gather(y, 1, ids.long().unsqueeze(-1).expand(-1, -1, D))
-    e = pred.to(cdtype) - y
-    if beta == 0:
-        d = 2 * e
-    else:
-        d = torch.where(e.abs() < beta, e / beta, torch.sign(e))
-    s = (1.0 / math.sqrt(D)) if scale is None else scale
-    keep = torch.ones(pred.shape[:2], dtype=torch.bool, device=pred.device) if mask is None else mask
-    count = int(keep.sum()) if ids is None else pred.shape[0] * pred.shape[1]
-    coef = grad_out.to(cdtype) * s
-    if mean:
-        coef = coef / max(count, 1)
-    return (d * coef * keep.unsqueeze(-1)).to(pred.dtype)

@@ -194,15 +194,12 @@ def _config(dtype: torch.dtype, block_do: int) -> dict:
     return CONFIGS[(cls, block_do)]
 
 
-def info_nce_loss_triton(q, k, pos, exclude, inv_temp, grad_q, grad_k, validate, tied=False):
+def info_nce_loss_triton(q, k, pos, exclude, inv_temp, grad_q, grad_k, tied):
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"sslkern.info_nce_loss: the triton backend takes fp32, fp16 or bf16 q and k, got "
                         f"{str(q.dtype).replace('torch.', '')} (fp64 runs on backend='cpu' or 'reference')")
     N, D = q.shape
     M = k.shape[0]
-    if validate:  # one reduction and a host sync, only for user-given indices
-        from ..ops.info_nce_loss import check_indices
-        check_indices(pos, exclude, M)
     q, k = q.contiguous(), k.contiguous()
     dev = q.device
     lse = torch.empty(N, dtype=torch.float32, device=dev)

@@ -200,21 +200,18 @@ def _block_do(dh: int) -> int:
     return BLOCK_DOS[-1]
 
 
-def _check(q, pos, cells, validate):
+def _check(q):
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"sslkern.relation_loss: the triton backend takes fp32, fp16 or bf16 tokens, got "
                         f"{str(q.dtype).replace('torch.', '')} (fp64 runs on backend='cpu' or 'reference')")
-    if validate:
-        from ..ops.relation_loss import check_positions
-        check_positions(pos, cells)
 
 
 def _table(table, q):
     return table if table is not None else q.new_zeros(1, dtype=torch.float32)
 
 
-def relation_loss_triton(q, k, pos, table, grid_w, cells, classes, scale, smoothing, validate):
-    _check(q, pos, cells, validate)
+def relation_loss_triton(q, k, pos, table, grid_w, cells, classes, scale, smoothing):
+    _check(q)
     q, k, pos = q.contiguous(), k.contiguous(), pos.contiguous()
     B, N, LD = q.shape
     dh = LD // classes
@@ -229,8 +226,8 @@ def relation_loss_triton(q, k, pos, table, grid_w, cells, classes, scale, smooth
     return loss.sum() / pairs, hits.sum() / pairs
 
 
-def relation_loss_backward_triton(grad, q, k, pos, table, grid_w, cells, classes, scale, smoothing, validate):
-    _check(q, pos, cells, validate)
+def relation_loss_backward_triton(grad, q, k, pos, table, grid_w, cells, classes, scale, smoothing):
+    _check(q)
     q, k, pos = q.contiguous(), k.contiguous(), pos.contiguous()
     B, N, LD = q.shape
     dh = LD // classes

@@ -208,8 +208,7 @@ def gather_tokens_backward_deterministic(grad_out, ids_keep, num_tokens, num_pre
     return grad_x.view(B, num_tokens, D)
 
 
-def gather_tokens_backward_triton(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos,
-                                  unique=False):
+def gather_tokens_backward_triton(grad_out, ids_keep, num_tokens, num_prefix_tokens, mask_major, need_pos, unique):
     B, M, Nk = ids_keep.shape
     D = grad_out.shape[2]
     P = num_prefix_tokens

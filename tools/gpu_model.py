@@ -13,12 +13,18 @@ A MODEL, not a measurement. For each op and benchmark size it counts
 The expected time on a GPU is modelled as
 ``max(bytes / HBM bandwidth, flops / peak) + kernels * LAUNCH_S``, and the expected speed-up
 as the ratio of eager to fused time. Until a GPU measures these ops, the speed-up column is
-this model and nothing more. ``python -m sslkern.gpu_model`` prints the markdown.
+this model and nothing more. ``python tools/gpu_model.py`` prints the markdown.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository root
+if str(ROOT) not in sys.path:  # run as a script from anywhere: import this tree's sslkern
+    sys.path.insert(1, str(ROOT))
 
 LAUNCH_S = 2e-6  # cost per kernel boundary (launch + tail), back-to-back kernels on one stream
 
@@ -376,7 +382,7 @@ def render_markdown() -> str:
         "op's issue. The formulas are checked against a count: the public op sequence (autograd included) "
         "run on meta tensors under a dispatch mode that adds up each aten op's input and output bytes "
         "(`count_eager`; gather/index read only the selected elements) — column 'eager counted'. "
-        "Regenerate with `python -m sslkern.gpu_model`.",
+        "Regenerate with `python tools/gpu_model.py`.",
         "",
         "| op | case | fused bytes | eager bytes (formula) | eager counted | byte ratio | kernels fused / eager | "
         f"flops (fused) | model time fused / eager, {g_h.name} | expected speed-up {g_a.name} | "
@@ -482,7 +488,7 @@ def eager_programs() -> dict[tuple[str, str], object]:
 
     def ema(mixed):
         def build():
-            from .reference.ema_update import ema_update_
+            from sslkern.reference.ema_update import ema_update_
             d = 768  # timm vit_base_patch16_224: 12 blocks of 12 tensors + 8 others = 152, 86,567,656 elements
             block = [d, d, 3 * d * d, 3 * d, d * d, d, d, d, 4 * d * d, 4 * d, 4 * d * d, d]
             sizes = block * 12 + [d, 197 * d, d * 3 * 16 * 16, d, d, d, 1000 * d, 1000]
