@@ -1,6 +1,6 @@
-"""DINO multi-crop loss and iBOT patch loss, forward + backward + center update (issues #3, #17).
+"""DINO multi-crop loss and iBOT patch loss, forward + backward + the teacher column sum of the center update.
 
-Cases (sizes of issue #3; inputs of issue #17):
+Cases:
   DINO   B = 32 images, K = 65,536 prototypes, 2 global + 6 local crops: student logits
          (256, 65536), teacher logits (64, 65536), center (65536,).
   iBOT   64 global-crop images × 196 patches, half the images masked at 10-50 % (seeded),
@@ -14,10 +14,13 @@ Cases (sizes of issue #3; inputs of issue #17):
   subnormal range (see tests/test_subnormals.py): the sweep shows that nothing there costs
   extra. fp32, plus bf16 logits (fp32 accumulation) at × 1.
 Timed work: the loss, its gradient w.r.t. the student logits and the center update.
+Default run: the randn x1 fp32 case of each loss; SSLKERN_BENCH_FULL=1 adds the sweep, bf16,
+the output cache off and torch.compile of the iBOT and Sinkhorn references.
 bytes_moved: the fewest bytes, read student and teacher once, write the student gradient.
 
 Providers:
-  sslkern    sslkern.dino_loss / ibot_patch_loss with center_momentum (C++ on CPU, Triton on GPU)
+  sslkern    sslkern.dino_loss / ibot_patch_loss with return_teacher_sum + the center EMA on it
+             (C++ on CPU, Triton on GPU)
   reference  dino DINOLoss math in eager PyTorch (sslkern.reference) + center update
   compiled   torch.compile of the reference
   lightly    lightly.loss.DINOLoss / IBOTPatchLoss (updates its own center)
@@ -29,7 +32,7 @@ import torch
 
 import sslkern
 from sslkern import reference as R
-from harness import measure
+from harness import measure, sweep
 
 B, K, V, T = 32, 65536, 8, 2
 IB, IL, IK = 64, 196, 8192
@@ -112,12 +115,16 @@ def _fn(provider, kind, inputs, dtype=torch.float32):
     if kind == "dino":
         s, t, c = dino_data(inputs, dtype)
         args = (s, t, c)
-        ours = lambda: sslkern.dino_loss(s, t, c, n_global_crops=T, center_momentum=0.9)  # noqa: E731
+        def ours():
+            loss, teacher_sum = sslkern.dino_loss(s, t, c, n_global_crops=T, return_teacher_sum=True)
+            return loss, 0.9 * c + 0.1 * teacher_sum / t.shape[0]
         ref = dino_reference_step
     else:
         s, t, c, masks = ibot_data(inputs, dtype)
         args = (s, t, c, masks)
-        ours = lambda: sslkern.ibot_patch_loss(s, t, masks, c, center_momentum=0.9)  # noqa: E731
+        def ours():
+            loss, teacher_sum = sslkern.ibot_patch_loss(s, t, masks, c, return_teacher_sum=True)
+            return loss, 0.9 * c + 0.1 * teacher_sum / t.shape[0]
         ref = ibot_reference_step
     if provider == "sslkern":
         step = ours
@@ -156,8 +163,12 @@ def _dtype_name(dtype):
     return str(dtype).removeprefix("torch.").replace("float", "fp").replace("bfp", "bf")
 
 
-@pytest.mark.parametrize("provider", DINO_PROVIDERS)
-@pytest.mark.parametrize("inputs,dtype", DINO_CASES, ids=[f"{k}-{_dtype_name(d)}" for k, d in DINO_CASES])
+DEFAULT_CASES = [(WORST, torch.float32)]
+
+
+@pytest.mark.parametrize("provider", sweep(DINO_PROVIDERS, ["sslkern", "reference", "compiled", "lightly"]))
+@pytest.mark.parametrize("inputs,dtype", sweep(DINO_CASES, DEFAULT_CASES),
+                         ids=[f"{k}-{_dtype_name(d)}" for k, d in DINO_CASES])
 def test_dino_loss_b32_k65536(benchmark, provider, inputs, dtype):
     if provider == "sslkern_nocache" and inputs != WORST:
         pytest.skip("the output cache is timed on the worst-case inputs only")
@@ -174,8 +185,10 @@ def test_dino_loss_b32_k65536(benchmark, provider, inputs, dtype):
 IBOT_CASES = [(kind, torch.float32) for kind in INPUTS] + [(WORST, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("provider", ["sslkern", "reference", "compiled", "lightly"])
-@pytest.mark.parametrize("inputs,dtype", IBOT_CASES, ids=[f"{k}-{_dtype_name(d)}" for k, d in IBOT_CASES])
+@pytest.mark.parametrize("provider", sweep(["sslkern", "reference", "compiled", "lightly"],
+                                           ["sslkern", "reference", "lightly"]))
+@pytest.mark.parametrize("inputs,dtype", sweep(IBOT_CASES, DEFAULT_CASES),
+                         ids=[f"{k}-{_dtype_name(d)}" for k, d in IBOT_CASES])
 def test_ibot_patch_loss_64x196_k8192(benchmark, provider, inputs, dtype):
     s, t, _, _ = ibot_data(inputs, dtype)
     bytes_moved = s.element_size() * IK * 3 * s.shape[0]
@@ -187,15 +200,16 @@ def test_ibot_patch_loss_64x196_k8192(benchmark, provider, inputs, dtype):
 
 # DINOv2 Sinkhorn-Knopp teacher on the DINO case's teacher logits (64, 65536), 3 iterations,
 # τt = 0.04: sslkern's C++ kernel vs the eager log-domain iterations (torch logsumexp: the
-# subnormal cliff of issue #17 sits in its exponentials), torch.compile of them, and dinov2's
+# subnormal cliff sits in its exponentials), torch.compile of them, and dinov2's
 # own formula (exp, then sums; it overflows to inf / NaN once t/τt passes ~88, from x1 up,
 # which costs nothing extra: the time is still its code's). bytes: read the logits once,
 # write the probabilities.
 _sinkhorn_compiled: dict = {}
 
 
-@pytest.mark.parametrize("provider", ["sslkern", "reference", "compiled", "dinov2"])
-@pytest.mark.parametrize("inputs", INPUTS)
+@pytest.mark.parametrize("provider", sweep(["sslkern", "reference", "compiled", "dinov2"], ["sslkern", "reference",
+                                                                                      "dinov2"]))
+@pytest.mark.parametrize("inputs", sweep(INPUTS, [WORST]))
 def test_sinkhorn_teacher_64x65536(benchmark, provider, inputs):
     from sslkern.ops.dino_loss import _sinkhorn_log_domain
 
@@ -213,9 +227,9 @@ def test_sinkhorn_teacher_64x65536(benchmark, provider, inputs):
             provider=provider, fn=fn, bytes_moved=2 * 4 * t.numel(), rounds=5, warmup=1)
 
 
-@pytest.mark.parametrize("provider", ["sslkern", "reference", "dinov2"])
+@pytest.mark.parametrize("provider", sweep(["sslkern", "reference", "dinov2"], []))
 def test_sinkhorn_teacher_64x65536_bf16(benchmark, provider):
-    """The same on bf16 teacher logits of the DINO head (issue #17: a bf16 case per op; bf16
+    """The same on bf16 teacher logits of the DINO head (a bf16 case per op; bf16
     in, fp32 math, fp32 probabilities out)."""
     from sslkern.ops.dino_loss import _sinkhorn_log_domain
 

@@ -1,9 +1,12 @@
-"""ema_update_ on the parameter lists of timm ViT-S/16 and ViT-B/16 (issue: foundation).
+"""ema_update_ on the parameter lists of timm ViT-S/16 and ViT-B/16.
 
 Providers: sslkern (C++ kernel on CPU), reference (sslkern.reference: per-tensor lerp_),
 compiled (torch.compile of the reference), loop (per-parameter mul_/add_, dino style),
 foreach_lerp (torch._foreach_lerp_, timm ModelEmaV3), lightly (update_momentum),
 flat_lerp (one lerp_ over pre-flattened buffers: the bandwidth floor, read 2N write N).
+Default run: ViT-B fp32 and ViT-S with a bf16 student against the reference, foreach_lerp,
+lightly and flat_lerp; SSLKERN_BENCH_FULL=1 adds ViT-S fp32, the other providers and the
+round-robin timings.
 """
 import copy
 
@@ -11,7 +14,7 @@ import pytest
 import torch
 
 import sslkern
-from harness import measure, measure_interleaved
+from harness import full_sweep_only, measure, measure_interleaved, sweep
 
 timm = pytest.importorskip("timm")
 M = 0.996
@@ -74,8 +77,10 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("provider", providers(False))
-@pytest.mark.parametrize("arch,sdtype,targets", CASES, ids=["vit_s-fp32", "vit_b-fp32", "vit_s-fp32_teacher_bf16_student"])
+@pytest.mark.parametrize("provider", sweep(providers(False), ["sslkern", "reference", "foreach_lerp", "lightly",
+                                                              "flat_lerp"]))
+@pytest.mark.parametrize("arch,sdtype,targets", sweep(CASES, CASES[1:]),
+                         ids=["vit_s-fp32", "vit_b-fp32", "vit_s-fp32_teacher_bf16_student"])
 def test_ema_update(benchmark, provider, arch, sdtype, targets):
     teacher, student, tp, sp = params(arch, sdtype)
     n = sum(t.numel() for t in tp)
@@ -87,6 +92,7 @@ def test_ema_update(benchmark, provider, arch, sdtype, targets):
             target=targets.get(provider), rounds=15, warmup=2)
 
 
+@full_sweep_only
 @pytest.mark.parametrize("arch", ["vit_small_patch16_224", "vit_base_patch16_224"], ids=["vit_s", "vit_b"])
 def test_ema_update_interleaved(benchmark, arch):
     """sslkern, _foreach_lerp_ and one lerp_ over pre-flattened buffers, timed round-robin (one

@@ -1,4 +1,4 @@
-"""MaskFeat HOG targets (issue #15): B = 64 RGB images 224x224, patch 16, cells of 8, 9 bins.
+"""MaskFeat HOG targets: B = 64 RGB images 224x224, patch 16, cells of 8, 9 bins.
 
 Cases: every patch (B, 196, 108), and the masked patches only (40 %: 78 ids per image, the
 MaskFeat ratio; SlowFast computes the whole map and selects ``[mask]``). fp32 images, and a bf16
@@ -12,6 +12,8 @@ Providers:
   compiled   torch.compile of the reference
   hoglayerc  an eager port of SlowFast HOGLayerC + MaskMViT._get_hog_label_2d
              (tests/_slowfast_hog.py): the code the op replaces
+Default run: every patch in fp32 against the reference and HOGLayerC; SSLKERN_BENCH_FULL=1 adds
+torch.compile, the masked ids and bf16.
 """
 import os
 import sys
@@ -20,7 +22,7 @@ import pytest
 import torch
 
 import sslkern
-from harness import measure
+from harness import full_sweep_only, measure, sweep
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from _slowfast_hog import HOGLayerC, maskfeat_hog_labels  # noqa: E402
@@ -61,8 +63,9 @@ def make_fn(provider, masked, bf16=False):
     raise ValueError(provider)
 
 
-@pytest.mark.parametrize("provider", ["sslkern", "reference", "compiled", "hoglayerc"])
-@pytest.mark.parametrize("masked", [False, True], ids=["all", "masked40"])
+@pytest.mark.parametrize("provider", sweep(["sslkern", "reference", "compiled", "hoglayerc"], ["sslkern", "reference",
+                                                                                           "hoglayerc"]))
+@pytest.mark.parametrize("masked", sweep([False, True], [False]), ids=["all", "masked40"])
 def test_hog_targets_b64_224(benchmark, provider, masked):
     n = (S // P) ** 2
     rows = int(n * RATIO) if masked else n
@@ -75,6 +78,7 @@ def test_hog_targets_b64_224(benchmark, provider, masked):
             bytes_moved=bytes_moved, target={"hoglayerc": 3.0}.get(provider), rounds=3, warmup=2)
 
 
+@full_sweep_only
 @pytest.mark.parametrize("provider", ["sslkern", "reference", "hoglayerc"])
 def test_hog_targets_b64_224_bf16(benchmark, provider):
     n = (S // P) ** 2

@@ -1,4 +1,4 @@
-"""relation_loss, forward + backward (issue #15).
+"""relation_loss, forward + backward.
 
 Case: RelViT's relation task at ViT-S/16 on 224² images: B = 64 images, N = 196 patch tokens
 (the CLS token is not part of the loss), D = 384, 9 relation heads of width D // 9 = 42
@@ -15,6 +15,8 @@ Providers:
              (the label matrices are built before the timed call, as RelViT's dataloader does)
 bytes_moved is the minimal traffic (read the tokens and weights, write their gradients); the op
 is compute-bound (3 + 1 products of B·9·N²·42 each), so its GB/s is far below the copy bandwidth.
+Default run: the fp32 relation case against the reference and RelViT's code, and the round-robin
+sslkern / RelViT timing; SSLKERN_BENCH_FULL=1 adds torch.compile, the regressions and bf16.
 """
 import math
 
@@ -22,7 +24,7 @@ import pytest
 import torch
 
 import sslkern
-from harness import measure, measure_interleaved
+from harness import full_sweep_only, measure, measure_interleaved, sweep
 from sslkern.reference.relation_loss import relvit_head_scores, relvit_ssl_signal
 
 B, SIDE, D = 64, 14, 384
@@ -82,10 +84,11 @@ def _bytes(leaves):
 
 
 TARGETS = {"relvit": 3.0, "reference": 3.0, "compiled": 1.0}
-ROUNDS = 3  # the eager call takes about a second on the 2-core CPU
+ROUNDS = 3
 
 
-@pytest.mark.parametrize("provider", ["sslkern", "reference", "compiled", "relvit"])
+@pytest.mark.parametrize("provider", sweep(["sslkern", "reference", "compiled", "relvit"], ["sslkern", "reference",
+                                                                                        "relvit"]))
 def test_relation_loss_b64_n196_d384(benchmark, provider):
     leaves, perms = _inputs(False)
     measure(benchmark, op="relation_loss", case=f"relations B={B} N={N} D={D} 9 heads x {DH} fp32 fwd+bwd",
@@ -93,6 +96,7 @@ def test_relation_loss_b64_n196_d384(benchmark, provider):
             target=TARGETS.get(provider), rounds=ROUNDS, warmup=1)
 
 
+@full_sweep_only
 @pytest.mark.parametrize("provider", ["sslkern", "reference", "relvit"])
 def test_relation_loss_with_regressions(benchmark, provider):
     leaves, perms = _inputs(True, seed=1)
@@ -101,6 +105,7 @@ def test_relation_loss_with_regressions(benchmark, provider):
             target=TARGETS.get(provider), rounds=ROUNDS, warmup=1)
 
 
+@full_sweep_only
 @pytest.mark.parametrize("provider", ["sslkern", "reference", "relvit"])
 def test_relation_loss_b64_n196_d384_bf16(benchmark, provider):
     leaves, perms = _inputs(False, dtype=torch.bfloat16)

@@ -17,17 +17,41 @@ from typing import Callable
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler quiet
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import sslkern  # noqa: E402
 
 RESULTS: list["Result"] = []
 
-# Floors on rounds and warm-up calls: on this class of machine (a VM, 2 cores) the first
-# calls of a process run at a fraction of steady-state speed (fresh pages, allocator growth),
-# and 3 rounds left single runs 2-3x apart. Raise with SSLKERN_BENCH_ROUNDS.
-MIN_ROUNDS = int(os.environ.get("SSLKERN_BENCH_ROUNDS", "10"))
-MIN_WARMUP = 2
+# The default run (``pytest bench --benchmark-only``) times one representative case per op
+# against its main providers, with few rounds, so the whole suite stays short on a small CPU;
+# ``SSLKERN_BENCH_FULL=1`` adds every case of the sweeps (input scales, dtypes, the output
+# cache off, round-robin timings) and raises the rounds: on a shared VM the first calls of a
+# process run at a fraction of steady-state speed and 3 rounds left single runs 2-3x apart.
+FULL = os.environ.get("SSLKERN_BENCH_FULL", "0") not in ("", "0")
+MIN_ROUNDS = int(os.environ.get("SSLKERN_BENCH_ROUNDS", "10" if FULL else "3"))
+MAX_ROUNDS = None if FULL else int(os.environ.get("SSLKERN_BENCH_ROUNDS", "5"))
+MIN_WARMUP = 2 if FULL else 1
+full_sweep_only = pytest.mark.skipif(not FULL, reason="part of the full sweep (SSLKERN_BENCH_FULL=1)")
+
+
+def sweep(values, default, *, unpack: bool = True) -> list:
+    """``values`` for ``pytest.mark.parametrize``, those not in ``default`` run only with
+    ``SSLKERN_BENCH_FULL=1`` (reported as skipped otherwise). Tuples are the values of several
+    argument names unless ``unpack=False`` (one argument that takes a tuple)."""
+    out = []
+    for v in values:
+        if v in default:
+            out.append(v)
+        else:
+            out.append(pytest.param(*(v if unpack and isinstance(v, tuple) else (v,)), marks=full_sweep_only))
+    return out
+
+
+def _rounds(rounds: int) -> int:
+    rounds = max(rounds, MIN_ROUNDS)
+    return rounds if MAX_ROUNDS is None else min(rounds, max(MAX_ROUNDS, MIN_ROUNDS))
 
 
 @dataclass
@@ -150,7 +174,7 @@ def measure(
         target: the speed-up sslkern should reach over this provider (shown met/missed).
     """
 
-    rounds, warmup = max(rounds, MIN_ROUNDS), max(warmup, MIN_WARMUP)
+    rounds, warmup = _rounds(rounds), max(warmup, MIN_WARMUP) if FULL else MIN_WARMUP
 
     if provider == "sslkern_nocache":
         inner = fn
@@ -201,11 +225,11 @@ def measure_interleaved(benchmark, *, op: str, case: str, fns: dict, rounds: int
     "sslkern"). For sweeps of one op over its inputs: on a shared VM whose speed drifts by
     10-30 % over minutes, timing each variant in its own block measures the drift, not the op.
     Returns {name: median seconds}."""
-    rounds = max(rounds, MIN_ROUNDS)
+    rounds = _rounds(rounds) if FULL else min(rounds, 10)
     setup = setup or {}
     times: dict = {k: [] for k in fns}
     for k, fn in fns.items():
-        for _ in range(max(warmup, MIN_WARMUP)):
+        for _ in range(max(warmup, MIN_WARMUP) if FULL else MIN_WARMUP):
             if k in setup:
                 setup[k]()
             fn()

@@ -261,3 +261,15 @@ def ext_op(name: str) -> Callable[[], Callable]:
 def module_attr(module: str, attr: str) -> Callable[[], Callable]:
     """Loader for ``module.attr`` imported on first use (Triton kernels, references)."""
     return lambda: getattr(importlib.import_module(module), attr)
+
+
+def standard_impls(name: str, eager: Callable, *, triton_module: str | None = None,
+                   cuda: bool = False) -> dict[str, Callable[[], Callable]]:
+    """The backend table of an op that follows the naming rule (docs/design.md): ``eager`` (the
+    ``reference`` backend), ``sslkern_C.NAME_cpu``, ``sslkern.triton_ops.<module>.NAME_triton``
+    (module = ``triton_module`` or NAME) and, with ``cuda``, ``sslkern_C.NAME_cuda``."""
+    impls = {"reference": lambda: eager, "cpu": ext_op(f"{name}_cpu"),
+             "triton": module_attr(f"sslkern.triton_ops.{triton_module or name}", f"{name}_triton")}
+    if cuda:
+        impls["cuda"] = ext_op(f"{name}_cuda")
+    return impls

@@ -2,8 +2,8 @@
 
 PyTorch's CPU allocator passes large allocations to ``malloc``, which maps fresh pages for
 them and returns them to the OS on free; every training step then page-faults and
-zero-fills each large output again (64 MiB of DINO gradient: ~13 ms of faults on a 2-core
-VM against ~1.5 ms to write it). sslkern's C++ kernels therefore take their large outputs
+zero-fills each large output again, at several times the cost of writing it (docs/design.md,
+*CPU outputs*). sslkern's C++ kernels therefore take their large outputs
 (gradients, gathered tokens, targets; 1 MiB and up) from a small cache, the CPU analogue of
 the CUDA caching allocator:
 

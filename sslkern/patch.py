@@ -61,12 +61,11 @@ class TimmAttention(AlibiAttention):
     """:class:`sslkern.nn.AlibiAttention` as :func:`patch_timm_vit` installs it.
 
     With ALiBi on, always sslkern's kernel. With ALiBi off (no bias), each call takes the
-    faster of the two exact implementations as measured on CPU (ViT-S shapes, B=8, H=6,
-    L=197, Dh=64, 2-core Xeon VM, shared): a call that needs gradients runs sslkern's kernel
-    (forward + backward 1.2x faster than PyTorch's SDPA: 360 vs 420-460 ms); a call without
-    gradients (eval, the EMA teacher) and every CUDA call runs ``F.scaled_dot_product_attention``
-    as timm's ``Attention`` does (no-grad forward: SDPA 1.5x faster on CPU, 61-76 vs 93-116
-    ms; on CUDA PyTorch's flash attention, sslkern's Triton kernel not measured against it).
+    faster of the two exact implementations as measured on CPU (figures in
+    docs/ops/alibi_attention.md, *Plain attention in patched timm ViTs*): a call that needs
+    gradients runs sslkern's kernel; a call without gradients (eval, the EMA teacher) and every
+    CUDA call runs ``F.scaled_dot_product_attention`` as timm's ``Attention`` does (on CUDA
+    PyTorch's flash attention; sslkern's Triton kernel has not been measured against it).
     """
 
     def _prefer_sdpa(self, args: dict, q: torch.Tensor) -> bool:

@@ -1,4 +1,4 @@
-"""alibi_attention: every backend against the materialized-bias reference (SPEC section 4)."""
+"""alibi_attention: every backend against the materialized-bias reference."""
 import math
 
 import pytest
@@ -82,7 +82,7 @@ def test_slopes_match_alibi_paper(H):
     p = 2 ** int(math.floor(math.log2(H)))
     want = power2(H) if p == H else power2(p) + power2(2 * p)[0::2][: H - p]
     torch.testing.assert_close(s, torch.tensor(want), atol=0, rtol=1e-7)
-    # the values SPEC section 4 spells out
+    # the values of the published slope rule (Press et al. 2022, fairseq get_alibi)
     if H == 3:
         torch.testing.assert_close(s, torch.tensor([1 / 16, 1 / 256, 1 / 4]), atol=0, rtol=0)
     if H == 6:
@@ -97,7 +97,7 @@ TRITON_CASES = [(1, 32, 3), (37, 32, 3), (50, 64, 2), (26, 16, 1)]  # interprete
 
 
 def _case_params():
-    """(backend, (L, Dh, H)) pairs: the issue's sizes on cpu (and on a GPU); small ones for
+    """(backend, (L, Dh, H)) pairs: the benchmark sizes on cpu (and on a GPU); small ones for
     the Triton interpreter."""
     out = []
     for p in BACKENDS:

@@ -1,4 +1,4 @@
-"""sslkern.nn.AlibiAttention / use_alibi: a timm drop-in (SPEC section 4)."""
+"""sslkern.nn.AlibiAttention / use_alibi: a timm drop-in."""
 import pytest
 import torch
 import torch.nn.functional as F

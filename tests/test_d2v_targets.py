@@ -1,4 +1,4 @@
-"""data2vec targets and masked regression (SPEC section 5): every backend against fairseq's
+"""data2vec targets and masked regression: every backend against fairseq's
 math (make_targets, d2v_loss with the clone repeat), the v1 layer-norm path and I-JEPA."""
 import math
 

@@ -1,4 +1,4 @@
-"""ema_update_: every backend against the eager reference (SPEC section 1)."""
+"""ema_update_: every backend against the eager reference."""
 import copy
 
 import pytest

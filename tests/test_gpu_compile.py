@@ -29,7 +29,7 @@ WORKERS = int(os.environ.get("SSLKERN_COMPILE_JOBS", "2"))  # compile processes 
 # Kernels allowed to spill registers at their launch configuration:
 # {(module or .cu file, config or kernel name, target): reason}. Keep each reason honest and short.
 _ALIBI_SPILL = ("small spill ({}) seen once the report compiles with a real launch's specialisation (16-byte "
-                "divisibility of pointers and sizes, issue #16 item 11); unspecialised it did not spill. Owner "
+                "divisibility of pointers and sizes); unspecialised it did not spill. Owner "
                 "(alibi_attention) to re-tune BLOCK_M/BLOCK_N/num_warps for this entry")
 SPILL_ALLOWED: dict[tuple[str, str, str], str] = {
     ("alibi_attention", name, target): _ALIBI_SPILL.format(size) for name, target, size in [

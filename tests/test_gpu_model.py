@@ -30,7 +30,7 @@ def test_fused_moves_no_more_than_eager(acc):
         assert acc.time(gpu, fused=True) <= acc.time(gpu, fused=False)
 
 
-def test_every_op_of_the_issue_has_an_account():
+def test_every_op_has_an_account():
     ops = {a.op.split(" ")[0] for a in ACCOUNTS}
     assert ops >= {"ema_update_", "dino_loss", "ibot_patch_loss", "gather_tokens", "restore_tokens",
                    "alibi_attention", "layer_average_targets", "masked_regression_loss"}

@@ -1,5 +1,5 @@
 """info_nce_loss: every backend against the eager reference, MoCo v3's contrastive loss and
-lightly's NTXentLoss (issue #14)."""
+lightly's NTXentLoss."""
 import pytest
 import torch
 import torch.nn.functional as F

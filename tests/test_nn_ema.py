@@ -1,4 +1,4 @@
-"""sslkern.nn.EMATeacher and the momentum schedules (SPEC section 1)."""
+"""sslkern.nn.EMATeacher and the momentum schedules."""
 import copy
 import math
 

@@ -1,4 +1,4 @@
-"""sslkern.prototype_loss (issue #19): the DINO / iBOT prototype layer fused with the loss.
+"""sslkern.prototype_loss: the DINO / iBOT prototype layer fused with the loss.
 
 Every backend against the unfused composition it replaces — the weight-normalised last
 layer (``sslkern.nn.DINOHead.last_layer``) → ``dino_loss`` / ``ibot_patch_loss`` with

@@ -1,6 +1,6 @@
 """relation_loss: every backend against the port of RelViT's code (``relvit_losses``: its
 ``encode_locations.py`` matrices, ``MultiHeadAttentionScores`` heads, ``F.cross_entropy`` /
-``F.mse_loss``), and against the op's eager reference (issue #15)."""
+``F.mse_loss``), and against the op's eager reference."""
 import math
 
 import pytest

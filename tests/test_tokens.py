@@ -1,4 +1,4 @@
-"""gather_tokens / restore_tokens: every backend against the eager reference (SPEC section 3)."""
+"""gather_tokens / restore_tokens: every backend against the eager reference."""
 import pytest
 import torch
 

@@ -5,7 +5,7 @@ A MODEL, not a measurement. For each op and benchmark size it counts
 * the fewest bytes a fused kernel must move: every input read once, every output written
   once (forward and backward where the op is differentiable), and
 * the bytes the eager reference moves, from its op sequence (the public code named in
-  shared/SPEC.md), counting for each eager kernel one read of each input and one write of
+  the method's public code), counting for each eager kernel one read of each input and one write of
   its output; views are free; reads of broadcast operands (stride 0) and tensors of size
   O(K) or O(B) are left out. Real softmax / norm kernels on long rows often read their
   input twice, so the eager counts are lower bounds.
@@ -264,7 +264,7 @@ def attention_accounts() -> list[Account]:
                  (2 * S + 8 * Q) * e, 4),
         ]
         out.append(Account("alibi_attention", f"{case}, bf16, fwd+bwd; Q = B·H·L·Dh, S = B·H·L², Sb = bias elements", fused, eager,
-                           "SDPA math with a materialized bias (the SPEC oracle)", 14 * S * Dh, 12 * S * Dh,
+                           "SDPA math with a materialized bias (the eager oracle)", 14 * S * Dh, 12 * S * Dh,
                            tensor_cores=True,
                            notes="Fused flops include the backward's recompute of q kᵀ (flash-attention style)."))
     return out
@@ -379,7 +379,7 @@ def render_markdown() -> str:
         f"{g_h.bandwidth / 1e12:.2f} TB/s, {g_h.fp32 / 1e12:.0f} TF fp32, {g_h.tensor / 1e12:.0f} TF bf16 tensor; "
         "real kernels reach 70-90 % of peak bandwidth, which scales both sides alike. "
         "Expected speed-up = modelled eager time / modelled fused time. Sizes are the benchmark sizes of each "
-        "op's issue. The formulas are checked against a count: the public op sequence (autograd included) "
+        "op's benchmark. The formulas are checked against a count: the public op sequence (autograd included) "
         "run on meta tensors under a dispatch mode that adds up each aten op's input and output bytes "
         "(`count_eager`; gather/index read only the selected elements) — column 'eager counted'. "
         "Regenerate with `python tools/gpu_model.py`.",

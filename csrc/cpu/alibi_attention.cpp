@@ -14,15 +14,15 @@
 // P = exp(scale·S + bias − lse), dV += Pᵀ·dO, dP = dO·Vᵀ, dS = P ∘ (dP − rowsum(dO ∘ O)),
 // dQ += scale·dS·K, dK += scale·dSᵀ·Q and d slope += Σ dS ∘ (−dist).
 // fp16 / bf16 inputs are converted to fp32 copies once at entry (ATen's vectorised casts; a copy
-// per tile cost 1.7x the fp32 time at ViT-S sizes) and the outputs rounded once at the end;
+// per tile was slower, docs/ops/alibi_attention.md) and the outputs rounded once at the end;
 // fp64 runs in fp64.
 // Both run with flush-to-zero / denormals-are-zero (FlushDenormals, csrc/common.h; the
 // caller's modes restored after): probabilities near exp(-87) times dO, and the online
 // rescale factors, are subnormal for sharp rows (large q·k) and would cost an assist each.
 // No FP exception traps are read here: without -fno-trapping-math gcc will not if-convert
 // the float compares of exp_fast's clamps and selects on AVX2, and the exp loops stay scalar
-// (measured on an AMD EPYC VM: ~2.4x slower, and data-dependent, since branches then skip
-// underflowing exps). AVX-512 vectorizes them either way (masked lanes). Results unchanged.
+// (slower, and data-dependent, since branches then skip underflowing exps; docs/ops/dino_loss.md).
+// AVX-512 vectorizes them either way (masked lanes). Results unchanged.
 // Set for this file only, before any include, so every function here has the same options.
 #pragma GCC optimize("no-trapping-math")
 #include "blas.h"

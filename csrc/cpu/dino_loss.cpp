@@ -19,15 +19,15 @@
 // Subnormals: the kernel runs with flush-to-zero / denormals-are-zero (FlushDenormals in
 // csrc/common.h, the caller's modes restored after): at DINO's teacher temperature the
 // teacher probabilities and the gradient fall below 1.2e-38 on most columns, and each such
-// value would cost a microcode assist (measured 3x the time at randn x 1 logits, tt = 0.04).
+// value would cost a microcode assist (docs/ops/dino_loss.md, *Subnormals*).
 //
 // NaN: a NaN in a student row makes that row's loss term and gradient NaN; a NaN in a
 // teacher row makes the p of that row NaN, hence the loss and the gradient of every student
 // row paired with it — exactly where the eager reference has NaN.
 // No FP exception traps are read here: without -fno-trapping-math gcc will not if-convert
 // the float compares of exp_fast's clamps and selects on AVX2, and the exp loops stay scalar
-// (measured on an AMD EPYC VM: ~2.4x slower, and data-dependent, since branches then skip
-// underflowing exps). AVX-512 vectorizes them either way (masked lanes). Results unchanged.
+// (slower, and data-dependent, since branches then skip underflowing exps; docs/ops/dino_loss.md).
+// AVX-512 vectorizes them either way (masked lanes). Results unchanged.
 // Set for this file only, before any include, so every function here has the same options.
 #pragma GCC optimize("no-trapping-math")
 #include "common.h"

@@ -3,8 +3,8 @@
 //
 // Why: PyTorch's CPU allocator hands allocations over ~128 KiB to malloc, which maps fresh
 // pages for them and unmaps them on free. Every training step then pays a page fault and
-// a zero-fill per 4 KiB page of every large output: 64 MiB of DINO gradient costs ~13 ms of
-// faults on a 2-core VM, against ~1.5 ms to write it. The CUDA caching allocator avoids
+// a zero-fill per 4 KiB page of every large output, several times the cost of writing it
+// (docs/design.md, *CPU outputs*). The CUDA caching allocator avoids
 // this on GPUs; this cache does the same for the outputs of sslkern's CPU kernels only.
 //
 // How: an output's storage owns a block (memory from PyTorch's CPU allocator, so profilers

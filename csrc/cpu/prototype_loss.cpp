@@ -1,5 +1,5 @@
 // prototype_loss — DINO / iBOT prototype head (weight-normalised last layer) fused with the
-// DINO / iBOT loss, C++ CPU kernel (issue #19). No (rows, K) logits are ever stored.
+// DINO / iBOT loss, C++ CPU kernel. No (rows, K) logits are ever stored.
 //
 // Student bottleneck features zs (Rs x D), teacher features zt (Rt x D), last-layer weights
 // v (K x D) with optional gains g (K): W = g v / ||v|| (rows; W = v without gains), the same
@@ -49,8 +49,8 @@ namespace sslkern {
 namespace {
 
 // (Rs + Rt) x n logits per task: at most 64 MiB of fp32, and n <= 1024 prototypes. Wide tiles
-// matter: every tile GEMM re-reads (and BLAS re-packs) the (rows x D) features, so the 64-wide
-// tiles of a 2^18 budget made the iBOT case (3,530 rows) 1.26x slower than n = 1024.
+// matter: every tile GEMM re-reads (and BLAS re-packs) the (rows x D) features, so narrower
+// tiles made the iBOT case slower (docs/ops/prototype_loss.md, *Tile width*).
 constexpr int64_t kTileElems = int64_t(1) << 24;
 
 // Copy n elements of storage type `dtype` at src (element offset off) into dst (compute type A).

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .._backend import Dispatch, ext_op, module_attr
+from .._backend import Dispatch, standard_impls
 from .._checks import FLOAT_DTYPES, check_choice, check_float, check_int, check_tensor, fail
 from ..reference.alibi_attention import MODES, alibi_bias, alibi_slopes as _ref_slopes, grid_coords
 from ._common import acc_dtype
@@ -57,16 +57,9 @@ def alibi_attention_backward_eager(dout, q, k, v, out, lse, slopes, coords, num_
     return tuple(t.to(dtype).contiguous() for t in (dq, dk, dv)) + (dslopes.contiguous(),)
 
 
-dispatch = Dispatch(OP, {
-    "reference": lambda: alibi_attention_eager,
-    "cpu": ext_op("alibi_attention_cpu"),
-    "triton": module_attr("sslkern.triton_ops.alibi_attention", "alibi_attention_triton"),
-})
-dispatch_backward = Dispatch(OP + "_backward", {
-    "reference": lambda: alibi_attention_backward_eager,
-    "cpu": ext_op("alibi_attention_backward_cpu"),
-    "triton": module_attr("sslkern.triton_ops.alibi_attention", "alibi_attention_backward_triton"),
-})
+dispatch = Dispatch(OP, standard_impls(OP, alibi_attention_eager))
+dispatch_backward = Dispatch(OP + "_backward", standard_impls(OP + "_backward", alibi_attention_backward_eager,
+                                                              triton_module=OP))
 
 
 # ---------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._backend import Dispatch, ext_op, module_attr
+from .._backend import Dispatch, ext_op, standard_impls
 from .._checks import FLOAT_DTYPES, check_choice, check_float, check_int, check_tensor, fail
 from ._common import acc_dtype, needs_grad, register_saved_gradients, world_size
 
@@ -101,14 +101,7 @@ def dino_loss_eager(student, teacher, center, weights, scale, student_temp, teac
     return total.detach(), grad, csum
 
 
-dispatch = Dispatch(
-    OP,
-    {
-        "reference": lambda: dino_loss_eager,
-        "cpu": ext_op("dino_loss_cpu"),
-        "triton": module_attr("sslkern.triton_ops.dino_loss", "dino_loss_triton"),
-    },
-)
+dispatch = Dispatch(OP, standard_impls(OP, dino_loss_eager))
 
 
 @torch.library.custom_op("sslkern::dino_loss", mutates_args=())
@@ -128,10 +121,9 @@ def _dino_loss_op(
     center_sum: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    fn = dispatch(student.device, backend)
-    loss, grad, csum = fn(student, teacher, center, weights, scale, student_temp, teacher_temp, n_student_views,
-                          n_teacher_views, skip_same_view, teacher_is_probs, compute_grad, center_sum)
-    return loss, grad, csum
+    return dispatch(student.device, backend)(student, teacher, center, weights, scale, student_temp, teacher_temp,
+                                             n_student_views, n_teacher_views, skip_same_view, teacher_is_probs,
+                                             compute_grad, center_sum)
 
 
 @_dino_loss_op.register_fake

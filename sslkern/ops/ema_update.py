@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .._backend import Dispatch, ext_op, module_attr
+from .._backend import Dispatch, standard_impls
 from .._checks import FLOAT_DTYPES, check_float, check_tensor, fail, is_dense
 from ._common import local_shards
 
@@ -23,15 +23,7 @@ def ema_update_eager(teachers, students, momentum, momentum_value):
     ema_update_(teachers, students, momentum if momentum is not None else momentum_value)
 
 
-dispatch = Dispatch(
-    OP,
-    {
-        "reference": lambda: ema_update_eager,
-        "cpu": ext_op("ema_update_cpu"),
-        "triton": module_attr("sslkern.triton_ops.ema_update", "ema_update_triton"),
-        "cuda": ext_op("ema_update_cuda"),
-    },
-)
+dispatch = Dispatch(OP, standard_impls("ema_update", ema_update_eager, cuda=True))
 
 
 @torch.library.custom_op("sslkern::ema_update_", mutates_args=("teachers",))

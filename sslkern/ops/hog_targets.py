@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from .._backend import Dispatch, ext_op, module_attr
+from .._backend import Dispatch, standard_impls
 from .._checks import HALF_OR_FLOAT32, INDEX_DTYPES, check_choice, check_int, check_same_device, check_tensor, fail
 from ._common import check_index_values
 
@@ -20,14 +20,7 @@ def hog_targets_eager(images, ids, window, patch_size, pool, nbins):
     return hog_targets(images, patch_size, pool, nbins, gw, ids)
 
 
-dispatch = Dispatch(
-    OP,
-    {
-        "reference": lambda: hog_targets_eager,
-        "cpu": ext_op("hog_targets_cpu"),
-        "triton": module_attr("sslkern.triton_ops.hog_targets", "hog_targets_triton"),
-    },
-)
+dispatch = Dispatch(OP, standard_impls(OP, hog_targets_eager))
 
 
 def num_features(channels: int, patch_size: int, pool: int, nbins: int = 9) -> int:

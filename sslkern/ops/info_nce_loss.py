@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._backend import Dispatch, ext_op, module_attr
+from .._backend import Dispatch, standard_impls
 from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_float, check_int, check_tensor, dtype_name, fail
 from ..reference.info_nce_loss import nt_xent_indices
 from ._common import acc_dtype, check_index_values, needs_grad, register_saved_gradients
@@ -66,15 +66,7 @@ def info_nce_loss_eager(q, k, pos, exclude, inv_temp, grad_q, grad_k, tied):
     return loss, dq, dk
 
 
-dispatch = Dispatch(
-    OP,
-    {
-        "reference": lambda: info_nce_loss_eager,
-        "cpu": ext_op("info_nce_loss_cpu"),
-        "triton": module_attr("sslkern.triton_ops.info_nce_loss", "info_nce_loss_triton"),
-    },
-    checks_indices=("cpu",),
-)
+dispatch = Dispatch(OP, standard_impls(OP, info_nce_loss_eager), checks_indices=("cpu",))
 
 
 @torch.library.custom_op("sslkern::info_nce_loss", mutates_args=())
@@ -138,8 +130,8 @@ def info_nce_loss(
         ``pos_offset = rank·N``). MoCo v3 multiplies the cross-entropy by ``2·τ``: its
         ``ctr_loss(q, k)`` equals ``2·τ·info_nce_loss(q, k, τ, pos_offset=rank·N)``, and its
         symmetrized loss is the sum of two calls, ``(q1, k2)`` and ``(q2, k1)``.
-      * ``nt_xent=True`` (SimCLR NT-Xent, lightly ``NTXentLoss``; the issue's "symmetric
-        form"): ``q`` and ``k`` are the two views (n, D) of one batch; the 2n views
+      * ``nt_xent=True`` (SimCLR NT-Xent, lightly ``NTXentLoss``; the symmetric
+        form): ``q`` and ``k`` are the two views (n, D) of one batch; the 2n views
         ``cat(q, k)`` are both the rows and the columns, each view's positive is the other
         view of its image, its self-similarity is left out of the denominator, and the mean
         runs over the 2n rows. (Cross-rank NT-Xent: pass the local ``cat`` as ``q``, the

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from .._backend import Dispatch, ext_op, module_attr
+from .._backend import Dispatch, standard_impls
 from .._checks import HALF_OR_FLOAT32, check_choice, check_float, check_tensor, dtype_name, fail
 
 OP = "layer_average_targets"
@@ -20,14 +20,7 @@ def layer_average_targets_eager(layers, layer_norm, final_norm, eps):
     return layer_average_targets(layers, layer_norm, final_norm, eps)
 
 
-dispatch = Dispatch(
-    OP,
-    {
-        "reference": lambda: layer_average_targets_eager,
-        "cpu": ext_op("layer_average_targets_cpu"),
-        "triton": module_attr("sslkern.triton_ops.layer_average_targets", "layer_average_targets_triton"),
-    },
-)
+dispatch = Dispatch(OP, standard_impls(OP, layer_average_targets_eager))
 
 
 @torch.library.custom_op("sslkern::layer_average_targets", mutates_args=())

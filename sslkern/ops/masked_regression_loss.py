@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from .._backend import Dispatch, ext_op, module_attr
+from .._backend import Dispatch, standard_impls
 from .._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_float, check_same_device, check_tensor,
                        fail)
 from ._common import acc_dtype, check_index_values
@@ -43,22 +43,9 @@ def masked_regression_loss_backward_eager(grad_out, pred, target, mask, ids, bet
     return (d * coef * keep.unsqueeze(-1)).to(pred.dtype)
 
 
-dispatch = Dispatch(
-    OP,
-    {
-        "reference": lambda: masked_regression_loss_eager,
-        "cpu": ext_op("masked_regression_loss_cpu"),
-        "triton": module_attr("sslkern.triton_ops.masked_regression_loss", "masked_regression_loss_triton"),
-    },
-)
-dispatch_backward = Dispatch(
-    OP + "_backward",
-    {
-        "reference": lambda: masked_regression_loss_backward_eager,
-        "cpu": ext_op("masked_regression_loss_backward_cpu"),
-        "triton": module_attr("sslkern.triton_ops.masked_regression_loss", "masked_regression_loss_backward_triton"),
-    },
-)
+dispatch = Dispatch(OP, standard_impls(OP, masked_regression_loss_eager))
+dispatch_backward = Dispatch(OP + "_backward", standard_impls(OP + "_backward", masked_regression_loss_backward_eager,
+                                                              triton_module=OP))
 
 
 @torch.library.custom_op("sslkern::masked_regression_loss", mutates_args=())

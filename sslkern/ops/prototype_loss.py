@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .._backend import Dispatch, ext_op, module_attr
+from .._backend import Dispatch, standard_impls
 from .._checks import FLOAT_DTYPES, check_choice, check_float, check_tensor, fail
 from ._common import acc_dtype, register_saved_gradients
 from .dino_loss import check_center, crop_layout, dino_loss_eager, ibot_weights
@@ -74,14 +74,7 @@ def prototype_loss_eager(student, teacher, weight, gain, teacher_weight, teacher
     return loss, dzs, dv.to(weight.dtype), dg, csum
 
 
-dispatch = Dispatch(
-    OP,
-    {
-        "reference": lambda: prototype_loss_eager,
-        "cpu": ext_op("prototype_loss_cpu"),
-        "triton": module_attr("sslkern.triton_ops.prototype_loss", "prototype_loss_triton"),
-    },
-)
+dispatch = Dispatch(OP, standard_impls(OP, prototype_loss_eager))
 
 
 @torch.library.custom_op("sslkern::prototype_loss", mutates_args=())
@@ -105,10 +98,9 @@ def _prototype_loss_op(
     center_sum: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    fn = dispatch(student.device, backend)
-    out = fn(student, teacher, weight, gain, teacher_weight, teacher_gain, center, weights, scale, student_temp,
-             teacher_temp, n_student_views, n_teacher_views, skip_same_view, compute_grad, gain_grad, center_sum)
-    return tuple(out)
+    return tuple(dispatch(student.device, backend)(student, teacher, weight, gain, teacher_weight, teacher_gain, center,
+                                                   weights, scale, student_temp, teacher_temp, n_student_views,
+                                                   n_teacher_views, skip_same_view, compute_grad, gain_grad, center_sum))
 
 
 @_prototype_loss_op.register_fake

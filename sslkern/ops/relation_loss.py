@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._backend import Dispatch, cpu_dnn_linear, cpu_native_half, ext_op, module_attr
+from .._backend import Dispatch, cpu_dnn_linear, cpu_native_half, ext_op, module_attr, standard_impls
 from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_float, check_int, check_tensor, dtype_name, fail
 from ..reference.relation_loss import (RelationLosses, pair_targets, relation_labels, relvit_angle_matrix,
                                        relvit_dist_matrix)
@@ -105,16 +105,9 @@ def _forward_then_backward(fwd_loader, bwd_loader):
 
 
 _TRITON = "sslkern.triton_ops.relation_loss"
-dispatch = Dispatch(OP, {
-    "reference": lambda: relation_loss_eager,
-    "cpu": ext_op("relation_loss_cpu"),
-    "triton": module_attr(_TRITON, "relation_loss_triton"),
-}, checks_indices=("cpu",))
-dispatch_backward = Dispatch(OP + "_backward", {
-    "reference": lambda: relation_loss_backward_eager,
-    "cpu": ext_op("relation_loss_backward_cpu"),
-    "triton": module_attr(_TRITON, "relation_loss_backward_triton"),
-})
+dispatch = Dispatch(OP, standard_impls(OP, relation_loss_eager), checks_indices=("cpu",))
+dispatch_backward = Dispatch(OP + "_backward", standard_impls(OP + "_backward", relation_loss_backward_eager,
+                                                              triton_module=OP))
 dispatch_with_grad = Dispatch(OP + "_with_grad", {
     "reference": _forward_then_backward(lambda: relation_loss_eager, lambda: relation_loss_backward_eager),
     "cpu": ext_op("relation_loss_with_grad_cpu"),
@@ -359,7 +352,7 @@ def relation_loss(
     z = tokens[:, num_prefix_tokens:]
     # fp16 / bf16 tokens on a CPU without native half GEMMs (no AVX512-BF16 / AMX-FP16):
     # the projections run in fp32 (bf16 in, fp32 accumulate, as the reference does), since
-    # torch's emulated half GEMMs there took 4x longer than the whole fp32 loss
+    # torch emulates half GEMMs there, far slower than fp32 (docs/design.md, *Fast paths*)
     upcast = z.device.type == "cpu" and z.dtype in (torch.float16, torch.bfloat16) and not cpu_native_half(z.dtype)
 
     def term(w_q, w_k, classes, table):

@@ -1,6 +1,6 @@
 """Eager PyTorch references: the oracle for tests and the baseline for benchmarks.
 
-Each function here follows the public code named in ``shared/SPEC.md`` for its op and
+Each function here follows the public code of its method (named in its docstring) and
 carries the op's name, e.g. ``sslkern.reference.ema_update_``.
 """
 from .ema_update import ema_update_  # noqa: F401

@@ -1,4 +1,4 @@
-"""Eager references for ``alibi_attention`` (SPEC section 4): the bias is materialized.
+"""Eager references for ``alibi_attention`` (fairseq data2vec 2.0 ``get_alibi``): the bias is materialized.
 
 ``alibi_attention`` here builds the full (B, H, L, L) bias from the same arguments as the
 fused op and runs ``softmax(scale·q·kᵀ + bias)·v``; ``fairseq_get_alibi`` /

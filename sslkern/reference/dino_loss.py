@@ -1,4 +1,4 @@
-"""Eager references for the DINO / iBOT / DINOv2 losses (SPEC section 2).
+"""Eager references for the DINO / iBOT / DINOv2 losses.
 
 Follow dino ``main_dino.py: DINOLoss`` (centering + sharpening, same-view pairs skipped,
 center EMA on the raw teacher logits), dinov2 ``dinov2/loss/dino_clstoken_loss.py``

@@ -1,4 +1,4 @@
-"""Eager reference for ``ema_update_`` (SPEC section 1).
+"""Eager reference for ``ema_update_`` (timm ``ModelEmaV3``, fairseq ``EMAModule``).
 
 Follows fairseq ``EMAModule._step_internal`` (``ema.mul_(m).add_(param.to(dtype), alpha=1-m)``)
 and timm ``ModelEmaV3`` (``lerp_`` with weight ``1 - m``); half-precision teachers are

@@ -1,4 +1,4 @@
-"""InfoNCE / NT-Xent contrastive loss, eager PyTorch (issue #14).
+"""InfoNCE / NT-Xent contrastive loss, eager PyTorch.
 
 The public code it follows: MoCo v3 ``moco/builder.py`` (``normalize`` both sides,
 ``einsum('nc,mc->nm') / T``, ``CrossEntropyLoss`` with labels ``arange(N) + N·rank``; MoCo v3

@@ -1,4 +1,4 @@
-"""Eager reference for ``layer_average_targets`` (SPEC section 5).
+"""Eager reference for ``layer_average_targets``.
 
 Follows fairseq ``examples/data2vec/models/data2vec2.py: Data2VecMultiModel.make_targets``:
 per-layer ``F.instance_norm`` on (B, D, T) in fp32 (or a parameter-free ``F.layer_norm``

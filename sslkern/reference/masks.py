@@ -1,4 +1,4 @@
-"""Straightforward per-image ports of the reference mask generators (SPEC section 3).
+"""Straightforward per-image ports of the reference mask generators.
 
 These follow the public loops step by step — dinov2 ``MaskingGenerator`` with the ratios
 of ``collate_data_and_cast``, fairseq ``compute_block_mask_2d(inverse_mask=True)``, I-JEPA

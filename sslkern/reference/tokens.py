@@ -1,4 +1,4 @@
-"""Eager references for ``gather_tokens`` / ``restore_tokens`` (SPEC section 3).
+"""Eager references for ``gather_tokens`` / ``restore_tokens`` (mae ``models_mae.py``).
 
 Written as the MAE code does it (mae ``models_mae.py``: ``random_masking`` keeps
 ``torch.gather(x, 1, ids_keep[..., None].repeat(1, 1, D))``; ``forward_decoder`` appends

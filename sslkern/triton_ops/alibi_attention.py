@@ -32,7 +32,7 @@ MAX_HEAD_DIM = 128
 # (fp32 on TF32 tensor cores) and "half" (fp16 / bf16 tensor cores). Every entry compiles
 # without register spills for sm_80 and sm_90a when compiled unspecialised (ptxas figures in
 # docs/ops/alibi_attention.md); compiled as real launches are (16-divisible pointers and strides,
-# gpu_report.launch_attrs) some fp32 dkdv / dq entries spill 4-48 B and need re-tuning;
+# tools/gpu_report.py: launch_attrs) some fp32 dkdv / dq entries spill (docs/gpu_report.md) and need re-tuning;
 # the launchers and AOT_CONFIGS both read this table only. dkdv: BLOCK_N keys resident,
 # BLOCK_M queries streamed; fwd / dq: BLOCK_M queries resident, BLOCK_N keys streamed.
 # num_stages=1 where the FMA path would otherwise spill: software pipelining keeps a second

@@ -42,9 +42,9 @@ BLOCK_DOS = (64, 128, 256)
 # (BLOCK_M, BLOCK_N, BLOCK_DK, num_warps, num_stages) per kernel, keyed by the product class
 # ("ieee": fp32 FMA loops, "tf32", "half": fp16 / bf16 tensor cores) and BLOCK_DO (the dq / dk
 # accumulator width; the forward does not depend on it). Every entry compiles without spills
-# for sm_80 and sm_90a (python -m sslkern.gpu_report --only info_nce_loss); the launcher and
+# for sm_80 and sm_90a (python tools/gpu_report.py --only info_nce_loss); the launcher and
 # AOT_CONFIGS read this table only. "ieee" keeps 4 warps and small tiles (FMA dots hold their
-# operands in registers; at 8 warps ptxas capped sm_90a at 128 registers and spilled).
+# operands in registers; at 8 warps ptxas capped sm_90a's registers per thread and spilled).
 _DEFAULT = {
     "ieee": dict(fwd=(64, 64, 32, 8, 2), dq=(32, 32, 32, 4, 1), dk=(32, 32, 32, 4, 1)),
     "tf32": dict(fwd=(64, 64, 32, 8, 2), dq=(64, 64, 32, 8, 2), dk=(64, 64, 32, 8, 2)),

@@ -30,8 +30,8 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 # (BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_DO, num_warps, num_stages). 16 x 16 tiles: at 32 x 32 the
-# nine unrolled class tiles spilled (255 registers, ~1.2 kB spill stores on sm_90a); at 16 x 16 the
-# fwd uses 110 and bwd_dq 128 registers, no spills (python -m sslkern.gpu_report --only relation_loss).
+# nine unrolled class tiles spilled on sm_90a; at 16 x 16 nothing spills (register counts in
+# docs/gpu_report.md; python tools/gpu_report.py --only relation_loss).
 CFG = dict(fwd=(16, 16, 16, 4, 1), bwd=(16, 16, 16, 64, 4, 1))
 BLOCK_DOS = (16, 32, 64)
 

@@ -1,4 +1,4 @@
-"""``gather_tokens`` / ``restore_tokens`` — Triton kernels (SPEC section 3).
+"""``gather_tokens`` / ``restore_tokens`` — Triton kernels.
 
 Every kernel works on a ``ROWS × BLOCK_D`` tile of output rows: it computes each row's
 source row from the index tensor (prefix rows copy themselves), loads the tile with one
