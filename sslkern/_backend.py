@@ -151,7 +151,7 @@ class Dispatch:
 
     ``gpu_order``: the backends tried, in order, for CUDA tensors.
     ``checks_indices``: the backends whose kernels check every index value themselves (the
-    public function then skips its front-door check, see :meth:`checks_indices_itself`).
+    public function then skips its front-door check, see :meth:`needs_index_check`).
     ``forced_missing``: what a forced backend the op does not implement does: ``"error"``,
     or ``"default"`` (use the default rule; for helpers such as the Sinkhorn teacher that
     only some backends have).
@@ -222,10 +222,13 @@ class Dispatch:
             )
         return "reference"
 
-    def checks_indices_itself(self, device: torch.device, backend: str | None = None) -> bool:
-        """Whether the backend that will run checks every index value in its kernel (so the
-        public function's one-sync check would be a second pass)."""
-        return self.resolve(device, backend) in self._checks_indices
+    def needs_index_check(self, device: torch.device, backend: str | None = None) -> bool:
+        """Whether the public function should check index values before the call: not when the
+        backend that will run checks every index in its kernel (the check would be a second
+        pass), nor while ``torch.compile`` traces (the check's host sync would break the graph)."""
+        if torch.compiler.is_compiling():
+            return False
+        return self.resolve(device, backend) not in self._checks_indices
 
     def __call__(self, device: torch.device, backend: str | None = None) -> Callable:
         """The implementation for tensors on ``device``; for a CUDA device it runs under

@@ -113,8 +113,7 @@ def test_dispatch_forced_missing_and_index_checking_backends():
     d = Dispatch("toy", {"reference": lambda: "ref", "cpu": lambda: "cpu"}, forced_missing="default",
                  checks_indices=("cpu",))
     assert d.resolve(torch.device("cpu"), "triton") == "cpu"  # the op has no triton: the default rule
-    assert d.checks_indices_itself(torch.device("cpu")) and not d.checks_indices_itself(torch.device("cpu"),
-                                                                                          "reference")
+    assert not d.needs_index_check(torch.device("cpu")) and d.needs_index_check(torch.device("cpu"), "reference")
     with pytest.raises(ValueError, match="forced_missing"):
         Dispatch("toy", {}, forced_missing="maybe")
 

@@ -23,7 +23,7 @@ BACKENDS = ["reference", "cpu", "triton"]
 
 
 def _skip_unavailable(backend, device="cpu"):
-    ok, why = dispatch._usable(backend, torch.device(device))
+    ok, why = dispatch.usable(backend, torch.device(device))
     if not ok:
         pytest.skip(why)
 
@@ -299,7 +299,7 @@ def test_backward_scales_with_upstream_gradient():
 def test_opcheck():
     zs, zt, v, gain, vt, gt, c = make(2, 3, 2, 41, 7, seed=2)
     for backend in ("reference", "cpu"):
-        if not dispatch._usable(backend, torch.device("cpu"))[0] or (
+        if not dispatch.usable(backend, torch.device("cpu"))[0] or (
                 backend == "cpu" and not hasattr(torch.ops.sslkern_C, "prototype_loss_cpu")):
             continue
         args = (zs, zt, v, gain, vt, gt.detach(), c, None, 1.0 / 8, 0.1, 0.04, 3, 2, True, True, True, True, backend)

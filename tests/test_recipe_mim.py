@@ -156,7 +156,7 @@ def test_mae_step_matches_models_mae(extra):
     masks = sslkern.masks.random_mask(6, n, a.mask_ratio, generator=g)
     assert torch.equal(views2, views) and torch.equal(masks.ids_restore, ids_restore_ref)
     assert torch.equal(masks.mask, mask_ref.bool())
-    latent = sslkern.nn.encode_visible(model.encoder, views, masks.ids_keep)
+    latent = sslkern.patch.forward_masked(model.encoder, views, masks.ids_keep)
     pred = model.decoder(latent, masks.ids_restore)
     nk = int(n * (1 - a.mask_ratio))
     assert latent.shape == latent_ref.shape == (6, 1 + nk, a.dim)
@@ -294,7 +294,7 @@ def test_ijepa_step_matches_ijepa_train():
     loss_ref, z_ref, h_ref = ijepa_forward(model, views, masks_enc, masks_pred)
     # the recipe's predictor rows are image-major (b·T + m); ijepa's are mask-major (m·B + b)
     ctx_ids, tgt_ids = masks.context[:, 0], masks.targets
-    z = model.predictor(sslkern.nn.encode_visible(model.encoder, views, ctx_ids), ctx_ids, tgt_ids)
+    z = model.predictor(sslkern.patch.forward_masked(model.encoder, views, ctx_ids), ctx_ids, tgt_ids)
     perm = torch.arange(6 * a.num_targets).view(6, a.num_targets).T.reshape(-1)  # image-major row of mask-major row
     torch.testing.assert_close(z[perm], z_ref, rtol=1e-5, atol=1e-5)
     loss, metrics = model(images, _ctx(model, seed=5))

@@ -200,7 +200,7 @@ def info_nce_loss(
         if exclude is not None:
             check_tensor(OP, "exclude", exclude, dtypes=INDEX_DTYPES, shape=(N,), device=device)
             exclude = exclude.to(torch.int64).contiguous()
-        if user_indices and not dispatch.checks_indices_itself(device, backend):
+        if user_indices and dispatch.needs_index_check(device, backend):
             _check_index_values(pos, exclude, M)
 
     if normalize:

@@ -331,7 +331,7 @@ def relation_loss(
     else:
         check_tensor(OP, "positions", positions, dtypes=INDEX_DTYPES, shape=(B, N), device=device)
         positions = positions.to(torch.int64).contiguous()
-        if not dispatch.checks_indices_itself(device, backend):
+        if dispatch.needs_index_check(device, backend):
             check_index_values(OP, "positions", positions, cells, meaning=" (grid cells)")
     label_smoothing = check_float(OP, "label_smoothing", label_smoothing, 0.0, 1.0)
     regs = {}

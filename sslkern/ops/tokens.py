@@ -336,7 +336,7 @@ def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, *, pos_embed: torch.T
     ids = ids.to(torch.int64).contiguous()
     P = num_prefix_tokens if prefix is None else prefix.shape[0]
     unique = False
-    if check_indices and not gather_dispatch.checks_indices_itself(x.device, backend):
+    if check_indices and gather_dispatch.needs_index_check(x.device, backend):
         n_patches = L - (num_prefix_tokens if prefix is None else 0)
         # the same sync finds out whether an index repeats within an image (if not, the GPU
         # backward writes with plain stores)
@@ -461,6 +461,6 @@ def restore_tokens(x_vis: torch.Tensor, ids_restore: torch.Tensor, *, mask_token
         fill = fill.to(x_vis.dtype).contiguous()
     pos = _check_pos(op, pos_embed, num_prefix_tokens + N, D, x_vis.dtype, x_vis.device)
     ids = ids_restore.to(torch.int64).contiguous()
-    if check_indices and not restore_dispatch.checks_indices_itself(x_vis.device, backend):
+    if check_indices and restore_dispatch.needs_index_check(x_vis.device, backend):
         check_index_values(op, "ids_restore", ids, N, meaning=" (shuffle ranks)")
     return _restore_op(x_vis.contiguous(), ids, mask_token, fill, pos, num_prefix_tokens, backend or "")
