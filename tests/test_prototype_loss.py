@@ -252,8 +252,8 @@ def test_half_inputs(backend, dtype):
     g1 = _grads(l1, x)
     assert l1.dtype == torch.float32
     assert float(l1) == pytest.approx(float(l0), rel=1e-5)
-    assert c1.dtype == dtype  # the center keeps its dtype
-    _close(c1.float(), c0.to(dtype).float(), 1e-2, 1e-2)
+    assert c1.dtype == torch.float32  # the teacher column sum is accumulated (and returned) in fp32
+    _close(c1, c0, 1e-4, 1e-4)
     for a, b in zip(g1, g0):
         assert a.dtype == dtype
         _close(a.float(), b, 1e-2, 1e-2)  # one rounding to the storage dtype

@@ -326,9 +326,10 @@ def test_bad_input(call, match):
 
 @pytest.mark.parametrize("vit_kwargs", [{}, {"reg_tokens": 2}, {"no_embed_class": True},
                                         {"class_token": False, "global_pool": "avg"}])
-def test_nn_timm_embed_and_encode_visible(vit_kwargs):
+def test_nn_timm_embed_visible_and_forward_masked(vit_kwargs):
     timm = pytest.importorskip("timm")
-    from sslkern.nn import embed_visible, encode_visible
+    from sslkern.nn import embed_visible
+    from sslkern.patch import forward_masked
 
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=64, **vit_kwargs).eval()
     img = torch.randn(3, 3, 64, 64)
@@ -336,7 +337,7 @@ def test_nn_timm_embed_and_encode_visible(vit_kwargs):
     with torch.no_grad():
         full = vit._pos_embed(vit.patch_embed(img))            # timm's own embedding, all tokens
         # all tokens in order: the whole forward equals timm's
-        torch.testing.assert_close(encode_visible(vit, img, torch.arange(N).expand(3, N)), vit.forward_features(img),
+        torch.testing.assert_close(forward_masked(vit, img, torch.arange(N).expand(3, N)), vit.forward_features(img),
                                    atol=1e-5, rtol=1e-5)
         tm = masks.random_mask(3, N, 0.75, num_masks=2)
         for mm in (False, True):
