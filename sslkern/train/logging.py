@@ -18,7 +18,7 @@ import sys
 import time
 
 # Keys that depend on wall-clock time; everything else in metrics.jsonl is deterministic.
-TIMING_KEYS = ("time", "img_per_s", "elapsed_s")
+TIMING_KEYS = ("time", "img_per_s", "elapsed_s", "data_wait_s")
 
 
 class RunLogger:

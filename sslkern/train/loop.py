@@ -27,12 +27,18 @@ checkpoints and bitwise resume, torchrun (DDP, or FSDP2 with ``--fsdp``), the fi
 linear probe of every encoder against the same architecture at its random initialisation,
 encoder export, plots, ``summary.txt`` and ``summary.json``.
 
-Contract of ``forward(images, ctx)``: ``images`` are this rank's rows ``rank::world_size``
-of the global batch, not augmented (views are the method's). Random draws come from
-``ctx.generator``, seeded from (seed, step) and identical on every rank; draw for the
-global batch and keep this rank's rows, so any rank count gives the same step. The
-returned loss is this rank's share such that its *mean over ranks* is the global loss
-(DDP averages gradients); metrics are scalars, averaged over ranks for the log.
+Contract of ``forward(images, ctx)``: ``images`` are this rank's images of the step, decoded
+but not augmented, as a ragged uint8 batch (:class:`sslkern.RaggedImages`, each image at its
+own size). The method renders its views and draws its masks and noise through ``ctx``
+(:class:`~sslkern.train.context.StepContext`: ``ctx.views``, ``ctx.per_sample``,
+``ctx.rand``/``randn``/``randint``), which draws for the global batch from generators seeded
+by (seed, step) and keeps this rank's rows: a recipe never sees a rank, and any number of
+ranks, workers or prefetched batches gives the same step. The returned loss is the mean over
+this rank's rows (DDP averages it over ranks into the global mean); metrics are scalars,
+averaged over ranks for the log.
+
+Data (:mod:`sslkern.data`): the global batch order is a pure function of (seed, epoch,
+step); worker processes only read and decode; resuming at step s restarts the loader at s.
 
 ``--fsdp`` (``--parallel fsdp``) shards instead of replicating: ``fully_shard`` on every
 transformer block (``…blocks.N``) of the student and of its EMA teacher alike, then on the
@@ -49,51 +55,24 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
 import sslkern
+from sslkern.data import BatchOrder, DataError, Dataset, TrainLoader, open_dataset
 from sslkern.train import checkpoint as ckpt
 from sslkern.train import distributed as dist
-from sslkern.train.data import DataError, ImageDataset, epoch_batches, load_dataset
+from sslkern.train.context import StepContext
 from sslkern.train.evaluate import evaluate_encoder
 from sslkern.train.logging import RunLogger, Throughput
 
 # Options that may differ between a run and its --resume (everything else must match).
-RESUMABLE = ("out", "steps", "resume", "quiet", "threads", "eval_every", "no_probe", "backend", "device")
+RESUMABLE = ("out", "steps", "resume", "quiet", "threads", "eval_every", "no_probe", "backend", "device", "workers",
+             "prefetch")
 
 
 class ResumeError(ValueError):
     """--resume found a checkpoint that this run's settings cannot continue."""
-
-
-@dataclass
-class StepContext:
-    """What a step may read: position in the run, this rank, the seeded generator, schedules."""
-
-    step: int
-    epoch: int
-    total_steps: int
-    steps_per_epoch: int
-    generator: torch.Generator
-    rank: int = 0
-    world_size: int = 1
-    lr: float = 0.0
-    weight_decay: float = 0.0
-    values: dict = field(default_factory=dict)  # the method's schedule(ctx) for this step
-
-    def __getattr__(self, name):  # ctx.momentum, ctx.teacher_temp, ... from values
-        values = self.__dict__.get("values", {})
-        if name in values:
-            return values[name]
-        raise AttributeError(f"StepContext has no {name!r} (the method's schedule() gives: {sorted(values)})")
-
-    @property
-    def rows(self) -> slice:
-        """This rank's rows of a tensor drawn for the global batch."""
-        return slice(self.rank, None, self.world_size)
 
 
 class Method(nn.Module):
@@ -161,7 +140,8 @@ COMMON_DEFAULTS = dict(epochs=70, batch_size=128, lr=2e-3, min_lr=0.0, weight_de
 def build_parser(method: type[Method]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=method.__doc__ or method.title,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=None, help="ImageFolder tree or CIFAR-10 batches dir (default: sklearn digits)")
+    p.add_argument("--data", default=None, help="ImageFolder tree, folder of indexed tar shards (each optionally with "
+                                                "train/ and val/), or CIFAR-10 batches dir (default: sklearn digits)")
     p.add_argument("--out", default=f"runs/{method.name}", help="run directory")
     p.add_argument("--epochs", type=int)
     p.add_argument("--steps", type=int, default=0, help="stop after this many steps in total (0 = all; schedules unchanged)")
@@ -174,6 +154,15 @@ def build_parser(method: type[Method]) -> argparse.ArgumentParser:
                    help="torch CPU threads per rank (0 = cores / ranks). Default 1: the default model's ops are tiny, "
                         "and on a shared 2-core machine 2 threads ran 5x slower than 1")
     p.add_argument("--quiet", action="store_true")
+    g = p.add_argument_group("data loading")
+    g.add_argument("--workers", type=int, default=None,
+                   help="decode processes per rank (default: 0 for the in-memory sets, else min(8, cores/ranks - 1), "
+                        "at least 1); any value gives the same run")
+    g.add_argument("--prefetch", type=int, default=2, help="batches each worker decodes ahead")
+    g.add_argument("--decode-size", type=int, default=0,
+                   help="JPEGs are downscaled in the DCT domain while both sides stay >= this (0: 2 x --image-size)")
+    g.add_argument("--shard-window", type=int, default=0,
+                   help="tar shards only: visit shards in permuted windows of this many (locality on network storage)")
     p.add_argument("--eval-every", type=int, help="kNN every N epochs (0 = only at the end)")
     p.add_argument("--no-probe", action="store_true", help="skip the linear probe")
     p.add_argument("--parallel", choices=("ddp", "fsdp"), help="under torchrun: replicate (DDP) or shard (FSDP2 "
@@ -202,7 +191,7 @@ def check_common(a, error) -> None:
     for name in ("epochs", "batch_size", "image_size", "patch_size", "dim", "depth", "heads"):
         if getattr(a, name) <= 0:
             error(f"--{name.replace('_', '-')} expected a positive integer, got {getattr(a, name)}")
-    for name in ("steps", "threads", "warmup_epochs", "eval_every"):
+    for name in ("steps", "threads", "warmup_epochs", "eval_every", "decode_size", "shard_window"):
         if getattr(a, name) < 0:
             error(f"--{name.replace('_', '-')} expected >= 0, got {getattr(a, name)}")
     if a.lr <= 0:
@@ -217,6 +206,10 @@ def check_common(a, error) -> None:
         error(f"--device expected cpu, cuda or cuda:N, got {a.device!r}")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         error("--device cuda given but no CUDA device is visible")
+    if a.workers is not None and a.workers < 0:
+        error(f"--workers expected >= 0, got {a.workers}")
+    if a.prefetch < 1:
+        error(f"--prefetch expected >= 1, got {a.prefetch}")
     if a.data is not None and not os.path.exists(a.data):
         error(f"--data {a.data!r} does not exist (datasets are never downloaded)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -368,8 +361,17 @@ def unsharded_copy(method_cls: type[Method], a, data, method: Method, info):
     return copy.to(info.device)
 
 
+def loader_settings(a, data: Dataset, info) -> dict:
+    """Worker count and decode size for this run (``--workers``, ``--decode-size`` resolved)."""
+    workers = a.workers
+    if workers is None:
+        workers = 0 if data.in_memory else max(1, min(8, (os.cpu_count() or 1) // info.world_size - 1))
+    return dict(workers=workers, prefetch=a.prefetch, min_side=None if data.in_memory else (a.decode_size or
+                                                                                            2 * a.image_size))
+
+
 def train(method_cls: type[Method], a, info, log):
-    data = load_dataset(a.data, a.image_size)
+    data = open_dataset(a.data)
     torch.manual_seed(a.seed)
     method = method_cls(a, data).to(info.device)
     sharded = is_sharded(a, info)
@@ -379,11 +381,17 @@ def train(method_cls: type[Method], a, info, log):
     else:
         model = (nn.parallel.DistributedDataParallel(method, broadcast_buffers=False) if info.enabled else method)
     opt = make_optimizer(method, a)  # after sharding: AdamW holds (and keeps state of) the shards
-    gen = torch.Generator(device=info.device)  # views, masks, noise: reseeded every step
+    gen = torch.Generator(device=info.device)  # masks, noise: reseeded every step
+    host_gen = torch.Generator()               # view parameters (drawn from the images' sizes, on the host)
 
-    steps_per_epoch = data.train_images.shape[0] // a.batch_size
-    if steps_per_epoch == 0:
-        raise DataError(f"--batch-size {a.batch_size} is larger than the training set ({data.train_images.shape[0]} images)")
+    if a.shard_window and not data.train.shard_sizes:
+        raise DataError(f"--shard-window needs a training split of tar shards; {data.train.name} is not one")
+    try:
+        order = BatchOrder(len(data.train), a.batch_size, a.seed, shard_sizes=data.train.shard_sizes,
+                           window=a.shard_window)
+    except ValueError as e:
+        raise DataError(f"--batch-size {a.batch_size}: {e}") from None
+    steps_per_epoch = order.steps_per_epoch
     total_steps, warmup = a.epochs * steps_per_epoch, a.warmup_epochs * steps_per_epoch
     last = min(total_steps, a.steps) if a.steps else total_steps
     step, ckpt_path = 0, os.path.join(a.out, "checkpoint.safetensors")
@@ -407,20 +415,32 @@ def train(method_cls: type[Method], a, info, log):
         step = saved["step"]
         log.print(f"resumed from {ckpt_path} at step {step}")
 
+    settings = loader_settings(a, data, info)
+    loader = TrainLoader(data.train, order, start=step, stop=last, rank=info.rank, world_size=info.world_size,
+                         device=info.device, **settings)
     log.progress(last, initial=step)
     speed = Throughput()
+    reported: set[str] = set()
+    batches = iter(loader)
     while step < last:
-        epoch, pos = divmod(step, steps_per_epoch)
-        idx = epoch_batches(len(data.train_labels), a.batch_size, epoch, a.seed, rank=info.rank,
-                            world_size=info.world_size)[pos]
+        t_wait = time.perf_counter()
+        batch = next(batches)                                                   # this rank's decoded images
+        wait_s = time.perf_counter() - t_wait
+        for msg in batch.bad:                                                   # replaced unreadable images
+            if msg not in reported:
+                reported.add(msg)
+                log.print(f"warning: {msg} (replaced by the next image of the epoch's order)")
+        epoch = step // steps_per_epoch
         gen.manual_seed(a.seed * 1_000_003 + step)  # same on every rank; independent of interruptions
-        ctx = StepContext(step, epoch, total_steps, steps_per_epoch, gen, info.rank, info.world_size,
+        host_gen.manual_seed(a.seed * 1_000_003 + step)
+        ctx = StepContext(step, epoch, total_steps, steps_per_epoch, gen, a.batch_size, info.rank, info.world_size,
                           lr=sslkern.schedules.warmup_cosine(step, total_steps, warmup, a.lr, a.min_lr),
                           weight_decay=a.weight_decay if a.weight_decay_end is None else
-                          sslkern.schedules.cosine_schedule(step, total_steps, a.weight_decay, a.weight_decay_end))
+                          sslkern.schedules.cosine_schedule(step, total_steps, a.weight_decay, a.weight_decay_end),
+                          host_generator=host_gen, mean=tuple(data.mean), std=tuple(data.std))
         ctx.values = method.schedule(ctx)
 
-        loss, metrics = train_step(a, model, method, opt, data.train_images[idx].to(info.device), ctx)
+        loss, metrics = train_step(a, model, method, opt, batch.images(), ctx)
         step += 1
 
         values = _metric_values(loss, metrics)
@@ -428,7 +448,8 @@ def train(method_cls: type[Method], a, info, log):
             raise FloatingPointError(f"loss became {values['loss']} at step {step}")
         rate = speed.tick(a.batch_size)
         extra = {k: ctx.values[k] for k in ctx.values if isinstance(ctx.values[k], (int, float))}
-        log.log("train", step, epoch, **values, lr=ctx.lr, weight_decay=ctx.weight_decay, **extra, img_per_s=rate)
+        log.log("train", step, epoch, **values, lr=ctx.lr, weight_decay=ctx.weight_decay, **extra, img_per_s=rate,
+                data_wait_s=wait_s, bad_images=len(batch.bad))
         log.update_bar(**{k: values[k] for k in ["loss", *list(method.health)[:1]] if k in values}, lr=ctx.lr,
                        img_s=round(rate))
         end_of_epoch = step % steps_per_epoch == 0
@@ -436,7 +457,9 @@ def train(method_cls: type[Method], a, info, log):
             full = unsharded_copy(method_cls, a, data, method, info)
             if info.is_main:
                 log.log("eval", step, step // steps_per_epoch,
-                        **{f"{n}_knn": evaluate_encoder(m, data, probe=False)["knn"] for n, m in full.encoders().items()})
+                        **{f"{n}_knn": evaluate_encoder(m, data, image_size=a.image_size, probe=False,
+                                                        workers=settings["workers"], min_side=settings["min_side"])["knn"]
+                           for n, m in full.encoders().items()})
         if end_of_epoch or step == last:
             state = dict(modules={"method": method}, optimizer=opt, generators={"step": gen},
                          extra={"step": step, "epoch": step // steps_per_epoch, "total_steps": total_steps,
@@ -450,7 +473,7 @@ def train(method_cls: type[Method], a, info, log):
     return data, method, step, steps_per_epoch
 
 
-def final_evaluation(method_cls, a, info, log, data: ImageDataset, method: Method, step: int, steps_per_epoch: int):
+def final_evaluation(method_cls, a, info, log, data: Dataset, method: Method, step: int, steps_per_epoch: int):
     """kNN + probe of every encoder and of the same architecture at its random init (seed)."""
     teachers = [t for t, _ in method.ema_pairs()]
     # replicas (DDP) must hold equal teachers; sharded, only the buffers are replicated
@@ -464,7 +487,10 @@ def final_evaluation(method_cls, a, info, log, data: ImageDataset, method: Metho
         torch.manual_seed(a.seed)  # rebuilt exactly as the run began: the student's initial weights
         random_init = next(iter(method_cls(a, data).encoders().values())).to(info.device)
         encoders = {**method.encoders(), "random": random_init}
-        results = {name: evaluate_encoder(m, data, probe=not a.no_probe) for name, m in encoders.items()}
+        settings = loader_settings(a, data, info)
+        results = {name: evaluate_encoder(m, data, image_size=a.image_size, probe=not a.no_probe,
+                                          workers=settings["workers"], min_side=settings["min_side"])
+                   for name, m in encoders.items()}
         log.log("final", step, step // steps_per_epoch, teacher_replica_max_diff=drift,
                 **{f"{n}_{m}": v for n, r in results.items() for m, v in r.items()})
         for name, enc in method.encoders().items():
