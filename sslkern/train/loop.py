@@ -68,7 +68,7 @@ from sslkern.train.logging import RunLogger, Throughput
 
 # Options that may differ between a run and its --resume (everything else must match).
 RESUMABLE = ("out", "steps", "resume", "quiet", "threads", "eval_every", "no_probe", "backend", "device", "workers",
-             "prefetch")
+             "prefetch", "save_every")
 
 
 class ResumeError(ValueError):
@@ -164,6 +164,9 @@ def build_parser(method: type[Method]) -> argparse.ArgumentParser:
     g.add_argument("--shard-window", type=int, default=0,
                    help="tar shards only: visit shards in permuted windows of this many (locality on network storage)")
     p.add_argument("--eval-every", type=int, help="kNN every N epochs (0 = only at the end)")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="checkpoint every N steps as well as at every epoch's end (0 = epoch ends only); a resumed "
+                        "run continues mid-epoch exactly")
     p.add_argument("--no-probe", action="store_true", help="skip the linear probe")
     p.add_argument("--parallel", choices=("ddp", "fsdp"), help="under torchrun: replicate (DDP) or shard (FSDP2 "
                                                                "fully_shard per block + root); default ddp")
@@ -191,7 +194,7 @@ def check_common(a, error) -> None:
     for name in ("epochs", "batch_size", "image_size", "patch_size", "dim", "depth", "heads"):
         if getattr(a, name) <= 0:
             error(f"--{name.replace('_', '-')} expected a positive integer, got {getattr(a, name)}")
-    for name in ("steps", "threads", "warmup_epochs", "eval_every", "decode_size", "shard_window"):
+    for name in ("steps", "threads", "warmup_epochs", "eval_every", "save_every", "decode_size", "shard_window"):
         if getattr(a, name) < 0:
             error(f"--{name.replace('_', '-')} expected >= 0, got {getattr(a, name)}")
     if a.lr <= 0:
@@ -386,11 +389,10 @@ def train(method_cls: type[Method], a, info, log):
 
     if a.shard_window and not data.train.shard_sizes:
         raise DataError(f"--shard-window needs a training split of tar shards; {data.train.name} is not one")
-    try:
-        order = BatchOrder(len(data.train), a.batch_size, a.seed, shard_sizes=data.train.shard_sizes,
-                           window=a.shard_window)
-    except ValueError as e:
-        raise DataError(f"--batch-size {a.batch_size}: {e}") from None
+    if a.batch_size > len(data.train):
+        raise DataError(f"--batch-size {a.batch_size} is larger than the training set ({len(data.train)} images)")
+    order = BatchOrder(len(data.train), a.batch_size, a.seed, shard_sizes=data.train.shard_sizes,
+                       window=a.shard_window)
     steps_per_epoch = order.steps_per_epoch
     total_steps, warmup = a.epochs * steps_per_epoch, a.warmup_epochs * steps_per_epoch
     last = min(total_steps, a.steps) if a.steps else total_steps
@@ -460,7 +462,7 @@ def train(method_cls: type[Method], a, info, log):
                         **{f"{n}_knn": evaluate_encoder(m, data, image_size=a.image_size, probe=False,
                                                         workers=settings["workers"], min_side=settings["min_side"])["knn"]
                            for n, m in full.encoders().items()})
-        if end_of_epoch or step == last:
+        if end_of_epoch or step == last or (a.save_every and step % a.save_every == 0):
             state = dict(modules={"method": method}, optimizer=opt, generators={"step": gen},
                          extra={"step": step, "epoch": step // steps_per_epoch, "total_steps": total_steps,
                                 "config": run_config})
