@@ -69,16 +69,17 @@ def render_images(data, image_size: int, max_images: int, seed: int = 0, **kw) -
 
 
 @torch.no_grad()
-def encoder_features(model, source, *, image_size: int, mean, std, crop: float = 1.0, batch_size: int = 256,
-                     workers: int = 0, min_side: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def encoder_features(model, source, *, image_size: int, mean, std, crop: float = 1.0, indices=None,
+                     batch_size: int = 256, workers: int = 0,
+                     min_side: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, D) fp32 on the CPU, labels (N,)) of every image of ``source``: mean of the
     patch tokens after the final norm of a timm ``VisionTransformer``."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     feats, labels = [], []
-    for x, y in eval_batches(source, image_size=image_size, mean=mean, std=std, crop=crop, batch_size=batch_size,
-                             workers=workers, min_side=min_side, device=device):
+    for x, y in eval_batches(source, image_size=image_size, mean=mean, std=std, crop=crop, indices=indices,
+                             batch_size=batch_size, workers=workers, min_side=min_side, device=device):
         tokens = model.forward_features(x)
         feats.append(tokens[:, model.num_prefix_tokens:].mean(dim=1).float().cpu())
         labels.append(y.cpu())
@@ -126,13 +127,20 @@ def linear_probe_accuracy(train_features: torch.Tensor, train_labels: torch.Tens
         return 100.0 * float(clf.score(test_features.numpy().astype(np.float64), test_labels.numpy()))
 
 
+def _subset(n: int, max_images: int, seed: int):
+    if not max_images or n <= max_images:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_images].sort().values
+
+
 def evaluate_encoder(model, data, *, image_size: int, knn_k: int = 20, probe: bool = True, workers: int = 0,
-                     min_side: int | None = None) -> dict[str, float]:
-    """kNN (and probe) accuracy of a frozen encoder on ``data`` (a :class:`sslkern.data.Dataset`)."""
+                     min_side: int | None = None, max_images: int = 0, prefetch: int = 2) -> dict[str, float]:
+    """kNN (and probe) accuracy of a frozen encoder on ``data`` (a :class:`sslkern.data.Dataset`),
+    on at most ``max_images`` train and test images each (a fixed subset; 0 = all)."""
     kw = dict(image_size=image_size, mean=data.mean, std=data.std, crop=data.eval_crop, workers=workers,
               min_side=min_side)
-    ftr, ytr = encoder_features(model, data.train, **kw)
-    fte, yte = encoder_features(model, data.test, **kw)
+    ftr, ytr = encoder_features(model, data.train, indices=_subset(len(data.train), max_images, 0), **kw)
+    fte, yte = encoder_features(model, data.test, indices=_subset(len(data.test), max_images, 1), **kw)
     n = len(data.classes)
     out = {"knn": knn_accuracy(ftr, ytr, fte, yte, k=knn_k, num_classes=n)}
     if probe:
