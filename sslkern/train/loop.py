@@ -643,7 +643,7 @@ def final_evaluation(method_cls, a, info, log, data: Dataset, method: Method, st
 
 def run(method_cls: type[Method], argv=None) -> dict:
     """Parse options, train, evaluate, write the run directory; returns the results dict."""
-    from sslkern.train.summary import health_summary, write_summary
+    from sslkern.train.summary import health_summary, throughput_summary, write_summary
 
     parser, a = parse_args(method_cls, argv)
     info = dist.init_distributed(a.device)
@@ -678,13 +678,18 @@ def run(method_cls: type[Method], argv=None) -> dict:
         return results
     rows = RunLogger.read_metrics(log.metrics_path)
     health = health_summary(rows, method_cls.health, step)
+    results["throughput"] = throughput_summary(rows)
     collapsed, verdict = method.verdict({k: v["final"] for k, v in health.items()})
     results.update(health=health, collapsed=collapsed, verdict=verdict)
     log.plot(health=list(method_cls.health))
     write_summary(a, method_cls, data, info, results)
     encs = [k for k in results if isinstance(results[k], dict) and "knn" in results[k]]
     row = lambda k: [k, *(f"{results[k][m]:.1f}" if m in results[k] else "-" for m in ("knn", "probe"))]  # noqa: E731
+    tp = results["throughput"]
     lines = [("train time", f"{train_s:.0f} s"), ("total time", f"{results['total_s']:.0f} s")]
+    if tp:
+        lines.append(("throughput", f"{tp.get('img_per_s', 0):.0f} images/s (median), data wait "
+                                    f"{100 * tp.get('data_wait_frac', 0):.1f} %, peak memory {tp.get('peak_mem_mb', 0):.0f} MiB"))
     lines += [(name, f"{v['final']:.3g} (worst {v['worst']:.3g})") for name, v in health.items()]
     lines += [("verdict", verdict), ("run directory", a.out)]
     log.summary(f"{method_cls.title} on {data.name} — seed {a.seed}, {step} steps, world {info.world_size}, "
