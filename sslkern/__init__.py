@@ -18,6 +18,7 @@ oracles):
   prototype_loss          DINO / iBOT prototype layer + loss fused: features and weights in, no (rows, K) logits
   relation_loss           RelViT pairwise spatial-relation CE (+ distance / angle MSE): no (B, 9, N, N) logits
   hog_targets             MaskFeat per-patch HOG targets (SlowFast HOGLayerC), masked patches only
+  render_views            training views of a RaggedImages batch (crop, flip, jitter, blur, ...; sslkern.views)
 
 Modules: ``sslkern.masks`` (mask generators: MAE random, block, data2vec 2.0 inverse block,
 I-JEPA multiblock), ``sslkern.nn`` (EMA teacher, DINO/iBOT losses, ALiBi attention for timm,
@@ -56,7 +57,9 @@ from .ops import (  # noqa: F401
     restore_tokens,
     sinkhorn_knopp_teacher,
 )
+from .ops import RaggedImages, render_views  # noqa: F401
 from .cpu_cache import cpu_cache_disabled, cpu_cache_info, empty_cpu_cache, set_cpu_cache_limit  # noqa: F401
 from . import masks, nn, reference, schedules  # noqa: F401
 from . import compat, patch  # noqa: F401
+from . import views  # noqa: F401
 from .patch import patch_timm_vit  # noqa: F401
