@@ -157,11 +157,12 @@ class Data2Vec2(Method):
         images, = ctx.views(images, self.view)                                      # view
         b = images.shape[0]
         masks = self.make_masks(ctx)                                                # 1. masks (B, M, ...)
+        ids_keep = masks.ids_keep.reshape(b, m, -1)                                 # (B, M, Nk), also for M = 1
         mask = masks.mask.reshape(b * m, -1)                                        # (B*M, N) True = masked
         noise = ctx.randn(m, mask.shape[1], a.dim).reshape(b * m, -1, a.dim)        # decoder fill of masked slots
         with torch.no_grad():                                                       # 2. teacher layers
             layers = sslkern.nn.block_outputs(self.teacher.module, images, a.top_k, site="mlp")
-        cls_pred, pred = self.student(images, masks.ids_keep, masks.ids_restore.reshape(b * m, -1), noise)  # 3-4.
+        cls_pred, pred = self.student(images, ids_keep, masks.ids_restore.reshape(b * m, -1), noise)  # 3-4.
         reg, cls = sslkern.data2vec_loss(pred, layers, mask, cls_pred=cls_pred,    # 5. targets + both terms;
                                          cls_weight=a.cls_weight / (b * m),         #    CLS averaged over clones
                                          reduction="mean")
