@@ -15,10 +15,18 @@
 //   4. solarize, normalise and the cast to the output dtype on the way out.
 // Every argument and parameter value is checked here too (TORCH_CHECK), so a direct call of
 // torch.ops.sslkern_C.render_views_cpu cannot read outside an image.
+//
+// No FP exception traps are read here: without -fno-trapping-math gcc does not if-convert the
+// hue conversion's divisions and selects, and that loop stays scalar. Results unchanged. Set
+// for this file only, before any include, so every function here has the same options.
+#pragma GCC optimize("no-trapping-math")
 #include "common.h"
 
 #include <algorithm>
 #include <atomic>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <vector>
 
@@ -39,18 +47,20 @@ struct AxisTaps {
 // `in` pixels, output `out` pixels: centre c = begin + scale·(i + 0.5), support max(scale, 1),
 // weight of pixel p max(0, 1 - |p + 0.5 - c| / support) over p in [floor(c - support + 0.5),
 // floor(c + support + 0.5)) ∩ [floor(begin), ceil(begin + length)) ∩ [0, in), normalised.
+// Only pixels of positive weight are kept (|p + 0.5 - c| < support: at most ceil(2·support) of
+// them, from floor(c - support - 0.5) + 1); ATen's range adds zero-weight pixels at its ends.
 void aa_taps(double begin, double length, int64_t out, int64_t in, float gain, bool reverse, AxisTaps& t) {
   const double scale = length / static_cast<double>(out);
   const double support = std::max(scale, 1.0);
   const int64_t lo = std::max<int64_t>(0, static_cast<int64_t>(std::floor(begin)));
   const int64_t hi = std::min<int64_t>(in, static_cast<int64_t>(std::ceil(begin + length)));
-  t.mt = static_cast<int64_t>(std::ceil(2.0 * support)) + 1;
+  t.mt = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(2.0 * support)));
   t.start.assign(out, static_cast<int32_t>(lo));
   t.w.assign(t.mt * out, 0.f);
   std::vector<double> w(t.mt);
   for (int64_t i = 0; i < out; ++i) {
     const double c = begin + scale * (static_cast<double>(i) + 0.5);
-    const int64_t x0 = std::max<int64_t>(lo, static_cast<int64_t>(std::floor(c - support + 0.5)));
+    const int64_t x0 = std::max<int64_t>(lo, static_cast<int64_t>(std::floor(c - support - 0.5)) + 1);
     const int64_t x1 = std::min<int64_t>({hi, static_cast<int64_t>(std::floor(c + support + 0.5)), x0 + t.mt});
     double total = 0.0;
     for (int64_t x = x0; x < x1; ++x) {
@@ -73,6 +83,59 @@ inline int64_t reflect_index(int64_t i, int64_t n) {
 }
 
 inline float clamp01(float x) { return std::min(std::max(x, 0.f), 1.f); }
+
+// dst[j] = Σ_t w[t] · rows[t][j], j < n: the weighted sum of K source rows (resample and blur
+// taps), accumulated in registers over blocks of 32 columns (one load of each source element,
+// one store of each result) instead of K read-modify-write passes over dst. GCC's generic
+// vectors (two zmm registers with AVX-512, four ymm with AVX2): left to itself gcc vectorizes
+// the tap loop with gathers and keeps the sums on the stack.
+#pragma GCC diagnostic ignored "-Wpsabi"  // internal functions: no ABI to keep
+typedef float f32x16 __attribute__((vector_size(64)));
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+// 16 bytes → 16 floats. gcc scalarizes __builtin_convertvector from uint8 vectors (a convert
+// instruction per byte), hence the zero-extension intrinsics where the ISA has them.
+inline f32x16 load16(const uint8_t* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<f32x16>(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+      reinterpret_cast<const __m128i*>(p)))));
+#elif defined(__AVX2__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+  const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
+  f32x16 v;
+  std::memcpy(&v, &lo, sizeof lo);
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof lo, &hi, sizeof hi);
+  return v;
+#else
+  f32x16 v;
+  for (int q = 0; q < 16; ++q) v[q] = static_cast<float>(p[q]);
+  return v;
+#endif
+}
+
+template <typename X>
+void weighted_rows(const X* const* rows, const float* w, int64_t K, int64_t n, float* dst) {
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    f32x16 acc0 = {}, acc1 = {};
+    for (int64_t t = 0; t < K; ++t) {
+      const X* src = rows[t] + j;
+      acc0 += w[t] * load16(src);
+      acc1 += w[t] * load16(src + 16);
+    }
+    std::memcpy(dst + j, &acc0, sizeof acc0);
+    std::memcpy(dst + j + 16, &acc1, sizeof acc1);
+  }
+  for (; j < n; ++j) {
+    float acc = 0.f;
+    for (int64_t t = 0; t < K; ++t) acc += w[t] * static_cast<float>(rows[t][j]);
+    dst[j] = acc;
+  }
+}
 
 struct ViewArgs {
   int64_t src;
@@ -103,17 +166,18 @@ void resize_box(const uint8_t* img, int64_t H, int64_t W, int64_t C, const ViewA
   s.row.resize(n * C);
   s.planar.assign(C * (n + mtx), 0.f);  // zero tail: taps past the last column read zeros
   const int64_t plane = S * S;
+  std::vector<const uint8_t*> src(mty);
+  std::vector<float> wy(mty);
   for (int64_t i = 0; i < S; ++i) {
     float* row = s.row.data();
     const int64_t y0 = s.ty.start[i];
-    std::fill(row, row + n * C, 0.f);
+    int64_t taps = 0;
     for (int64_t t = 0; t < mty && y0 + t < H; ++t) {
-      const float wt = s.ty.w[t * S + i];
-      if (wt == 0.f) continue;
-      const uint8_t* src = img + ((y0 + t) * W + xa) * C;
-#pragma omp simd
-      for (int64_t k = 0; k < n * C; ++k) row[k] += wt * static_cast<float>(src[k]);
+      if (s.ty.w[t * S + i] == 0.f) continue;
+      src[taps] = img + ((y0 + t) * W + xa) * C;
+      wy[taps++] = s.ty.w[t * S + i];
     }
+    weighted_rows(src.data(), wy.data(), taps, n * C, row);
     for (int64_t c = 0; c < C; ++c) {
       float* pc = s.planar.data() + c * (n + mtx);
       if (C == 1) {
@@ -196,7 +260,9 @@ void saturation(float* a, int64_t plane, float f) {
   }
 }
 
-// RGB → HSV (Pillow's formulas as torchvision's _rgb_to_hsv), hue + shift mod 1, HSV → RGB.
+// RGB → HSV (Pillow's formulas as torchvision's _rgb_to_hsv), hue + shift mod 1, HSV → RGB
+// (torchvision's _hsv_to_rgb: sector i = floor(6h) picks from v, p, q, t). Written as selects
+// of values computed for every pixel so that the loop vectorizes.
 void hue(float* a, int64_t plane, float shift) {
   float *r = a, *g = a + plane, *b = a + 2 * plane;
 #pragma omp simd
@@ -208,21 +274,38 @@ void hue(float* a, int64_t plane, float shift) {
     const float sat = span / (same ? 1.f : maxc);
     const float div = same ? 1.f : span;
     const float rc = (maxc - R) / div, gc = (maxc - G) / div, bc = (maxc - B) / div;
-    float h = maxc == R ? bc - gc : (maxc == G ? 2.f + rc - bc : 4.f + gc - rc);
+    const float h_r = bc - gc, h_g = 2.f + rc - bc, h_b = 4.f + gc - rc;
+    float h = maxc == R ? h_r : (maxc == G ? h_g : h_b);
     h = h / 6.f + 1.f;
     h = h - std::floor(h);          // fmod(h / 6 + 1, 1): the argument is positive
     h = h + shift;
     h = h - std::floor(h);          // remainder(h + shift, 1)
     const float h6 = h * 6.f;
-    const float fi = std::floor(h6);
-    const float f = h6 - fi;
-    int sector = static_cast<int>(fi);
-    sector = sector >= 6 ? sector - 6 : sector;
+    float sector = std::floor(h6);
+    const float f = h6 - sector;
+    sector = sector >= 6.f ? sector - 6.f : sector;
     const float v = maxc;
     const float p = clamp01(v * (1.f - sat)), q = clamp01(v * (1.f - sat * f)), t = clamp01(v * (1.f - sat * (1.f - f)));
-    r[k] = sector == 0 ? v : sector == 1 ? q : sector == 2 ? p : sector == 3 ? p : sector == 4 ? t : v;
-    g[k] = sector == 0 ? t : sector == 1 ? v : sector == 2 ? v : sector == 3 ? q : sector == 4 ? p : p;
-    b[k] = sector == 0 ? p : sector == 1 ? p : sector == 2 ? t : sector == 3 ? v : sector == 4 ? v : q;
+    const bool s0 = sector == 0.f, s1 = sector == 1.f, s2 = sector == 2.f, s3 = sector == 3.f, s4 = sector == 4.f;
+    float R2 = v, G2 = p, B2 = q;   // sector 5
+    R2 = s4 ? t : R2;
+    G2 = s4 ? p : G2;
+    B2 = s4 ? v : B2;
+    R2 = s3 ? p : R2;
+    G2 = s3 ? q : G2;
+    B2 = s3 ? v : B2;
+    R2 = s2 ? p : R2;
+    G2 = s2 ? v : G2;
+    B2 = s2 ? t : B2;
+    R2 = s1 ? q : R2;
+    G2 = s1 ? v : G2;
+    B2 = s1 ? p : B2;
+    R2 = s0 ? v : R2;
+    G2 = s0 ? t : G2;
+    B2 = s0 ? p : B2;
+    r[k] = R2;
+    g[k] = G2;
+    b[k] = B2;
   }
 }
 
@@ -289,34 +372,34 @@ void render_view(const uint8_t* img, int64_t H, int64_t W, int64_t C, const View
     // with pixels would be subnormal (a microcode assist per instruction on x86)
     for (int64_t d = 0; d < K; ++d) k[d] = kd[d] / total < 1e-30 ? 0.f : static_cast<float>(kd[d] / total);
   }
+  // taps of weight 0 (dropped above) are skipped
+  std::vector<float> kw;
+  std::vector<int64_t> kd;
+  for (int64_t d = 0; d < K; ++d)
+    if (k[d] != 0.f) {
+      kw.push_back(k[d]);
+      kd.push_back(d - r);
+    }
+  const int64_t taps = static_cast<int64_t>(kw.size());
+  std::vector<const float*> src(taps);
   s.b.resize(C * plane);
   s.pad.resize(S + 2 * r);
   for (int64_t c = 0; c < C; ++c) {
     const float* ac = a + c * plane;
     float* bc = s.b.data() + c * plane;
     for (int64_t i = 0; i < S; ++i) {  // vertical pass
-      float* dst = bc + i * S;
-      std::fill(dst, dst + S, 0.f);
-      for (int64_t d = 0; d < K; ++d) {
-        if (k[d] == 0.f) continue;
-        const float kd = k[d];
-        const float* srow = ac + reflect_index(i + d - r, S) * S;
-#pragma omp simd
-        for (int64_t j = 0; j < S; ++j) dst[j] += kd * srow[j];
-      }
+      for (int64_t t = 0; t < taps; ++t) src[t] = ac + reflect_index(i + kd[t], S) * S;
+      weighted_rows(src.data(), kw.data(), taps, S, bc + i * S);
     }
-    for (int64_t i = 0; i < S; ++i) {  // horizontal pass + the rest
+    float* p = s.pad.data();
+    for (int64_t t = 0; t < taps; ++t) src[t] = p + r + kd[t];
+    for (int64_t i = 0; i < S; ++i) {  // horizontal pass on a reflect-padded copy, then the rest
       const float* srow = bc + i * S;
-      float* p = s.pad.data();
-      for (int64_t j = 0; j < S + 2 * r; ++j) p[j] = srow[reflect_index(j - r, S)];
+      for (int64_t j = 0; j < r; ++j) p[j] = srow[reflect_index(j - r, S)];
+      std::copy(srow, srow + S, p + r);
+      for (int64_t j = S + r; j < S + 2 * r; ++j) p[j] = srow[reflect_index(j - r, S)];
       float* dst = s.a.data() + c * plane + i * S;  // a's row i of channel c is no longer read
-      std::fill(dst, dst + S, 0.f);
-      for (int64_t d = 0; d < K; ++d) {
-        if (k[d] == 0.f) continue;
-        const float kd = k[d];
-#pragma omp simd
-        for (int64_t j = 0; j < S; ++j) dst[j] += kd * p[j + d];
-      }
+      weighted_rows(src.data(), kw.data(), taps, S, dst);
       finish_row(dst, S, v.solarize, mean[c], inv_std[c], out + c * plane + i * S);
     }
   }
