@@ -252,6 +252,24 @@ def test_backends_match_reference_random_params(backend, case, channels):
     torch.testing.assert_close(out, want, **TOL_CHAIN)
 
 
+@pytest.mark.skipif(not any(b.id == "triton" and not b.marks for b in BACKENDS), reason="triton unavailable")
+def test_triton_wide_row_path():
+    """Rows wider than GATHER_MAX take the horizontal blur through a second scratch (stores, a
+    barrier, shifted loads) instead of register gathers: forced here on small views."""
+    from sslkern.triton_ops.render_views import render_views_triton
+
+    imgs = RaggedImages.from_list(images_of([(40, 33), (20, 50)]))
+    params = random_views(SPECS["tiny_upscale"][0], imgs, 3, seed=6)
+    params.blur_sigma[0] = 0.0
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    want = render(("reference", "cpu"), imgs, params, 17, mean=mean, std=std)
+    p = params
+    out = render_views_triton(imgs.data, imgs.offsets, imgs.hw, p.src, p.box, p.angle, p.flip, p.jitter,
+                              p.jitter_order, p.gray, p.blur_sigma, p.solarize, 3, 17, mean, std, torch.float32, 0,
+                              gather_max=0)
+    torch.testing.assert_close(out, want, **TOL_CHAIN)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_outputs(backend, dtype):
