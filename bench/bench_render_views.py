@@ -18,9 +18,9 @@ Providers:
                   ``DataAugmentationDINO`` form with bilinear resampling
   dino_pil        dino ``main_dino.py: DataAugmentationDINO`` on PIL images (tests/_dino_augmentation.py)
 
-Default: 8 images (a ~40 s run on a 2-core VM, 13 calls of every provider). ``SSLKERN_BENCH_FULL=1``: 64 images, and the
-2-thread case (sslkern, reference and torchvision v2 with two intra-op threads; PIL has none).
-The minimal-traffic bound (read every image once, write the fp32 views) is recorded on the
+Default: 32 images (13 calls of every provider, ~40 s on a 2-core VM). ``SSLKERN_BENCH_FULL=1``:
+64 images, and the 2-thread case (sslkern, reference and torchvision v2 with two intra-op
+threads; the PIL pipeline has none). The minimal-traffic bound (read every image once, write the fp32 views) is recorded on the
 sslkern row; the renderer is compute-bound, far from it.
 """
 import os
@@ -132,7 +132,7 @@ def _run(benchmark, n_images: int, threads: int, providers):
 
 
 def test_render_views_dino_multicrop_1thread(benchmark):
-    _run(benchmark, 64 if FULL else 8, 1, ("sslkern", "reference", "torchvision_v2", "dino_pil"))
+    _run(benchmark, 64 if FULL else 32, 1, ("sslkern", "reference", "torchvision_v2", "dino_pil"))
 
 
 @pytest.mark.skipif(not FULL, reason="SSLKERN_BENCH_FULL=1 only")

@@ -353,11 +353,11 @@ GATHER_MAX = 256  # widest row gathered in registers (512: 168 registers on sm_8
 
 
 def _blur_blocks(size: int, gather_max: int = GATHER_MAX) -> tuple[int, int, int, bool]:
-    """(BLOCK_S, ROWS, num_warps, GATHER) of launch 2: whole rows, ~1024 elements per channel
-    tile, the horizontal taps in registers up to ``gather_max`` columns."""
+    """(BLOCK_S, ROWS, num_warps, GATHER) of launch 2: whole rows, 512 elements per channel
+    tile (4 per thread), the horizontal taps in registers up to ``gather_max`` columns."""
     block_s = max(16, triton.next_power_of_2(size))
-    rows = max(1, 1024 // block_s)
-    return block_s, rows, max(4, rows * block_s // 256), block_s <= gather_max
+    rows = max(1, 512 // block_s)
+    return block_s, rows, max(4, rows * block_s // 128), block_s <= gather_max
 
 
 def render_views_triton(data, offsets, hw, src, box, angle, flip, jitter, jitter_order, gray, blur_sigma, solarize,
