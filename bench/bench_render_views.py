@@ -20,8 +20,8 @@ Providers:
 
 Default: 32 images (13 calls of every provider, ~40 s on a 2-core VM). ``SSLKERN_BENCH_FULL=1``:
 64 images, and the 2-thread case (sslkern, reference and torchvision v2 with two intra-op
-threads; the PIL pipeline has none). The minimal-traffic bound (read every image once, write the fp32 views) is recorded on the
-sslkern row; the renderer is compute-bound, far from it.
+threads; the PIL pipeline has none). The minimal-traffic bound (read every image once, write the
+fp32 views) is recorded on the sslkern row; the renderer is compute-bound, far from it.
 """
 import os
 import sys
@@ -57,8 +57,9 @@ def natural_images(n: int, seed: int = 0) -> list[torch.Tensor]:
                 coarse = torch.rand(1, 3, cells, cells, generator=g)
                 x += amp * torch.nn.functional.interpolate(coarse, size=(H, W), mode="bicubic", align_corners=False)[0]
             for _ in range(6):
-                y0, x0 = int(torch.randint(0, H - 20, (1,), generator=g)), int(torch.randint(0, W - 20, (1,), generator=g))
-                h, w = int(torch.randint(10, H - y0 + 1, (1,), generator=g)), int(torch.randint(10, W - x0 + 1, (1,), generator=g))
+                randint = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))  # noqa: E731
+                y0, x0 = randint(0, H - 20), randint(0, W - 20)
+                h, w = randint(10, H - y0 + 1), randint(10, W - x0 + 1)
                 x[:, y0:y0 + h, x0:x0 + w] = x[:, y0:y0 + h, x0:x0 + w] * 0.5 + torch.rand(3, 1, 1, generator=g) * 0.5
             x += 0.03 * torch.randn(3, H, W, generator=g)
             out.append((x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous())

@@ -226,7 +226,7 @@ def random_views(spec, images, V, seed):
     return draw_view_params(spec, images.hw, u, src)
 
 
-SPECS = {
+CASES = {
     "dino_global": (dino_multicrop()[1], 24),
     "dino_local": (dino_multicrop(local_size=12)[2], 12),
     "rotated_continuous": (ViewSpec(16, scale=(0.3, 1.0), integer_boxes=False, degrees=15, flip_p=0.5, jitter_p=1.0,
@@ -237,11 +237,11 @@ SPECS = {
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id != "reference"])
-@pytest.mark.parametrize("case", list(SPECS))
+@pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("channels", [3, 1])
 def test_backends_match_reference_random_params(backend, case, channels):
     name, _ = backend
-    spec, S = SPECS[case]
+    spec, S = CASES[case]
     shapes = [(50, 37), (37, 197), (1, 40), (64, 64), (13, 5)]
     imgs = RaggedImages.from_list(images_of(shapes, channels=channels, seed=3))
     V = 5 if small(name) else 24
@@ -259,7 +259,7 @@ def test_triton_wide_row_path():
     from sslkern.triton_ops.render_views import render_views_triton
 
     imgs = RaggedImages.from_list(images_of([(40, 33), (20, 50)]))
-    params = random_views(SPECS["tiny_upscale"][0], imgs, 3, seed=6)
+    params = random_views(CASES["tiny_upscale"][0], imgs, 3, seed=6)
     params.blur_sigma[0] = 0.0
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     want = render(("reference", "cpu"), imgs, params, 17, mean=mean, std=std)

@@ -339,7 +339,8 @@ void hue(float* a, int64_t plane, float shift) {
     const float f = h6 - sector;
     sector = sector >= 6.f ? sector - 6.f : sector;
     const float v = maxc;
-    const float p = clamp01(v * (1.f - sat)), q = clamp01(v * (1.f - sat * f)), t = clamp01(v * (1.f - sat * (1.f - f)));
+    const float p = clamp01(v * (1.f - sat)), q = clamp01(v * (1.f - sat * f));
+    const float t = clamp01(v * (1.f - sat * (1.f - f)));
     const bool s0 = sector == 0.f, s1 = sector == 1.f, s2 = sector == 2.f, s3 = sector == 3.f, s4 = sector == 4.f;
     float R2 = v, G2 = p, B2 = q;   // sector 5
     R2 = s4 ? t : R2;
@@ -410,7 +411,8 @@ void render_view(const uint8_t* img, int64_t H, int64_t W, int64_t C, const View
   if (v.gray && C == 3) grayscale(a, plane);
   if (v.sigma <= 0.f) {
     for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < S; ++i) finish_row(a + c * plane + i * S, S, v.solarize, mean[c], inv_std[c], out + c * plane + i * S);
+      for (int64_t i = 0; i < S; ++i)
+        finish_row(a + c * plane + i * S, S, v.solarize, mean[c], inv_std[c], out + c * plane + i * S);
     return;
   }
   const int64_t r = v.radius, K = 2 * r + 1;
@@ -470,7 +472,8 @@ at::Tensor render_views_cpu(const at::Tensor& data, const at::Tensor& offsets, c
   const int64_t B = offsets.numel(), T = data.numel();
   TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.is_contiguous(),
               "render_views: offsets expected a contiguous (B,) int64 tensor");
-  TORCH_CHECK(hw.scalar_type() == at::kLong && hw.dim() == 2 && hw.size(0) == B && hw.size(1) == 2 && hw.is_contiguous(),
+  TORCH_CHECK(hw.scalar_type() == at::kLong && hw.dim() == 2 && hw.size(0) == B && hw.size(1) == 2 &&
+                  hw.is_contiguous(),
               "render_views: hw expected a contiguous (", B, ", 2) int64 tensor, got ", hw.sizes());
   TORCH_CHECK(channels == 1 || channels == 3, "render_views: channels expected 1 or 3, got ", channels);
   TORCH_CHECK(size >= 1, "render_views: size expected >= 1, got ", size);
@@ -542,13 +545,15 @@ at::Tensor render_views_cpu(const at::Tensor& data, const at::Tensor& offsets, c
                   "render_views: params.jitter_order expected a permutation of 0..3, got row ", v);
       seen[a.order[k]] = true;
     }
-    TORCH_CHECK(std::isfinite(a.jit[0]) && std::isfinite(a.jit[1]) && std::isfinite(a.jit[2]) && std::isfinite(a.jit[3]) &&
-                    a.jit[0] >= 0.f && a.jit[1] >= 0.f && a.jit[2] >= 0.f && std::abs(a.jit[3]) <= 0.5f,
+    TORCH_CHECK(std::isfinite(a.jit[0]) && std::isfinite(a.jit[1]) && std::isfinite(a.jit[2]) &&
+                    std::isfinite(a.jit[3]) && a.jit[0] >= 0.f && a.jit[1] >= 0.f && a.jit[2] >= 0.f &&
+                    std::abs(a.jit[3]) <= 0.5f,
                 "render_views: params.jitter expected factors >= 0 and a hue shift in [-0.5, 0.5], got row ", v);
     a.sigma = sg[v];
-    TORCH_CHECK(std::isfinite(a.sigma) && a.sigma >= 0.f, "render_views: params.blur_sigma expected finite values >= 0");
-    a.radius = a.sigma > 0.f ? (blur_kernel_size > 0 ? blur_kernel_size / 2 : static_cast<int64_t>(std::ceil(3.f * a.sigma)))
-                             : 0;
+    TORCH_CHECK(std::isfinite(a.sigma) && a.sigma >= 0.f,
+                "render_views: params.blur_sigma expected finite values >= 0");
+    const int64_t default_radius = static_cast<int64_t>(std::ceil(3.f * a.sigma));
+    a.radius = a.sigma > 0.f ? (blur_kernel_size > 0 ? blur_kernel_size / 2 : default_radius) : 0;
   }
   std::vector<float> mean_f(channels), inv_std(channels);
   for (int64_t c = 0; c < channels; ++c) {

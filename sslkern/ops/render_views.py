@@ -194,7 +194,8 @@ def _check_param_values(images: RaggedImages, params: ViewParams) -> None:
             v = int(row.nonzero()[0])
             got = getattr(params, name)[v]
             got = got.tolist() if got.dim() else got.item()
-            extra = f" (image {int(params.src[v])} of size {images.hw[params.src[v]].tolist()})" if name == "box" else ""
+            n = int(params.src[v])
+            extra = f" (image {n} of size {images.hw[n].tolist()})" if name == "box" else ""
             fail(OP, f"params.{name} expected {what}, got params.{name}[{v}] = {got}{extra}")
 
 
@@ -294,8 +295,8 @@ def render_views(images: RaggedImages, params: ViewParams, size: int, *, mean: S
         return torch.ops.sslkern.render_views(
             images.data.contiguous(), images.offsets.contiguous(), images.hw.contiguous(), p.src.contiguous(),
             p.box.contiguous(), p.angle.contiguous(), p.flip.contiguous(), p.jitter.contiguous(),
-            p.jitter_order.contiguous(), p.gray.contiguous(), p.blur_sigma.contiguous(), p.solarize.contiguous(), C, size, mean_l, std_l, out_dtype,
-            blur_kernel_size or 0, backend or "")
+            p.jitter_order.contiguous(), p.gray.contiguous(), p.blur_sigma.contiguous(), p.solarize.contiguous(), C,
+            size, mean_l, std_l, out_dtype, blur_kernel_size or 0, backend or "")
 
 
-__all__ = ["RaggedImages", "render_views", "ArgumentError"]
+__all__ = ["RaggedImages", "render_views"]

@@ -60,7 +60,8 @@ def resize_box(img: torch.Tensor, top: float, left: float, h: float, w: float, s
     return wy @ img[:, y0:y1, x0:x1] @ wx.T
 
 
-def rotated_box(img: torch.Tensor, top: float, left: float, h: float, w: float, angle: float, size: int) -> torch.Tensor:
+def rotated_box(img: torch.Tensor, top: float, left: float, h: float, w: float, angle: float,
+                size: int) -> torch.Tensor:
     """(C, H, W) → (C, size, size): the box rotated by ``angle`` (radians, counter-clockwise
     on screen) about its centre, sampled bilinearly with border padding."""
     H, W = img.shape[1:]
