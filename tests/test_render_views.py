@@ -338,14 +338,20 @@ def test_compile_fullgraph_equals_eager():
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id != "reference"])
-def test_no_host_sync_unchecked(backend):
-    """check_values=False: no tensor value is read on the host (nothing to sync on a GPU)."""
+def test_no_host_sync_unchecked(backend, monkeypatch):
+    """check_values=False: no tensor value is read on the host (nothing to sync on a GPU): no
+    ``.item()`` / ``bool()`` / ``int()`` (counted by the dispatch mode) and no ``.tolist()``."""
     name, device = backend
     imgs = RaggedImages.from_list(images_of([(20, 17), (9, 30)])).to(device)
     params = random_views(dino_multicrop()[1], imgs, 2, seed=4).to(device)
+    tolist = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: tolist.append(self.shape) or real(self))
     with SyncCounter() as counter:
         sslkern.render_views(imgs, params, 8, mean=[0.5] * 3, std=[0.2] * 3, check_values=False, backend=name)
-    assert counter.n == 0
+    assert counter.n == 0 and tolist == []
+    sslkern.render_views(imgs, params, 8, mean=[0.5] * 3, std=[0.2] * 3, backend=name)
+    assert len(tolist) == 1  # checked: every value check in one reduction, read once
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id != "reference"])
