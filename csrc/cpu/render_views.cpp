@@ -5,9 +5,11 @@
 //   1. crop + resize into a planar C x S x S buffer. Without rotation: ATen's antialiased
 //      bilinear weights (_upsample_bilinear2d_aa), computed once per view and axis; the
 //      vertical pass combines whole source rows of the box (contiguous uint8 → fp32, the 1/255
-//      folded into the weights) into one row buffer, the horizontal pass gathers the output
-//      row from it. The flip reverses the horizontal tap table. With rotation: bilinear
-//      sampling of the rotated box, coordinates clamped to the image (border padding).
+//      folded into the weights) into one row buffer, the horizontal pass computes 16 output
+//      columns at a time from the window of source pixels they read (weights regrouped per
+//      block: a broadcast-FMA per pixel, no gathers). The flip reverses the horizontal tap
+//      table. With rotation: bilinear sampling of the rotated box, coordinates clamped to the
+//      image (border padding). Threads take the views in source-image order.
 //   2. the jitter ops in the view's order, then grayscale, each a pass over the buffer (the
 //      contrast op needs the mean of the current image, so the ops cannot share one pass);
 //   3. separable Gaussian blur: vertical pass into a second buffer, then per row a
