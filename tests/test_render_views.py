@@ -356,11 +356,13 @@ def test_no_host_sync_unchecked(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id != "reference"])
 def test_unchecked_bad_values_stay_in_bounds(backend):
-    """check_values=False with a source index and a box outside the batch: the C++ kernel
-    refuses them, the Triton kernel clamps them into the batch / image (finite output)."""
+    """check_values=False with a source index outside the batch and boxes outside the image (NaN,
+    huge, negative): the C++ kernel refuses them, the Triton kernel clamps them into the batch /
+    image (finite output, short loops)."""
     name, device = backend
     imgs = RaggedImages.from_list(images_of([(20, 17), (9, 30)]))
-    params = fixed_params([(0, 0, 9, 30), (5, 5, 50, 60)], src=[7, 0])
+    nan = float("nan")
+    params = fixed_params([(0, 0, 9, 30), (5, 5, 50, 60), (nan, 1e30, 1e30, nan), (-5, -1e9, 3, 4)], src=[7, 0, 1, 0])
     run = lambda: render(backend, imgs, params, 6, check_values=False)  # noqa: E731
     if name == "cpu":
         with pytest.raises(RuntimeError, match=r"params.src expected values in \[0, 2\)"):
@@ -412,7 +414,11 @@ IMGS = RaggedImages.from_list(images_of([(10, 12), (8, 8)]))
     (lambda: sslkern.render_views(IMGS, _params(jitter=torch.tensor([[1, 1, 1, 0.7], [1, 1, 1, 0]])), 8, mean=ZERO,
                                   std=ONE), r"params.jitter expected .* hue shift in \[-0.5, 0.5\]"),
     (lambda: sslkern.render_views(IMGS, _params(blur_sigma=torch.tensor([0.0, -1.0])), 8, mean=ZERO, std=ONE),
-     r"params.blur_sigma expected finite values >= 0"),
+     r"params.blur_sigma expected values in \[0, 1000\]"),
+    (lambda: sslkern.render_views(IMGS, _params(blur_sigma=torch.tensor([0.0, 1e4])), 8, mean=ZERO, std=ONE),
+     r"params.blur_sigma expected values in \[0, 1000\]"),
+    (lambda: sslkern.render_views(IMGS, _params(), 8, mean=ZERO, std=ONE, blur_kernel_size=8193),
+     r"blur_kernel_size expected an odd int in \[1, 8191\]"),
     (lambda: sslkern.render_views(IMGS, _params(angle=torch.tensor([0.0, float("nan")])), 8, mean=ZERO, std=ONE),
      r"params.angle expected finite"),
     (lambda: sslkern.render_views(IMGS, _params(flip=torch.tensor([0, 1])), 8, mean=ZERO, std=ONE),

@@ -481,7 +481,7 @@ at::Tensor render_views_cpu(const at::Tensor& data, const at::Tensor& offsets, c
   TORCH_CHECK(size >= 1, "render_views: size expected >= 1, got ", size);
   TORCH_CHECK(static_cast<int64_t>(mean.size()) == channels && static_cast<int64_t>(std_.size()) == channels,
               "render_views: mean and std expected ", channels, " values each");
-  TORCH_CHECK(blur_kernel_size == 0 || (blur_kernel_size >= 1 && blur_kernel_size % 2 == 1),
+  TORCH_CHECK(blur_kernel_size == 0 || (blur_kernel_size >= 1 && blur_kernel_size % 2 == 1 && blur_kernel_size <= 8191),
               "render_views: blur_kernel_size expected 0 (per-view default) or an odd size, got ", blur_kernel_size);
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
               "render_views: out_dtype expected float32, bfloat16 or float16, got ", out_dtype);
@@ -552,8 +552,7 @@ at::Tensor render_views_cpu(const at::Tensor& data, const at::Tensor& offsets, c
                     std::abs(a.jit[3]) <= 0.5f,
                 "render_views: params.jitter expected factors >= 0 and a hue shift in [-0.5, 0.5], got row ", v);
     a.sigma = sg[v];
-    TORCH_CHECK(std::isfinite(a.sigma) && a.sigma >= 0.f,
-                "render_views: params.blur_sigma expected finite values >= 0");
+    TORCH_CHECK(a.sigma >= 0.f && a.sigma <= 1000.f, "render_views: params.blur_sigma expected values in [0, 1000]");
     const int64_t default_radius = static_cast<int64_t>(std::ceil(3.f * a.sigma));
     a.radius = a.sigma > 0.f ? (blur_kernel_size > 0 ? blur_kernel_size / 2 : default_radius) : 0;
   }

@@ -20,6 +20,8 @@ from ..views import ViewParams
 
 OP = "render_views"
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_SIGMA = 1000.0   # blur sigma bound (output pixels): keeps every kernel's tap loop finite
+MAX_KERNEL = 8191    # blur_kernel_size bound, likewise
 
 
 @dataclass
@@ -186,7 +188,7 @@ def _check_values(images: RaggedImages, params: ViewParams) -> None:
     order_in_range = ((params.jitter_order >= 0) & (params.jitter_order < 4)).all(1)
     perm.scatter_add_(1, params.jitter_order.clamp(0, 3), torch.ones_like(params.jitter_order))
     order_ok = order_in_range & (perm == 1).all(1)
-    sigma_ok = params.blur_sigma.isfinite() & (params.blur_sigma >= 0)
+    sigma_ok = (params.blur_sigma >= 0) & (params.blur_sigma <= MAX_SIGMA)
     angle_ok = params.angle.isfinite()
     checks = [("src", src_ok, f"values in [0, {B}) (an image of the batch)"),
               ("box", box_ok, "finite top, left >= 0 and height, width > 0 inside the image (top + height <= H, "
@@ -194,7 +196,7 @@ def _check_values(images: RaggedImages, params: ViewParams) -> None:
               ("angle", angle_ok, "finite values"),
               ("jitter", jitter_ok, "finite factors >= 0 and a hue shift in [-0.5, 0.5]"),
               ("jitter_order", order_ok, "a permutation of 0..3 per view"),
-              ("blur_sigma", sigma_ok, "finite values >= 0")]
+              ("blur_sigma", sigma_ok, f"values in [0, {MAX_SIGMA:g}]")]
     bad_images = images._bad_values()
     bad = ~torch.stack([c[1] for c in checks])
     flags = torch.cat([bad_images.any(1), bad.any(1)]).tolist()  # the one host sync
@@ -265,7 +267,8 @@ def render_views(images: RaggedImages, params: ViewParams, size: int, *, mean: S
             two calls).
         mean, std: C numbers each (std > 0).
         out_dtype: float32, bfloat16 or float16.
-        blur_kernel_size: odd kernel size for every blurred view, or None (per-view default).
+        blur_kernel_size: odd kernel size (at most 8191) for every blurred view, or None
+            (per-view default). Blur sigmas must lie in [0, 1000].
         check_values: check the values of ``params`` (``src`` in range, boxes inside their
             image, factors, orders, sigmas) and of ``images`` (sizes, offsets) here, in one
             reduction and one host sync on a GPU (free on the CPU), raising an ``ArgumentError``
@@ -295,8 +298,8 @@ def render_views(images: RaggedImages, params: ViewParams, size: int, *, mean: S
     if blur_kernel_size is not None:
         if isinstance(blur_kernel_size, bool) or not isinstance(blur_kernel_size, int):
             fail(OP, f"blur_kernel_size expected an odd int or None, got {blur_kernel_size!r}", TypeError)
-        if blur_kernel_size < 1 or blur_kernel_size % 2 == 0:
-            fail(OP, f"blur_kernel_size expected an odd int >= 1 or None, got {blur_kernel_size}")
+        if blur_kernel_size < 1 or blur_kernel_size % 2 == 0 or blur_kernel_size > MAX_KERNEL:
+            fail(OP, f"blur_kernel_size expected an odd int in [1, {MAX_KERNEL}] or None, got {blur_kernel_size}")
     if check_values and V and len(images) and not torch.compiler.is_compiling():
         _check_values(images, params)
     elif check_values and V and not torch.compiler.is_compiling():

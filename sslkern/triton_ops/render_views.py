@@ -141,10 +141,12 @@ def render_resample_kernel(data_ptr, offsets_ptr, hw_ptr, src_ptr, box_ptr, angl
     W = tl.load(hw_ptr + 2 * n + 1)
     Hf = H.to(tl.float32)
     Wf = W.to(tl.float32)
-    top = tl.load(box_ptr + 4 * v)
-    left = tl.load(box_ptr + 4 * v + 1)
-    bh = tl.load(box_ptr + 4 * v + 2)
-    bw = tl.load(box_ptr + 4 * v + 3)
+    # bounds that hold for every valid box and keep the tap loops short for unchecked ones
+    # (a NaN becomes a bound: max / min return the other operand on the GPU)
+    bh = tl.minimum(tl.maximum(tl.load(box_ptr + 4 * v + 2), 1e-6), Hf + 1.0)
+    bw = tl.minimum(tl.maximum(tl.load(box_ptr + 4 * v + 3), 1e-6), Wf + 1.0)
+    top = tl.minimum(tl.maximum(tl.load(box_ptr + 4 * v), -1.0), Hf + 1.0)
+    left = tl.minimum(tl.maximum(tl.load(box_ptr + 4 * v + 1), -1.0), Wf + 1.0)
     jx = tl.where(tl.load(flip_ptr + v) != 0, S - 1 - j, j).to(tl.float32)
     angle = tl.load(angle_ptr + v)
     r = tl.zeros([BLOCK], dtype=tl.float32)
@@ -286,7 +288,7 @@ def render_blur_kernel(scratch_ptr, partial_ptr, jitter_ptr, order_ptr, gray_ptr
         t = t0 + tl.arange(0, BLOCK_T)
         partials += tl.load(partial_ptr + v * n_tiles + t, mask=t < n_tiles, other=0.0)
     mean = tl.sum(partials, axis=0) / (plane * 1.0)
-    sigma = tl.load(sigma_ptr + v)
+    sigma = tl.minimum(tl.load(sigma_ptr + v), 1000.0)  # the front door's bound: finite tap loops
     radius = tl.where(sigma > 0.0, tl.where(kernel_size > 0, kernel_size // 2, tl.ceil(3.0 * sigma).to(tl.int32)), 0)
     two_var = 2.0 * tl.maximum(sigma, 1e-6) * tl.maximum(sigma, 1e-6)
     wsum = sigma * 0.0
