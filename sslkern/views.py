@@ -43,7 +43,7 @@ __all__ = ["ViewSpec", "ViewParams", "draw_view_params", "dino_multicrop", "two_
 
 NUM_UNIFORMS = 37
 _TRIES = 10
-_AREA, _LOG_ASPECT, _TOP, _LEFT, _ANGLE, _FLIP = 0, 10, 20, 21, 22, 23
+_AREA, _LOG_RATIO, _TOP, _LEFT, _ANGLE, _FLIP = 0, 10, 20, 21, 22, 23
 _JITTER, _FACTORS, _ORDER, _GRAY, _BLUR, _SIGMA, _SOLARIZE = 24, 25, 29, 33, 34, 35, 36
 
 
@@ -162,7 +162,7 @@ def _crop_boxes(spec: ViewSpec, H: torch.Tensor, W: torch.Tensor, u: torch.Tenso
     s0, s1 = spec.scale
     r0, r1 = math.log(spec.ratio[0]), math.log(spec.ratio[1])
     target = area * (s0 + (s1 - s0) * u[:, _AREA:_AREA + _TRIES])         # (V, 10)
-    aspect = torch.exp(r0 + (r1 - r0) * u[:, _LOG_ASPECT:_LOG_ASPECT + _TRIES])
+    aspect = torch.exp(r0 + (r1 - r0) * u[:, _LOG_RATIO:_LOG_RATIO + _TRIES])
     w = torch.sqrt(target * aspect)
     h = torch.sqrt(target / aspect)
     if spec.integer_boxes:
@@ -223,7 +223,8 @@ def draw_view_params(spec: ViewSpec, hw: torch.Tensor, u: torch.Tensor, src: tor
         if bool((hw <= 0).any()):
             fail(op, f"hw expected positive sizes, got {hw[(hw <= 0).any(1)][0].tolist()}")
         if bool(((src < 0) | (src >= hw.shape[0])).any()):
-            fail(op, f"src expected values in [0, {hw.shape[0]}), got {src[(src < 0) | (src >= hw.shape[0])][0].item()}")
+            bad = src[(src < 0) | (src >= hw.shape[0])][0].item()
+            fail(op, f"src expected values in [0, {hw.shape[0]}), got {bad}")
         if bool(((u < 0) | (u >= 1) | u.isnan()).any()):
             fail(op, "u expected values in [0, 1)")
     src = src.long()

@@ -226,7 +226,7 @@ def random_views(spec, images, V, seed):
     return draw_view_params(spec, images.hw, u, src)
 
 
-SPECS = {
+CASES = {
     "dino_global": (dino_multicrop()[1], 24),
     "dino_local": (dino_multicrop(local_size=12)[2], 12),
     "rotated_continuous": (ViewSpec(16, scale=(0.3, 1.0), integer_boxes=False, degrees=15, flip_p=0.5, jitter_p=1.0,
@@ -237,11 +237,11 @@ SPECS = {
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id != "reference"])
-@pytest.mark.parametrize("case", list(SPECS))
+@pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("channels", [3, 1])
 def test_backends_match_reference_random_params(backend, case, channels):
     name, _ = backend
-    spec, S = SPECS[case]
+    spec, S = CASES[case]
     shapes = [(50, 37), (37, 197), (1, 40), (64, 64), (13, 5)]
     imgs = RaggedImages.from_list(images_of(shapes, channels=channels, seed=3))
     V = 5 if small(name) else 24
@@ -249,6 +249,24 @@ def test_backends_match_reference_random_params(backend, case, channels):
     mean, std = [0.485, 0.456, 0.406][:channels], [0.229, 0.224, 0.225][:channels]
     want = render(("reference", "cpu"), imgs, params, S, mean=mean, std=std)
     out = render(backend, imgs, params, S, mean=mean, std=std)
+    torch.testing.assert_close(out, want, **TOL_CHAIN)
+
+
+@pytest.mark.skipif(not any(b.id == "triton" and not b.marks for b in BACKENDS), reason="triton unavailable")
+def test_triton_wide_row_path():
+    """Rows wider than GATHER_MAX take the horizontal blur through a second scratch (stores, a
+    barrier, shifted loads) instead of register gathers: forced here on small views."""
+    from sslkern.triton_ops.render_views import render_views_triton
+
+    imgs = RaggedImages.from_list(images_of([(40, 33), (20, 50)]))
+    params = random_views(CASES["tiny_upscale"][0], imgs, 3, seed=6)
+    params.blur_sigma[0] = 0.0
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    want = render(("reference", "cpu"), imgs, params, 17, mean=mean, std=std)
+    p = params
+    out = render_views_triton(imgs.data, imgs.offsets, imgs.hw, p.src, p.box, p.angle, p.flip, p.jitter,
+                              p.jitter_order, p.gray, p.blur_sigma, p.solarize, 3, 17, mean, std, torch.float32, 0,
+                              gather_max=0)
     torch.testing.assert_close(out, want, **TOL_CHAIN)
 
 
@@ -320,23 +338,31 @@ def test_compile_fullgraph_equals_eager():
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id != "reference"])
-def test_no_host_sync_unchecked(backend):
-    """check_values=False: no tensor value is read on the host (nothing to sync on a GPU)."""
+def test_no_host_sync_unchecked(backend, monkeypatch):
+    """check_values=False: no tensor value is read on the host (nothing to sync on a GPU): no
+    ``.item()`` / ``bool()`` / ``int()`` (counted by the dispatch mode) and no ``.tolist()``."""
     name, device = backend
     imgs = RaggedImages.from_list(images_of([(20, 17), (9, 30)])).to(device)
     params = random_views(dino_multicrop()[1], imgs, 2, seed=4).to(device)
+    tolist = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: tolist.append(self.shape) or real(self))
     with SyncCounter() as counter:
         sslkern.render_views(imgs, params, 8, mean=[0.5] * 3, std=[0.2] * 3, check_values=False, backend=name)
-    assert counter.n == 0
+    assert counter.n == 0 and tolist == []
+    sslkern.render_views(imgs, params, 8, mean=[0.5] * 3, std=[0.2] * 3, backend=name)
+    assert len(tolist) == 1  # checked: every value check in one reduction, read once
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id != "reference"])
 def test_unchecked_bad_values_stay_in_bounds(backend):
-    """check_values=False with a source index and a box outside the batch: the C++ kernel
-    refuses them, the Triton kernel clamps them into the batch / image (finite output)."""
+    """check_values=False with a source index outside the batch and boxes outside the image (NaN,
+    huge, negative): the C++ kernel refuses them, the Triton kernel clamps them into the batch /
+    image (finite output, short loops)."""
     name, device = backend
     imgs = RaggedImages.from_list(images_of([(20, 17), (9, 30)]))
-    params = fixed_params([(0, 0, 9, 30), (5, 5, 50, 60)], src=[7, 0])
+    nan = float("nan")
+    params = fixed_params([(0, 0, 9, 30), (5, 5, 50, 60), (nan, 1e30, 1e30, nan), (-5, -1e9, 3, 4)], src=[7, 0, 1, 0])
     run = lambda: render(backend, imgs, params, 6, check_values=False)  # noqa: E731
     if name == "cpu":
         with pytest.raises(RuntimeError, match=r"params.src expected values in \[0, 2\)"):
@@ -388,7 +414,11 @@ IMGS = RaggedImages.from_list(images_of([(10, 12), (8, 8)]))
     (lambda: sslkern.render_views(IMGS, _params(jitter=torch.tensor([[1, 1, 1, 0.7], [1, 1, 1, 0]])), 8, mean=ZERO,
                                   std=ONE), r"params.jitter expected .* hue shift in \[-0.5, 0.5\]"),
     (lambda: sslkern.render_views(IMGS, _params(blur_sigma=torch.tensor([0.0, -1.0])), 8, mean=ZERO, std=ONE),
-     r"params.blur_sigma expected finite values >= 0"),
+     r"params.blur_sigma expected values in \[0, 1000\]"),
+    (lambda: sslkern.render_views(IMGS, _params(blur_sigma=torch.tensor([0.0, 1e4])), 8, mean=ZERO, std=ONE),
+     r"params.blur_sigma expected values in \[0, 1000\]"),
+    (lambda: sslkern.render_views(IMGS, _params(), 8, mean=ZERO, std=ONE, blur_kernel_size=8193),
+     r"blur_kernel_size expected an odd int in \[1, 8191\]"),
     (lambda: sslkern.render_views(IMGS, _params(angle=torch.tensor([0.0, float("nan")])), 8, mean=ZERO, std=ONE),
      r"params.angle expected finite"),
     (lambda: sslkern.render_views(IMGS, _params(flip=torch.tensor([0, 1])), 8, mean=ZERO, std=ONE),

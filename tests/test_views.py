@@ -185,14 +185,17 @@ def test_bad_spec(make, match):
         make()
 
 
+ONES = torch.ones(2, 2, dtype=torch.long)
+
+
 @pytest.mark.parametrize("call,match", [
-    (lambda: draw_view_params("spec", torch.ones(2, 2, dtype=torch.long), torch.rand(2, 37)), r"spec expected a ViewSpec"),
-    (lambda: draw_view_params(ViewSpec(8), torch.ones(2, 3, dtype=torch.long), torch.rand(2, 37)), r"hw expected shape"),
+    (lambda: draw_view_params("spec", ONES, torch.rand(2, 37)), r"spec expected a ViewSpec"),
+    (lambda: draw_view_params(ViewSpec(8), ONES.repeat(1, 2)[:, :3], torch.rand(2, 37)), r"hw expected shape"),
     (lambda: draw_view_params(ViewSpec(8), torch.ones(2, 2), torch.rand(2, 37)), r"hw expected dtype"),
-    (lambda: draw_view_params(ViewSpec(8), torch.ones(2, 2, dtype=torch.long), torch.rand(2, 36)), r"u expected shape \(2, 37\)"),
-    (lambda: draw_view_params(ViewSpec(8), torch.ones(2, 2, dtype=torch.long), torch.rand(2, 37) + 1), r"u expected values in"),
-    (lambda: draw_view_params(ViewSpec(8), torch.zeros(2, 2, dtype=torch.long), torch.rand(2, 37)), r"hw expected positive"),
-    (lambda: draw_view_params(ViewSpec(8), torch.ones(2, 2, dtype=torch.long), torch.rand(3, 37), torch.tensor([0, 1, 2])),
+    (lambda: draw_view_params(ViewSpec(8), ONES, torch.rand(2, 36)), r"u expected shape \(2, 37\)"),
+    (lambda: draw_view_params(ViewSpec(8), ONES, torch.rand(2, 37) + 1), r"u expected values in"),
+    (lambda: draw_view_params(ViewSpec(8), ONES * 0, torch.rand(2, 37)), r"hw expected positive"),
+    (lambda: draw_view_params(ViewSpec(8), ONES, torch.rand(3, 37), torch.tensor([0, 1, 2])),
      r"src expected values in \[0, 2\)"),
 ])
 def test_bad_draw_arguments(call, match):

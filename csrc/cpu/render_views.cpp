@@ -5,9 +5,11 @@
 //   1. crop + resize into a planar C x S x S buffer. Without rotation: ATen's antialiased
 //      bilinear weights (_upsample_bilinear2d_aa), computed once per view and axis; the
 //      vertical pass combines whole source rows of the box (contiguous uint8 → fp32, the 1/255
-//      folded into the weights) into one row buffer, the horizontal pass gathers the output
-//      row from it. The flip reverses the horizontal tap table. With rotation: bilinear
-//      sampling of the rotated box, coordinates clamped to the image (border padding).
+//      folded into the weights) into one row buffer, the horizontal pass computes 16 output
+//      columns at a time from the window of source pixels they read (weights regrouped per
+//      block: a broadcast-FMA per pixel, no gathers). The flip reverses the horizontal tap
+//      table. With rotation: bilinear sampling of the rotated box, coordinates clamped to the
+//      image (border padding). Threads take the views in source-image order.
 //   2. the jitter ops in the view's order, then grayscale, each a pass over the buffer (the
 //      contrast op needs the mean of the current image, so the ops cannot share one pass);
 //   3. separable Gaussian blur: vertical pass into a second buffer, then per row a
@@ -15,11 +17,20 @@
 //   4. solarize, normalise and the cast to the output dtype on the way out.
 // Every argument and parameter value is checked here too (TORCH_CHECK), so a direct call of
 // torch.ops.sslkern_C.render_views_cpu cannot read outside an image.
+//
+// No FP exception traps are read here: without -fno-trapping-math gcc does not if-convert the
+// hue conversion's divisions and selects, and that loop stays scalar. Results unchanged. Set
+// for this file only, before any include, so every function here has the same options.
+#pragma GCC optimize("no-trapping-math")
 #include "common.h"
 
 #include <algorithm>
 #include <atomic>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <cmath>
+#include <numeric>
 #include <vector>
 
 namespace sslkern {
@@ -39,18 +50,20 @@ struct AxisTaps {
 // `in` pixels, output `out` pixels: centre c = begin + scale·(i + 0.5), support max(scale, 1),
 // weight of pixel p max(0, 1 - |p + 0.5 - c| / support) over p in [floor(c - support + 0.5),
 // floor(c + support + 0.5)) ∩ [floor(begin), ceil(begin + length)) ∩ [0, in), normalised.
+// Only pixels of positive weight are kept (|p + 0.5 - c| < support: at most ceil(2·support) of
+// them, from floor(c - support - 0.5) + 1); ATen's range adds zero-weight pixels at its ends.
 void aa_taps(double begin, double length, int64_t out, int64_t in, float gain, bool reverse, AxisTaps& t) {
   const double scale = length / static_cast<double>(out);
   const double support = std::max(scale, 1.0);
   const int64_t lo = std::max<int64_t>(0, static_cast<int64_t>(std::floor(begin)));
   const int64_t hi = std::min<int64_t>(in, static_cast<int64_t>(std::ceil(begin + length)));
-  t.mt = static_cast<int64_t>(std::ceil(2.0 * support)) + 1;
+  t.mt = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(2.0 * support)));
   t.start.assign(out, static_cast<int32_t>(lo));
   t.w.assign(t.mt * out, 0.f);
   std::vector<double> w(t.mt);
   for (int64_t i = 0; i < out; ++i) {
     const double c = begin + scale * (static_cast<double>(i) + 0.5);
-    const int64_t x0 = std::max<int64_t>(lo, static_cast<int64_t>(std::floor(c - support + 0.5)));
+    const int64_t x0 = std::max<int64_t>(lo, static_cast<int64_t>(std::floor(c - support - 0.5)) + 1);
     const int64_t x1 = std::min<int64_t>({hi, static_cast<int64_t>(std::floor(c + support + 0.5)), x0 + t.mt});
     double total = 0.0;
     for (int64_t x = x0; x < x1; ++x) {
@@ -74,6 +87,68 @@ inline int64_t reflect_index(int64_t i, int64_t n) {
 
 inline float clamp01(float x) { return std::min(std::max(x, 0.f), 1.f); }
 
+// dst[j] = Σ_t w[t] · rows[t][j], j < n: the weighted sum of K source rows (resample and blur
+// taps), accumulated in registers over blocks of 32 columns (one load of each source element,
+// one store of each result) instead of K read-modify-write passes over dst. GCC's generic
+// vectors (two zmm registers with AVX-512, four ymm with AVX2): left to itself gcc vectorizes
+// the tap loop with gathers and keeps the sums on the stack.
+#pragma GCC diagnostic ignored "-Wpsabi"  // internal functions: no ABI to keep
+typedef float f32x16 __attribute__((vector_size(64)));
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+// 16 bytes → 16 floats. gcc scalarizes __builtin_convertvector from uint8 vectors (a convert
+// instruction per byte), hence the zero-extension intrinsics where the ISA has them.
+inline f32x16 load16(const uint8_t* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<f32x16>(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+      reinterpret_cast<const __m128i*>(p)))));
+#elif defined(__AVX2__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+  const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
+  f32x16 v;
+  std::memcpy(&v, &lo, sizeof lo);
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof lo, &hi, sizeof hi);
+  return v;
+#else
+  f32x16 v;
+  for (int q = 0; q < 16; ++q) v[q] = static_cast<float>(p[q]);
+  return v;
+#endif
+}
+
+template <typename X>
+void weighted_rows(const X* const* rows, const float* w, int64_t K, int64_t n, float* dst) {
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64) {  // four independent sums: an FMA's latency is 4 cycles
+    f32x16 acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
+    for (int64_t t = 0; t < K; ++t) {
+      const X* src = rows[t] + j;
+      acc0 += w[t] * load16(src);
+      acc1 += w[t] * load16(src + 16);
+      acc2 += w[t] * load16(src + 32);
+      acc3 += w[t] * load16(src + 48);
+    }
+    std::memcpy(dst + j, &acc0, sizeof acc0);
+    std::memcpy(dst + j + 16, &acc1, sizeof acc1);
+    std::memcpy(dst + j + 32, &acc2, sizeof acc2);
+    std::memcpy(dst + j + 48, &acc3, sizeof acc3);
+  }
+  for (; j + 16 <= n; j += 16) {
+    f32x16 acc = {};
+    for (int64_t t = 0; t < K; ++t) acc += w[t] * load16(rows[t] + j);
+    std::memcpy(dst + j, &acc, sizeof acc);
+  }
+  for (; j < n; ++j) {
+    float acc = 0.f;
+    for (int64_t t = 0; t < K; ++t) acc += w[t] * static_cast<float>(rows[t][j]);
+    dst[j] = acc;
+  }
+}
+
 struct ViewArgs {
   int64_t src;
   float top, left, h, w, angle;
@@ -84,9 +159,43 @@ struct ViewArgs {
   int64_t radius;
 };
 
+// The horizontal taps regrouped per block of 16 output columns: block k reads the source
+// window [base[k], base[k] + len[k]) and w holds, per window pixel x, the 16 outputs' weights
+// of that pixel (w[(k·lmax + x)·16 + q], zero where output q does not use it). A row is then
+// resampled with one broadcast-FMA per window pixel and block instead of one gather per tap.
+struct Band {
+  int64_t lmax = 0;
+  std::vector<int32_t> base, len;
+  std::vector<float> w;
+};
+
+void make_band(const AxisTaps& t, int64_t out, Band& b) {
+  const int64_t blocks = (out + 15) / 16;
+  b.base.assign(blocks, 0);
+  b.len.assign(blocks, 0);
+  b.lmax = 0;
+  for (int64_t k = 0; k < blocks; ++k) {
+    int64_t lo = INT64_MAX, hi = 0;
+    for (int64_t j = 16 * k; j < std::min(out, 16 * k + 16); ++j) {
+      lo = std::min<int64_t>(lo, t.start[j]);
+      hi = std::max<int64_t>(hi, t.start[j] + t.mt);
+    }
+    b.base[k] = static_cast<int32_t>(lo);
+    b.len[k] = static_cast<int32_t>(hi - lo);
+    b.lmax = std::max<int64_t>(b.lmax, hi - lo);
+  }
+  b.w.assign(blocks * b.lmax * 16, 0.f);
+  for (int64_t j = 0; j < out; ++j) {
+    const int64_t k = j / 16, q = j % 16;
+    for (int64_t tt = 0; tt < t.mt; ++tt)
+      b.w[(k * b.lmax + t.start[j] + tt - b.base[k]) * 16 + q] = t.w[tt * out + j];
+  }
+}
+
 struct Scratch {
   std::vector<float> a, b, row, planar, pad;
   AxisTaps ty, tx;
+  Band band;
 };
 
 // Step 1 without rotation: antialiased resize of the box into a (C, S, S).
@@ -100,20 +209,22 @@ void resize_box(const uint8_t* img, int64_t H, int64_t W, int64_t C, const ViewA
     xb = std::max<int64_t>(xb, std::min<int64_t>(s.tx.start[j] + s.tx.mt, W));
   }
   const int64_t n = xb - xa, mtx = s.tx.mt, mty = s.ty.mt;
+  make_band(s.tx, S, s.band);
   s.row.resize(n * C);
   s.planar.assign(C * (n + mtx), 0.f);  // zero tail: taps past the last column read zeros
   const int64_t plane = S * S;
+  std::vector<const uint8_t*> src(mty);
+  std::vector<float> wy(mty);
   for (int64_t i = 0; i < S; ++i) {
     float* row = s.row.data();
     const int64_t y0 = s.ty.start[i];
-    std::fill(row, row + n * C, 0.f);
+    int64_t taps = 0;
     for (int64_t t = 0; t < mty && y0 + t < H; ++t) {
-      const float wt = s.ty.w[t * S + i];
-      if (wt == 0.f) continue;
-      const uint8_t* src = img + ((y0 + t) * W + xa) * C;
-#pragma omp simd
-      for (int64_t k = 0; k < n * C; ++k) row[k] += wt * static_cast<float>(src[k]);
+      if (s.ty.w[t * S + i] == 0.f) continue;
+      src[taps] = img + ((y0 + t) * W + xa) * C;
+      wy[taps++] = s.ty.w[t * S + i];
     }
+    weighted_rows(src.data(), wy.data(), taps, n * C, row);
     for (int64_t c = 0; c < C; ++c) {
       float* pc = s.planar.data() + c * (n + mtx);
       if (C == 1) {
@@ -122,12 +233,21 @@ void resize_box(const uint8_t* img, int64_t H, int64_t W, int64_t C, const ViewA
         for (int64_t x = 0; x < n; ++x) pc[x] = row[x * C + c];
       }
       float* out = a + c * plane + i * S;
-      std::fill(out, out + S, 0.f);
-      for (int64_t t = 0; t < mtx; ++t) {
-        const float* wt = s.tx.w.data() + t * S;
-        const int32_t* st = s.tx.start.data();
-#pragma omp simd
-        for (int64_t j = 0; j < S; ++j) out[j] += wt[j] * pc[st[j] - xa + t];
+      const Band& band = s.band;
+      for (int64_t k = 0, j0 = 0; j0 < S; ++k, j0 += 16) {
+        const float* src = pc + band.base[k] - xa;
+        const float* wk = band.w.data() + k * band.lmax * 16;
+        f32x16 acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};  // independent sums (FMA latency)
+        int64_t x = 0;
+        for (; x + 4 <= band.len[k]; x += 4) {
+          acc0 += load16(wk + 16 * x) * src[x];
+          acc1 += load16(wk + 16 * x + 16) * src[x + 1];
+          acc2 += load16(wk + 16 * x + 32) * src[x + 2];
+          acc3 += load16(wk + 16 * x + 48) * src[x + 3];
+        }
+        for (; x < band.len[k]; ++x) acc0 += load16(wk + 16 * x) * src[x];
+        const f32x16 acc = (acc0 + acc1) + (acc2 + acc3);
+        std::memcpy(out + j0, &acc, sizeof(float) * std::min<int64_t>(16, S - j0));
       }
     }
   }
@@ -196,7 +316,9 @@ void saturation(float* a, int64_t plane, float f) {
   }
 }
 
-// RGB → HSV (Pillow's formulas as torchvision's _rgb_to_hsv), hue + shift mod 1, HSV → RGB.
+// RGB → HSV (Pillow's formulas as torchvision's _rgb_to_hsv), hue + shift mod 1, HSV → RGB
+// (torchvision's _hsv_to_rgb: sector i = floor(6h) picks from v, p, q, t). Written as selects
+// of values computed for every pixel so that the loop vectorizes.
 void hue(float* a, int64_t plane, float shift) {
   float *r = a, *g = a + plane, *b = a + 2 * plane;
 #pragma omp simd
@@ -208,21 +330,39 @@ void hue(float* a, int64_t plane, float shift) {
     const float sat = span / (same ? 1.f : maxc);
     const float div = same ? 1.f : span;
     const float rc = (maxc - R) / div, gc = (maxc - G) / div, bc = (maxc - B) / div;
-    float h = maxc == R ? bc - gc : (maxc == G ? 2.f + rc - bc : 4.f + gc - rc);
+    const float h_r = bc - gc, h_g = 2.f + rc - bc, h_b = 4.f + gc - rc;
+    float h = maxc == R ? h_r : (maxc == G ? h_g : h_b);
     h = h / 6.f + 1.f;
     h = h - std::floor(h);          // fmod(h / 6 + 1, 1): the argument is positive
     h = h + shift;
     h = h - std::floor(h);          // remainder(h + shift, 1)
     const float h6 = h * 6.f;
-    const float fi = std::floor(h6);
-    const float f = h6 - fi;
-    int sector = static_cast<int>(fi);
-    sector = sector >= 6 ? sector - 6 : sector;
+    float sector = std::floor(h6);
+    const float f = h6 - sector;
+    sector = sector >= 6.f ? sector - 6.f : sector;
     const float v = maxc;
-    const float p = clamp01(v * (1.f - sat)), q = clamp01(v * (1.f - sat * f)), t = clamp01(v * (1.f - sat * (1.f - f)));
-    r[k] = sector == 0 ? v : sector == 1 ? q : sector == 2 ? p : sector == 3 ? p : sector == 4 ? t : v;
-    g[k] = sector == 0 ? t : sector == 1 ? v : sector == 2 ? v : sector == 3 ? q : sector == 4 ? p : p;
-    b[k] = sector == 0 ? p : sector == 1 ? p : sector == 2 ? t : sector == 3 ? v : sector == 4 ? v : q;
+    const float p = clamp01(v * (1.f - sat)), q = clamp01(v * (1.f - sat * f));
+    const float t = clamp01(v * (1.f - sat * (1.f - f)));
+    const bool s0 = sector == 0.f, s1 = sector == 1.f, s2 = sector == 2.f, s3 = sector == 3.f, s4 = sector == 4.f;
+    float R2 = v, G2 = p, B2 = q;   // sector 5
+    R2 = s4 ? t : R2;
+    G2 = s4 ? p : G2;
+    B2 = s4 ? v : B2;
+    R2 = s3 ? p : R2;
+    G2 = s3 ? q : G2;
+    B2 = s3 ? v : B2;
+    R2 = s2 ? p : R2;
+    G2 = s2 ? v : G2;
+    B2 = s2 ? t : B2;
+    R2 = s1 ? q : R2;
+    G2 = s1 ? v : G2;
+    B2 = s1 ? p : B2;
+    R2 = s0 ? v : R2;
+    G2 = s0 ? t : G2;
+    B2 = s0 ? p : B2;
+    r[k] = R2;
+    g[k] = G2;
+    b[k] = B2;
   }
 }
 
@@ -273,7 +413,8 @@ void render_view(const uint8_t* img, int64_t H, int64_t W, int64_t C, const View
   if (v.gray && C == 3) grayscale(a, plane);
   if (v.sigma <= 0.f) {
     for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < S; ++i) finish_row(a + c * plane + i * S, S, v.solarize, mean[c], inv_std[c], out + c * plane + i * S);
+      for (int64_t i = 0; i < S; ++i)
+        finish_row(a + c * plane + i * S, S, v.solarize, mean[c], inv_std[c], out + c * plane + i * S);
     return;
   }
   const int64_t r = v.radius, K = 2 * r + 1;
@@ -289,34 +430,34 @@ void render_view(const uint8_t* img, int64_t H, int64_t W, int64_t C, const View
     // with pixels would be subnormal (a microcode assist per instruction on x86)
     for (int64_t d = 0; d < K; ++d) k[d] = kd[d] / total < 1e-30 ? 0.f : static_cast<float>(kd[d] / total);
   }
+  // taps of weight 0 (dropped above) are skipped
+  std::vector<float> kw;
+  std::vector<int64_t> kd;
+  for (int64_t d = 0; d < K; ++d)
+    if (k[d] != 0.f) {
+      kw.push_back(k[d]);
+      kd.push_back(d - r);
+    }
+  const int64_t taps = static_cast<int64_t>(kw.size());
+  std::vector<const float*> src(taps);
   s.b.resize(C * plane);
   s.pad.resize(S + 2 * r);
   for (int64_t c = 0; c < C; ++c) {
     const float* ac = a + c * plane;
     float* bc = s.b.data() + c * plane;
     for (int64_t i = 0; i < S; ++i) {  // vertical pass
-      float* dst = bc + i * S;
-      std::fill(dst, dst + S, 0.f);
-      for (int64_t d = 0; d < K; ++d) {
-        if (k[d] == 0.f) continue;
-        const float kd = k[d];
-        const float* srow = ac + reflect_index(i + d - r, S) * S;
-#pragma omp simd
-        for (int64_t j = 0; j < S; ++j) dst[j] += kd * srow[j];
-      }
+      for (int64_t t = 0; t < taps; ++t) src[t] = ac + reflect_index(i + kd[t], S) * S;
+      weighted_rows(src.data(), kw.data(), taps, S, bc + i * S);
     }
-    for (int64_t i = 0; i < S; ++i) {  // horizontal pass + the rest
+    float* p = s.pad.data();
+    for (int64_t t = 0; t < taps; ++t) src[t] = p + r + kd[t];
+    for (int64_t i = 0; i < S; ++i) {  // horizontal pass on a reflect-padded copy, then the rest
       const float* srow = bc + i * S;
-      float* p = s.pad.data();
-      for (int64_t j = 0; j < S + 2 * r; ++j) p[j] = srow[reflect_index(j - r, S)];
+      for (int64_t j = 0; j < r; ++j) p[j] = srow[reflect_index(j - r, S)];
+      std::copy(srow, srow + S, p + r);
+      for (int64_t j = S + r; j < S + 2 * r; ++j) p[j] = srow[reflect_index(j - r, S)];
       float* dst = s.a.data() + c * plane + i * S;  // a's row i of channel c is no longer read
-      std::fill(dst, dst + S, 0.f);
-      for (int64_t d = 0; d < K; ++d) {
-        if (k[d] == 0.f) continue;
-        const float kd = k[d];
-#pragma omp simd
-        for (int64_t j = 0; j < S; ++j) dst[j] += kd * p[j + d];
-      }
+      weighted_rows(src.data(), kw.data(), taps, S, dst);
       finish_row(dst, S, v.solarize, mean[c], inv_std[c], out + c * plane + i * S);
     }
   }
@@ -333,13 +474,14 @@ at::Tensor render_views_cpu(const at::Tensor& data, const at::Tensor& offsets, c
   const int64_t B = offsets.numel(), T = data.numel();
   TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.is_contiguous(),
               "render_views: offsets expected a contiguous (B,) int64 tensor");
-  TORCH_CHECK(hw.scalar_type() == at::kLong && hw.dim() == 2 && hw.size(0) == B && hw.size(1) == 2 && hw.is_contiguous(),
+  TORCH_CHECK(hw.scalar_type() == at::kLong && hw.dim() == 2 && hw.size(0) == B && hw.size(1) == 2 &&
+                  hw.is_contiguous(),
               "render_views: hw expected a contiguous (", B, ", 2) int64 tensor, got ", hw.sizes());
   TORCH_CHECK(channels == 1 || channels == 3, "render_views: channels expected 1 or 3, got ", channels);
   TORCH_CHECK(size >= 1, "render_views: size expected >= 1, got ", size);
   TORCH_CHECK(static_cast<int64_t>(mean.size()) == channels && static_cast<int64_t>(std_.size()) == channels,
               "render_views: mean and std expected ", channels, " values each");
-  TORCH_CHECK(blur_kernel_size == 0 || (blur_kernel_size >= 1 && blur_kernel_size % 2 == 1),
+  TORCH_CHECK(blur_kernel_size == 0 || (blur_kernel_size >= 1 && blur_kernel_size % 2 == 1 && blur_kernel_size <= 8191),
               "render_views: blur_kernel_size expected 0 (per-view default) or an odd size, got ", blur_kernel_size);
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
               "render_views: out_dtype expected float32, bfloat16 or float16, got ", out_dtype);
@@ -405,13 +547,14 @@ at::Tensor render_views_cpu(const at::Tensor& data, const at::Tensor& offsets, c
                   "render_views: params.jitter_order expected a permutation of 0..3, got row ", v);
       seen[a.order[k]] = true;
     }
-    TORCH_CHECK(std::isfinite(a.jit[0]) && std::isfinite(a.jit[1]) && std::isfinite(a.jit[2]) && std::isfinite(a.jit[3]) &&
-                    a.jit[0] >= 0.f && a.jit[1] >= 0.f && a.jit[2] >= 0.f && std::abs(a.jit[3]) <= 0.5f,
+    TORCH_CHECK(std::isfinite(a.jit[0]) && std::isfinite(a.jit[1]) && std::isfinite(a.jit[2]) &&
+                    std::isfinite(a.jit[3]) && a.jit[0] >= 0.f && a.jit[1] >= 0.f && a.jit[2] >= 0.f &&
+                    std::abs(a.jit[3]) <= 0.5f,
                 "render_views: params.jitter expected factors >= 0 and a hue shift in [-0.5, 0.5], got row ", v);
     a.sigma = sg[v];
-    TORCH_CHECK(std::isfinite(a.sigma) && a.sigma >= 0.f, "render_views: params.blur_sigma expected finite values >= 0");
-    a.radius = a.sigma > 0.f ? (blur_kernel_size > 0 ? blur_kernel_size / 2 : static_cast<int64_t>(std::ceil(3.f * a.sigma)))
-                             : 0;
+    TORCH_CHECK(a.sigma >= 0.f && a.sigma <= 1000.f, "render_views: params.blur_sigma expected values in [0, 1000]");
+    const int64_t default_radius = static_cast<int64_t>(std::ceil(3.f * a.sigma));
+    a.radius = a.sigma > 0.f ? (blur_kernel_size > 0 ? blur_kernel_size / 2 : default_radius) : 0;
   }
   std::vector<float> mean_f(channels), inv_std(channels);
   for (int64_t c = 0; c < channels; ++c) {
@@ -429,11 +572,16 @@ at::Tensor render_views_cpu(const at::Tensor& data, const at::Tensor& offsets, c
       TORCH_CHECK(false, "render_views: out_dtype float64 is not supported");
     } else {
       T* o = ptr<T>(out);
+      // views of one image one after another: its rows stay in cache between its views
+      std::vector<int64_t> queue(V);
+      std::iota(queue.begin(), queue.end(), int64_t{0});
+      std::stable_sort(queue.begin(), queue.end(), [&](int64_t x, int64_t y) { return views[x].src < views[y].src; });
       std::atomic<int64_t> next{0};
       const int64_t workers = std::min<int64_t>(at::get_num_threads(), V);
       parallel_for_ftz(0, workers, 1, [&](int64_t lo, int64_t hi) {
         Scratch s;
-        for (int64_t v = next.fetch_add(1); v < V; v = next.fetch_add(1)) {
+        for (int64_t q = next.fetch_add(1); q < V; q = next.fetch_add(1)) {
+          const int64_t v = queue[q];
           const ViewArgs& a = views[v];
           render_view<T>(base + off[a.src], hwp[2 * a.src], hwp[2 * a.src + 1], channels, a, size, mean_f.data(),
                          inv_std.data(), s, o + v * per_view);

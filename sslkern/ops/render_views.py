@@ -20,6 +20,8 @@ from ..views import ViewParams
 
 OP = "render_views"
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_SIGMA = 1000.0   # blur sigma bound (output pixels): keeps every kernel's tap loop finite
+MAX_KERNEL = 8191    # blur_kernel_size bound, likewise
 
 
 @dataclass
@@ -90,10 +92,16 @@ class RaggedImages:
         check_tensor(op, f"{prefix}hw", self.hw, dtypes=(torch.int64,), shape=(B, 2), device=self.data.device)
         if not check_values or B == 0 or torch.compiler.is_compiling():
             return
+        bad = self._bad_values()
+        self._raise_bad_values(op, prefix, bad, bad.any(1).tolist())  # the one host sync
+
+    def _bad_values(self) -> torch.Tensor:
+        """(3, B) bool: size < 1, offset < 0, image past the end of ``data`` (no sync)."""
         H, W = self.hw[:, 0], self.hw[:, 1]
         end = self.offsets + H * W * self.channels
-        bad = torch.stack([(H < 1) | (W < 1), self.offsets < 0, end > self.data.shape[0]])
-        flags = bad.any(1).tolist()  # the one host sync
+        return torch.stack([(H < 1) | (W < 1), self.offsets < 0, end > self.data.shape[0]])
+
+    def _raise_bad_values(self, op: str, prefix: str, bad: torch.Tensor, flags: list) -> None:
         if flags[0]:
             n = int(bad[0].nonzero()[0])
             fail(op, f"{prefix}hw expected sizes >= 1, got {prefix}hw[{n}] = {self.hw[n].tolist()}")
@@ -102,7 +110,8 @@ class RaggedImages:
             fail(op, f"{prefix}offsets expected values >= 0, got {prefix}offsets[{n}] = {int(self.offsets[n])}")
         if flags[2]:
             n = int(bad[2].nonzero()[0])
-            fail(op, f"{prefix}offsets[{n}] + H·W·C = {int(end[n])} ({prefix}hw[{n}] = {self.hw[n].tolist()}, "
+            end = int(self.offsets[n] + self.hw[n, 0] * self.hw[n, 1] * self.channels)
+            fail(op, f"{prefix}offsets[{n}] + H·W·C = {end} ({prefix}hw[{n}] = {self.hw[n].tolist()}, "
                      f"channels {self.channels}) expected <= len({prefix}data) = {int(self.data.shape[0])}")
 
 
@@ -162,8 +171,9 @@ def _check_params(params: ViewParams, device: torch.device) -> int:
     return V
 
 
-def _check_param_values(images: RaggedImages, params: ViewParams) -> None:
-    """Every value check in one reduction and one host sync; the messages name the field."""
+def _check_values(images: RaggedImages, params: ViewParams) -> None:
+    """Every value check of the images and the parameters in one reduction and one host sync;
+    the messages name the field."""
     B = len(images)
     src_ok = (params.src >= 0) & (params.src < B)
     size = images.hw[params.src.clamp(0, max(B - 1, 0))].float()
@@ -178,7 +188,7 @@ def _check_param_values(images: RaggedImages, params: ViewParams) -> None:
     order_in_range = ((params.jitter_order >= 0) & (params.jitter_order < 4)).all(1)
     perm.scatter_add_(1, params.jitter_order.clamp(0, 3), torch.ones_like(params.jitter_order))
     order_ok = order_in_range & (perm == 1).all(1)
-    sigma_ok = params.blur_sigma.isfinite() & (params.blur_sigma >= 0)
+    sigma_ok = (params.blur_sigma >= 0) & (params.blur_sigma <= MAX_SIGMA)
     angle_ok = params.angle.isfinite()
     checks = [("src", src_ok, f"values in [0, {B}) (an image of the batch)"),
               ("box", box_ok, "finite top, left >= 0 and height, width > 0 inside the image (top + height <= H, "
@@ -186,15 +196,18 @@ def _check_param_values(images: RaggedImages, params: ViewParams) -> None:
               ("angle", angle_ok, "finite values"),
               ("jitter", jitter_ok, "finite factors >= 0 and a hue shift in [-0.5, 0.5]"),
               ("jitter_order", order_ok, "a permutation of 0..3 per view"),
-              ("blur_sigma", sigma_ok, "finite values >= 0")]
+              ("blur_sigma", sigma_ok, f"values in [0, {MAX_SIGMA:g}]")]
+    bad_images = images._bad_values()
     bad = ~torch.stack([c[1] for c in checks])
-    flags = bad.any(1).tolist()  # the one host sync
-    for (name, ok, what), flag, row in zip(checks, flags, bad):
+    flags = torch.cat([bad_images.any(1), bad.any(1)]).tolist()  # the one host sync
+    images._raise_bad_values(OP, "images.", bad_images, flags[:3])
+    for (name, ok, what), flag, row in zip(checks, flags[3:], bad):
         if flag:
             v = int(row.nonzero()[0])
             got = getattr(params, name)[v]
             got = got.tolist() if got.dim() else got.item()
-            extra = f" (image {int(params.src[v])} of size {images.hw[params.src[v]].tolist()})" if name == "box" else ""
+            n = int(params.src[v])
+            extra = f" (image {n} of size {images.hw[n].tolist()})" if name == "box" else ""
             fail(OP, f"params.{name} expected {what}, got params.{name}[{v}] = {got}{extra}")
 
 
@@ -254,7 +267,8 @@ def render_views(images: RaggedImages, params: ViewParams, size: int, *, mean: S
             two calls).
         mean, std: C numbers each (std > 0).
         out_dtype: float32, bfloat16 or float16.
-        blur_kernel_size: odd kernel size for every blurred view, or None (per-view default).
+        blur_kernel_size: odd kernel size (at most 8191) for every blurred view, or None
+            (per-view default). Blur sigmas must lie in [0, 1000].
         check_values: check the values of ``params`` (``src`` in range, boxes inside their
             image, factors, orders, sigmas) and of ``images`` (sizes, offsets) here, in one
             reduction and one host sync on a GPU (free on the CPU), raising an ``ArgumentError``
@@ -284,18 +298,19 @@ def render_views(images: RaggedImages, params: ViewParams, size: int, *, mean: S
     if blur_kernel_size is not None:
         if isinstance(blur_kernel_size, bool) or not isinstance(blur_kernel_size, int):
             fail(OP, f"blur_kernel_size expected an odd int or None, got {blur_kernel_size!r}", TypeError)
-        if blur_kernel_size < 1 or blur_kernel_size % 2 == 0:
-            fail(OP, f"blur_kernel_size expected an odd int >= 1 or None, got {blur_kernel_size}")
-    if check_values and V and not torch.compiler.is_compiling():
-        images._validate(OP, "images.", check_values=True)
-        _check_param_values(images, params)
+        if blur_kernel_size < 1 or blur_kernel_size % 2 == 0 or blur_kernel_size > MAX_KERNEL:
+            fail(OP, f"blur_kernel_size expected an odd int in [1, {MAX_KERNEL}] or None, got {blur_kernel_size}")
+    if check_values and V and len(images) and not torch.compiler.is_compiling():
+        _check_values(images, params)
+    elif check_values and V and not torch.compiler.is_compiling():
+        fail(OP, f"params.src expected values in [0, 0) (an image of the batch): images is empty, params has {V} views")
     p = params
     with torch.no_grad():
         return torch.ops.sslkern.render_views(
             images.data.contiguous(), images.offsets.contiguous(), images.hw.contiguous(), p.src.contiguous(),
             p.box.contiguous(), p.angle.contiguous(), p.flip.contiguous(), p.jitter.contiguous(),
-            p.jitter_order.contiguous(), p.gray.contiguous(), p.blur_sigma.contiguous(), p.solarize.contiguous(), C, size, mean_l, std_l, out_dtype,
-            blur_kernel_size or 0, backend or "")
+            p.jitter_order.contiguous(), p.gray.contiguous(), p.blur_sigma.contiguous(), p.solarize.contiguous(), C,
+            size, mean_l, std_l, out_dtype, blur_kernel_size or 0, backend or "")
 
 
-__all__ = ["RaggedImages", "render_views", "ArgumentError"]
+__all__ = ["RaggedImages", "render_views"]

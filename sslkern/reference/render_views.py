@@ -34,27 +34,34 @@ import torch.nn.functional as F
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 
 
+def box_pixels(start: float, length: float, in_size: int) -> tuple[int, int]:
+    """The pixels ``[lo, hi)`` of an axis that the box ``[start, start + length)`` covers."""
+    return max(math.floor(start), 0), min(math.ceil(start + length), in_size)
+
+
 def aa_weights(start: float, length: float, out_size: int, in_size: int) -> torch.Tensor:
-    """(out_size, in_size) fp32 matrix of ATen's antialiased bilinear weights for the box
-    ``[start, start + length)`` of an axis of ``in_size`` pixels."""
+    """(out_size, hi - lo) fp32 matrix of ATen's antialiased bilinear weights for the box
+    ``[start, start + length)`` of an axis of ``in_size`` pixels, over the pixels ``[lo, hi)``
+    it covers (``box_pixels``)."""
+    lo, hi = box_pixels(start, length, in_size)
     scale = length / out_size
     support = max(scale, 1.0)
     centre = start + scale * (torch.arange(out_size, dtype=torch.float64) + 0.5)
-    p = torch.arange(in_size, dtype=torch.float64)
+    p = torch.arange(lo, hi, dtype=torch.float64)
     w = (1 - ((p[None, :] + 0.5 - centre[:, None]).abs() / support)).clamp(min=0)
-    inside = (p >= math.floor(start)) & (p < min(math.ceil(start + length), in_size))
-    w = w * inside
     return (w / w.sum(1, keepdim=True)).float()
 
 
 def resize_box(img: torch.Tensor, top: float, left: float, h: float, w: float, size: int) -> torch.Tensor:
     """(C, H, W) float → (C, size, size): the box resampled with antialiased bilinear weights."""
+    (y0, y1), (x0, x1) = box_pixels(top, h, img.shape[1]), box_pixels(left, w, img.shape[2])
     wy = aa_weights(top, h, size, img.shape[1])
     wx = aa_weights(left, w, size, img.shape[2])
-    return wy @ img @ wx.T
+    return wy @ img[:, y0:y1, x0:x1] @ wx.T
 
 
-def rotated_box(img: torch.Tensor, top: float, left: float, h: float, w: float, angle: float, size: int) -> torch.Tensor:
+def rotated_box(img: torch.Tensor, top: float, left: float, h: float, w: float, angle: float,
+                size: int) -> torch.Tensor:
     """(C, H, W) → (C, size, size): the box rotated by ``angle`` (radians, counter-clockwise
     on screen) about its centre, sampled bilinearly with border padding."""
     H, W = img.shape[1:]

@@ -123,7 +123,7 @@ def _contrast_position(order_ptr, v, cf):
     return o0, o1, o2, o3, tl.where(cf != 1.0, pos, 4)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "B", "S", "n_tiles"])
 def render_resample_kernel(data_ptr, offsets_ptr, hw_ptr, src_ptr, box_ptr, angle_ptr, flip_ptr, jitter_ptr, order_ptr,
                            gray_ptr, scratch_ptr, partial_ptr, T, B, S, n_tiles,
                            CHANNELS: tl.constexpr, BLOCK: tl.constexpr):
@@ -131,7 +131,7 @@ def render_resample_kernel(data_ptr, offsets_ptr, hw_ptr, src_ptr, box_ptr, angl
     v = pid // n_tiles
     tile = pid % n_tiles
     p = tile * BLOCK + tl.arange(0, BLOCK)
-    plane = S.to(tl.int64) * S
+    plane = S * S  # < 2^31: S <= MAX_SIZE
     pm = p < plane
     i = (p // S).to(tl.float32)
     j = p % S
@@ -141,10 +141,12 @@ def render_resample_kernel(data_ptr, offsets_ptr, hw_ptr, src_ptr, box_ptr, angl
     W = tl.load(hw_ptr + 2 * n + 1)
     Hf = H.to(tl.float32)
     Wf = W.to(tl.float32)
-    top = tl.load(box_ptr + 4 * v)
-    left = tl.load(box_ptr + 4 * v + 1)
-    bh = tl.load(box_ptr + 4 * v + 2)
-    bw = tl.load(box_ptr + 4 * v + 3)
+    # bounds that hold for every valid box and keep the tap loops short for unchecked ones
+    # (a NaN becomes a bound: max / min return the other operand on the GPU)
+    bh = tl.minimum(tl.maximum(tl.load(box_ptr + 4 * v + 2), 1e-6), Hf + 1.0)
+    bw = tl.minimum(tl.maximum(tl.load(box_ptr + 4 * v + 3), 1e-6), Wf + 1.0)
+    top = tl.minimum(tl.maximum(tl.load(box_ptr + 4 * v), -1.0), Hf + 1.0)
+    left = tl.minimum(tl.maximum(tl.load(box_ptr + 4 * v + 1), -1.0), Wf + 1.0)
     jx = tl.where(tl.load(flip_ptr + v) != 0, S - 1 - j, j).to(tl.float32)
     angle = tl.load(angle_ptr + v)
     r = tl.zeros([BLOCK], dtype=tl.float32)
@@ -264,16 +266,17 @@ def _finish(r, g, b, o0, o1, o2, o3, cpos, bf, cf, sf, hf, mean, gray_on, CHANNE
     return r, g, b
 
 
-@triton.jit
-def render_blur_kernel(scratch_ptr, partial_ptr, jitter_ptr, order_ptr, gray_ptr, sigma_ptr, solarize_ptr, out_ptr,
-                       mean0, mean1, mean2, istd0, istd1, istd2, S, n_tiles, n_row_tiles, kernel_size,
-                       CHANNELS: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr):
+@triton.jit(do_not_specialize=["S", "n_tiles", "n_row_tiles", "kernel_size"])
+def render_blur_kernel(scratch_ptr, partial_ptr, jitter_ptr, order_ptr, gray_ptr, sigma_ptr, solarize_ptr, rows_ptr,
+                       out_ptr, mean0, mean1, mean2, istd0, istd1, istd2, S, n_tiles, n_row_tiles, kernel_size,
+                       CHANNELS: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
+                       GATHER: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     v = pid // n_row_tiles
     rows = (pid % n_row_tiles) * ROWS + tl.arange(0, ROWS)[:, None]      # (ROWS, 1)
     cols = tl.arange(0, BLOCK_S)[None, :]                               # (1, BLOCK_S)
     cm = cols < S
-    plane = S.to(tl.int64) * S
+    plane = S * S
     bf = tl.load(jitter_ptr + 4 * v)
     cf = tl.load(jitter_ptr + 4 * v + 1)
     sf = tl.load(jitter_ptr + 4 * v + 2)
@@ -284,8 +287,8 @@ def render_blur_kernel(scratch_ptr, partial_ptr, jitter_ptr, order_ptr, gray_ptr
     for t0 in range(0, n_tiles, BLOCK_T):  # fixed order: the same mean in every program of the view
         t = t0 + tl.arange(0, BLOCK_T)
         partials += tl.load(partial_ptr + v * n_tiles + t, mask=t < n_tiles, other=0.0)
-    mean = tl.sum(partials, axis=0) / plane.to(tl.float32)
-    sigma = tl.load(sigma_ptr + v)
+    mean = tl.sum(partials, axis=0) / (plane * 1.0)
+    sigma = tl.minimum(tl.load(sigma_ptr + v), 1000.0)  # the front door's bound: finite tap loops
     radius = tl.where(sigma > 0.0, tl.where(kernel_size > 0, kernel_size // 2, tl.ceil(3.0 * sigma).to(tl.int32)), 0)
     two_var = 2.0 * tl.maximum(sigma, 1e-6) * tl.maximum(sigma, 1e-6)
     wsum = sigma * 0.0
@@ -313,13 +316,29 @@ def render_blur_kernel(scratch_ptr, partial_ptr, jitter_ptr, order_ptr, gray_ptr
     out_r = tl.zeros([ROWS, BLOCK_S], dtype=tl.float32)
     out_g = tl.zeros([ROWS, BLOCK_S], dtype=tl.float32)
     out_b = tl.zeros([ROWS, BLOCK_S], dtype=tl.float32)
-    for d in range(-radius, radius + 1):   # horizontal taps, gathered within the rows
-        w = tl.exp(-(d * d * 1.0) / two_var) / wsum
-        ci = _fold(cols + d, S) + rows * 0
-        out_r += w * tl.gather(acc_r, ci, axis=1)
+    if GATHER:  # horizontal taps gathered within the rows, in registers
+        for d in range(-radius, radius + 1):
+            w = tl.exp(-(d * d * 1.0) / two_var) / wsum
+            ci = _fold(cols + d, S) + rows * 0
+            out_r += w * tl.gather(acc_r, ci, axis=1)
+            if CHANNELS == 3:
+                out_g += w * tl.gather(acc_g, ci, axis=1)
+                out_b += w * tl.gather(acc_b, ci, axis=1)
+    else:  # wide rows: through this program's own rows of a second scratch, after a barrier
+        rm = (rows < S) & cm
+        tmp = rows_ptr + v * CHANNELS * plane + rows.to(tl.int64) * S
+        tl.store(tmp + cols, acc_r, mask=rm)
         if CHANNELS == 3:
-            out_g += w * tl.gather(acc_g, ci, axis=1)
-            out_b += w * tl.gather(acc_b, ci, axis=1)
+            tl.store(tmp + plane + cols, acc_g, mask=rm)
+            tl.store(tmp + 2 * plane + cols, acc_b, mask=rm)
+        tl.debug_barrier()  # the CTA's stores are visible to all its threads after it
+        for d in range(-radius, radius + 1):
+            w = tl.exp(-(d * d * 1.0) / two_var) / wsum
+            ci = _fold(cols + d, S)
+            out_r += w * tl.load(tmp + ci, mask=rm, other=0.0)
+            if CHANNELS == 3:
+                out_g += w * tl.load(tmp + plane + ci, mask=rm, other=0.0)
+                out_b += w * tl.load(tmp + 2 * plane + ci, mask=rm, other=0.0)
     solar = tl.load(solarize_ptr + v) != 0
     om = (rows < S) & cm
     dst = out_ptr + v * CHANNELS * plane + rows.to(tl.int64) * S + cols
@@ -332,15 +351,19 @@ def render_blur_kernel(scratch_ptr, partial_ptr, jitter_ptr, order_ptr, gray_ptr
         tl.store(dst + 2 * plane, ((out_b - mean2) * istd2).to(out_ptr.dtype.element_ty), mask=om)
 
 
-def _blur_blocks(size: int) -> tuple[int, int, int]:
-    """(BLOCK_S, ROWS, num_warps) of launch 2: whole rows, ~1024 elements per channel tile."""
+GATHER_MAX = 256  # widest row gathered in registers (512: 168 registers on sm_80; 1024 spills)
+
+
+def _blur_blocks(size: int, gather_max: int = GATHER_MAX) -> tuple[int, int, int, bool]:
+    """(BLOCK_S, ROWS, num_warps, GATHER) of launch 2: whole rows, 512 elements per channel
+    tile (4 per thread), the horizontal taps in registers up to ``gather_max`` columns."""
     block_s = max(16, triton.next_power_of_2(size))
-    rows = max(1, 1024 // block_s)
-    return block_s, rows, max(4, rows * block_s // 256)
+    rows = max(1, 512 // block_s)
+    return block_s, rows, max(4, rows * block_s // 128), block_s <= gather_max
 
 
 def render_views_triton(data, offsets, hw, src, box, angle, flip, jitter, jitter_order, gray, blur_sigma, solarize,
-                        channels, size, mean, std, out_dtype, blur_kernel_size):
+                        channels, size, mean, std, out_dtype, blur_kernel_size, gather_max: int = GATHER_MAX):
     V = src.shape[0]
     dev = data.device
     out = torch.empty((V, channels, size, size), dtype=out_dtype, device=dev)
@@ -356,18 +379,19 @@ def render_views_triton(data, offsets, hw, src, box, angle, flip, jitter, jitter
     render_resample_kernel[(V * n_tiles,)](
         data, offsets, hw, src, box, angle, as_u8(flip), jitter, jitter_order, as_u8(gray), scratch, partial,
         data.numel(), offsets.shape[0], size, n_tiles, CHANNELS=channels, BLOCK=BLOCK, num_warps=4)
-    block_s, rows, warps = _blur_blocks(size)
+    block_s, rows, warps, gather = _blur_blocks(size, gather_max)
+    rows_buf = partial if gather else torch.empty_like(scratch)
     n_row_tiles = triton.cdiv(size, rows)
     m = list(mean) + [0.0] * (3 - channels)
     inv = [1.0 / s for s in std] + [1.0] * (3 - channels)
     render_blur_kernel[(V * n_row_tiles,)](
-        scratch, partial, jitter, jitter_order, as_u8(gray), blur_sigma, as_u8(solarize), out, *m, *inv, size,
-        n_tiles, n_row_tiles, blur_kernel_size, CHANNELS=channels, ROWS=rows, BLOCK_S=block_s, BLOCK_T=64,
-        num_warps=warps)
+        scratch, partial, jitter, jitter_order, as_u8(gray), blur_sigma, as_u8(solarize), rows_buf, out, *m, *inv,
+        size, n_tiles, n_row_tiles, blur_kernel_size, CHANNELS=channels, ROWS=rows, BLOCK_S=block_s, BLOCK_T=64,
+        GATHER=gather, num_warps=warps)
     return out
 
 
-AOT_DIVISIBLE = ("S",)
+AOT_DIVISIBLE = ()  # sizes are not specialised (do_not_specialize)
 
 
 def _aot_configs():
@@ -383,13 +407,14 @@ def _aot_configs():
     cases += [(3, dt, s) for dt in (torch.bfloat16, torch.float16) for s in (128, 256)]
     cases += [(1, torch.float32, s) for s in (16, 32, 128, 256)]
     for c, dt, size in cases:
-        block_s, rows, warps = _blur_blocks(size)
+        block_s, rows, warps, gather = _blur_blocks(size)
         sig = {"scratch_ptr": "*fp32", "partial_ptr": "*fp32", "jitter_ptr": "*fp32", "order_ptr": "*i64",
-               "gray_ptr": "*u8", "sigma_ptr": "*fp32", "solarize_ptr": "*u8", "out_ptr": f"*{_TS[dt]}",
-               **{k: "fp32" for k in ("mean0", "mean1", "mean2", "istd0", "istd1", "istd2")},
+               "gray_ptr": "*u8", "sigma_ptr": "*fp32", "solarize_ptr": "*u8", "rows_ptr": "*fp32",
+               "out_ptr": f"*{_TS[dt]}", **{k: "fp32" for k in ("mean0", "mean1", "mean2", "istd0", "istd1", "istd2")},
                "S": "i32", "n_tiles": "i32", "n_row_tiles": "i32", "kernel_size": "i32"}
         out.append(dict(name=f"render_blur_kernel C={c} {_TS[dt]} BLOCK_S={block_s}", kernel=render_blur_kernel,
-                        signature=sig, constexprs={"CHANNELS": c, "ROWS": rows, "BLOCK_S": block_s, "BLOCK_T": 64},
+                        signature=sig, constexprs={"CHANNELS": c, "ROWS": rows, "BLOCK_S": block_s, "BLOCK_T": 64,
+                                                   "GATHER": gather},
                         num_warps=warps, num_stages=3))
     return out
 
