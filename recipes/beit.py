@@ -6,7 +6,7 @@
 
 One step, as unilm ``beit/engine_for_pretraining.py`` with ``modeling_pretrain.py`` and
 ``masking_generator.py``:
-  1. view      random resized crop + small rotation (``sslkern.train.data.augment``); the
+  1. view      random resized crop + small rotation (``sslkern.train.views.single_view``); the
                tokenizer sees the same view (BEiT: the same crop at the dVAE's resolution)
   2. tokens    one visual token per patch from the frozen tokenizer (BEiT: DALL-E dVAE
                ``get_codebook_indices``; here k-means on the pixels of the 3x3-patch window around each patch)
@@ -32,17 +32,18 @@ no layer scale by default (``--layer-scale``; BEiT: relative position bias, laye
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import sslkern  # noqa: E402
-from sslkern.train import Method, build_vit, run  # noqa: E402
-from sslkern.train.data import augment  # noqa: E402
-from sslkern.train.tokenizer import PatchKMeansTokenizer, perplexity  # noqa: E402
+import sslkern
+from sslkern.train import Method, build_vit, run
+from sslkern.train.evaluate import render_images
+from sslkern.train.tokenizer import PatchKMeansTokenizer, perplexity
+from sslkern.train.views import single_view
+
+TOKENIZER_FIT_IMAGES = 20_000  # a seeded subset of the training set on large datasets (the digits: all)
 
 
 def beit_init_(model: nn.Module, blocks, std: float = 0.02) -> None:
@@ -126,29 +127,31 @@ class BEiT(Method):
     def __init__(self, a, data):
         super().__init__()
         self.a = a
-        vit = build_vit(a, data.in_chans, init_values=a.layer_scale or None)
+        vit = build_vit(a, data.channels, init_values=a.layer_scale or None)
         self.grid = tuple(vit.patch_embed.grid_size)
         self.tokenizer = self.make_tokenizer(a, data)
         self.model = MaskedImageModel(vit, self.tokenizer.num_codes)
+        self.view = single_view(a, data)
 
     @staticmethod
     def make_tokenizer(a, data):
         """--tokenizer PATH, or the cached OUT/tokenizer.safetensors fitted with these settings, or a new fit."""
         if a.tokenizer is not None:
             tok, meta = PatchKMeansTokenizer.load(a.tokenizer)
-            if (tok.patch_size, tok.in_chans) != (a.patch_size, data.in_chans):
+            if (tok.patch_size, tok.in_chans) != (a.patch_size, data.channels):
                 raise ValueError(f"--tokenizer {a.tokenizer!r} has patch size {tok.patch_size} and {tok.in_chans} "
-                                 f"channels; the model has {a.patch_size} and {data.in_chans}")
+                                 f"channels; the model has {a.patch_size} and {data.channels}")
             return tok
-        fit = {"dataset": data.name, "train_images": int(data.train_images.shape[0]), "seed": a.seed,
+        images = render_images(data, a.image_size, max_images=TOKENIZER_FIT_IMAGES, seed=a.seed)
+        fit = {"dataset": data.name, "train_images": int(images.shape[0]), "seed": a.seed,
                "iters": a.kmeans_iters, "image_size": a.image_size}
         path = os.path.join(a.out, "tokenizer.safetensors")
-        tok = PatchKMeansTokenizer(a.vocab_size, a.patch_size, data.in_chans, a.tokenizer_context)
+        tok = PatchKMeansTokenizer(a.vocab_size, a.patch_size, data.channels, a.tokenizer_context)
         if os.path.exists(path):
             cached, meta = PatchKMeansTokenizer.load(path)
             if cached.settings == tok.settings and all(meta.get(k) == v for k, v in fit.items()):
                 return cached
-        info = tok.fit(data.train_images, torch.Generator().manual_seed(a.seed), iters=a.kmeans_iters)
+        info = tok.fit(images, torch.Generator().manual_seed(a.seed), iters=a.kmeans_iters)
         tok.save(path, **fit, **info)
         return tok
 
@@ -156,13 +159,12 @@ class BEiT(Method):
         return {"encoder": self.model.vit}
 
     def forward(self, images, ctx):
-        a, gen, rows = self.a, ctx.generator, ctx.rows
-        images = augment(images, gen, rows=(ctx.rank, ctx.world_size))                      # 1. view
+        a = self.a
+        images, = ctx.views(images, self.view)                                              # 1. view
         input_ids = self.tokenizer(images)                                                  # 2. tokens (B, N)
         n = self.grid[0] * self.grid[1]
-        mask = sslkern.masks.block_mask(images.shape[0] * ctx.world_size, self.grid, a.mask_ratio,  # 3. mask
-                                        min_num_patches=a.min_block_patches, max_num_patches=int(n * a.mask_ratio),
-                                        generator=gen, device=gen.device).mask[rows].to(images.device)
+        mask = ctx.per_sample(sslkern.masks.block_mask, self.grid, a.mask_ratio,            # 3. mask (B, N)
+                              min_num_patches=a.min_block_patches, max_num_patches=int(n * a.mask_ratio)).mask
         logits = self.model(images, mask)                                                   # 4. encoder + lm_head
         labels = input_ids[mask]
         loss = F.cross_entropy(logits.float(), labels)                                      # 5. loss

@@ -20,16 +20,12 @@ mirror-symmetric; RGB data gets flips and the colour pipeline of the loop's view
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import sslkern  # noqa: E402
-from sslkern.train import Method, build_vit, run  # noqa: E402
-from sslkern.train.joint import (add_view_arguments, check_view_arguments, encoder, joint_health,  # noqa: E402
+import sslkern
+from sslkern.train import Method, build_vit, run
+from sslkern.train.joint import (add_view_arguments, check_view_arguments, encoder, joint_health,
                                  joint_verdict, mlp, positive_int_options, two_views)
 
 
@@ -62,12 +58,12 @@ class BYOL(Method):
 
     def __init__(self, a, data):
         super().__init__()
-        self.a, self.mean, self.std = a, data.mean, data.std
+        self.a = a
         projector = mlp(a.dim, a.hidden_dim, a.out_dim, bn=a.bn)
-        self.online = encoder(build_vit(a, data.in_chans), projector, a.pool)
+        self.online = encoder(build_vit(a, data.channels), projector, a.pool)
         self.predictor = mlp(a.out_dim, a.hidden_dim, a.out_dim, bn=a.bn)
         self.target = sslkern.nn.EMATeacher(self.online)  # backbone + projector, frozen, EMA weights
-        self.views = two_views(a)
+        self.views = two_views(a, data)
 
     def schedule(self, ctx):
         return {"momentum": sslkern.schedules.cosine_schedule(ctx.step, ctx.total_steps, self.a.momentum_target, 1.0)}
@@ -79,8 +75,7 @@ class BYOL(Method):
         return {"teacher": self.target.module.backbone, "student": self.online.backbone}
 
     def forward(self, images, ctx):
-        views, _ = self.views(images, ctx.generator, mean=self.mean, std=self.std,
-                              rows=(ctx.rank, ctx.world_size))                   # 1. two views
+        views = ctx.views(images, self.views)                                      # 1. two views
         z_online = self.online(views)                                            # 2. online (2B, out)
         p1, p2 = self.predictor(z_online).chunk(2)
         with torch.no_grad():

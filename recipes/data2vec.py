@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=2 recipes/data2vec.py   # data-parallel (gloo on CPU, nccl on GPU)
 
 One step, as fairseq ``examples/data2vec/models/data2vec_vision.py`` (BEiT-style masking):
-  1. view      random resized crop + small rotation (``sslkern.train.data.augment``)
+  1. view      random resized crop + small rotation (``sslkern.train.views.single_view``)
   2. mask      BEiT block masking of ~60 % of the patches (``sslkern.masks.block_mask``)
   3. targets   the EMA teacher encodes the unmasked image; the outputs of its top K blocks
                (end of block, CLS dropped) are each layer-normalised without parameters and
@@ -29,18 +29,13 @@ including its patch embedding (fairseq: transformer only, ``ema_transformer_only
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import sslkern  # noqa: E402
-from sslkern.train import Method, build_vit, run  # noqa: E402
-from sslkern.train import distributed as dist  # noqa: E402
-from sslkern.train.data import augment  # noqa: E402
-from sslkern.train.health import batch_std, std_verdict  # noqa: E402
+import sslkern
+from sslkern.train import Method, build_vit, run
+from sslkern.train.views import single_view
+from sslkern.train.health import batch_std, std_verdict
 
 NORMS = ("layer", "instance", "none")
 
@@ -57,25 +52,8 @@ class MaskedStudent(nn.Module):
 
     def forward(self, images, mask):
         """images (B, C, H, W), mask (B, N) True = masked → predictions (B, N, D) for every patch."""
-        vit = self.vit
-        x = vit.patch_embed(images)                                                  # (B, N, D)
-        x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
-        x = vit.norm(vit.blocks(vit.norm_pre(vit._pos_embed(x))))
-        return self.head(x[:, vit.num_prefix_tokens:])
-
-
-@torch.no_grad()
-def teacher_targets(vit, images, top_k, layer_norm, final_norm):
-    """Top-K block outputs of the teacher (CLS dropped) → ``layer_average_targets`` (B, N, D) fp32."""
-    outs = []
-    hooks = [blk.register_forward_hook(lambda mod, inp, out: outs.append(out[:, vit.num_prefix_tokens:]))
-             for blk in vit.blocks[-top_k:]]
-    try:
-        vit.forward_features(images)
-    finally:
-        for h in hooks:
-            h.remove()
-    return sslkern.layer_average_targets(outs, layer_norm=layer_norm, final_norm=final_norm)
+        x = sslkern.nn.encode_with_mask_token(self.vit, images, mask, self.mask_token)
+        return self.head(x[:, self.vit.num_prefix_tokens:])
 
 
 class Data2Vec(Method):
@@ -117,11 +95,12 @@ class Data2Vec(Method):
     def __init__(self, a, data):
         super().__init__()
         self.a = a
-        vit = build_vit(a, data.in_chans)
+        vit = build_vit(a, data.channels)
         self.grid = tuple(vit.patch_embed.grid_size)
         self.student = MaskedStudent(vit)
         self.teacher = sslkern.nn.EMATeacher(vit)  # frozen deep copy of the encoder (no head, no mask token)
         self.register_buffer("initial_target_std", torch.zeros(()))  # step 1's value, for the verdict
+        self.view = single_view(a, data)
 
     def schedule(self, ctx):
         return {"momentum": sslkern.schedules.linear_anneal(ctx.step, ctx.total_steps, self.a.ema_start, self.a.ema_end)}
@@ -132,25 +111,26 @@ class Data2Vec(Method):
     def encoders(self):
         return {"teacher": self.teacher.module, "student": self.student.vit}
 
-    def make_masks(self, batch, generator):
-        """(batch, N) bool block masks for the global batch (fairseq ``make_mask``, BEiT ``MaskingGenerator``)."""
+    def make_masks(self, ctx):
+        """(B, N) bool block masks (fairseq ``make_mask``, BEiT ``MaskingGenerator``)."""
         n = self.grid[0] * self.grid[1]
-        return sslkern.masks.block_mask(batch, self.grid, self.a.mask_ratio, min_num_patches=self.a.min_block_patches,
-                                        max_num_patches=n, generator=generator, device=generator.device).mask
+        return ctx.per_sample(sslkern.masks.block_mask, self.grid, self.a.mask_ratio,
+                              min_num_patches=self.a.min_block_patches, max_num_patches=n).mask
 
     def forward(self, images, ctx):
-        a, gen, world = self.a, ctx.generator, ctx.world_size
-        images = augment(images, gen, rows=(ctx.rank, world))                            # 1. view
-        mask = self.make_masks(images.shape[0] * world, gen)[ctx.rows]                   # 2. mask (B, N)
-        targets = teacher_targets(self.teacher.module, images, a.top_k, a.layer_norm, a.final_norm)  # 3. (B, N, D)
+        a = self.a
+        images, = ctx.views(images, self.view)                                           # 1. view
+        mask = self.make_masks(ctx)                                                      # 2. mask (B, N)
+        with torch.no_grad():                                                            # 3. targets (B, N, D)
+            layers = sslkern.nn.block_outputs(self.teacher.module, images, a.top_k)
+            targets = sslkern.layer_average_targets(layers, layer_norm=a.layer_norm, final_norm=a.final_norm)
         pred = self.student(images, mask)                                                # 4. student (B, N, D)
-        n_masked = dist.all_reduce_sum(mask.sum().to(torch.float64))                     # 5. global masked count
-        loss = sslkern.masked_regression_loss(pred, targets, mask, beta=a.loss_beta, reduction="sum") / n_masked
+        loss = sslkern.masked_regression_loss(pred, targets, mask, beta=a.loss_beta,    # 5. smooth-L1, mean over
+                                              reduction="mean")                          #    masked tokens
         std = batch_std(targets)
         if ctx.step == 0:
             self.initial_target_std.fill_(std)
-        return loss * world, {"target_std": std, "pred_std": batch_std(pred.detach()),
-                              "masked_share": mask.float().mean()}
+        return loss, {"target_std": std, "pred_std": batch_std(pred.detach()), "masked_share": mask.float().mean()}
 
     def verdict(self, health):
         return std_verdict(health, "target_std", self.a.collapse_std, initial=float(self.initial_target_std) or None)

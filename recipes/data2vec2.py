@@ -9,11 +9,12 @@ One step, as in fairseq ``examples/data2vec/models/data2vec2.py``:
                of its top K blocks are instance-normalized over tokens, averaged and
                layer-normalized (``sslkern.layer_average_targets``)
   3. student   ONE patch-embedding pass, then the visible tokens of all M masks are gathered
-               (``sslkern.gather_tokens``) and encoded
+               (``sslkern.gather_tokens``) and encoded (``sslkern.patch.forward_masked``)
   4. decoder   visible outputs are put back on the grid with N(0, 0.01^2) noise in the masked
                slots (``sslkern.restore_tokens``) and refined by two grouped 3x3 convolutions
-  5. loss      masked L2 regression scaled by 1/sqrt(D) (``sslkern.masked_regression_loss``),
-               divided by the global masked-token count, plus CLS -> mean-target regression
+  5. loss      masked L2 regression scaled by 1/sqrt(D), mean over the masked tokens, plus
+               CLS -> mean-target regression, targets and both terms in one call
+               (``sslkern.data2vec_loss``)
   6. step      AdamW, warm-up then cosine learning rate
   7. EMA       teacher <- EMA of the student encoder, momentum annealed linearly 0.99 -> 0.997
 
@@ -30,18 +31,15 @@ covers more than half the image, so masks barely vary and the task degenerates
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import sslkern  # noqa: E402
-from sslkern.train import Method, build_vit, run  # noqa: E402
-from sslkern.train import distributed as dist  # noqa: E402
-from sslkern.train.data import augment  # noqa: E402
+import sslkern
+from sslkern.train import Method, build_vit, run
+from sslkern.train.health import batch_std, std_verdict
+from sslkern.train.views import single_view
 
 
 class ConvDecoder(nn.Module):
@@ -66,33 +64,20 @@ class ConvDecoder(nn.Module):
 class Student(nn.Module):
     """Encodes the visible tokens of M masks per image from one embedding pass, then decodes."""
 
-    def __init__(self, encoder, decoder):
+    def __init__(self, encoder, decoder, noise_std):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
+        self.input = sslkern.nn.DecoderInput(encoder.embed_dim, num_prefix_tokens=1, mode="noise", noise_std=noise_std)
 
     def forward(self, images, ids_keep, ids_restore, noise):
         """ids_keep (B, M, Nk), ids_restore (B*M, N), noise (B*M, N, D) → CLS (B*M, D), predictions (B*M, N, D)."""
         vit = self.encoder
         b, m, nk = ids_keep.shape
-        x = vit._pos_embed(vit.patch_embed(images))  # (B, 1+N, D): one embedding pass for all clones
-        x = sslkern.gather_tokens(x, ids_keep, num_prefix_tokens=1)  # (B*M, 1+Nk, D), image-major
         alibi = getattr(vit, "alibi", None)  # ALiBi bias from the kept tokens' true grid coordinates
         with alibi.tokens(ids_keep=ids_keep.reshape(b * m, nk)) if alibi else contextlib.nullcontext():
-            x = vit.norm(vit.blocks(vit.norm_pre(x)))
-        full = sslkern.restore_tokens(x, ids_restore, fill=noise.to(x), num_prefix_tokens=1)  # noise in masked slots
-        return x[:, 0], self.decoder(full[:, 1:])  # CLS (B*M, D), predictions (B*M, N, D)
-
-
-@torch.no_grad()
-def teacher_targets(teacher_vit, images, top_k):
-    """Top-K blocks' FFN outputs (before the residual, CLS dropped) → ``layer_average_targets``."""
-    outs = []
-    hooks = [blk.mlp.register_forward_hook(lambda mod, inp, out: outs.append(out[:, 1:]))
-             for blk in teacher_vit.blocks[-top_k:]]
-    teacher_vit.forward_features(images)
-    for h in hooks:
-        h.remove()
-    return sslkern.layer_average_targets(outs, layer_norm="instance", final_norm="layer")  # (B, N, D) fp32
+            x = sslkern.patch.forward_masked(vit, images, ids_keep)  # (B*M, 1+Nk, D): one embedding pass, image-major
+        full = self.input(x, ids_restore, noise=noise)             # noise in the masked slots
+        return x[:, 0], self.decoder(full[:, 1:])
 
 
 class Data2Vec2(Method):
@@ -101,6 +86,7 @@ class Data2Vec2(Method):
     name, title = "data2vec2", "data2vec 2.0"
     defaults = dict(epochs=70, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_epochs=5)
     betas = (0.9, 0.95)
+    health = {"target_std": "low"}
 
     @staticmethod
     def add_arguments(g):
@@ -117,6 +103,9 @@ class Data2Vec2(Method):
         g.add_argument("--noise-std", type=float, default=0.01, help="std of the decoder's masked-slot noise")
         g.add_argument("--ema-start", type=float, default=0.99)
         g.add_argument("--ema-end", type=float, default=0.997)
+        g.add_argument("--collapse-std", type=float, default=0.05,
+                       help="verdict: collapsed if target_std (batch std of the teacher's layer-normed top FFN output) <= this "
+                            "(or <= 1/4 of its step-1 value)")
 
     @staticmethod
     def check_arguments(a, error):
@@ -135,13 +124,16 @@ class Data2Vec2(Method):
     def __init__(self, a, data):
         super().__init__()
         self.a = a
-        encoder = build_vit(a, data.in_chans)
+        encoder = build_vit(a, data.channels)
         if a.alibi:  # AlibiAttention keeps timm's parameter names, so the state dict is unchanged
             encoder.alibi = sslkern.nn.use_alibi(encoder, mode="2d")  # shared context: coordinates of the current tokens
         self.export_extra = {"alibi": a.alibi}
         self.grid = tuple(encoder.patch_embed.grid_size)
-        self.student = Student(encoder, ConvDecoder(a.dim, self.grid, a.decoder_dim, a.decoder_layers, groups=a.decoder_groups))
+        decoder = ConvDecoder(a.dim, self.grid, a.decoder_dim, a.decoder_layers, groups=a.decoder_groups)
+        self.student = Student(encoder, decoder, a.noise_std)
         self.teacher = sslkern.nn.EMATeacher(encoder)  # frozen deep copy; the decoder has no teacher
+        self.view = single_view(a, data)
+        self.register_buffer("initial_target_std", torch.zeros(()))  # step 1's value, for the verdict
 
     def schedule(self, ctx):
         return {"momentum": sslkern.schedules.linear_anneal(ctx.step, ctx.total_steps, self.a.ema_start, self.a.ema_end)}
@@ -152,32 +144,36 @@ class Data2Vec2(Method):
     def encoders(self):
         return {"teacher": self.teacher.module, "student": self.student.encoder}
 
-    def make_masks(self, batch, generator):
+    def make_masks(self, ctx):
         a, (h, w) = self.a, self.grid
         if a.mask == "random":
-            return sslkern.masks.random_mask(batch, h * w, a.mask_ratio, num_masks=a.clones, generator=generator,
-                                             device=generator.device)
-        return sslkern.masks.inverse_block_mask(batch, self.grid, a.mask_ratio, mask_length=a.mask_length,
-                                                num_masks=a.clones, generator=generator, device=generator.device)
+            return ctx.per_sample(sslkern.masks.random_mask, h * w, a.mask_ratio, num_masks=a.clones)
+        return ctx.per_sample(sslkern.masks.inverse_block_mask, self.grid, a.mask_ratio, mask_length=a.mask_length,
+                              num_masks=a.clones)
 
     def forward(self, images, ctx):
-        """One data2vec 2.0 step on this rank's images; masks and noise drawn for the global batch."""
-        a, gen, rows, world = self.a, ctx.generator, ctx.rows, ctx.world_size
-        images = augment(images, gen, rows=(ctx.rank, world))                       # views
-        b, m = images.shape[0], a.clones
-        masks = self.make_masks(b * world, gen)                                     # 1. masks
-        ids_keep = masks.ids_keep.reshape(b * world, m, -1)[rows]                   # (B, M, Nk)
-        ids_restore = masks.ids_restore.reshape(b * world, m, -1)[rows].reshape(b * m, -1)
-        mask = masks.mask.reshape(b * world, m, -1)[rows].reshape(b * m, -1)        # (B*M, N) True = masked
-        noise = torch.randn(b * world, m, *ids_restore.shape[1:], a.dim, generator=gen, device=gen.device)
-        noise = a.noise_std * noise[rows].reshape(b * m, -1, a.dim)                 # decoder fill of masked slots
-        targets = teacher_targets(self.teacher.module, images, a.top_k)             # 2. targets (B, N, D)
-        cls_pred, pred = self.student(images, ids_keep, ids_restore, noise)         # 3-4. student + decoder
-        n_masked = dist.all_reduce_sum(mask.sum().to(torch.float64))                # global masked tokens
-        reg = sslkern.masked_regression_loss(pred, targets, mask, reduction="sum")  # 5. loss (sum over tokens)
-        cls = sslkern.masked_regression_loss(cls_pred.unsqueeze(1), targets.mean(1, keepdim=True), None, reduction="sum")
-        loss = reg / n_masked + a.cls_weight * cls / (b * m * world)
-        return loss * world, {}  # the mean over ranks is the global loss (DDP averages gradients)
+        """One data2vec 2.0 step on this rank's images."""
+        a, m = self.a, self.a.clones
+        images, = ctx.views(images, self.view)                                      # view
+        b = images.shape[0]
+        masks = self.make_masks(ctx)                                                # 1. masks (B, M, ...)
+        ids_keep = masks.ids_keep.reshape(b, m, -1)                                 # (B, M, Nk), also for M = 1
+        mask = masks.mask.reshape(b * m, -1)                                        # (B*M, N) True = masked
+        noise = ctx.randn(m, mask.shape[1], a.dim).reshape(b * m, -1, a.dim)        # decoder fill of masked slots
+        with torch.no_grad():                                                       # 2. teacher layers
+            layers = sslkern.nn.block_outputs(self.teacher.module, images, a.top_k, site="mlp")
+        cls_pred, pred = self.student(images, ids_keep, masks.ids_restore.reshape(b * m, -1), noise)  # 3-4.
+        reg, cls = sslkern.data2vec_loss(pred, layers, mask, cls_pred=cls_pred,    # 5. targets + both terms;
+                                         cls_weight=a.cls_weight / (b * m),         #    CLS averaged over clones
+                                         reduction="mean")
+        std = batch_std(F.layer_norm(layers[-1].float(), (a.dim,)))  # collapse signal: the teacher's (normalised)
+        #                                                               top layer no longer varies across images
+        if ctx.step == 0:
+            self.initial_target_std.fill_(std)
+        return reg + cls, {"regression_loss": reg.detach(), "cls_loss": cls.detach(), "target_std": std}
+
+    def verdict(self, health):
+        return std_verdict(health, "target_std", self.a.collapse_std, initial=float(self.initial_target_std) or None)
 
 
 def main(argv=None):

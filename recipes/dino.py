@@ -26,17 +26,13 @@ mirror-symmetric; RGB data gets flips and DINO's colour ops).
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import sslkern  # noqa: E402
-from sslkern.train import Method, build_vit, run  # noqa: E402
-from sslkern.train.distillation import (add_distillation_arguments, check_distillation_arguments,  # noqa: E402
+import sslkern
+from sslkern.train import Method, build_vit, run
+from sslkern.train.distillation import (add_distillation_arguments, check_distillation_arguments,
                                         distillation_schedule, multicrop_views)
-from sslkern.train.health import distillation_health, distillation_verdict  # noqa: E402
+from sslkern.train.health import distillation_health, distillation_verdict
 
 
 class DINO(Method):
@@ -52,8 +48,8 @@ class DINO(Method):
 
     def __init__(self, a, data):
         super().__init__()
-        self.a, self.mean, self.std = a, data.mean, data.std
-        backbone = build_vit(a, data.in_chans, dynamic_img_size=True)  # global and local crop sizes
+        self.a = a
+        backbone = build_vit(a, data.channels, dynamic_img_size=True)  # global and local crop sizes
         head = sslkern.nn.DINOHead(a.dim, a.out_dim, use_bn=a.bn_in_head, norm_last_layer=a.norm_last_layer,
                                    nlayers=a.head_layers, hidden_dim=a.hidden_dim, bottleneck_dim=a.bottleneck_dim)
         self.student = sslkern.nn.MultiCropWrapper(backbone, head, a.pool)
@@ -61,7 +57,7 @@ class DINO(Method):
         self.loss = sslkern.nn.DINOLoss(a.out_dim, 2 + a.local_crops, a.warmup_teacher_temp, a.teacher_temp,
                                         min(a.warmup_teacher_temp_epochs, a.epochs), a.epochs, a.student_temp,
                                         a.center_momentum, teacher_mode=a.teacher)
-        self.views = multicrop_views(a)
+        self.views = multicrop_views(a, data)
 
     def schedule(self, ctx):
         return distillation_schedule(self.a, ctx, self.loss)
@@ -76,8 +72,8 @@ class DINO(Method):
         return {"teacher": self.teacher.module.backbone, "student": self.student.backbone}
 
     def forward(self, images, ctx):
-        global_crops, local_crops = self.views(images, ctx.generator, mean=self.mean, std=self.std,
-                                               rows=(ctx.rank, ctx.world_size))                # 1. views
+        crops = ctx.views(images, self.views)                                                # 1. views
+        global_crops, local_crops = crops[:2], crops[2:]
         head, t_head, center = self.student.head, self.teacher.module.head, self.loss.center.clone()
         with torch.no_grad():
             zt = t_head.bottleneck(self.teacher.module.features(global_crops))              # 2. teacher (2B, Db)

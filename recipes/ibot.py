@@ -27,18 +27,14 @@ covers 4-8 of 16 patches.
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import sslkern  # noqa: E402
-from sslkern.train import Method, build_vit, run  # noqa: E402
-from sslkern.train.distillation import (add_distillation_arguments, check_distillation_arguments,  # noqa: E402
+import sslkern
+from sslkern.train import Method, build_vit, run
+from sslkern.train.distillation import (add_distillation_arguments, check_distillation_arguments,
                                         distillation_schedule, multicrop_views)
-from sslkern.train.health import distillation_health, distillation_verdict  # noqa: E402
+from sslkern.train.health import distillation_health, distillation_verdict
 
 
 class MaskedStudent(nn.Module):
@@ -52,19 +48,16 @@ class MaskedStudent(nn.Module):
 
     def tokens(self, images, masks=None):
         """dinov2 ``prepare_tokens_with_masks`` + blocks: (B, 1+N, D) after the final norm."""
-        vit = self.image.backbone
-        x = vit.patch_embed(images)                                           # (B, H, W, D): dynamic size
-        if masks is not None:
-            x = torch.where(masks.view(*x.shape[:-1], 1), self.mask_token.to(x.dtype), x)
-        return vit.norm(vit.blocks(vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))))
+        return sslkern.nn.encode_with_mask_token(self.image.backbone, images, masks, self.mask_token)
 
 
-def block_masks(a, n_images, grid, ctx):
-    """Masks of the global crops, drawn for the global batch: (2·B, N) bool, crop-major."""
-    m = sslkern.masks.block_mask(2 * n_images * ctx.world_size, grid, tuple(a.mask_ratio),
-                                 mask_probability=a.mask_probability, generator=ctx.generator,
-                                 device=ctx.generator.device).mask
-    return m.view(2, n_images * ctx.world_size, -1)[:, ctx.rows].reshape(2 * n_images, -1)
+def block_masks(a, grid, ctx):
+    """Masks of the two global crops of every image: (2·B, N) bool, crop-major like the crops."""
+    def two_per_image(batch, generator):
+        m = sslkern.masks.block_mask(2 * batch, grid, tuple(a.mask_ratio), mask_probability=a.mask_probability,
+                                     generator=generator).mask
+        return m.view(batch, 2, -1)
+    return ctx.per_sample(two_per_image).transpose(0, 1).flatten(0, 1)
 
 
 class IBOT(Method):
@@ -94,8 +87,8 @@ class IBOT(Method):
 
     def __init__(self, a, data):
         super().__init__()
-        self.a, self.mean, self.std = a, data.mean, data.std
-        backbone = build_vit(a, data.in_chans, dynamic_img_size=True)
+        self.a = a
+        backbone = build_vit(a, data.channels, dynamic_img_size=True)
         self.grid = tuple(backbone.patch_embed.grid_size)
         heads = [sslkern.nn.DINOHead(a.dim, a.out_dim, use_bn=a.bn_in_head, norm_last_layer=a.norm_last_layer,
                                      nlayers=a.head_layers, hidden_dim=a.hidden_dim, bottleneck_dim=a.bottleneck_dim)
@@ -107,7 +100,7 @@ class IBOT(Method):
                                              a.center_momentum, teacher_mode=a.teacher)
         self.ibot_loss = sslkern.nn.IBOTPatchLoss(a.out_dim, a.student_temp, a.teacher_temp, a.center_momentum,
                                                   teacher_mode=a.teacher)
-        self.views = multicrop_views(a)
+        self.views = multicrop_views(a, data)
 
     def schedule(self, ctx):
         return distillation_schedule(self.a, ctx, self.dino_loss)
@@ -124,9 +117,9 @@ class IBOT(Method):
 
     def forward(self, images, ctx):
         a, tt = self.a, ctx.teacher_temp
-        global_crops, local_crops = self.views(images, ctx.generator, mean=self.mean, std=self.std,
-                                               rows=(ctx.rank, ctx.world_size))                # 1. views
-        masks = block_masks(a, images.shape[0], self.grid, ctx)                              # 2. masks (2B, N)
+        crops = ctx.views(images, self.views)                                                # 1. views
+        global_crops, local_crops = crops[:2], crops[2:]
+        masks = block_masks(a, self.grid, ctx)                                               # 2. masks (2B, N)
         g = torch.cat(global_crops)
         with torch.no_grad():                                                                # 3. teacher
             t_tok = self.teacher.module.tokens(g)

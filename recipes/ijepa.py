@@ -32,18 +32,15 @@ Other deviations (docs/recipes/ijepa.md): encoder dim 96 / depth 4, predictor di
 from __future__ import annotations
 
 import math
-import os
-import sys
 from functools import partial
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import sslkern  # noqa: E402
-from sslkern.train import Method, build_vit, run, sincos_pos_embed, use_sincos_pos_embed  # noqa: E402
-from sslkern.train.data import augment  # noqa: E402
-from sslkern.train.health import batch_std, std_verdict  # noqa: E402
+import sslkern
+from sslkern.train import Method, build_vit, run, sincos_pos_embed, use_sincos_pos_embed
+from sslkern.train.health import batch_std, std_verdict
+from sslkern.train.views import single_view
 
 
 def rescale_blocks_(blocks) -> None:
@@ -146,13 +143,14 @@ class IJEPA(Method):
     def __init__(self, a, data):
         super().__init__()
         self.a = a
-        self.encoder = build_vit(a, data.in_chans, class_token=False, global_pool="avg")  # no CLS in I-JEPA
+        self.encoder = build_vit(a, data.channels, class_token=False, global_pool="avg")  # no CLS in I-JEPA
         rescale_blocks_(self.encoder.blocks)
         use_sincos_pos_embed(self.encoder)
         self.grid = tuple(self.encoder.patch_embed.grid_size)
         self.predictor = Predictor(a.dim, self.grid, a.pred_dim, a.pred_depth, a.pred_heads)
         self.target_encoder = sslkern.nn.EMATeacher(self.encoder)
         self.register_buffer("initial_target_std", torch.zeros(()))  # step 1's value, for the verdict
+        self.view = single_view(a, data)
 
     def schedule(self, ctx):
         return {"momentum": sslkern.schedules.linear_anneal(ctx.step, ctx.total_steps, self.a.ema_start, self.a.ema_end)}
@@ -163,18 +161,17 @@ class IJEPA(Method):
     def encoders(self):
         return {"teacher": self.target_encoder.module, "student": self.encoder}
 
-    def make_masks(self, batch, generator):
+    def make_masks(self, ctx):
+        """I-JEPA multiblock masks, cut to the minimum length over the global batch (as ijepa's collator)."""
         a = self.a
-        return sslkern.masks.multiblock_masks(batch, self.grid, num_targets=a.num_targets,
-                                              target_scale=tuple(a.target_scale), target_aspect=tuple(a.target_aspect),
-                                              context_scale=tuple(a.context_scale), min_keep=a.min_keep,
-                                              generator=generator, device=generator.device)
+        return ctx.per_sample(sslkern.masks.multiblock_masks, self.grid, num_targets=a.num_targets,
+                              target_scale=tuple(a.target_scale), target_aspect=tuple(a.target_aspect),
+                              context_scale=tuple(a.context_scale), min_keep=a.min_keep)
 
     def forward(self, images, ctx):
-        gen = ctx.generator
-        images = augment(images, gen, rows=(ctx.rank, ctx.world_size))
-        masks = self.make_masks(images.shape[0] * ctx.world_size, gen)                   # 1. masks (global batch)
-        ctx_ids, tgt_ids = masks.context[ctx.rows][:, 0], masks.targets[ctx.rows]        # (B, Kc), (B, T, Kt)
+        images, = ctx.views(images, self.view)
+        masks = self.make_masks(ctx)                                                     # 1. masks
+        ctx_ids, tgt_ids = masks.context[:, 0], masks.targets                            # (B, Kc), (B, T, Kt)
         with torch.no_grad():                                                            # 2. targets (B, N, D)
             h = self.target_encoder.module.forward_features(images)
             h = sslkern.layer_average_targets([h], layer_norm="layer", final_norm="none")

@@ -5,7 +5,7 @@
 
 One step, as in mae ``models_mae.py`` (``forward_encoder`` / ``forward_decoder`` /
 ``forward_loss``) and ``main_pretrain.py``:
-  1. view      random resized crop + small rotation (``sslkern.train.data.augment``)
+  1. view      random resized crop + small rotation (``sslkern.train.views.single_view``)
   2. mask      random masking at 0.75 (``sslkern.masks.random_mask``: argsort of uniform noise)
   3. encoder   the visible patches only, the fixed sin-cos position add fused into the gather
                (``sslkern.patch.forward_masked`` → ``sslkern.gather_tokens``), CLS + blocks + norm
@@ -27,17 +27,14 @@ for 1,000 steps); crop scale 0.5-1 and ±10° rotation instead of mae's scale 0.
 """
 from __future__ import annotations
 
-import os
-import sys
 from functools import partial
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import sslkern  # noqa: E402
-from sslkern.train import Method, build_vit, run, sincos_pos_embed, use_sincos_pos_embed  # noqa: E402
-from sslkern.train.data import augment  # noqa: E402
+import sslkern
+from sslkern.train import Method, build_vit, run, sincos_pos_embed, use_sincos_pos_embed
+from sslkern.train.views import single_view
 
 
 def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
@@ -115,14 +112,15 @@ class MAE(Method):
     def __init__(self, a, data):
         super().__init__()
         self.a = a
-        self.encoder = build_vit(a, data.in_chans)
+        self.encoder = build_vit(a, data.channels)
         self.grid = tuple(self.encoder.patch_embed.grid_size)
-        self.decoder = Decoder(a.dim, self.grid, a.patch_size ** 2 * data.in_chans, a.decoder_dim, a.decoder_depth,
+        self.decoder = Decoder(a.dim, self.grid, a.patch_size ** 2 * data.channels, a.decoder_dim, a.decoder_depth,
                                a.decoder_heads)
         mae_init_(self)
         use_sincos_pos_embed(self.encoder)  # fixed, not trained
         nn.init.normal_(self.encoder.cls_token, std=0.02)
         nn.init.normal_(self.decoder.input.mask_token, std=0.02)
+        self.view = single_view(a, data)
 
     def encoders(self):
         return {"encoder": self.encoder}
@@ -135,17 +133,15 @@ class MAE(Method):
         return t
 
     def forward(self, images, ctx):
-        a, gen, rows = self.a, ctx.generator, ctx.rows
-        images = augment(images, gen, rows=(ctx.rank, ctx.world_size))                   # 1. view
-        n = self.grid[0] * self.grid[1]
-        masks = sslkern.masks.random_mask(images.shape[0] * ctx.world_size, n, a.mask_ratio,  # 2. mask (global batch)
-                                          generator=gen, device=gen.device)
-        ids_keep, ids_restore, mask = masks.ids_keep[rows], masks.ids_restore[rows], masks.mask[rows]
+        a = self.a
+        images, = ctx.views(images, self.view)                                          # 1. view
+        masks = ctx.per_sample(sslkern.masks.random_mask, self.grid[0] * self.grid[1], a.mask_ratio)  # 2. mask
+        ids_keep, ids_restore, mask = masks.ids_keep, masks.ids_restore, masks.mask
         latent = sslkern.patch.forward_masked(self.encoder, images, ids_keep)            # 3. encoder (B, 1+Nk, D)
         pred = self.decoder(latent, ids_restore)                                         # 4. decoder (B, N, p·p·C)
         target = self.target(images)                                                     # 5. loss: per-patch MSE,
         loss = sslkern.masked_regression_loss(pred, target, mask, scale=1.0 / pred.shape[-1],  # mean over removed
-                                              reduction="mean")                          # patches (same count per rank)
+                                              reduction="mean")                          # patches
         return loss, {}
 
 

@@ -5,7 +5,7 @@
 
 One step, as SlowFast ``slowfast/models/masked.py: MaskMViT._maskfeat_forward`` (image path,
 ``PRED_HOG``) with ``operators.py: HOGLayerC`` and ``losses.py: MultipleMSELoss``:
-  1. view      random resized crop + small rotation (``sslkern.train.data.augment``)
+  1. view      random resized crop + small rotation (``sslkern.train.views.single_view``)
   2. mask      BEiT block masking of 40 % of the patches (SlowFast's ``MaskingGenerator`` from
                the loader, ``sslkern.masks.block_mask``), or ``--masking random`` (MAE-style)
   3. targets   HOG of the (augmented, normalised) image: Sobel gradients per channel, 9
@@ -31,18 +31,14 @@ for a few hundred steps), no gradient clipping at 0.02; crop scale 0.5-1 and ±1
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import sslkern  # noqa: E402
-from sslkern.train import Method, build_vit, run  # noqa: E402
-from sslkern.train.data import augment  # noqa: E402
-from sslkern.ops.hog_targets import num_features  # noqa: E402
-from sslkern.train.health import batch_std  # noqa: E402
+import sslkern
+from sslkern.train import Method, build_vit, run
+from sslkern.train.views import single_view
+from sslkern.ops.hog_targets import num_features
+from sslkern.train.health import batch_std
 
 
 class MaskedEncoder(nn.Module):
@@ -58,11 +54,8 @@ class MaskedEncoder(nn.Module):
 
     def forward(self, images, mask):
         """images (B, C, H, W), mask (B, N) True = masked → HOG predictions (B, N, F) for every patch."""
-        vit = self.vit
-        x = vit.patch_embed(images)                                                  # (B, N, D)
-        x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
-        x = vit.norm(vit.blocks(vit.norm_pre(vit._pos_embed(x))))
-        return self.head(x[:, vit.num_prefix_tokens:])
+        x = sslkern.nn.encode_with_mask_token(self.vit, images, mask, self.mask_token)
+        return self.head(x[:, self.vit.num_prefix_tokens:])
 
 
 class MaskFeat(Method):
@@ -96,29 +89,29 @@ class MaskFeat(Method):
     def __init__(self, a, data):
         super().__init__()
         self.a = a
-        vit = build_vit(a, data.in_chans)
+        vit = build_vit(a, data.channels)
         self.grid = tuple(vit.patch_embed.grid_size)
-        self.num_features = num_features(data.in_chans, a.patch_size, a.hog_pool, a.hog_bins)
+        self.num_features = num_features(data.channels, a.patch_size, a.hog_pool, a.hog_bins)
         self.student = MaskedEncoder(vit, self.num_features)
+        self.view = single_view(a, data)
 
     def encoders(self):
         return {"encoder": self.student.vit}
 
-    def make_masks(self, batch, generator):
-        """(batch, N) bool: SlowFast's MaskingGenerator (``round(N·ratio)`` patches, blocks of at
+    def make_masks(self, ctx):
+        """(B, N) bool: SlowFast's MaskingGenerator (``round(N·ratio)`` patches, blocks of at
         least a fifth of that) or MAE random masking."""
         n = self.grid[0] * self.grid[1]
         if self.a.masking == "random":
-            return sslkern.masks.random_mask(batch, n, self.a.mask_ratio, generator=generator,
-                                             device=generator.device).mask
+            return ctx.per_sample(sslkern.masks.random_mask, n, self.a.mask_ratio).mask
         num_mask = round(n * self.a.mask_ratio)
-        return sslkern.masks.block_mask(batch, self.grid, num_mask / n + 1e-9, min_num_patches=max(1, num_mask // 5),
-                                        max_num_patches=n, generator=generator, device=generator.device).mask
+        return ctx.per_sample(sslkern.masks.block_mask, self.grid, num_mask / n + 1e-9,
+                              min_num_patches=max(1, num_mask // 5), max_num_patches=n).mask
 
     def forward(self, images, ctx):
-        a, gen = self.a, ctx.generator
-        images = augment(images, gen, rows=(ctx.rank, ctx.world_size))                  # 1. view
-        mask = self.make_masks(images.shape[0] * ctx.world_size, gen)[ctx.rows]          # 2. mask (B, N)
+        a = self.a
+        images, = ctx.views(images, self.view)                                           # 1. view
+        mask = self.make_masks(ctx)                                                      # 2. mask (B, N)
         targets = sslkern.hog_targets(images, a.patch_size, pool=a.hog_pool, nbins=a.hog_bins)  # 3. (B, N, F)
         pred = self.student(images, mask)                                                # 4.+5. (B, N, F)
         loss = sslkern.masked_regression_loss(pred, targets, mask, scale=1.0 / self.num_features,  # 6. MSE over

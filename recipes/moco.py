@@ -28,15 +28,11 @@ flips and the colour pipeline).
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import sslkern  # noqa: E402
-from sslkern.train import Method, build_vit, run  # noqa: E402
-from sslkern.train.joint import (add_view_arguments, check_view_arguments, encoder, joint_health,  # noqa: E402
+import sslkern
+from sslkern.train import Method, build_vit, run
+from sslkern.train.joint import (add_view_arguments, check_view_arguments, encoder, joint_health,
                                  joint_verdict, mlp, positive_int_options, two_views)
 
 
@@ -68,15 +64,15 @@ class MoCoV3(Method):
 
     def __init__(self, a, data):
         super().__init__()
-        self.a, self.mean, self.std = a, data.mean, data.std
-        vit = build_vit(a, data.in_chans)
+        self.a = a
+        vit = build_vit(a, data.channels)
         if a.frozen_patch_embed:  # moco-v3 vits.py: random patch projection, never trained
             vit.patch_embed.proj.requires_grad_(False)
         self.base = encoder(vit, mlp(a.dim, a.hidden_dim, a.out_dim, 3, last_bn=True), a.pool)
         self.predictor = mlp(a.out_dim, a.hidden_dim, a.out_dim, 2, last_bn=True)
         self.momentum = sslkern.nn.EMATeacher(self.base)  # frozen copy; EMA of every trained parameter
         self.loss = sslkern.nn.InfoNCELoss(a.temperature, gather_distributed=True, scale=2 * a.temperature)
-        self.views = two_views(a)
+        self.views = two_views(a, data)
 
     def schedule(self, ctx):
         return {"momentum": sslkern.schedules.cosine_schedule(ctx.step, ctx.total_steps, self.a.momentum_encoder, 1.0)}
@@ -88,8 +84,7 @@ class MoCoV3(Method):
         return {"teacher": self.momentum.module.backbone, "student": self.base.backbone}
 
     def forward(self, images, ctx):
-        views, _ = self.views(images, ctx.generator, mean=self.mean, std=self.std,
-                              rows=(ctx.rank, ctx.world_size))                   # 1. two views
+        views = ctx.views(images, self.views)                                      # 1. two views
         z = self.base(views)
         q1, q2 = self.predictor(z).chunk(2)                                      # 2. queries
         with torch.no_grad():

@@ -32,17 +32,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
-import sys
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sslkern.train import Method, build_vit, run  # noqa: E402
-from sslkern.train.data import augment  # noqa: E402
-from sslkern.train.health import batch_std  # noqa: E402
+from sslkern.train import Method, build_vit, run
+from sslkern.train.views import single_view
+from sslkern.train.health import batch_std
 
 TASKS = ("rotation", "jigsaw")
 
@@ -130,11 +126,12 @@ class Rotation(Pretext):
     def __init__(self, a, data):
         super().__init__()
         self.a = a
-        self.encoder = build_vit(a, data.in_chans)
+        self.encoder = build_vit(a, data.channels)
         self.head = mlp(a.dim, a.head_dim, 4)
+        self.view = single_view(a, data)
 
     def forward(self, images, ctx):
-        images = augment(images, ctx.generator, rows=(ctx.rank, ctx.world_size))    # view
+        images, = ctx.views(images, self.view)                                     # view
         x, labels = rotate4(images)                                                # 4 rotations of each
         feats = pooled(self.encoder, x)                                            # (4B, D)
         logits = self.head(feats)
@@ -151,21 +148,20 @@ class Jigsaw(Pretext):
     def __init__(self, a, data):
         super().__init__()
         self.a = a
-        self.encoder = build_vit(a, data.in_chans, dynamic_img_size=True)   # tiles are smaller than images
+        self.encoder = build_vit(a, data.channels, dynamic_img_size=True)   # tiles are smaller than images
         n = a.jigsaw_grid ** 2
         self.register_buffer("perms", permutation_set(n), persistent=False)
         self.head = mlp(n * a.dim, a.head_dim, self.perms.shape[0])
+        self.view = single_view(a, data)
 
     @property
     def chance(self) -> float:
         return 1.0 / self.perms.shape[0]
 
     def forward(self, images, ctx):
-        gen, world = ctx.generator, ctx.world_size
-        images = augment(images, gen, rows=(ctx.rank, world))                      # view
+        images, = ctx.views(images, self.view)                                     # view
         b, n = images.shape[0], self.a.jigsaw_grid ** 2
-        labels = torch.randint(self.perms.shape[0], (b * world,), generator=gen, device=gen.device)[ctx.rows]
-        labels = labels.to(images.device)
+        labels = ctx.randint(self.perms.shape[0])
         t = normalise_tiles(tiles(images, self.a.jigsaw_grid))                      # (B, n, C, t, t)
         t = t.gather(1, self.perms[labels].view(b, n, 1, 1, 1).expand_as(t))       # slot j ← tile perm[j]
         feats = pooled(self.encoder, t.flatten(0, 1))                              # one tower per tile (B·n, D)

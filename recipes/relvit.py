@@ -6,7 +6,7 @@
 
 One step, as in relvit ``datasets/dataset_creation/shuffle_dataset.py`` (``ShuffleDataset``)
 and ``models/relvit.py`` (``RelViT.forward`` / ``training_step``, upstream task):
-  1. view      random resized crop + small rotation (``sslkern.train.data.augment``)
+  1. view      random resized crop + small rotation (``sslkern.train.views.single_view``)
   2. shuffle   the image's patches permuted at random, per image (``idx_shuffle = randperm``,
                ``x = x[:, idx_shuffle]``): token t of the shuffled image is original patch
                ``perm[t]``; the ViT (with its position embedding, ``--use_positional_embeddings``)
@@ -36,19 +36,15 @@ grayscale patches); features evaluated on unshuffled images (the mean patch toke
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import sslkern  # noqa: E402
-from sslkern.reference.relation_loss import relation_labels  # noqa: E402
-from sslkern.train import Method, build_vit, run  # noqa: E402
-from sslkern.train.data import augment  # noqa: E402
-from sslkern.train.health import batch_std  # noqa: E402
+import sslkern
+from sslkern.reference.relation_loss import relation_labels
+from sslkern.train import Method, build_vit, run
+from sslkern.train.views import single_view
+from sslkern.train.health import batch_std
 
 
 def shuffle_patches(images: torch.Tensor, perm: torch.Tensor, p: int) -> torch.Tensor:
@@ -105,7 +101,7 @@ class RelViT(Method):
     def __init__(self, a, data):
         super().__init__()
         self.a = a
-        self.encoder = build_vit(a, data.in_chans)
+        self.encoder = build_vit(a, data.channels)
         self.side = a.image_size // a.patch_size
         n = self.side ** 2
         self.rel_head = Scores(a.dim, 9)
@@ -113,16 +109,15 @@ class RelViT(Method):
         self.angle_head = Scores(a.dim, 1) if a.angles else None
         self.abs_pos_head = nn.Linear(a.dim, n) if a.abs_positions else None
         self.chance = majority_rate(self.side)
+        self.view = single_view(a, data)
 
     def encoders(self):
         return {"encoder": self.encoder}
 
     def forward(self, images, ctx):
-        a, gen, rows = self.a, ctx.generator, ctx.rows
-        images = augment(images, gen, rows=(ctx.rank, ctx.world_size))                         # 1. view
-        n = self.side ** 2
-        perm = torch.rand(images.shape[0] * ctx.world_size, n, generator=gen, device=gen.device).argsort(1)[rows]
-        perm = perm.to(images.device)
+        a = self.a
+        images, = ctx.views(images, self.view)                                                 # 1. view
+        perm = ctx.rand(self.side ** 2).argsort(1)
         x = shuffle_patches(images, perm, a.patch_size)                                        # 2. shuffle
         z = self.encoder.forward_features(x)                                                   # 3. (B, 1 + N, D)
         pair = lambda h: None if h is None else (h.wq, h.wk)  # noqa: E731

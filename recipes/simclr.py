@@ -20,15 +20,10 @@ colour pipeline).
 """
 from __future__ import annotations
 
-import os
-import sys
 
-import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import sslkern  # noqa: E402
-from sslkern.train import Method, build_vit, run  # noqa: E402
-from sslkern.train.joint import (add_view_arguments, check_view_arguments, encoder, joint_health,  # noqa: E402
+import sslkern
+from sslkern.train import Method, build_vit, run
+from sslkern.train.joint import (add_view_arguments, check_view_arguments, encoder, joint_health,
                                  joint_verdict, mlp, positive_int_options, two_views)
 
 
@@ -55,34 +50,20 @@ class SimCLR(Method):
 
     def __init__(self, a, data):
         super().__init__()
-        self.a, self.mean, self.std = a, data.mean, data.std
-        self.encoder = encoder(build_vit(a, data.in_chans), mlp(a.dim, a.hidden_dim, a.out_dim, 2), a.pool)
-        self.loss = sslkern.nn.InfoNCELoss(a.temperature, nt_xent=True)
-        self.views = two_views(a)
+        self.a = a
+        self.encoder = encoder(build_vit(a, data.channels), mlp(a.dim, a.hidden_dim, a.out_dim, 2), a.pool)
+        self.loss = sslkern.nn.InfoNCELoss(a.temperature, nt_xent=True, gather_distributed=True)
+        self.views = two_views(a, data)
 
     def encoders(self):
         return {"student": self.encoder.backbone}
 
     def forward(self, images, ctx):
-        views, _ = self.views(images, ctx.generator, mean=self.mean, std=self.std,
-                              rows=(ctx.rank, ctx.world_size))                   # 1. two views
+        views = ctx.views(images, self.views)                                      # 1. two views
         z = self.encoder(views)                                                  # 2. encoder (2B, out)
         z1, z2 = z.chunk(2)
-        loss = self.loss(z1, z2) if ctx.world_size == 1 else self.global_nt_xent(z, ctx)  # 3. NT-Xent
-        return loss, joint_health(z)
-
-    def global_nt_xent(self, z, ctx):
-        """NT-Xent of this rank's 2n views against the 2n·W views of all ranks (gathered with
-        their gradient, as SimCLR's cross-replica negatives): the mean over ranks is the
-        one-process loss. Row i = view a of local image j; its positive is view 1 − a of j."""
-        from torch.distributed.nn.functional import all_gather
-
-        n = z.shape[0] // 2
-        z_all = torch.cat(all_gather(z.contiguous()))                            # rank-major (2n·W, out)
-        i = torch.arange(2 * n, device=z.device)
-        own = ctx.rank * 2 * n + i
-        pos = ctx.rank * 2 * n + (i + n) % (2 * n)
-        return sslkern.info_nce_loss(z, z_all, self.a.temperature, pos=pos, exclude=own)
+        loss = self.loss(z1, z2)                                                 # 3. NT-Xent (negatives
+        return loss, joint_health(z)                                             #    from every rank)
 
     def verdict(self, health):
         return joint_verdict(health)

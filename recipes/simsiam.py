@@ -20,14 +20,10 @@ with ±10° rotation and no flips (RGB data gets flips and the colour pipeline).
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sslkern.train import Method, build_vit, run  # noqa: E402
-from sslkern.train.joint import (add_view_arguments, check_view_arguments, encoder, joint_health,  # noqa: E402
+from sslkern.train import Method, build_vit, run
+from sslkern.train.joint import (add_view_arguments, check_view_arguments, encoder, joint_health,
                                  joint_verdict, mlp, positive_int_options, two_views)
 
 
@@ -58,18 +54,17 @@ class SimSiam(Method):
 
     def __init__(self, a, data):
         super().__init__()
-        self.a, self.mean, self.std = a, data.mean, data.std
+        self.a = a
         projector = mlp(a.dim, a.hidden_dim, a.out_dim, a.proj_layers, last_bn=True)
-        self.encoder = encoder(build_vit(a, data.in_chans), projector, a.pool)
+        self.encoder = encoder(build_vit(a, data.channels), projector, a.pool)
         self.predictor = mlp(a.out_dim, a.pred_dim, a.out_dim)
-        self.views = two_views(a)
+        self.views = two_views(a, data)
 
     def encoders(self):
         return {"student": self.encoder.backbone}
 
     def forward(self, images, ctx):
-        views, _ = self.views(images, ctx.generator, mean=self.mean, std=self.std,
-                              rows=(ctx.rank, ctx.world_size))                   # 1. two views
+        views = ctx.views(images, self.views)                                      # 1. two views
         z = self.encoder(views)                                                  # 2. encoder (2B, out)
         p1, p2 = self.predictor(z).chunk(2)                                      # 3. predictor
         z1, z2 = z.chunk(2)

@@ -18,6 +18,7 @@ oracles):
   prototype_loss          DINO / iBOT prototype layer + loss fused: features and weights in, no (rows, K) logits
   relation_loss           RelViT pairwise spatial-relation CE (+ distance / angle MSE): no (B, 9, N, N) logits
   hog_targets             MaskFeat per-patch HOG targets (SlowFast HOGLayerC), masked patches only
+  render_views            training views of a RaggedImages batch (crop, flip, jitter, blur, ...; sslkern.views)
 
 Modules: ``sslkern.masks`` (mask generators: MAE random, block, data2vec 2.0 inverse block,
 I-JEPA multiblock), ``sslkern.nn`` (EMA teacher, DINO/iBOT losses with their centers,
@@ -57,8 +58,9 @@ from .ops import (
     restore_tokens,
     sinkhorn_knopp_teacher,
 )
+from .ops import RaggedImages, render_views
 from .cpu_cache import cpu_cache_disabled, cpu_cache_info, empty_cpu_cache, set_cpu_cache_limit
-from . import masks, nn, reference, schedules
+from . import masks, nn, reference, schedules, views
 from . import compat, patch
 from .patch import patch_timm_vit
 
@@ -67,10 +69,11 @@ __all__ = [
     # ops
     "alibi_attention", "alibi_slopes", "data2vec_cls_loss", "data2vec_loss", "dino_loss", "ema_update_",
     "gather_tokens", "hog_targets", "ibot_patch_loss", "info_nce_loss", "koleo_loss", "layer_average_targets",
-    "masked_regression_loss", "prototype_loss", "relation_loss", "restore_tokens", "sinkhorn_knopp_teacher",
+    "masked_regression_loss", "prototype_loss", "relation_loss", "render_views", "restore_tokens",
+    "sinkhorn_knopp_teacher", "RaggedImages",
     # backends, errors, the CPU output cache
     "BACKENDS", "backend_status", "use_backend", "ArgumentError",
     "cpu_cache_disabled", "cpu_cache_info", "empty_cpu_cache", "set_cpu_cache_limit",
     # modules
-    "masks", "nn", "reference", "schedules", "compat", "patch", "patch_timm_vit",
+    "masks", "nn", "reference", "schedules", "views", "compat", "patch", "patch_timm_vit",
 ]

@@ -45,3 +45,58 @@ def kill_at_first_checkpoint(name, args, out, timeout=180):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     return ckpt.checkpoint_step(ck)
+
+
+# ---------------------------------------------------------------------------------------
+# A recipe's step outside the loop: ragged uint8 images and a step context
+# ---------------------------------------------------------------------------------------
+def digits_like(channels=1, in_memory=True):
+    """What a recipe's constructor reads of a dataset (the digits' layout by default)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(channels=channels, in_memory=in_memory, mean=(0.3,) * channels, std=(0.4,) * channels,
+                           name="digits", eval_crop=1.0)
+
+
+def ragged(batch, size=8, channels=1, seed=0):
+    """``batch`` random uint8 images of ``size``x``size`` as the loader hands them to a recipe."""
+    import torch
+
+    from sslkern.data.loader import pack
+
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.randint(0, 256, (size, size, channels), generator=g, dtype=torch.uint8).numpy()
+              for _ in range(batch)]
+    return pack(images, [0] * batch, channels).images()
+
+
+def step_ctx(model, seed, batch, *, step=3, epoch=0, total_steps=8, steps_per_epoch=4, mean=(0.3,), std=(0.4,)):
+    """The loop's context for one step of one process: both generators seeded with ``seed``
+    (views draw from the host generator, masks and noise from ``ctx.generator``)."""
+    import torch
+
+    from sslkern.train.context import StepContext
+
+    ctx = StepContext(step, epoch, total_steps, steps_per_epoch, torch.Generator().manual_seed(seed), batch,
+                      host_generator=torch.Generator().manual_seed(seed), mean=mean, std=std)
+    ctx.values = model.schedule(ctx)
+    return ctx
+
+
+def tiny_dataset(n=40, size=16, channels=1, seed=0):
+    """A real in-memory :class:`sslkern.data.Dataset` of ``n`` random uint8 images (+ as many test)."""
+    import numpy as np
+
+    from sslkern.data.datasets import _in_memory
+
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(2 * n, size, size, channels), dtype=np.uint8)
+    labels = np.arange(2 * n) % 4
+    return _in_memory("fake", images[:n], labels[:n], ["a", "b", "c", "d"], images[n:], labels[n:])
+
+
+def source_batch(source, n):
+    """The first ``n`` images of a :class:`sslkern.data.Source` as a recipe receives them."""
+    from sslkern.data.loader import pack
+
+    return pack([source.load(i) for i in range(n)], source.labels[:n], source.channels).images()

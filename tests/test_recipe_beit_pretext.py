@@ -16,11 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recipe_helpers import load_recipe
+from recipe_helpers import load_recipe, ragged, step_ctx, tiny_dataset
 from sslkern.train import parse_args
-from sslkern.train.data import augment
 from sslkern.train.logging import RunLogger
-from sslkern.train.loop import StepContext
 
 COMMON = ["--dim", "32", "--heads", "2", "--depth", "2", "--batch-size", "256", "--epochs", "2", "--quiet", "--threads", "1"]
 TINY = {  # 1,257 training digits // 256 = 4 steps per epoch, 8 steps in 2 epochs
@@ -29,7 +27,7 @@ TINY = {  # 1,257 training digits // 256 = 4 steps per epoch, 8 steps in 2 epoch
     "jigsaw": COMMON + ["--task", "jigsaw", "--head-dim", "16"],
 }
 SCRIPT = {"beit": "beit", "rotation": "pretext", "jigsaw": "pretext"}
-DATA = SimpleNamespace(in_chans=1, name="fake", train_images=torch.randn(40, 1, 16, 16))
+DATA = tiny_dataset()
 
 
 def _run(name, argv):
@@ -49,11 +47,8 @@ def _model(name, tmp_path, extra=()):
     return mod, cls(a, DATA), a
 
 
-def _ctx(model, seed=7):
-    gen = torch.Generator().manual_seed(seed)
-    ctx = StepContext(3, 0, 8, 4, gen)
-    ctx.values = model.schedule(ctx)
-    return ctx
+def _ctx(model, seed=7, batch=6):
+    return step_ctx(model, seed, batch)
 
 
 # ---------------------------------------------------------------------------------------
@@ -97,10 +92,10 @@ def test_beit_step_matches_modeling_pretrain(tmp_path):
     vit = model.model.vit
     assert float(model.model.lm_head.weight.detach().abs().max()) <= 0.02 and float(model.model.mask_token.detach().abs().max()) <= 0.02
     assert vit.blocks[1].attn.proj.weight.abs().max() <= 0.02 / 2 + 1e-7
-    images = torch.randn(6, 1, 16, 16)
-    g = torch.Generator().manual_seed(7)
-    views = augment(images, g)
-    mask = sslkern.masks.block_mask(6, (4, 4), 0.4, min_num_patches=2, max_num_patches=6, generator=g).mask
+    images = ragged(6)
+    views, = _ctx(model).views(images, model.view)
+    mask = sslkern.masks.block_mask(6, (4, 4), 0.4, min_num_patches=2, max_num_patches=6,
+                                    generator=torch.Generator().manual_seed(7)).mask
     # MaskingGenerator semantics: at most 6 of 16 patches per image, at least one block of >= 2
     assert (mask.sum(1) <= 6).all() and (mask.sum(1) >= 2).all()
     assert model.tokenizer.context == 1 and model.tokenizer.codebook.shape[1] == 12 * 12
@@ -123,10 +118,10 @@ def test_beit_patch_only_tokens_match_modeling_pretrain(tmp_path):
 
     _, model, _ = _model("beit", tmp_path, ["--tokenizer-context", "0"])
     assert model.tokenizer.codebook.shape[1] == 16
-    images = torch.randn(6, 1, 16, 16)
-    g = torch.Generator().manual_seed(7)
-    views = augment(images, g)
-    mask = sslkern.masks.block_mask(6, (4, 4), 0.4, min_num_patches=2, max_num_patches=6, generator=g).mask
+    images = ragged(6)
+    views, = _ctx(model).views(images, model.view)
+    mask = sslkern.masks.block_mask(6, (4, 4), 0.4, min_num_patches=2, max_num_patches=6,
+                                    generator=torch.Generator().manual_seed(7)).mask
     loss_ref, _, _ = beit_forward(model, views, mask, model.tokenizer.codebook, 4, context=0)
     loss, _ = model(images, _ctx(model, seed=7))
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
@@ -149,7 +144,7 @@ def test_beit_tokenizer_cached_in_run_directory_and_loaded(tmp_path):
     assert not torch.equal(other_seed.tokenizer.codebook, tok.codebook)
     # --tokenizer loads another file; a patch-size mismatch is refused
     other = PatchKMeansTokenizer(7, 4, 1)
-    other.fit(DATA.train_images, torch.Generator().manual_seed(0))
+    other.fit(torch.randn(40, 1, 16, 16), torch.Generator().manual_seed(0))
     other.save(str(tmp_path / "t7.safetensors"))
     _, m7, _ = _model("beit", tmp_path, ["--tokenizer", str(tmp_path / "t7.safetensors")])
     assert m7.tokenizer.num_codes == 7 and m7.model.lm_head.out_features == 7
@@ -179,13 +174,12 @@ def test_rotation_inputs_and_loss(tmp_path):
     assert labels.tolist() == [0, 1, 2, 3] * 2
     assert torch.equal(r[1], x[0].rot90(1, (1, 2))) and torch.equal(r[6], x[1].rot90(2, (1, 2)))
     assert torch.equal(r[3, 0, 0, 0], x[0, 0, -1, 0]) and torch.equal(r[3, 0, 0, -1], x[0, 0, 0, 0])  # 270° ccw
-    images = torch.randn(5, 1, 16, 16)
-    g = torch.Generator().manual_seed(7)
-    views = augment(images, g)
+    images = ragged(5)
+    views, = _ctx(model, batch=5).views(images, model.view)
     rot, lab = mod.rotate4(views)
     feats = model.encoder.forward_features(rot)[:, 1:].mean(1)
     ref = F.cross_entropy(model.head(feats), lab)
-    loss, metrics = model(images, _ctx(model))
+    loss, metrics = model(images, _ctx(model, batch=5))
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     assert 0 <= metrics["pretext_acc"] <= 1 and metrics["feature_std"] > 0
 
@@ -200,16 +194,15 @@ def test_jigsaw_inputs_and_loss(tmp_path):
     n = mod.normalise_tiles(torch.randn(3, 4, 1, 8, 8) * 3 + 2)
     torch.testing.assert_close(n.mean(dim=(2, 3, 4)), torch.zeros(3, 4), atol=1e-5, rtol=0)
     # the step by hand: same view, same permutation draw
-    images = torch.randn(5, 1, 16, 16)
-    g = torch.Generator().manual_seed(7)
-    views = augment(images, g)
-    labels = torch.randint(24, (5,), generator=g)
+    images = ragged(5)
+    views, = _ctx(model, batch=5).views(images, model.view)
+    labels = torch.randint(24, (5,), generator=torch.Generator().manual_seed(7))
     tl = mod.normalise_tiles(mod.tiles(views, 2))
     shuffled = torch.stack([tl[b, model.perms[labels[b]]] for b in range(5)])   # slot j holds tile perm[j]
     feats = torch.stack([model.encoder.forward_features(shuffled[:, j])[:, 1:].mean(1) for j in range(4)], 1)
     assert feats.shape == (5, 4, 32)
     ref = F.cross_entropy(model.head(feats.reshape(5, -1)), labels)
-    loss, metrics = model(images, _ctx(model))
+    loss, metrics = model(images, _ctx(model, batch=5))
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     # more tiles: Noroozi's maximal-Hamming selection, all distinct, min distance large
     p9 = mod.permutation_set(6, size=30)  # the 3x3 grid uses 9 (362,880 candidates: seconds)

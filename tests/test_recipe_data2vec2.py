@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sslkern.train import checkpoint as ckpt
-from sslkern.train.data import DataError, augment, epoch_batches, load_dataset, read_image_folder
+from sslkern.data import DataError, open_dataset
 from sslkern.train.evaluate import knn_accuracy
 from sslkern.train.logging import RunLogger
 
@@ -239,39 +239,36 @@ def _write_tree(root, classes, per_class, size=(10, 7), mode="RGB"):
             Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(root / c / f"{i}.png")
 
 
-def test_image_folder_reader(tmp_path):
+def test_image_folder_dataset(tmp_path):
     _write_tree(tmp_path, ["cat", "dog", "emu"], 4)
     (tmp_path / "dog" / "notes.txt").write_text("not an image")
-    images, labels, classes = read_image_folder(str(tmp_path), 8)
-    assert classes == ["cat", "dog", "emu"]
-    assert images.shape == (12, 3, 8, 8) and labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
-    assert 0 <= images.min() and images.max() <= 1
-    ds = load_dataset(str(tmp_path), image_size=8)  # stratified 70/30 split, normalized
-    assert ds.train_images.shape[0] + ds.test_images.shape[0] == 12 and ds.in_chans == 3
-    assert sorted(set(ds.test_labels.tolist())) == [0, 1, 2]
+    ds = open_dataset(str(tmp_path))  # stratified 70/30 split by labels, nothing decoded yet
+    assert ds.classes == ["cat", "dog", "emu"] and ds.channels == 3
+    assert len(ds.train) + len(ds.test) == 12 and sorted(set(ds.test.labels.tolist())) == [0, 1, 2]
+    assert ds.train.load(0).shape == (7, 10, 3)
 
 
-def test_image_folder_train_test_dirs_grey(tmp_path):
+def test_image_folder_train_val_dirs_grey_images_read_as_rgb(tmp_path):
     _write_tree(tmp_path / "train", ["a", "b"], 3, mode="L")
     _write_tree(tmp_path / "val", ["a", "b"], 2, mode="L")
-    ds = load_dataset(str(tmp_path), image_size=6)
-    assert ds.train_images.shape == (6, 1, 6, 6) and ds.test_images.shape == (4, 1, 6, 6)
+    ds = open_dataset(str(tmp_path))
+    assert (len(ds.train), len(ds.test)) == (6, 4) and ds.test.load(0).shape == (7, 10, 3)
 
 
 def test_missing_and_empty_paths(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        load_dataset(str(tmp_path / "nope"))
+        open_dataset(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="is empty"):
-        load_dataset(str(tmp_path / "empty"))
+        open_dataset(str(tmp_path / "empty"))
     (tmp_path / "noimg" / "cls").mkdir(parents=True)
     (tmp_path / "noimg" / "cls" / "a.txt").write_text("x")
     with pytest.raises(DataError, match="holds no images"):
-        load_dataset(str(tmp_path / "noimg"))
+        open_dataset(str(tmp_path / "noimg"))
     (tmp_path / "cifar").mkdir()
     (tmp_path / "cifar" / "data_batch_1").write_bytes(b"")
     with pytest.raises(DataError, match="lacks data_batch_2"):
-        load_dataset(str(tmp_path / "cifar"))
+        open_dataset(str(tmp_path / "cifar"))
 
 
 def test_cifar_reader_refuses_arbitrary_pickles(tmp_path):
@@ -282,32 +279,14 @@ def test_cifar_reader_refuses_arbitrary_pickles(tmp_path):
     batch = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2]}
     for n in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         (d / n).write_bytes(pickle.dumps(batch))
-    ds = load_dataset(str(d), image_size=8)
-    assert ds.train_images.shape == (10, 3, 8, 8) and ds.name == "cifar10"
+    ds = open_dataset(str(d))
+    assert (len(ds.train), len(ds.test)) == (10, 2) and ds.name == "cifar10" and ds.train.load(0).shape == (32, 32, 3)
     (d / "test_batch").write_bytes(pickle.dumps({b"data": os.system}))
     with pytest.raises(DataError, match="refusing to unpickle"):
-        load_dataset(str(d), image_size=8)
+        open_dataset(str(d))
 
 
 def test_digits_default_split():
-    ds = load_dataset(None, 16)
-    assert ds.train_images.shape == (1257, 1, 16, 16) and ds.test_images.shape == (540, 1, 16, 16)
-    assert torch.bincount(ds.test_labels).min() >= 52  # stratified: 52-55 per class
-
-
-def test_epoch_batches_shard_the_global_batch():
-    one = epoch_batches(100, 20, epoch=3, seed=7)
-    two = [epoch_batches(100, 20, epoch=3, seed=7, rank=r, world_size=2) for r in range(2)]
-    assert len(one) == 5
-    for i, b in enumerate(one):
-        assert sorted(torch.cat([two[0][i], two[1][i]]).tolist()) == sorted(b.tolist())
-    assert not torch.equal(torch.cat(one), torch.cat(epoch_batches(100, 20, epoch=4, seed=7)))
-    with pytest.raises(ValueError, match="multiple of the world size"):
-        epoch_batches(100, 21, epoch=0, seed=0, world_size=2)
-
-
-def test_augment_is_reproducible_and_changes_images():
-    x = torch.randn(8, 1, 16, 16)
-    a = augment(x, torch.Generator().manual_seed(3))
-    b = augment(x, torch.Generator().manual_seed(3))
-    assert torch.equal(a, b) and a.shape == x.shape and not torch.allclose(a, x)
+    ds = open_dataset(None)
+    assert (len(ds.train), len(ds.test)) == (1257, 540) and ds.train.load(0).shape == (8, 8, 1)
+    assert np.bincount(ds.test.labels).min() >= 52  # stratified: 52-55 per class

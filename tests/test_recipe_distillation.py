@@ -67,13 +67,13 @@ def test_dino_first_epoch_freezes_last_layer_and_center_moves(tmp_path):
     out = str(tmp_path / "run")
     _run("dino", TINY + ["--out", out, "--steps", "2", "--no-probe", "--eval-every", "0"])
     from sslkern.train import parse_args
-    from sslkern.train.data import load_dataset
+    from sslkern.data import open_dataset
 
     mod = _recipe("dino")
     _, a = parse_args(mod.DINO, TINY + ["--out", out])
 
     torch.manual_seed(a.seed)
-    init = mod.DINO(a, load_dataset(None, 16)).state_dict()
+    init = mod.DINO(a, open_dataset(None)).state_dict()
     tensors, _ = ckpt.load_tensors(os.path.join(out, "checkpoint.safetensors"))
     assert torch.equal(tensors["method/student.head.last_layer.weight_v"], init["student.head.last_layer.weight_v"])
     assert not torch.equal(tensors["method/student.head.mlp.0.weight"], init["student.head.mlp.0.weight"])
@@ -94,7 +94,7 @@ def test_reference_backend_gives_the_same_losses(tmp_path, name):
     _run(name, args + ["--out", auto])
     _run(name, args + ["--out", ref, "--backend", "reference"])
     a, b = [r["loss"] for r in _rows(auto)], [r["loss"] for r in _rows(ref)]
-    np.testing.assert_allclose(a, b, rtol=2e-4)  # fused vs eager ops: fp32 sums in another order
+    np.testing.assert_allclose(a, b, rtol=1e-3)  # fused vs eager ops (views too): fp32 sums in another order, grown over 20 steps
 
 
 @pytest.mark.slow

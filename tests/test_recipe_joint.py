@@ -14,9 +14,10 @@ import torch.nn.functional as F
 
 from sslkern.train import checkpoint as ckpt
 from sslkern.train import parse_args
-from sslkern.train.data import load_dataset
-from sslkern.train.loop import StepContext
+from sslkern.data import open_dataset
 from sslkern.train.logging import RunLogger
+
+from recipe_helpers import source_batch, step_ctx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dim", "32", "--heads", "2", "--depth", "2", "--hidden-dim", "64", "--out-dim", "32", "--batch-size", "256",
@@ -48,7 +49,7 @@ def _rows(out, kind="train"):
 def _method(name, argv=(), seed=0):
     cls = _cls(name)
     _, a = parse_args(cls, TINY + ["--out", "/tmp/unused"] + list(argv))
-    data = load_dataset(None, 16)
+    data = open_dataset(None)
     torch.manual_seed(seed)
     return cls(a, data), a, data
 
@@ -90,7 +91,7 @@ def test_reference_backend_gives_the_same_losses(tmp_path, name):
     _run(name, args + ["--out", ref, "--backend", "reference"])
     a, b = [r["loss"] for r in _rows(auto)], [r["loss"] for r in _rows(ref)]
     assert len(a) == 20
-    np.testing.assert_allclose(a, b, rtol=2e-4)  # fused vs eager ops: fp32 sums in another order
+    np.testing.assert_allclose(a, b, rtol=1e-3)  # fused vs eager ops (views too): fp32 sums in another order, grown over 20 steps
 
 
 @pytest.mark.parametrize("name", ["byol", "moco"])
@@ -122,10 +123,9 @@ def test_target_is_the_ema_of_the_online_network(tmp_path, name):
 
 
 def _one_forward(method, a, data, step=10):
-    gen = torch.Generator().manual_seed(1)
-    ctx = StepContext(step, 1, 100, 10, gen, lr=a.lr, weight_decay=a.weight_decay)
-    ctx.values = method.schedule(ctx)
-    return method(data.train_images[:64], ctx)
+    ctx = step_ctx(method, 1, 64, step=step, epoch=1, total_steps=100, steps_per_epoch=10, mean=data.mean,
+                   std=data.std)
+    return method(source_batch(data.train, 64), ctx)
 
 
 def test_simsiam_targets_are_stop_gradient():
@@ -137,8 +137,7 @@ def test_simsiam_targets_are_stop_gradient():
     loss.backward()
     g = method.encoder.backbone.blocks[0].attn.qkv.weight.grad.clone()
     method.zero_grad()
-    gen = torch.Generator().manual_seed(1)
-    views, _ = method.views(data.train_images[:64], gen, mean=data.mean, std=data.std)
+    views = step_ctx(method, 1, 64, mean=data.mean, std=data.std).views(source_batch(data.train, 64), method.views)
     z = method.encoder(views)
     p1, p2 = method.predictor(z).chunk(2)
     z1, z2 = z.chunk(2)

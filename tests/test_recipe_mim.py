@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 from sslkern.train import checkpoint as ckpt
 from sslkern.train import parse_args
-from sslkern.train.data import augment
 from sslkern.train.logging import RunLogger
-from sslkern.train.loop import StepContext
+
+from recipe_helpers import digits_like, ragged, step_ctx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--dim", "32", "--heads", "2", "--depth", "2", "--batch-size", "256", "--epochs", "2", "--quiet", "--threads", "1"]
@@ -31,7 +31,7 @@ TINY = {  # 1,257 training digits // 256 = 4 steps per epoch, 8 steps in 2 epoch
 }
 CLASSES = {"mae": "MAE", "data2vec": "Data2Vec", "ijepa": "IJEPA"}
 IJEPA_LAYOUT = ["--patch-size", "2", "--num-targets", "4", "--target-scale", "0.15", "0.2", "--min-keep", "4"]
-DATA = SimpleNamespace(in_chans=1, mean=torch.zeros(1, 1, 1, 1), std=torch.ones(1, 1, 1, 1))
+DATA = digits_like()
 
 
 def _recipe(name):
@@ -57,17 +57,15 @@ def _model(name, extra=()):
     return mod, cls(a, DATA), a
 
 
-def _ctx(model, seed=7):
-    gen = torch.Generator().manual_seed(seed)
-    ctx = StepContext(3, 0, 8, 4, gen)
-    ctx.values = model.schedule(ctx)
-    return ctx
+def _ctx(model, seed=7, batch=6):
+    return step_ctx(model, seed, batch)
 
 
-def _same_draws(seed, images):
-    """The recipe's first draws: the view (augment), then the generator state for the masks."""
-    g = torch.Generator().manual_seed(seed)
-    return augment(images, g), g
+def _same_draws(model, seed, images):
+    """What the recipe's step draws with ``_ctx(model, seed)``: its view (from the host
+    generator), and a generator in the state ``ctx.generator`` has when the masks are drawn."""
+    view, = _ctx(model, seed, len(images)).views(images, model.view)
+    return view, torch.Generator().manual_seed(seed)
 
 
 # ---------------------------------------------------------------------------------------
@@ -145,16 +143,14 @@ def test_mae_step_matches_models_mae(extra):
     torch.testing.assert_close(model.encoder.pos_embed.detach(), mae_sincos(a.dim, model.grid[0], True), rtol=0, atol=1e-6)
     torch.testing.assert_close(model.decoder.input.pos_embed, mae_sincos(a.decoder_dim, model.grid[0], True), rtol=0, atol=1e-6)
     assert not model.encoder.pos_embed.requires_grad
-    images = torch.randn(6, 1, 16, 16)
-    views, g = _same_draws(7, images)
+    images = ragged(6)
+    views, g = _same_draws(model, 7, images)
     noise = torch.rand(6, n, generator=g)  # what random_mask draws next
     latent_ref, pred_ref, mask_ref, ids_restore_ref, loss_ref = mae_forward(model, views, noise, a.mask_ratio,
                                                                             a.norm_pix_loss)
     # the recipe's pieces on the same draws
-    g = torch.Generator().manual_seed(7)
-    views2 = augment(images, g)
-    masks = sslkern.masks.random_mask(6, n, a.mask_ratio, generator=g)
-    assert torch.equal(views2, views) and torch.equal(masks.ids_restore, ids_restore_ref)
+    masks = sslkern.masks.random_mask(6, n, a.mask_ratio, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(masks.ids_restore, ids_restore_ref)
     assert torch.equal(masks.mask, mask_ref.bool())
     latent = sslkern.patch.forward_masked(model.encoder, views, masks.ids_keep)
     pred = model.decoder(latent, masks.ids_restore)
@@ -201,9 +197,9 @@ def test_data2vec_step_matches_fairseq_data2vec_vision(extra):
     with torch.no_grad():  # a teacher that differs from the student, as after some EMA steps
         for p in model.teacher.module.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    images = torch.randn(6, 1, 16, 16)
-    views, g = _same_draws(3, images)
-    mask = model.make_masks(6, g)
+    images = ragged(6)
+    views, _ = _same_draws(model, 3, images)
+    mask = model.make_masks(_ctx(model, 3))
     n = model.grid[0] * model.grid[1]
     assert mask.shape == (6, n) and mask.dtype == torch.bool
     assert (mask.sum(1) <= int(n * a.mask_ratio)).all() and (mask.sum(1) >= a.min_block_patches).all()
@@ -216,7 +212,7 @@ def test_data2vec_step_matches_fairseq_data2vec_vision(extra):
 
 def test_data2vec_block_masks_reach_the_ratio():
     mod, model, a = _model("data2vec", ["--batch-size", "256"])
-    masks = model.make_masks(512, torch.Generator().manual_seed(0))
+    masks = model.make_masks(_ctx(model, 0, batch=512))
     share = masks.float().mean().item()
     assert 0.45 < share <= 0.6, share  # target int(16 · 0.6) = 9 of 16; a few images stop short
 
@@ -279,9 +275,9 @@ def test_ijepa_step_matches_ijepa_train():
     assert model.grid == (8, 8) and model.encoder.num_prefix_tokens == 0
     torch.testing.assert_close(model.encoder.pos_embed.detach(), mae_sincos(a.dim, 8, False), rtol=0, atol=1e-6)
     torch.testing.assert_close(model.predictor.pos_embed, mae_sincos(a.pred_dim, 8, False), rtol=0, atol=1e-6)
-    images = torch.randn(6, 1, 16, 16)
-    views, g = _same_draws(5, images)
-    masks = model.make_masks(6, g)
+    images = ragged(6)
+    views, _ = _same_draws(model, 5, images)
+    masks = model.make_masks(_ctx(model, 5))
     masks_enc, masks_pred = masks.as_lists()
     assert len(masks_enc) == 1 and len(masks_pred) == a.num_targets
     for m in masks_enc:  # the context avoids every target block (allow_overlap=False)

@@ -12,14 +12,12 @@ import torch.nn.functional as F
 
 from sslkern.reference.relation_loss import relvit_losses
 from sslkern.train import parse_args
-from sslkern.train.data import augment
 from sslkern.train.logging import RunLogger
-from sslkern.train.loop import StepContext
 
-from recipe_helpers import load_recipe
+from recipe_helpers import digits_like, load_recipe, ragged, step_ctx
 
 TINY = ["--dim", "18", "--heads", "2", "--depth", "1", "--batch-size", "256", "--quiet", "--threads", "1"]
-DATA = SimpleNamespace(in_chans=1, mean=torch.zeros(1, 1, 1, 1), std=torch.ones(1, 1, 1, 1))
+DATA = digits_like()
 
 
 def _rows(out, kind="train"):
@@ -59,13 +57,11 @@ def test_step_matches_relvit_training_step():
     _, a = parse_args(mod.RelViT, TINY + ["--out", "/tmp/unused"])
     torch.manual_seed(0)
     model = mod.RelViT(a, DATA)
-    images = torch.rand(8, 1, 16, 16)
-    ctx = StepContext(3, 0, 8, 4, torch.Generator().manual_seed(7))
-    loss, metrics = model(images, ctx)
+    images = ragged(8)
+    loss, metrics = model(images, step_ctx(model, 7, 8))
     # the same draws, then RelViT's code
-    g = torch.Generator().manual_seed(7)
-    views = augment(images, g)
-    perm = torch.rand(8, 16, generator=g).argsort(1)
+    views, = step_ctx(model, 7, 8).views(images, model.view)
+    perm = torch.rand(8, 16, generator=torch.Generator().manual_seed(7)).argsort(1)
     x = torch.stack([patches2image(image2patches(v, 4)[:, idx], (16, 16)) for v, idx in zip(views, perm)])
     z = model.encoder.forward_features(x)[:, 1:]
     o = relvit_losses(z, model.rel_head.wq, model.rel_head.wk, perm, 4, (model.dist_head.wq, model.dist_head.wk),

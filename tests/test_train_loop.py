@@ -2,6 +2,7 @@
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,71 +10,63 @@ import torch.nn.functional as F
 
 import sslkern
 from sslkern.train import results
-from sslkern.train.data import augment
 from sslkern.train.health import distillation_health, distillation_verdict, embedding_std
+from sslkern.train import views as train_views
+from sslkern.train.context import StepContext
 from sslkern.train.loop import _clip
-from sslkern.train.views import MultiCrop, dino_color, gaussian_blur, random_resized_crop
+
+from recipe_helpers import digits_like, ragged
 
 
 # ---------------------------------------------------------------------------------------
-# Views
+# The step context: per-sample draws and views, the same on any number of ranks
 # ---------------------------------------------------------------------------------------
-def test_random_resized_crop_sizes_and_reproducibility():
-    x = torch.randn(6, 3, 16, 16)
-    a = random_resized_crop(x, torch.Generator().manual_seed(1), size=8, scale=(0.1, 0.3), flip_p=0.5)
-    b = random_resized_crop(x, torch.Generator().manual_seed(1), size=8, scale=(0.1, 0.3), flip_p=0.5)
-    assert a.shape == (6, 3, 8, 8) and torch.equal(a, b)
-    # augment (data2vec 2.0) is the same warp at the input size without flips
-    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
-    assert torch.equal(augment(x, g1), random_resized_crop(x, g2, degrees=10.0))
+def _ctx(seed, batch, rank=0, world=1, mean=(0.5,), std=(0.25,)):
+    return StepContext(3, 0, 8, 4, torch.Generator().manual_seed(seed), batch, rank, world,
+                       host_generator=torch.Generator().manual_seed(seed), mean=mean, std=std)
 
 
-def test_full_crop_is_identity_and_flip_mirrors():
-    x = torch.randn(4, 1, 8, 8)
-    same = random_resized_crop(x, torch.Generator(), scale=(1.0, 1.0), ratio=(1.0, 1.0))
-    torch.testing.assert_close(same, x, atol=1e-5, rtol=0)
-    flipped = random_resized_crop(x, torch.Generator(), scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=1.0)
-    torch.testing.assert_close(flipped, x.flip(-1), atol=1e-5, rtol=0)
+def _spec_args(**kw):
+    a = SimpleNamespace(image_size=16, local_size=8, local_crops=3, global_scale=(0.5, 1.0), local_scale=(0.1, 0.25),
+                        degrees=10.0, crop_scale=(0.3, 1.0), flip_p=None)
+    a.__dict__.update(kw)
+    return a
 
 
-@pytest.mark.parametrize("rgb", [False, True])
-def test_views_are_identical_on_any_number_of_ranks(rgb):
-    c = 3 if rgb else 1
-    x = torch.rand(8, c, 16, 16)
-    mean, std = torch.full((1, c, 1, 1), 0.4), torch.full((1, c, 1, 1), 0.2)
-    mc = MultiCrop(16, 8, n_local=3)
-    one_g, one_l = mc(x, torch.Generator().manual_seed(7), mean=mean, std=std)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_views_masks_and_noise_are_identical_on_any_number_of_ranks(channels):
+    data = digits_like(channels)
+    specs = train_views.multicrop(_spec_args(), data, inverted_blur=False)
+    images = ragged(8, size=12, channels=channels)
+    one = _ctx(7, 8, mean=data.mean, std=data.std)
+    views = one.views(images, specs)
+    masks = one.per_sample(sslkern.masks.random_mask, 16, 0.5, num_masks=2)
+    noise, ints = one.randn(3, 2), one.randint(5)
+    assert [v.shape for v in views] == [(8, channels, 16, 16)] * 2 + [(8, channels, 8, 8)] * 3
     for rank in range(2):
-        g, l = mc(x[rank::2], torch.Generator().manual_seed(7), mean=mean, std=std, rows=(rank, 2))
-        for v, w in zip(g + l, one_g + one_l):
+        part = ragged(8, size=12, channels=channels)  # the same images; keep this rank's rows
+        from sslkern.data.loader import pack
+        rows = pack([part_image.numpy() for part_image in (part.image(i) for i in range(rank, 8, 2))], [0] * 4,
+                    channels).images()
+        ctx = _ctx(7, 8, rank, 2, mean=data.mean, std=data.std)
+        for v, w in zip(ctx.views(rows, specs), views):
             torch.testing.assert_close(v, w[rank::2], rtol=0, atol=1e-6)
-    assert [v.shape[-1] for v in one_g + one_l] == [16, 16, 8, 8, 8]
+        m = ctx.per_sample(sslkern.masks.random_mask, 16, 0.5, num_masks=2)
+        assert torch.equal(m.ids_keep, masks.ids_keep[rank::2]) and torch.equal(m.mask, masks.mask[rank::2])
+        assert torch.equal(ctx.randn(3, 2), noise[rank::2]) and torch.equal(ctx.randint(5), ints[rank::2])
 
 
-def test_color_ops_keep_range_and_grey_data_gets_none():
-    x = torch.rand(16, 3, 12, 12)
-    y = dino_color(x, torch.Generator().manual_seed(0), (0, 1), blur_p=1.0, solarize_p=0.5)
-    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1 and not torch.allclose(x, y)
-    with pytest.raises(ValueError, match="mean and std"):
-        MultiCrop(12, 6)(x, torch.Generator())
-    grey = torch.rand(4, 1, 12, 12)  # single channel: crops only (no colour, no flips)
-    g, _ = MultiCrop(12, 6, n_local=0, global_scale=(1, 1), ratio=(1, 1))(grey, torch.Generator())
-    torch.testing.assert_close(g[0], grey, atol=1e-5, rtol=0)
-
-
-def test_gaussian_blur_matches_a_dense_convolution():
-    x = torch.rand(2, 3, 9, 9, dtype=torch.float64)
-    sigma = torch.tensor([0.7, 1.3], dtype=torch.float64)
-    y = gaussian_blur(x, sigma)
-    r = math.ceil(3 * 1.3)
-    t = torch.arange(-r, r + 1, dtype=torch.float64)
-    for i in range(2):
-        k1 = torch.exp(-0.5 * (t / sigma[i]) ** 2)
-        k1 = k1 / k1.sum()
-        k2 = torch.outer(k1, k1).expand(3, 1, -1, -1)
-        ref = F.conv2d(F.pad(x[i:i + 1], (r, r, r, r), mode="reflect"), k2, groups=3)
-        torch.testing.assert_close(y[i:i + 1], ref)
-    torch.testing.assert_close(gaussian_blur(x, torch.zeros(2, dtype=torch.float64)), x)  # σ→0: identity
+def test_recipe_views_follow_the_data():
+    grey, rgb = digits_like(1), digits_like(3, in_memory=False)
+    g = train_views.multicrop(_spec_args(), grey)
+    assert all(s.flip_p == 0 and s.jitter_p == 0 and s.blur_p == 0 and s.solarize_p == 0 for s in g)
+    assert all(not s.integer_boxes and s.degrees == 10.0 for s in g)
+    c = train_views.multicrop(_spec_args(image_size=224, local_size=96, degrees=0.0), rgb)
+    assert [s.size for s in c] == [224, 224, 96, 96, 96] and all(s.integer_boxes for s in c)
+    assert [s.blur_p for s in c[:2]] == [1.0, 0.1] and [s.solarize_p for s in c[:2]] == [0.0, 0.2]
+    assert c[0].blur_sigma == pytest.approx((0.1, 2.0))  # DINO's σ at 224 pixels
+    small = train_views.two_views(_spec_args(image_size=32), rgb)
+    assert small[0].blur_sigma == pytest.approx((0.1 * 32 / 224, 2.0 * 32 / 224))  # scaled with the crop
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,6 +6,10 @@ embedding on the kept patches only (one fused ``gather_tokens`` pass: the full
 blocks and the final norm (the encoder on the kept tokens). ``DecoderInput`` builds the MAE /
 data2vec 2.0 decoder input with ``restore_tokens`` (mask token or per-slot noise, decoder
 positions fused).
+
+``encode_with_mask_token`` is the other way to mask (BEiT, iBOT / DINOv2, data2vec v1, MaskFeat,
+SimMIM): every patch stays in the sequence and masked ones get a learned token; and
+``block_outputs`` returns a teacher's intermediate block outputs (data2vec targets).
 """
 from __future__ import annotations
 
@@ -68,6 +72,42 @@ def embed_visible(vit: nn.Module, images: torch.Tensor, ids_keep: torch.Tensor, 
     return vit.pos_drop(torch.cat([pre, vis], dim=1))
 
 
+def encode_with_mask_token(vit: nn.Module, images: torch.Tensor, mask: torch.Tensor | None,
+                           mask_token: torch.Tensor) -> torch.Tensor:
+    """``vit.forward_features`` with the masked patches' embeddings replaced by ``mask_token``.
+
+    ``vit.patch_embed(images)``; patches where ``mask`` (``(B, N)`` bool, True = masked) is set
+    become ``mask_token`` (a ``(D,)`` parameter of the caller); then timm's position embedding,
+    prefix tokens, blocks and final norm: ``(B, P + N, D)`` (dinov2
+    ``prepare_tokens_with_masks``, BEiT ``VisionTransformerForMaskedImageModeling``, fairseq
+    data2vec vision, MaskFeat, SimMIM). Works with ``dynamic_img_size`` ViTs (multi-crop).
+    """
+    x = vit.patch_embed(images)                       # (B, N, D), or (B, H, W, D) for dynamic sizes
+    if mask is not None:
+        x = torch.where(mask.view(*x.shape[:-1], 1), mask_token.reshape(-1).to(x.dtype), x)
+    return vit.norm(vit.blocks(vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))))
+
+
+def block_outputs(vit: nn.Module, images: torch.Tensor, top_k: int, *, site: str = "block") -> list[torch.Tensor]:
+    """The outputs of ``vit``'s last ``top_k`` blocks on ``images``, prefix tokens dropped:
+    a list of ``(B, N, D)``. ``site="block"``: each block's output (data2vec v1 vision);
+    ``site="mlp"``: its FFN output before the residual (fairseq data2vec 2.0 ``layer_results``)."""
+    if site not in ("block", "mlp"):
+        raise ValueError(f"sslkern.nn.block_outputs: site expected 'block' or 'mlp', got {site!r}")
+    if not 1 <= top_k <= len(vit.blocks):
+        raise ValueError(f"sslkern.nn.block_outputs: top_k expected in [1, {len(vit.blocks)}], got {top_k}")
+    outs: list[torch.Tensor] = []
+    p = vit.num_prefix_tokens
+    hooks = [(blk if site == "block" else blk.mlp).register_forward_hook(lambda m, i, o: outs.append(o[:, p:]))
+             for blk in vit.blocks[-top_k:]]
+    try:
+        vit.forward_features(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs
+
+
 class DecoderInput(nn.Module):
     """Decoder input from encoder output: visible tokens back in place, removed slots filled.
 
@@ -98,10 +138,15 @@ class DecoderInput(nn.Module):
             self.register_buffer("pos_embed", pos_embed, persistent=False)
 
     def forward(self, x_vis: torch.Tensor, ids_restore: torch.Tensor,
-                generator: torch.Generator | None = None, check_indices: bool = True) -> torch.Tensor:
+                generator: torch.Generator | None = None, check_indices: bool = True,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+        """``noise`` (mode "noise"): the standard-normal draws ``(B, N, dim)`` to scale by
+        ``noise_std`` (a training loop's per-sample draws); else drawn here from ``generator``."""
         fill = None
         if self.mode == "noise":
             B, N, D = x_vis.shape[0], ids_restore.shape[1], x_vis.shape[2]
-            fill = torch.randn(B, N, D, device=x_vis.device, dtype=x_vis.dtype, generator=generator) * self.noise_std
+            if noise is None:
+                noise = torch.randn(B, N, D, device=x_vis.device, dtype=x_vis.dtype, generator=generator)
+            fill = noise.to(x_vis.dtype) * self.noise_std
         return restore_tokens(x_vis, ids_restore, mask_token=self.mask_token, fill=fill, pos_embed=self.pos_embed,
                               num_prefix_tokens=self.num_prefix_tokens, check_indices=check_indices)

@@ -253,11 +253,15 @@ def export_encoder(path: str, model: torch.nn.Module, timm_kwargs: dict, extra: 
 
 
 def load_exported_encoder(path: str):
-    """Rebuild the timm ``VisionTransformer`` of an exported encoder and load it with ``strict=True``."""
+    """Rebuild the timm ``VisionTransformer`` of an exported encoder and load it with ``strict=True``
+    (``timm.create_model(name, pretrained=False, **kwargs)`` when it was built by name)."""
+    import timm
     from timm.models.vision_transformer import VisionTransformer
 
     tensors, meta = load_tensors(path)
-    model = VisionTransformer(**meta["timm_kwargs"])
+    kw = dict(meta["timm_kwargs"])
+    name = kw.pop("model_name", None)
+    model = timm.create_model(name, pretrained=False, **kw) if name else VisionTransformer(**kw)
     model.load_state_dict(tensors, strict=True)
     return model
 

@@ -6,7 +6,7 @@ dino's own defaults are given in each help text.
 from __future__ import annotations
 
 import sslkern
-from sslkern.train.views import MultiCrop
+from sslkern.train import views
 
 
 def add_distillation_arguments(g, out_dim=4096):
@@ -25,6 +25,8 @@ def add_distillation_arguments(g, out_dim=4096):
     g.add_argument("--global-scale", type=float, nargs=2, default=(0.5, 1.0), help="crop area range (dino: 0.4 1)")
     g.add_argument("--local-scale", type=float, nargs=2, default=(0.1, 0.25), help="(dino: 0.05 0.4)")
     g.add_argument("--degrees", type=float, default=10.0, help="random rotation of every crop")
+    g.add_argument("--inverted-blur", action="store_true",
+                   help="dinov2's / dinov3's blur probabilities for the two global crops instead of dino's")
     g.add_argument("--student-temp", type=float, default=0.1)
     g.add_argument("--teacher-temp", type=float, default=0.03, help="τt after warm-up (dino: 0.04)")
     g.add_argument("--warmup-teacher-temp", type=float, default=0.02, help="(dino: 0.04)")
@@ -59,10 +61,10 @@ def check_distillation_arguments(a, error):
         error(f"--local-size {a.local_size} expected a multiple of --patch-size {a.patch_size}")
 
 
-def multicrop_views(a) -> MultiCrop:
-    """2 global crops at the image size + ``--local-crops`` at ``--local-size``."""
-    return MultiCrop(a.image_size, a.local_size, n_local=a.local_crops, global_scale=tuple(a.global_scale),
-                     local_scale=tuple(a.local_scale), degrees=a.degrees)
+def multicrop_views(a, data) -> list:
+    """2 global crops at the image size + ``--local-crops`` at ``--local-size`` (DINO's colour
+    pipeline for RGB data; ``--inverted-blur``: dinov2's blur probabilities)."""
+    return views.multicrop(a, data, inverted_blur=a.inverted_blur)
 
 
 def distillation_schedule(a, ctx, dino_loss) -> dict:

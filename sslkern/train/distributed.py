@@ -1,6 +1,6 @@
 """torchrun support: process group (gloo on CPU, nccl on GPU), rank helpers, all-reduce.
 
-Data sharding lives in :func:`sslkern.train.data.epoch_batches` (DistributedSampler-style,
+Data sharding lives in :class:`sslkern.data.BatchOrder` (DistributedSampler-style,
 by rank stride within each global batch). Without torchrun (no ``WORLD_SIZE``) everything
 here is a no-op for a single process.
 """

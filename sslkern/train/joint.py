@@ -9,8 +9,8 @@ from __future__ import annotations
 from torch import nn
 
 from sslkern.nn import GlobalBatchNorm1d, MultiCropWrapper
+from sslkern.train import views
 from sslkern.train.health import embedding_std
-from sslkern.train.views import MultiCrop
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, *, bn: bool = True, last_bn: bool = False,
@@ -51,11 +51,10 @@ def check_view_arguments(a, error):
         error(f"--flip-p expected in [0, 1], got {a.flip_p}")
 
 
-def two_views(a) -> MultiCrop:
-    """Two global crops at the image size (random resized crop, rotation; flips and the
-    colour pipeline for RGB data), no local crops."""
-    return MultiCrop(a.image_size, a.image_size, n_global=2, n_local=0, global_scale=tuple(a.crop_scale),
-                     degrees=a.degrees, flip_p=a.flip_p)
+def two_views(a, data) -> list:
+    """Two crops at the image size (random resized crop, rotation; for RGB data flips and
+    BYOL's asymmetric colour pipeline: blur 1.0 / 0.1, solarize 0 / 0.2)."""
+    return views.two_views(a, data)
 
 
 def positive_int_options(a, error, names):

@@ -18,7 +18,8 @@ import sys
 import time
 
 # Keys that depend on wall-clock time; everything else in metrics.jsonl is deterministic.
-TIMING_KEYS = ("time", "img_per_s", "elapsed_s")
+TIMING_KEYS = ("time", "img_per_s", "elapsed_s", "data_wait_s", "rank_img_per_s", "step_s", "data_wait_frac",
+               "forward_s", "backward_s", "optimizer_s", "peak_mem_mb", "first_step_s")
 
 
 class RunLogger:
@@ -144,13 +145,13 @@ class RunLogger:
 
 
 class Throughput:
-    """Images per second over the last few steps."""
+    """Seconds since the previous tick (a whole step: data wait, compute, logging)."""
 
     def __init__(self):
         self.t = time.perf_counter()
 
-    def tick(self, images: int) -> float:
+    def tick(self) -> float:
         now = time.perf_counter()
-        rate = images / max(now - self.t, 1e-9)
+        dt = max(now - self.t, 1e-9)
         self.t = now
-        return rate
+        return dt

@@ -47,20 +47,25 @@ def _health(s: dict) -> str:
 def table(summaries: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for s in sorted(summaries, key=lambda s: (s["method"], s["dataset"], s["steps"], s["backend"], s["seed"])):
-        groups.setdefault((s["method"], s["dataset"], s["steps"], s["backend"], s["world_size"]), []).append(s)
-    head = ("| method | data | steps | seeds | train time (s) | kNN teacher | kNN student | kNN random init "
+        key = (s["method"], s["dataset"], s["steps"], s["backend"], s["world_size"], s.get("precision", "fp32"))
+        groups.setdefault(key, []).append(s)
+    head = ("| method | data | steps | seeds | train time (s) | images/s | kNN teacher | kNN student | kNN random init "
             "| kNN gain | probe best / random | health (final) | verdict |")
-    lines = [head, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|"]
-    for (method, dataset, steps, backend, world), runs in groups.items():
+    lines = [head, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for (method, dataset, steps, backend, world, _), runs in groups.items():
         ev = lambda enc, m="knn": [r["eval"][enc][m] for r in runs if enc in r["eval"] and m in r["eval"][enc]]  # noqa: E731
         best_probe = [max(v.get("probe", float("nan")) for k, v in r["eval"].items() if k != "random") for r in runs
                       if any("probe" in v for v in r["eval"].values())]
         probe = f"{_fmt(best_probe)} / {_fmt(ev('random', 'probe'))}" if best_probe else "–"
         verdicts = sorted({("collapsed" if r["collapsed"] else "ok") for r in runs})
         name = runs[0].get("title", method) + ("" if backend == "auto" else f" ({backend})") + ("" if world == 1 else f" ×{world}")
+        if runs[0].get("precision", "fp32") != "fp32":
+            name += f" [{runs[0]['precision']}]"
         lines.append(" | ".join([
             f"| {name}", dataset, str(steps), ", ".join(str(r["seed"]) for r in runs),
-            _fmt([r["train_s"] for r in runs], 0), _fmt(ev("teacher")), _fmt(ev("student") or ev("encoder")),
+            _fmt([r["train_s"] for r in runs], 0),
+            _fmt([r["throughput"]["img_per_s"] for r in runs if r.get("throughput", {}).get("img_per_s")], 0),
+            _fmt(ev("teacher")), _fmt(ev("student") or ev("encoder")),
             _fmt(ev("random")), _fmt([r["knn_gain"] for r in runs]), probe, _health(runs[-1]), "/".join(verdicts) + " |"]))
     return "\n".join(lines)
 
