@@ -18,6 +18,8 @@ oracles):
   prototype_loss          DINO / iBOT prototype layer + loss fused: features and weights in, no (rows, K) logits
   relation_loss           RelViT pairwise spatial-relation CE (+ distance / angle MSE): no (B, 9, N, N) logits
   hog_targets             MaskFeat per-patch HOG targets (SlowFast HOGLayerC), masked patches only
+  colorization_targets    colorization soft-encoded ab targets (sparse: 10 bin ids + weights), rebalancing
+                          weights, grey mask; colorization_prior / rebalance_factor (Zhang et al. 2016)
 
 Modules: ``sslkern.masks`` (mask generators: MAE random, block, data2vec 2.0 inverse block,
 I-JEPA multiblock), ``sslkern.nn`` (EMA teacher, DINO/iBOT losses, ALiBi attention for timm,
@@ -40,6 +42,8 @@ from ._checks import ArgumentError  # noqa: F401
 from .ops import (  # noqa: F401
     alibi_attention,
     alibi_slopes,
+    colorization_prior,
+    colorization_targets,
     data2vec_cls_loss,
     data2vec_loss,
     dino_loss,
@@ -52,6 +56,7 @@ from .ops import (  # noqa: F401
     layer_average_targets,
     masked_regression_loss,
     prototype_loss,
+    rebalance_factor,
     relation_loss,
     restore_tokens,
     sinkhorn_knopp_teacher,

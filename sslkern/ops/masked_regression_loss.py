@@ -14,17 +14,17 @@ OP = "masked_regression_loss"
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
-def _reference_fwd(pred, target, mask, ids, beta, scale, mean):
+def _reference_fwd(pred, target, mask, ids, beta, scale, mean, weight=None, l1=False):
     from ..reference.masked_regression_loss import masked_regression_loss
 
     return masked_regression_loss(pred, target, mask, ids=ids, beta=beta, scale=scale,
-                                  reduction="mean" if mean else "sum")
+                                  reduction="mean" if mean else "sum", weight=weight, l1=l1)
 
 
-def _reference_bwd(grad_out, pred, target, mask, ids, beta, scale, mean):
+def _reference_bwd(grad_out, pred, target, mask, ids, beta, scale, mean, weight=None, l1=False):
     from ..reference.masked_regression_loss import masked_regression_loss_backward
 
-    return masked_regression_loss_backward(grad_out, pred, target, mask, ids, beta, scale, mean)
+    return masked_regression_loss_backward(grad_out, pred, target, mask, ids, beta, scale, mean, weight=weight, l1=l1)
 
 
 dispatch = Dispatch(
@@ -51,39 +51,40 @@ def _loss_dtype(pred: torch.Tensor) -> torch.dtype:
 
 @torch.library.custom_op("sslkern::masked_regression_loss", mutates_args=())
 def _loss_op(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor], ids: Optional[torch.Tensor],
-             beta: float, scale: float, mean: bool, backend: str) -> torch.Tensor:
-    return dispatch(pred.device, backend)(pred, target, mask, ids, beta, scale, mean)
+             beta: float, scale: float, mean: bool, backend: str, weight: Optional[torch.Tensor] = None,
+             l1: bool = False) -> torch.Tensor:
+    return dispatch(pred.device, backend)(pred, target, mask, ids, beta, scale, mean, weight, l1)
 
 
 @_loss_op.register_fake
-def _(pred, target, mask, ids, beta, scale, mean, backend):
+def _(pred, target, mask, ids, beta, scale, mean, backend, weight=None, l1=False):
     return pred.new_empty((), dtype=_loss_dtype(pred))
 
 
 @torch.library.custom_op("sslkern::masked_regression_loss_backward", mutates_args=())
 def _loss_backward_op(grad_out: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor],
                       ids: Optional[torch.Tensor], beta: float, scale: float, mean: bool,
-                      backend: str) -> torch.Tensor:
-    return dispatch_backward(pred.device, backend)(grad_out, pred, target, mask, ids, beta, scale, mean)
+                      backend: str, weight: Optional[torch.Tensor] = None, l1: bool = False) -> torch.Tensor:
+    return dispatch_backward(pred.device, backend)(grad_out, pred, target, mask, ids, beta, scale, mean, weight, l1)
 
 
 @_loss_backward_op.register_fake
-def _(grad_out, pred, target, mask, ids, beta, scale, mean, backend):
+def _(grad_out, pred, target, mask, ids, beta, scale, mean, backend, weight=None, l1=False):
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    pred, target, mask, ids, beta, scale, mean, backend = inputs
-    ctx.save_for_backward(pred, target, mask, ids)
-    ctx.args = (beta, scale, mean, backend)
+    pred, target, mask, ids, beta, scale, mean, backend, weight, l1 = inputs
+    ctx.save_for_backward(pred, target, mask, ids, weight)
+    ctx.args = (beta, scale, mean, backend, l1)
 
 
 def _backward(ctx, grad_out):
-    pred, target, mask, ids = ctx.saved_tensors
-    beta, scale, mean, backend = ctx.args
+    pred, target, mask, ids, weight = ctx.saved_tensors
+    beta, scale, mean, backend, l1 = ctx.args
     grad = torch.ops.sslkern.masked_regression_loss_backward(grad_out, pred, target, mask, ids, beta, scale, mean,
-                                                             backend)
-    return grad, None, None, None, None, None, None, None
+                                                             backend, weight, l1)
+    return grad, None, None, None, None, None, None, None, None, None
 
 
 _loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -100,10 +101,12 @@ def masked_regression_loss(
     reduction: str = "sum",
     check_indices: bool = True,
     backend: Optional[str] = None,
+    weight: Optional[torch.Tensor] = None,
+    l1: bool = False,
 ) -> torch.Tensor:
     r"""Regression of predictions onto per-image targets at masked tokens, clone batch aware.
 
-    ``loss = scale · Σ_{r, masked j} Σ_d ℓ(pred[r, j, d] − target[r // M, pos(r, j), d])``
+    ``loss = scale · Σ_{r, masked j} Σ_d w[r, j, d] · ℓ(pred[r, j, d] − target[r // M, pos(r, j), d])``
 
     Args:
         pred: student predictions, rows for B·M clones, image-major (row r belongs to image
@@ -121,6 +124,10 @@ def masked_regression_loss(
             unmasked on the GPU. Backward never checks, nor does a ``torch.compile``\ d call.
         beta: 0 → ``(pred − y)²``; > 0 → smooth-L1 with that beta
             (``F.smooth_l1_loss(..., beta=beta)``, as fairseq ``d2v_loss`` with ``loss_beta``).
+        l1: ``|pred − y|`` (SimMIM's L1 on masked pixels); ``beta`` must be 0.
+        weight: optional per-element weights ``w``, pred's shape (fp32; fp64 for fp64 pred), no
+            gradient (e.g. the context encoder's ×10 overlap band, zeros outside the region). The
+            ``"mean"`` count is still the number of counted tokens.
         scale: per-token factor, default ``1/sqrt(D)`` (fairseq ``loss_scale=None``).
         reduction: ``"sum"`` over masked tokens (fairseq: the caller divides by the global
             masked count, ``sample_size``) or ``"mean"`` over masked tokens.
@@ -162,6 +169,14 @@ def masked_regression_loss(
             check_tensor(OP, "mask", mask, dtypes=(torch.bool,), shape=(R, T))
             mask = mask.contiguous()
     check_choice(OP, "reduction", reduction, ("sum", "mean"))
+    if weight is not None:
+        cdt = torch.float64 if pred.dtype == torch.float64 else torch.float32
+        check_tensor(OP, "weight", weight, dtypes=(cdt,), shape=tuple(pred.shape), device=device)
+        weight = weight.detach().contiguous()
+    if isinstance(l1, torch.Tensor) or not isinstance(l1, bool):
+        fail(OP, f"l1 expected a bool, got {type(l1).__name__}", TypeError)
+    if l1 and float(beta) != 0.0:
+        fail(OP, f"l1 expected beta 0 (L1 or smooth-L1, not both), got beta {beta}")
     beta = float(beta)
     if not math.isfinite(beta):
         fail(OP, f"beta must be finite and >= 0, got {beta}")
@@ -173,7 +188,7 @@ def masked_regression_loss(
     if target.shape[-1] > 1 and target.stride(-1) != 1:
         target = target.contiguous()
     return torch.ops.sslkern.masked_regression_loss(pred, target, mask, ids, beta, scale, reduction == "mean",
-                                                    backend or "")
+                                                    backend or "", weight, l1)
 
 
 def data2vec_cls_loss(

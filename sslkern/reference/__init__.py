@@ -13,3 +13,4 @@ from .info_nce_loss import info_nce_loss  # noqa: F401
 from .prototype_loss import prototype_loss  # noqa: F401
 from .relation_loss import relation_loss  # noqa: F401
 from .hog_targets import hog_targets  # noqa: F401
+from .colorization_targets import colorization_targets, rgb_to_lab  # noqa: F401

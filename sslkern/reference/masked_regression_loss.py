@@ -14,28 +14,32 @@ import torch
 import torch.nn.functional as F
 
 
-def _elementwise(x: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+def _elementwise(x: torch.Tensor, y: torch.Tensor, beta: float, l1: bool = False) -> torch.Tensor:
+    if l1:
+        return F.l1_loss(x, y, reduction="none")
     if beta == 0:
         return F.mse_loss(x, y, reduction="none")
     return F.smooth_l1_loss(x, y, reduction="none", beta=beta)
 
 
 def masked_regression_loss(pred, target, mask=None, *, ids=None, beta: float = 0.0, scale=None,
-                           reduction: str = "sum") -> torch.Tensor:
+                           reduction: str = "sum", weight=None, l1: bool = False) -> torch.Tensor:
+    """``weight``: per-element weights of pred's shape (selected like pred); ``l1``: ``|x − y|``."""
     B, T, D = target.shape
     M = pred.shape[0] // B
     cdtype = torch.float64 if pred.dtype == torch.float64 else torch.float32
     y = target.detach().to(cdtype).repeat_interleave(M, 0)           # (B*M, T, D)
     x = pred.to(cdtype)
+    wt = torch.ones_like(x) if weight is None else weight.to(cdtype)
     if ids is not None:
         y = torch.gather(y, 1, ids.long().unsqueeze(-1).expand(-1, -1, D))  # (B*M, Nm, D)
-        x, y = x.reshape(-1, D), y.reshape(-1, D)
+        x, y, wt = x.reshape(-1, D), y.reshape(-1, D), wt.reshape(-1, D)
     elif mask is not None:
-        x, y = x[mask], y[mask]                                      # (n_masked, D)
+        x, y, wt = x[mask], y[mask], wt[mask]                        # (n_masked, D)
     else:
-        x, y = x.reshape(-1, D), y.reshape(-1, D)
+        x, y, wt = x.reshape(-1, D), y.reshape(-1, D), wt.reshape(-1, D)
     s = (1.0 / math.sqrt(D)) if scale is None else scale
-    loss = (_elementwise(x, y, beta) * s).sum()
+    loss = (_elementwise(x, y, beta, l1) * wt * s).sum()
     if reduction == "mean":
         loss = loss / max(x.shape[0], 1)
     return loss.to(torch.float32) if cdtype == torch.float32 else loss
@@ -58,9 +62,9 @@ def data2vec_cls_loss(cls_pred, target, *, weight: float = 0.01, beta: float = 0
 
 
 def masked_regression_loss_backward(grad_out, pred, target, mask=None, ids=None, beta: float = 0.0, scale=None,
-                                    mean: bool = False) -> torch.Tensor:
+                                    mean: bool = False, weight=None, l1: bool = False) -> torch.Tensor:
     """d loss / d pred in closed form (autograd is not available below a custom op):
-    ``g · scale · ℓ'(pred − y)`` at counted tokens (÷ count for "mean"), 0 elsewhere."""
+    ``g · scale · w · ℓ'(pred − y)`` at counted tokens (÷ count for "mean"), 0 elsewhere."""
     B, T, D = target.shape
     M = pred.shape[0] // B
     cdtype = torch.float64 if pred.dtype == torch.float64 else torch.float32
@@ -68,7 +72,9 @@ def masked_regression_loss_backward(grad_out, pred, target, mask=None, ids=None,
     if ids is not None:
         y = torch.gather(y, 1, ids.long().unsqueeze(-1).expand(-1, -1, D))
     e = pred.to(cdtype) - y
-    if beta == 0:
+    if l1:
+        d = torch.sign(e)
+    elif beta == 0:
         d = 2 * e
     else:
         d = torch.where(e.abs() < beta, e / beta, torch.sign(e))
@@ -78,4 +84,6 @@ def masked_regression_loss_backward(grad_out, pred, target, mask=None, ids=None,
     coef = grad_out.to(cdtype) * s
     if mean:
         coef = coef / max(count, 1)
+    if weight is not None:
+        d = d * weight.to(cdtype)
     return (d * coef * keep.unsqueeze(-1)).to(pred.dtype)
