@@ -114,6 +114,12 @@ class Method(nn.Module):
     def check_arguments(a, error) -> None:
         """Call ``error(message)`` for a bad combination of options."""
 
+    @staticmethod
+    def load_data(a) -> ImageDataset:
+        """The run's dataset: ``--data`` or the default digits. A recipe that needs other data
+        (a colour default, a refusal of grey data) overrides this; raise ``DataError`` to refuse."""
+        return load_dataset(a.data, a.image_size)
+
     def schedule(self, ctx: StepContext) -> dict:
         return {}
 
@@ -369,7 +375,7 @@ def unsharded_copy(method_cls: type[Method], a, data, method: Method, info):
 
 
 def train(method_cls: type[Method], a, info, log):
-    data = load_dataset(a.data, a.image_size)
+    data = method_cls.load_data(a)
     torch.manual_seed(a.seed)
     method = method_cls(a, data).to(info.device)
     sharded = is_sharded(a, info)
