@@ -119,7 +119,7 @@ class ContextEncoder(Method):
     """Context encoder: reconstruct a removed region from the filled-in image around it."""
 
     name, title = "context-encoder", "Context encoder"
-    defaults = dict(epochs=60, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_epochs=5)
+    defaults = dict(epochs=50, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_epochs=5)
     betas = (0.9, 0.95)
     health = {"hole_gain": "low", "feature_std": "low"}
 

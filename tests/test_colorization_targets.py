@@ -247,11 +247,16 @@ def test_rebalanced_soft_cross_entropy(dtype):
 
 
 def test_rebalanced_soft_cross_entropy_under_loss_scaling():
-    t = sslkern.colorization_targets(torch.rand(2, 3, 8, 8), torch.full((313,), 50.0))
-    logits = torch.randn(2, 2, 2, 313, dtype=torch.float16, requires_grad=True)
+    """fp16 logits, loss × 65,536: the gradient (at most 65,536 / N per logit here) is finite and
+    equals the fp32 computation rounded once."""
+    t = sslkern.colorization_targets(torch.rand(2, 3, 16, 16))                 # factor 1, 32 pixels
+    logits = torch.randn(2, 4, 4, 313).half().requires_grad_()
     loss = sslkern.nn.rebalanced_soft_cross_entropy(logits, t.bin_ids, t.weights, t.rebalance)
     (loss * 65536.0).backward()
     assert torch.isfinite(logits.grad).all()
+    z = logits.detach().float().requires_grad_()
+    (sslkern.nn.rebalanced_soft_cross_entropy(z, t.bin_ids, t.weights, t.rebalance) * 65536.0).backward()
+    torch.testing.assert_close(logits.grad, z.grad.half(), rtol=1e-3, atol=1e-3)
 
 
 def test_rebalanced_soft_cross_entropy_bad_input():

@@ -16,7 +16,7 @@ from recipe_helpers import load_recipe
 from sslkern.reference.colorization_targets import rgb_to_lab
 from sslkern.train import parse_args
 from sslkern.train.colour_data import load_orientation_coloured_digits, orientation_colour, stroke_orientation
-from sslkern.train.data import DataError, augment, load_dataset
+from sslkern.train.data import DataError, _split, augment, load_dataset, load_digits_images
 from sslkern.train.logging import RunLogger
 from sslkern.train.loop import StepContext
 
@@ -72,11 +72,17 @@ def test_orientation_colour_is_a_function_of_the_grey_image():
     th = stroke_orientation(img)
     assert abs(float(th[0, 0, 4, 4]) - np.pi / 2) < 1e-5 and abs(float(th[1, 0, 4, 4])) < 1e-5
     rgb = orientation_colour(img)
-    torch.testing.assert_close(rgb[1, :, 4, 4], torch.tensor([1.0, 0.0, 0.0]))      # red stroke
-    torch.testing.assert_close(rgb[0, :, 4, 4], torch.tensor([0.0, 1.0, 1.0]))      # π/2: cyan
-    torch.testing.assert_close(rgb[1, :, 0, 0], torch.ones(3))                      # white background
-    # every digit class uses many hues: colour alone does not give the label
+    lab = rgb_to_lab(rgb)
+    torch.testing.assert_close(lab[:, 0], 100 - 60 * img[:, 0], atol=1.5, rtol=0)    # L is the digit (sRGB clamp)
+    assert float(lab[1, 1, 4, 4]) > 30 and abs(float(lab[1, 2, 4, 4])) < 1         # horizontal: +a
+    assert float(lab[0, 1, 4, 4]) < -25 and abs(float(lab[0, 2, 4, 4])) < 3        # vertical: −a (clamped a little)
+    torch.testing.assert_close(rgb[1, :, 0, 0], torch.ones(3), atol=1e-4, rtol=0)  # white background
     x = d.train_images * d.std + d.mean
+    grey, labels, _ = load_digits_images(16)
+    grey_train = _split(grey, labels)[0]
+    err = (rgb_to_lab(x)[:, 0] - (100 - 60 * grey_train[:, 0])).abs()
+    assert float(err.median()) < 0.01 and float((err > 1).float().mean()) < 0.03   # L = the digit, but ~1 % clamped
+    # every digit class uses many hues: colour alone does not give the label
     t = sslkern.colorization_targets(x, stride=1)
     for c in range(10):
         ids = t.bin_ids[d.train_labels == c][..., 0].unique()

@@ -3,23 +3,25 @@
 ``load_orientation_coloured_digits(image_size)``: the 1,797 digits of ``sklearn.datasets.load_digits``
 (8×8, upsampled to ``image_size`` as the default digits set), the same labels and the same
 stratified split (``test_size=0.3, random_state=0``: 1,257 train / 540 test). Each image is
-made RGB without any randomness:
+made RGB without any randomness, in CIE Lab (skimage's conversion, D65):
 
   * ``s`` = the grey digit in [0, 1] (stroke strength);
   * the local stroke orientation θ ∈ [0, π) from the structure tensor of the grey image
-    (Sobel gradients, their products averaged over 3×3 pixels, θ = ½·atan2(2Jxy, Jxx − Jyy));
-  * hue = θ / π (so a stroke and its 180°-turned copy get one colour), full saturation and
-    value: ``c(θ)``; the pixel is ``(1 − s)·white + s·c(θ)``.
+    (Sobel gradients, their products averaged over 3×3 pixels, θ = ½·atan2(2Jxy, Jxx − Jyy) + π/2);
+  * ``L = 100 − 60·s`` (white background, dark strokes), chroma ``40·s`` at hue angle ``2θ`` in
+    the ab plane (a stroke and its 180°-turned copy get one colour; horizontal strokes +a,
+    reddish; vertical ones −a, green), converted to sRGB and clamped to [0, 1].
 
-So the background is white (grey, no colour), a stroke's colour says which way it runs, and
-its lightness is the digit. Colour carries no information about the label beyond the strokes'
-shape (every digit uses every hue), and it is a function of the grey image: a colorization
-network can learn it from L alone, by detecting stroke orientation in each neighbourhood.
+So the L channel is the grey digit itself (up to the sRGB clamp at a few saturated pixels) and
+the colour says which way each stroke runs. Colour carries no information about the label
+beyond the strokes' shape (every digit uses every hue), and it is a function of the grey image:
+a colorization network can learn it from L alone, by detecting stroke orientation around each
+pixel.
 
 What the kNN / probe of a recipe on it measure: digit identity (10 classes) from the features
-of an encoder that sees the L channel (CIE lightness) only — the L of these images is the
-digit shape with hue-dependent stroke lightness, so the figures are close to, but not the
-same task as, the grey digits'.
+of an encoder that sees the L channel only — the same information as the grey digits
+(``100 − 60·s`` instead of ``s``), so the figures are comparable with the digits recipes'
+(both against their own random-init baselines).
 """
 from __future__ import annotations
 
@@ -45,17 +47,27 @@ def stroke_orientation(grey: torch.Tensor) -> torch.Tensor:
     return torch.remainder(grad_dir + math.pi / 2, math.pi)      # the stroke runs across it
 
 
-def hue_to_rgb(h: torch.Tensor) -> torch.Tensor:
-    """Fully saturated colours of hue h ∈ [0, 1): (N, 1, H, W) → (N, 3, H, W) (HSV with S = V = 1)."""
-    k = torch.stack([(5.0 + h * 6) % 6, (3.0 + h * 6) % 6, (1.0 + h * 6) % 6], 1).squeeze(2)
-    return 1.0 - torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
+    """skimage ``lab2rgb`` (D65, 2°) of (N, 3, H, W) Lab → sRGB clamped to [0, 1] (the inverse of ``rgb_to_lab``)."""
+    from ..reference.colorization_targets import D65_WHITE, XYZ_FROM_RGB
+
+    L, a, b = lab[:, 0], lab[:, 1], lab[:, 2]
+    fy = (L + 16.0) / 116.0
+    f = torch.stack([a / 500.0 + fy, fy, fy - b / 200.0], 1)
+    t = torch.where(f > 0.2068966, f ** 3, (f - 16.0 / 116.0) / 7.787)
+    xyz = t * torch.tensor(D65_WHITE, dtype=lab.dtype).view(1, 3, 1, 1)
+    rgb_from_xyz = torch.linalg.inv(torch.tensor(XYZ_FROM_RGB, dtype=torch.float64)).to(lab.dtype)
+    lin = torch.einsum("ij,njhw->nihw", rgb_from_xyz, xyz)
+    srgb = torch.where(lin > 0.0031308, 1.055 * lin.clamp_min(0) ** (1 / 2.4) - 0.055, 12.92 * lin)
+    return srgb.clamp(0.0, 1.0)
 
 
 def orientation_colour(grey: torch.Tensor) -> torch.Tensor:
-    """(N, 1, H, W) grey in [0, 1] → (N, 3, H, W) RGB in [0, 1]: white background, strokes coloured by orientation."""
+    """(N, 1, H, W) grey in [0, 1] → (N, 3, H, W) RGB in [0, 1]: L = 100 − 60·s, chroma 40·s at hue 2θ."""
     s = grey.clamp(0, 1)
-    colour = hue_to_rgb(stroke_orientation(s) / math.pi)
-    return (1.0 - s) + s * colour
+    phi = 2.0 * stroke_orientation(s)
+    lab = torch.cat([100.0 - 60.0 * s, 40.0 * s * torch.cos(phi), 40.0 * s * torch.sin(phi)], 1)
+    return lab_to_rgb(lab)
 
 
 def load_orientation_coloured_digits(image_size: int = 16) -> ImageDataset:
