@@ -20,6 +20,7 @@ import triton.language as tl
 
 BLOCK_T = 16
 BLOCK_D = 128
+BLOCK_D_WEIGHTED = 64  # a third (BLOCK_T, BLOCK_D) input tile: halved so the backward keeps its registers
 NUM_WARPS = 4
 
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
@@ -132,7 +133,8 @@ def masked_regression_loss_triton(pred, target, mask, ids, beta, scale, mean, we
     masked_regression_loss_fwd_kernel[grid](
         pred, target, mask_arg, ids_arg, partial, weight_arg, N, T, D, R // B, pred.stride(0), pred.stride(1),
         target.stride(0), target.stride(1), beta, int(l1), HAS_MASK=mask is not None, HAS_IDS=ids is not None,
-        COMPUTE=_TL[cdtype], BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, HAS_WEIGHT=weight is not None, num_warps=NUM_WARPS)
+        COMPUTE=_TL[cdtype], BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D if weight is None else BLOCK_D_WEIGHTED,
+        HAS_WEIGHT=weight is not None, num_warps=NUM_WARPS)
     loss = partial.sum() * scale
     if mean:
         loss = loss / _count(pred, mask, cdtype).clamp_min(1)
@@ -155,7 +157,8 @@ def masked_regression_loss_backward_triton(grad_out, pred, target, mask, ids, be
     masked_regression_loss_bwd_kernel[grid](
         pred, target, mask_arg, ids_arg, coef, grad, weight_arg, N, T, D, R // B, pred.stride(0), pred.stride(1),
         target.stride(0), target.stride(1), beta, int(l1), HAS_MASK=mask is not None, HAS_IDS=ids is not None,
-        COMPUTE=_TL[cdtype], BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, HAS_WEIGHT=weight is not None, num_warps=NUM_WARPS)
+        COMPUTE=_TL[cdtype], BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D if weight is None else BLOCK_D_WEIGHTED,
+        HAS_WEIGHT=weight is not None, num_warps=NUM_WARPS)
     return grad
 
 
@@ -175,8 +178,8 @@ def _aot_configs():
         cd = tl.float64 if pd == torch.float64 else tl.float32
         cs = "fp64" if pd == torch.float64 else "fp32"
         for (has_mask, has_ids), has_weight in [(m, False) for m in modes] + [(m, True) for m in modes]:
-            const = {"HAS_MASK": has_mask, "HAS_IDS": has_ids, "COMPUTE": cd, "BLOCK_T": BLOCK_T, "BLOCK_D": BLOCK_D,
-                     "HAS_WEIGHT": has_weight}
+            const = {"HAS_MASK": has_mask, "HAS_IDS": has_ids, "COMPUTE": cd, "BLOCK_T": BLOCK_T,
+                     "BLOCK_D": BLOCK_D_WEIGHTED if has_weight else BLOCK_D, "HAS_WEIGHT": has_weight}
             ptrs = {"pred_ptr": f"*{_TS[pd]}", "target_ptr": f"*{_TS[yd]}", "mask_ptr": "*u8", "ids_ptr": "*i64"}
             tag = f"pred={_TS[pd]} target={_TS[yd]} mask={has_mask} ids={has_ids} weight={has_weight}"
             out.append(dict(name=f"masked_regression_loss_fwd_kernel {tag}", kernel=masked_regression_loss_fwd_kernel,
