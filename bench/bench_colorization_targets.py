@@ -23,6 +23,7 @@ import torch
 
 import sslkern
 from harness import measure_interleaved
+from sslkern.ops.colorization_targets import ab_bins
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from _colorization_ref import TrainingLayers  # noqa: E402
@@ -44,7 +45,7 @@ def data():
         prior = prior / prior.sum()
         _data["prior"] = prior
         _data["factor"] = sslkern.rebalance_factor(prior).to(dev)
-        _data["layers"] = TrainingLayers(sslkern.ab_bins().double().numpy(), prior.numpy(), stride=STRIDE)
+        _data["layers"] = TrainingLayers(ab_bins().double().numpy(), prior.numpy(), stride=STRIDE)
         _data["x_np"] = x.double().numpy()
     return _data
 
