@@ -16,6 +16,8 @@ buffers, so checkpoints need no special cases), plus four small declarations::
         def forward(self, images, ctx): ...         # one step -> (loss, {metric: value})
         def ema_pairs(self): ...                    # [(EMATeacher, student module)]
         def encoders(self): ...                     # {"teacher": vit, "student": vit}
+        @staticmethod
+        def load_data(a): ...                       # optional: the dataset (default: --data or the digits)
 
     if __name__ == "__main__":
         sslkern.train.run(DINO)
