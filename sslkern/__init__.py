@@ -19,6 +19,8 @@ oracles):
   relation_loss           RelViT pairwise spatial-relation CE (+ distance / angle MSE): no (B, 9, N, N) logits
   hog_targets             MaskFeat per-patch HOG targets (SlowFast HOGLayerC), masked patches only
   render_views            training views of a RaggedImages batch (crop, flip, jitter, blur, ...; sslkern.views)
+  colorization_targets    colorization soft-encoded ab targets (sparse: 10 bin ids + weights), rebalancing
+                          weights, grey mask; colorization_prior / rebalance_factor (Zhang et al. 2016)
 
 Modules: ``sslkern.masks`` (mask generators: MAE random, block, data2vec 2.0 inverse block,
 I-JEPA multiblock), ``sslkern.nn`` (EMA teacher, DINO/iBOT losses with their centers,
@@ -42,6 +44,8 @@ from ._checks import ArgumentError
 from .ops import (
     alibi_attention,
     alibi_slopes,
+    colorization_prior,
+    colorization_targets,
     data2vec_cls_loss,
     data2vec_loss,
     dino_loss,
@@ -54,6 +58,7 @@ from .ops import (
     layer_average_targets,
     masked_regression_loss,
     prototype_loss,
+    rebalance_factor,
     relation_loss,
     restore_tokens,
     sinkhorn_knopp_teacher,
@@ -70,7 +75,7 @@ __all__ = [
     "alibi_attention", "alibi_slopes", "data2vec_cls_loss", "data2vec_loss", "dino_loss", "ema_update_",
     "gather_tokens", "hog_targets", "ibot_patch_loss", "info_nce_loss", "koleo_loss", "layer_average_targets",
     "masked_regression_loss", "prototype_loss", "relation_loss", "render_views", "restore_tokens",
-    "sinkhorn_knopp_teacher", "RaggedImages",
+    "sinkhorn_knopp_teacher", "RaggedImages", "colorization_prior", "colorization_targets", "rebalance_factor",
     # backends, errors, the CPU output cache
     "BACKENDS", "backend_status", "use_backend", "ArgumentError",
     "cpu_cache_disabled", "cpu_cache_info", "empty_cpu_cache", "set_cpu_cache_limit",

@@ -124,7 +124,7 @@ class OpCase:
         return getattr(importlib.import_module(mod), attr).backends
 
 
-_NO_GRAD = {"ema_update_", "layer_average_targets", "hog_targets", "sinkhorn_knopp_teacher"}
+_NO_GRAD = {"ema_update_", "layer_average_targets", "hog_targets", "sinkhorn_knopp_teacher", "colorization_targets"}
 
 
 def _gen(seed: int = 0):
@@ -339,6 +339,39 @@ def _case_masked_regression(device, dtype, backend):
     return [pred, pred_ids, cls], run
 
 
+def _case_masked_regression_weighted(device, dtype, backend):
+    import torch
+
+    import sslkern
+
+    pred = _randn(4, 9, 16, device=device, dtype=dtype, grad=True)
+    target = _randn(2, 9, 16, device=device, dtype=torch.float32, seed=1)
+    mask = (torch.rand(4, 9, generator=_gen(2)) < 0.5).to(device)
+    weight = (torch.rand(4, 9, 16, generator=_gen(3)) + 0.5).to(device)
+
+    def run():
+        return (sslkern.masked_regression_loss(pred, target, mask, weight=weight, l1=True, reduction="mean",
+                                               backend=backend)
+                + sslkern.masked_regression_loss(pred, target, mask, weight=weight, reduction="mean",
+                                                 backend=backend))
+    return [pred], run
+
+
+def _case_colorization(device, dtype, backend):
+    import torch
+
+    import sslkern
+
+    images = torch.rand(2, 3, 13, 17, generator=_gen(0)).to(device=device, dtype=dtype)
+    prior = torch.rand(313, generator=_gen(1), dtype=torch.float64) + 0.1
+    factor = sslkern.rebalance_factor(prior / prior.sum()).to(device)
+
+    def run():
+        sslkern.colorization_targets(images, factor, backend=backend)
+        sslkern.colorization_targets(images, stride=1, num_neighbors=5, backend=backend)
+    return [], run
+
+
 def _case_tokens(device, dtype, backend):
     import torch
 
@@ -394,8 +427,11 @@ OP_CASES = [
     OpCase("alibi_attention", (_OPS + "alibi_attention:dispatch",), _case_alibi),
     OpCase("layer_average_targets", (_OPS + "layer_average_targets:dispatch",), _case_layer_average),
     OpCase("masked_regression_loss", (_OPS + "masked_regression_loss:dispatch",), _case_masked_regression),
+    OpCase("masked_regression_loss weighted l1", (_OPS + "masked_regression_loss:dispatch",),
+           _case_masked_regression_weighted),
     OpCase("gather_tokens / restore_tokens", (_OPS + "tokens:gather_dispatch",), _case_tokens),
     OpCase("hog_targets", (_OPS + "hog_targets:dispatch",), _case_hog),
+    OpCase("colorization_targets", (_OPS + "colorization_targets:dispatch",), _case_colorization),
 ]
 
 

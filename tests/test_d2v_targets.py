@@ -290,11 +290,12 @@ def test_loss_opcheck():
     mask = torch.rand(4, 9) < 0.5
     ids = torch.randint(0, 9, (4, 3))
     torch.library.opcheck(torch.ops.sslkern.masked_regression_loss.default,
-                          (pred, target, mask, None, 0.0, 0.3, False, ""))
+                          (pred, target, mask, None, 0.0, 0.3, False, None, False, ""))
     torch.library.opcheck(torch.ops.sslkern.masked_regression_loss.default,
-                          (pred[:, :3].contiguous().detach().requires_grad_(), target, None, ids, 0.5, 0.3, True, ""))
+                          (pred[:, :3].contiguous().detach().requires_grad_(), target, None, ids, 0.5, 0.3, True,
+                           None, False, ""))
     torch.library.opcheck(torch.ops.sslkern.masked_regression_loss_backward.default,
-                          (torch.tensor(1.5), pred.detach(), target, mask, None, 0.5, 0.3, True, ""))
+                          (torch.tensor(1.5), pred.detach(), target, mask, None, 0.5, 0.3, True, None, False, ""))
 
 
 def test_compile_fullgraph_equals_eager():

@@ -2,7 +2,8 @@
 //
 //   loss = scale * sum_{r, j masked} sum_d l(pred[r, j, d] - target[r / M, pos(r, j), d])
 //
-// l(e) = e^2 (beta = 0) or smooth-L1 with beta; pos(r, j) = j (mask form, rows of pred are
+// l(e) = e^2 (beta = 0), smooth-L1 with beta, or |e| (l1), each element optionally times a
+// per-element weight w[r, j, d] (same shape as pred); pos(r, j) = j (mask form, rows of pred are
 // full sequences and mask[r, j] selects) or ids[r, j] (ids form, pred holds only the
 // predicted tokens). Row r of pred (one of M clones of image r / M) reads the per-image
 // target directly, so the clone repeat is never materialized. "mean" divides by the
@@ -82,15 +83,26 @@ int64_t masked_count(const Geometry& g) {
   return c;
 }
 
-// Sum over D of l(p - y) for one token.
+// Sum over D of w · l(p - y) for one token (w = 1 when wt is null).
 template <typename C, typename P, typename Y>
-inline C token_loss(const P* p, const Y* y, int64_t D, C beta) {
+inline C token_loss(const P* p, const Y* y, const C* wt, int64_t D, C beta, bool l1) {
   C s = 0;
-  if (beta == C(0)) {
+  if (l1) {
 #pragma omp simd reduction(+ : s)
-    for (int64_t d = 0; d < D; ++d) {
-      const C e = load_c<C>(p, d) - load_c<C>(y, d);
-      s += e * e;
+    for (int64_t d = 0; d < D; ++d) s += (wt ? wt[d] : C(1)) * std::abs(load_c<C>(p, d) - load_c<C>(y, d));
+  } else if (beta == C(0)) {
+    if (wt) {
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < D; ++d) {
+        const C e = load_c<C>(p, d) - load_c<C>(y, d);
+        s += wt[d] * (e * e);
+      }
+    } else {
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < D; ++d) {
+        const C e = load_c<C>(p, d) - load_c<C>(y, d);
+        s += e * e;
+      }
     }
   } else {
     const C half_inv_beta = C(0.5) / beta, half_beta = C(0.5) * beta;
@@ -98,27 +110,46 @@ inline C token_loss(const P* p, const Y* y, int64_t D, C beta) {
     for (int64_t d = 0; d < D; ++d) {
       const C e = load_c<C>(p, d) - load_c<C>(y, d);
       const C a = std::abs(e);
-      s += a < beta ? e * e * half_inv_beta : a - half_beta;
+      s += (wt ? wt[d] : C(1)) * (a < beta ? e * e * half_inv_beta : a - half_beta);
     }
   }
   return s;
 }
 
 template <typename C, typename P, typename Y>
-inline void token_grad(const P* p, const Y* y, P* gp, int64_t D, C beta, C coef) {
-  if (beta == C(0)) {
+inline void token_grad(const P* p, const Y* y, const C* wt, P* gp, int64_t D, C beta, C coef, bool l1) {
+  if (l1) {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) {
+      const C e = load_c<C>(p, d) - load_c<C>(y, d);
+      const C c = wt ? coef * wt[d] : coef;
+      store_c<C>(gp, d, e > C(0) ? c : (e < C(0) ? -c : C(0)));
+    }
+  } else if (beta == C(0)) {
     const C two_coef = C(2) * coef;
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) store_c<C>(gp, d, two_coef * (load_c<C>(p, d) - load_c<C>(y, d)));
+    for (int64_t d = 0; d < D; ++d)
+      store_c<C>(gp, d, (wt ? two_coef * wt[d] : two_coef) * (load_c<C>(p, d) - load_c<C>(y, d)));
   } else {
-    const C coef_over_beta = coef / beta;
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) {
       const C e = load_c<C>(p, d) - load_c<C>(y, d);
       const C a = std::abs(e);
-      store_c<C>(gp, d, a < beta ? coef_over_beta * e : (e > C(0) ? coef : (e < C(0) ? -coef : C(0))));
+      const C c = wt ? coef * wt[d] : coef;
+      store_c<C>(gp, d, a < beta ? (c / beta) * e : (e > C(0) ? c : (e < C(0) ? -c : C(0))));
     }
   }
+}
+
+// The per-element weights (same shape as pred, pred's compute dtype, contiguous), or null.
+template <typename C>
+const C* weight_ptr(const std::optional<at::Tensor>& weight, const at::Tensor& pred) {
+  if (!weight.has_value() || !weight->defined()) return nullptr;
+  const auto want = std::is_same_v<C, double> ? at::kDouble : at::kFloat;
+  TORCH_CHECK(weight->scalar_type() == want && weight->is_contiguous() && weight->sizes() == pred.sizes(),
+              "masked_regression_loss: weight expected a contiguous ", want, " tensor of pred's shape ", pred.sizes(),
+              ", got ", weight->scalar_type(), " ", weight->sizes());
+  return weight->data_ptr<C>();
 }
 
 template <typename F>
@@ -132,7 +163,8 @@ auto dispatch_pair(const at::Tensor& pred, const at::Tensor& target, F&& f) {
 
 at::Tensor masked_regression_loss_cpu(const at::Tensor& pred, const at::Tensor& target,
                                       const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& ids,
-                                      double beta, double scale, bool mean) {
+                                      double beta, double scale, bool mean, const std::optional<at::Tensor>& weight,
+                                      bool l1) {
   const Geometry g = geometry(pred, target, mask, ids);
   const bool f64 = pred.scalar_type() == at::kDouble;
   at::Tensor out = at::zeros({}, pred.options().dtype(f64 ? at::kDouble : at::kFloat));
@@ -144,6 +176,7 @@ at::Tensor masked_regression_loss_cpu(const at::Tensor& pred, const at::Tensor& 
     using C = std::conditional_t<std::is_same_v<P, double>, double, float>;
     const P* pp = ptr<const P>(pred);
     const Y* yp = ptr<const Y>(target);
+    const C* wp = weight_ptr<C>(weight, pred);
     at::parallel_for(0, g.R, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t r = lo; r < hi; ++r) {
         const Y* yimg = yp + (r / g.M) * g.ys0;
@@ -151,7 +184,9 @@ at::Tensor masked_regression_loss_cpu(const at::Tensor& pred, const at::Tensor& 
         for (int64_t j = 0; j < g.N; ++j) {
           if (g.mask && !g.mask[r * g.N + j]) continue;
           const int64_t pos = g.ids ? g.ids[r * g.N + j] : j;
-          acc += static_cast<double>(token_loss<C>(pp + r * g.ps0 + j * g.ps1, yimg + pos * g.ys1, g.D, C(beta)));
+          const C* wt = wp ? wp + (r * g.N + j) * g.D : nullptr;
+          acc += static_cast<double>(
+              token_loss<C>(pp + r * g.ps0 + j * g.ps1, yimg + pos * g.ys1, wt, g.D, C(beta), l1));
         }
         partial[r] = acc;
       }
@@ -171,7 +206,7 @@ at::Tensor masked_regression_loss_cpu(const at::Tensor& pred, const at::Tensor& 
 at::Tensor masked_regression_loss_backward_cpu(const at::Tensor& grad_out, const at::Tensor& pred,
                                                const at::Tensor& target, const std::optional<at::Tensor>& mask,
                                                const std::optional<at::Tensor>& ids, double beta, double scale,
-                                               bool mean) {
+                                               bool mean, const std::optional<at::Tensor>& weight, bool l1) {
   const Geometry g = geometry(pred, target, mask, ids);
   TORCH_CHECK(grad_out.numel() == 1 && grad_out.device().is_cpu(), "masked_regression_loss_backward: grad_out must be a CPU scalar");
   at::Tensor grad = empty_output(pred.sizes(), pred.options());
@@ -188,6 +223,7 @@ at::Tensor masked_regression_loss_backward_cpu(const at::Tensor& grad_out, const
     const P* pp = ptr<const P>(pred);
     const Y* yp = ptr<const Y>(target);
     P* gp = ptr<P>(grad);
+    const C* wp = weight_ptr<C>(weight, pred);
     at::parallel_for(0, g.R, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t r = lo; r < hi; ++r) {
         const Y* yimg = yp + (r / g.M) * g.ys0;
@@ -198,7 +234,8 @@ at::Tensor masked_regression_loss_backward_cpu(const at::Tensor& grad_out, const
             continue;
           }
           const int64_t pos = g.ids ? g.ids[r * g.N + j] : j;
-          token_grad<C>(pp + r * g.ps0 + j * g.ps1, yimg + pos * g.ys1, gr, g.D, C(beta), C(coef));
+          const C* wt = wp ? wp + (r * g.N + j) * g.D : nullptr;
+          token_grad<C>(pp + r * g.ps0 + j * g.ps1, yimg + pos * g.ys1, wt, gr, g.D, C(beta), C(coef), l1);
         }
       }
     });
@@ -210,10 +247,10 @@ at::Tensor masked_regression_loss_backward_cpu(const at::Tensor& grad_out, const
 
 TORCH_LIBRARY_FRAGMENT(sslkern_C, m) {
   m.def("masked_regression_loss_cpu(Tensor pred, Tensor target, Tensor? mask, Tensor? ids, float beta, float scale, "
-        "bool mean) -> Tensor",
+        "bool mean, Tensor? weight, bool l1) -> Tensor",
         &masked_regression_loss_cpu);
   m.def("masked_regression_loss_backward_cpu(Tensor grad_out, Tensor pred, Tensor target, Tensor? mask, Tensor? ids, "
-        "float beta, float scale, bool mean) -> Tensor",
+        "float beta, float scale, bool mean, Tensor? weight, bool l1) -> Tensor",
         &masked_regression_loss_backward_cpu);
 }
 

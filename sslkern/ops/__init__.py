@@ -11,3 +11,5 @@ from .prototype_loss import prototype_loss  # noqa: F401
 from .relation_loss import relation_loss  # noqa: F401
 from .hog_targets import hog_targets  # noqa: F401
 from .render_views import RaggedImages, render_views  # noqa: F401
+from .colorization_targets import (ColorizationTargets, ab_bins, colorization_prior,  # noqa: F401
+                                   colorization_targets, rebalance_factor)

@@ -15,18 +15,18 @@ from ._common import acc_dtype, check_index_values
 OP = "masked_regression_loss"
 
 
-def masked_regression_loss_eager(pred, target, mask, ids, beta, scale, mean):
+def masked_regression_loss_eager(pred, target, mask, ids, beta, scale, mean, weight, l1):
     """The forward custom op's contract on the oracle ``sslkern.reference.masked_regression_loss``."""
     from ..reference.masked_regression_loss import masked_regression_loss
 
     return masked_regression_loss(pred, target, mask, ids=ids, beta=beta, scale=scale,
-                                  reduction="mean" if mean else "sum")
+                                  reduction="mean" if mean else "sum", weight=weight, l1=l1)
 
 
-def masked_regression_loss_backward_eager(grad_out, pred, target, mask, ids, beta, scale, mean):
+def masked_regression_loss_backward_eager(grad_out, pred, target, mask, ids, beta, scale, mean, weight, l1):
     """The backward custom op's contract: d loss / d pred written out (custom-op bodies run
-    below autograd), ``g · scale · ℓ'(pred − y)`` at counted tokens (÷ count for "mean"), 0
-    elsewhere."""
+    below autograd), ``g · scale · w · ℓ'(pred − y)`` at counted tokens (÷ count for "mean"),
+    0 elsewhere (ℓ' = 2e, smooth-L1's, or sign(e) for ``l1``)."""
     B, T, D = target.shape
     M = pred.shape[0] // B
     acc = acc_dtype(pred)
@@ -34,7 +34,12 @@ def masked_regression_loss_backward_eager(grad_out, pred, target, mask, ids, bet
     if ids is not None:
         y = torch.gather(y, 1, ids.long().unsqueeze(-1).expand(-1, -1, D))
     e = pred.to(acc) - y
-    d = 2 * e if beta == 0 else torch.where(e.abs() < beta, e / beta, torch.sign(e))
+    if l1:
+        d = torch.sign(e)
+    else:
+        d = 2 * e if beta == 0 else torch.where(e.abs() < beta, e / beta, torch.sign(e))
+    if weight is not None:
+        d = d * weight.to(acc)
     keep = torch.ones(pred.shape[:2], dtype=torch.bool, device=pred.device) if mask is None else mask
     coef = grad_out.to(acc) * scale
     if mean:
@@ -50,39 +55,40 @@ dispatch_backward = Dispatch(OP + "_backward", standard_impls(OP + "_backward", 
 
 @torch.library.custom_op("sslkern::masked_regression_loss", mutates_args=())
 def _loss_op(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor], ids: Optional[torch.Tensor],
-             beta: float, scale: float, mean: bool, backend: str) -> torch.Tensor:
-    return dispatch(pred.device, backend)(pred, target, mask, ids, beta, scale, mean)
+             beta: float, scale: float, mean: bool, weight: Optional[torch.Tensor], l1: bool,
+             backend: str) -> torch.Tensor:
+    return dispatch(pred.device, backend)(pred, target, mask, ids, beta, scale, mean, weight, l1)
 
 
 @_loss_op.register_fake
-def _(pred, target, mask, ids, beta, scale, mean, backend):
+def _(pred, target, mask, ids, beta, scale, mean, weight, l1, backend):
     return pred.new_empty((), dtype=acc_dtype(pred))
 
 
 @torch.library.custom_op("sslkern::masked_regression_loss_backward", mutates_args=())
 def _loss_backward_op(grad_out: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor],
                       ids: Optional[torch.Tensor], beta: float, scale: float, mean: bool,
-                      backend: str) -> torch.Tensor:
-    return dispatch_backward(pred.device, backend)(grad_out, pred, target, mask, ids, beta, scale, mean)
+                      weight: Optional[torch.Tensor], l1: bool, backend: str) -> torch.Tensor:
+    return dispatch_backward(pred.device, backend)(grad_out, pred, target, mask, ids, beta, scale, mean, weight, l1)
 
 
 @_loss_backward_op.register_fake
-def _(grad_out, pred, target, mask, ids, beta, scale, mean, backend):
+def _(grad_out, pred, target, mask, ids, beta, scale, mean, weight, l1, backend):
     return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    pred, target, mask, ids, beta, scale, mean, backend = inputs
-    ctx.save_for_backward(pred, target, mask, ids)
-    ctx.args = (beta, scale, mean, backend)
+    pred, target, mask, ids, beta, scale, mean, weight, l1, backend = inputs
+    ctx.save_for_backward(pred, target, mask, ids, weight)
+    ctx.args = (beta, scale, mean, l1, backend)
 
 
 def _backward(ctx, grad_out):
-    pred, target, mask, ids = ctx.saved_tensors
-    beta, scale, mean, backend = ctx.args
+    pred, target, mask, ids, weight = ctx.saved_tensors
+    beta, scale, mean, l1, backend = ctx.args
     grad = torch.ops.sslkern.masked_regression_loss_backward(grad_out, pred, target, mask, ids, beta, scale, mean,
-                                                             backend)
-    return grad, None, None, None, None, None, None, None
+                                                             weight, l1, backend)
+    return (grad,) + (None,) * 9
 
 
 _loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -98,11 +104,13 @@ def masked_regression_loss(
     scale: Optional[float] = None,
     reduction: str = "sum",
     check_indices: bool = True,
+    weight: Optional[torch.Tensor] = None,
+    l1: bool = False,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     r"""Regression of predictions onto per-image targets at masked tokens, clone batch aware.
 
-    ``loss = scale · Σ_{r, masked j} Σ_d ℓ(pred[r, j, d] − target[r // M, pos(r, j), d])``
+    ``loss = scale · Σ_{r, masked j} Σ_d w[r, j, d] · ℓ(pred[r, j, d] − target[r // M, pos(r, j), d])``
 
     Args:
         pred: student predictions, rows for B·M clones, image-major (row r belongs to image
@@ -120,6 +128,10 @@ def masked_regression_loss(
             unmasked on the GPU. Backward never checks, nor does a ``torch.compile``\ d call.
         beta: 0 → ``(pred − y)²``; > 0 → smooth-L1 with that beta
             (``F.smooth_l1_loss(..., beta=beta)``, as fairseq ``d2v_loss`` with ``loss_beta``).
+        l1: ``|pred − y|`` (SimMIM's L1 on masked pixels); ``beta`` must be 0.
+        weight: optional per-element weights ``w``, pred's shape, fp32 (fp64 for fp64 pred), no
+            gradient (e.g. the context encoder's ×10 overlap band, zeros outside the region).
+            The ``"mean"`` count is still the number of counted tokens.
         scale: per-token factor, default ``1/sqrt(D)`` (fairseq ``loss_scale=None``).
         reduction: ``"sum"`` over masked tokens (fairseq: the caller divides by the global
             masked count, ``sample_size``) or ``"mean"`` over masked tokens.
@@ -160,6 +172,13 @@ def masked_regression_loss(
             mask = mask.contiguous()
     check_choice(OP, "reduction", reduction, ("sum", "mean"))
     beta = check_float(OP, "beta", beta, 0.0, None)
+    if not isinstance(l1, bool):
+        fail(OP, f"l1 expected a bool, got {type(l1).__name__}", TypeError)
+    if l1 and beta != 0.0:
+        fail(OP, f"l1 expected beta 0 (L1 or smooth-L1, not both), got beta {beta}")
+    if weight is not None:
+        check_tensor(OP, "weight", weight, dtypes=(acc_dtype(pred),), shape=tuple(pred.shape), device=device)
+        weight = weight.detach().contiguous()
     scale = 1.0 / math.sqrt(D) if scale is None else check_float(OP, "scale", scale)
     if pred.shape[-1] > 1 and pred.stride(-1) != 1:
         pred = pred.contiguous()
@@ -167,7 +186,7 @@ def masked_regression_loss(
     if target.shape[-1] > 1 and target.stride(-1) != 1:
         target = target.contiguous()
     return torch.ops.sslkern.masked_regression_loss(pred, target, mask, ids, beta, scale, reduction == "mean",
-                                                    backend or "")
+                                                    weight, bool(l1), backend or "")
 
 
 def data2vec_cls_loss(

@@ -14,3 +14,4 @@ from .prototype_loss import prototype_loss  # noqa: F401
 from .relation_loss import relation_loss  # noqa: F401
 from .hog_targets import hog_targets  # noqa: F401
 from .render_views import render_views  # noqa: F401
+from .colorization_targets import colorization_targets, rgb_to_lab  # noqa: F401

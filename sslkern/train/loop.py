@@ -16,6 +16,8 @@ buffers, so checkpoints need no special cases), plus four small declarations::
         def forward(self, images, ctx): ...         # one step -> (loss, {metric: value})
         def ema_pairs(self): ...                    # [(EMATeacher, student module)]
         def encoders(self): ...                     # {"teacher": vit, "student": vit}
+        @staticmethod
+        def load_data(a): ...                       # optional: the dataset (default: --data or the digits)
 
     if __name__ == "__main__":
         sslkern.train.run(DINO)
@@ -98,6 +100,13 @@ class Method(nn.Module):
     @staticmethod
     def check_arguments(a, error) -> None:
         """Call ``error(message)`` for a bad combination of options."""
+
+    @staticmethod
+    def load_data(a) -> Dataset:
+        """The run's dataset: ``sslkern.data.open_dataset(--data)`` (default: the digits). A recipe
+        that needs other data (a colour default, a refusal of grey data) overrides this and returns
+        a :class:`sslkern.data.Dataset`; raise ``DataError`` to refuse."""
+        return open_dataset(a.data)
 
     def schedule(self, ctx: StepContext) -> dict:
         return {}
@@ -496,7 +505,7 @@ def loader_settings(a, data: Dataset, info) -> dict:
 
 def train(method_cls: type[Method], a, info, log):
     t_start = time.perf_counter()
-    data = open_dataset(a.data)
+    data = method_cls.load_data(a)
     torch.manual_seed(a.seed)
     method = method_cls(a, data).to(info.device)
     if a.compile:
