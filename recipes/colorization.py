@@ -1,18 +1,22 @@
 """Colorization as a pretext task on a small ViT (Zhang, Isola & Efros 2016, arXiv:1603.08511).
 
     python recipes/colorization.py                       # digits coloured by stroke orientation, 16x16
-    python recipes/colorization.py --data PATH           # a colour ImageFolder / CIFAR-10 dir (grey data is refused)
+    python recipes/colorization.py --data PATH           # colour ImageFolder / shards / CIFAR-10 (grey refused)
+    python recipes/colorization.py --data IMAGENET --preset paper
     torchrun --nproc_per_node=2 recipes/colorization.py
 
 One step, as richzhang/colorization ``models/colorization_train_val_v2.prototxt`` with
 ``resources/caffe_traininglayers.py``:
-  1. view      random resized crop (no rotation: it would turn strokes but keep their colour)
+  1. view      one random resized crop (``--crop-scale``), rendered by ``ctx.views``; no rotation and
+               no flip by default (on the orientation-coloured digits either would turn a stroke but keep
+               its colour); ``--flip-p 0.5`` for photos (the prototxt's ``mirror: true``)
   2. input     the CIE L channel only (skimage rgb2lab, centred by −50, /50): the encoder never sees
                colour (a forward pre-hook on its patch embedding computes L from the RGB batch,
                so the kNN and the probe feed it L too)
   3. targets   ``sslkern.colorization_targets``: ab sampled at stride s, the 10 nearest of the 313
                in-gamut bins with Gaussian weights (σ 5), the rebalancing weight of the nearest
-               bin (γ 0.5, prior estimated from the training set at start) times the grey mask
+               bin (γ 0.5, prior estimated at start from up to ``--prior-images`` training images,
+               rendered as the evaluation's centre crops) times the grey mask
   4. predict   a linear head per patch token: (p/s)² pixels × 313 logits
   5. loss      soft cross-entropy; the rebalancing weight multiplies the gradient only
                (``sslkern.nn.rebalanced_soft_cross_entropy``): the logged loss is unweighted
@@ -38,10 +42,12 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sslkern  # noqa: E402
+from sslkern import views as V  # noqa: E402
+from sslkern.data import DataError, open_dataset  # noqa: E402
 from sslkern.reference.colorization_targets import rgb_to_lab  # noqa: E402
 from sslkern.train import Method, build_vit, run  # noqa: E402
-from sslkern.train.colour_data import load_orientation_coloured_digits  # noqa: E402
-from sslkern.train.data import DataError, augment, load_dataset  # noqa: E402
+from sslkern.train.colour_data import orientation_coloured_digits  # noqa: E402
+from sslkern.train.evaluate import render_images  # noqa: E402
 from sslkern.train.health import batch_std  # noqa: E402
 
 NUM_BINS = 313
@@ -50,8 +56,9 @@ NUM_BINS = 313
 class LightnessInput:
     """Forward pre-hook for the encoder's patch embedding: normalised RGB batch → centred L / 50."""
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
-        self.mean, self.std = mean, std
+    def __init__(self, mean, std):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
     def __call__(self, module, args):
         x = args[0]
@@ -59,12 +66,23 @@ class LightnessInput:
         return ((rgb_to_lab(rgb)[:, :1] - 50.0) / 50.0).to(x.dtype),
 
 
-def require_colour(data, min_colour_frac: float = 0.05):
-    """Refuse grey data: one channel, or (almost) no training image with a colour (|a| or |b| > 5)."""
-    if data.in_chans != 3:
-        raise DataError(f"colorization needs colour images: dataset {data.name!r} has {data.in_chans} channel(s) "
+def training_rgb(data, image_size: int, max_images: int) -> torch.Tensor:
+    """Up to ``max_images`` training images (a seeded subset if there are more) as RGB in [0, 1]:
+    the evaluation's centre crops at ``image_size``, un-normalised."""
+    x = render_images(data, image_size, max_images)
+    mean = torch.tensor(data.mean, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x * std + mean).clamp(0, 1)
+
+
+def require_colour(data, rgb: torch.Tensor | None = None, min_colour_frac: float = 0.05):
+    """Refuse grey data: one channel, or (almost) no image of ``rgb`` (training images in [0, 1])
+    with a colour (|a| or |b| > 5)."""
+    if data.channels != 3:
+        raise DataError(f"colorization needs colour images: dataset {data.name!r} has {data.channels} channel(s) "
                         "(grey data gives no signal at all; omit --data for the colour default)")
-    rgb = (data.train_images * data.std + data.mean).clamp(0, 1)
+    if rgb is None:
+        return
     nongray = torch.cat([sslkern.colorization_targets(rgb[i:i + 512], stride=1).nongray
                          for i in range(0, rgb.shape[0], 512)])
     frac = float(nongray.float().mean())
@@ -79,12 +97,27 @@ class Colorization(Method):
     name, title = "colorization", "Colorization"
     defaults = dict(epochs=40, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_epochs=3)
     health = {"colour_gain": "low", "feature_std": "low"}
+    presets = {"paper": dict(
+        _doc="Zhang et al. 2016 on ImageNet (richzhang/colorization models/colorization_train_val_v2.prototxt: "
+             "batch 40, crop 176 of 256 with mirror, targets at 1/4 resolution; the paper's solver: Adam "
+             "beta (0.9, 0.99), weight decay 1e-3, lr 3e-5 dropped to 1e-5 and 3e-6 at 200k / 375k of 450k "
+             "iterations = 14 epochs). A ViT-S/16 at 224 instead of the VGG-style net; a cosine from 3e-5 to "
+             "3e-6 instead of the steps; Adam's L2 decay becomes AdamW's decoupled decay",
+        model="vit_small_patch16_224", image_size=224, batch_size=40, epochs=14, lr=3e-5, min_lr=3e-6,
+        warmup_epochs=0, weight_decay=1e-3, betas=(0.9, 0.99), target_stride=4, gamma=0.5, prior_sigma=5.0,
+        crop_scale=(0.47, 0.47), flip_p=0.5, eval_every=0)}
 
     @staticmethod
     def add_arguments(g):
         g.add_argument("--target-stride", type=int, default=2, help="ab sampled every s pixels (must divide the patch)")
         g.add_argument("--gamma", type=float, default=0.5, help="rebalancing: mix of the prior with uniform")
         g.add_argument("--prior-sigma", type=float, default=5.0, help="Gaussian smoothing of the prior (ab units)")
+        g.add_argument("--prior-images", type=int, default=4096,
+                       help="training images the prior (and the colour check) is estimated from")
+        g.add_argument("--crop-scale", type=float, nargs=2, default=(0.5, 1.0), help="random resized crop area range")
+        g.add_argument("--flip-p", type=float, default=0.0,
+                       help="horizontal flips (0 on the orientation-coloured digits: a flip breaks their colouring)")
+        g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="AdamW betas")
 
     @staticmethod
     def check_arguments(a, error):
@@ -94,21 +127,35 @@ class Colorization(Method):
             error(f"--gamma expected in [0, 1], got {a.gamma}")
         if a.prior_sigma < 0:
             error(f"--prior-sigma expected >= 0, got {a.prior_sigma}")
+        if a.prior_images < 1:
+            error(f"--prior-images expected a positive integer, got {a.prior_images}")
+        if not 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1:
+            error(f"--crop-scale expected 0 < min <= max <= 1, got {a.crop_scale}")
+        if not 0 <= a.flip_p <= 1:
+            error(f"--flip-p expected in [0, 1], got {a.flip_p}")
+        if not all(0 <= b < 1 for b in a.betas):
+            error(f"--betas expected two values in [0, 1), got {a.betas}")
 
     @staticmethod
     def load_data(a):
-        data = load_orientation_coloured_digits(a.image_size) if a.data is None else load_dataset(a.data, a.image_size)
+        """The orientation-coloured digits by default, else ``--data``; grey data is refused."""
+        data = orientation_coloured_digits() if a.data is None else open_dataset(a.data)
         require_colour(data)
         return data
 
     def __init__(self, a, data):
         super().__init__()
-        self.a, self.mean, self.std = a, data.mean, data.std
+        self.a, self.betas = a, tuple(a.betas)
+        self.mean = torch.tensor(data.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(data.std, dtype=torch.float32).view(1, -1, 1, 1)
         self.encoder = build_vit(a, 1)
         self.encoder.patch_embed.register_forward_pre_hook(LightnessInput(data.mean, data.std))
         self.u = a.patch_size // a.target_stride
         self.head = nn.Linear(a.dim, self.u * self.u * NUM_BINS)
-        rgb = (data.train_images * data.std + data.mean).clamp(0, 1)
+        self.view = [V.ViewSpec(a.image_size, scale=tuple(a.crop_scale), integer_boxes=not data.in_memory,
+                                flip_p=a.flip_p)]
+        rgb = training_rgb(data, a.image_size, a.prior_images)
+        require_colour(data, rgb)
         prior = sslkern.colorization_prior(rgb, stride=a.target_stride, smooth_sigma=a.prior_sigma)
         self.register_buffer("factor", sslkern.rebalance_factor(prior, a.gamma))
         self.register_buffer("log_prior", prior.clamp_min(1e-12).log().float())
@@ -126,8 +173,8 @@ class Colorization(Method):
 
     def forward(self, images, ctx):
         a = self.a
-        images = augment(images, ctx.generator, degrees=0.0, rows=(ctx.rank, ctx.world_size))        # 1. view
-        rgb = (images * self.std + self.mean).clamp(0, 1)
+        images, = ctx.views(images, self.view)                                                     # 1. view
+        rgb = (images * self.std.to(images) + self.mean.to(images)).clamp(0, 1)
         t = sslkern.colorization_targets(rgb, self.factor, stride=a.target_stride)                    # 3. targets
         feats = self.encoder.forward_features(images)                                               # 2. L → ViT
         tokens = feats[:, self.encoder.num_prefix_tokens:]

@@ -3,12 +3,14 @@
     python recipes/context_encoder.py                      # digits 16x16, centre hole
     python recipes/context_encoder.py --region random      # random regions of 20-30 % of the area
     python recipes/context_encoder.py --adversarial        # + the adversarial term (0.001)
+    python recipes/context_encoder.py --data IMAGENET --preset paper
     torchrun --nproc_per_node=2 recipes/context_encoder.py
 
 One step, as pathak22/context-encoder ``train.lua`` (``fDx`` / ``fGx``):
-  1. view      random resized crop + small rotation (the loop's ``augment``)
+  1. view      random resized crop + small rotation (``sslkern.train.views.single_view``)
   2. region    the predicted region R: the centre square of half the side, or a random region
-               (smooth noise thresholded at a per-image quantile, 20-30 % of the area); the HOLE is R
+               (smooth noise thresholded at a per-image quantile, 20-30 % of the area, drawn per sample
+               through ``ctx.per_sample``); the HOLE is R
                shrunk by ``--overlap`` pixels (``overlapPred``): the band R \\ hole stays visible
   3. fill      the hole set to the dataset mean in pixel space (0 after the loop's per-channel
                normalisation); the encoder sees the whole filled image: no mask tokens, no dropping
@@ -44,8 +46,8 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sslkern  # noqa: E402
 from sslkern.train import Method, build_vit, run  # noqa: E402
-from sslkern.train.data import augment  # noqa: E402
 from sslkern.train.health import batch_std  # noqa: E402
+from sslkern.train.views import single_view  # noqa: E402
 
 REGIONS = ("center", "random")
 
@@ -68,9 +70,11 @@ def center_region(batch: int, size: int, overlap: int, device=None):
     return r, shrink(r, overlap)
 
 
-def random_region(batch: int, size: int, overlap: int, generator: torch.Generator, area=(0.2, 0.3), cells: int = 4):
+def random_region(batch: int, size: int, overlap: int, *, generator: torch.Generator, area=(0.2, 0.3),
+                  cells: int = 4):
     """Random blobs: uniform noise on a cells x cells grid upsampled (bilinear) to the image, kept above
-    the per-image quantile that leaves a fraction U(area) of the pixels (the global batch's draws)."""
+    the per-image quantile that leaves a fraction U(area) of the pixels (``ctx.per_sample`` calls it
+    for the global batch)."""
     dev = generator.device
     noise = torch.rand(batch, 1, cells, cells, generator=generator, device=dev)
     frac = area[0] + (area[1] - area[0]) * torch.rand(batch, generator=generator, device=dev)
@@ -120,8 +124,15 @@ class ContextEncoder(Method):
 
     name, title = "context-encoder", "Context encoder"
     defaults = dict(epochs=50, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_epochs=5)
-    betas = (0.9, 0.95)
     health = {"hole_gain": "low", "feature_std": "low"}
+    presets = {"paper": dict(
+        _doc="Pathak et al. 2016, pathak22/context-encoder train.lua with the README's ImageNet command "
+             "(wtl2 0.999, overlapPred 4, batch 64, 25 epochs, Adam lr 2e-4 with beta1 0.5, the generator's lr 10x "
+             "the discriminator's, constant, no weight decay), at 224 instead of 128 (overlap 4 -> 7 px); a "
+             "ViT-S/16 encoder and MAE's decoder size instead of the conv encoder / decoder",
+        model="vit_small_patch16_224", image_size=224, batch_size=64, epochs=25, lr=2e-3, min_lr=2e-3,
+        warmup_epochs=0, weight_decay=0.0, betas=(0.5, 0.999), region="center", overlap=7, overlap_weight=10.0,
+        adversarial=True, l2_weight=0.999, decoder_dim=512, decoder_depth=8, decoder_heads=16, eval_every=0)}
 
     @staticmethod
     def add_arguments(g):
@@ -133,6 +144,7 @@ class ContextEncoder(Method):
         g.add_argument("--decoder-dim", type=int, default=64)
         g.add_argument("--decoder-depth", type=int, default=2)
         g.add_argument("--decoder-heads", type=int, default=2)
+        g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
 
     @staticmethod
     def check_arguments(a, error):
@@ -147,14 +159,17 @@ class ContextEncoder(Method):
             error(f"--overlap-weight expected > 0, got {a.overlap_weight}")
         if not 0 < a.l2_weight <= 1:
             error(f"--l2-weight expected in (0, 1], got {a.l2_weight}")
+        if not all(0 <= b < 1 for b in a.betas):
+            error(f"--betas expected two values in [0, 1), got {a.betas}")
 
     def __init__(self, a, data):
         super().__init__()
-        self.a = a
-        self.encoder = build_vit(a, data.in_chans)
+        self.a, self.betas = a, tuple(a.betas)
+        self.encoder = build_vit(a, data.channels)
         p = a.patch_size
-        self.decoder = Decoder(a.dim, p * p * data.in_chans, a.decoder_dim, a.decoder_depth, a.decoder_heads)
-        self.discriminator = discriminator(data.in_chans) if a.adversarial else None
+        self.decoder = Decoder(a.dim, p * p * data.channels, a.decoder_dim, a.decoder_depth, a.decoder_heads)
+        self.discriminator = discriminator(data.channels) if a.adversarial else None
+        self.view = single_view(a, data)
 
     def encoders(self):
         return {"encoder": self.encoder}
@@ -172,19 +187,17 @@ class ContextEncoder(Method):
             out += [dict(g, params=dis, lr_scale=0.1)] if dis else []
         return out
 
-    def regions(self, batch, ctx, device):
-        """R and the hole for this rank's rows (drawn for the global batch)."""
-        a, n = self.a, batch * ctx.world_size
+    def regions(self, ctx, rows: int, device):
+        """R and the hole of this step's rows: the centre square, or random regions drawn per sample."""
+        a = self.a
         if a.region == "center":
-            r, hole = center_region(n, a.image_size, a.overlap, device=device)
-        else:
-            r, hole = random_region(n, a.image_size, a.overlap, ctx.generator)
-        return r[ctx.rows].to(device), hole[ctx.rows].to(device)
+            return center_region(rows, a.image_size, a.overlap, device=device)
+        return ctx.per_sample(random_region, a.image_size, a.overlap)
 
     def forward(self, images, ctx):
         a, p = self.a, self.a.patch_size
-        images = augment(images, ctx.generator, rows=(ctx.rank, ctx.world_size))            # 1. view
-        region, hole = self.regions(images.shape[0], ctx, images.device)                      # 2. region
+        images, = ctx.views(images, self.view)                                                # 1. view
+        region, hole = self.regions(ctx, images.shape[0], images.device)                      # 2. region
         filled = images.masked_fill(hole, 0.0)                                                # 3. fill: the mean
         tokens = self.encoder.forward_features(filled)[:, self.encoder.num_prefix_tokens:]
         pred = self.decoder(tokens)                                                           # 4. (B, N, p·p·C)

@@ -1,22 +1,26 @@
 """A colour dataset made offline: scikit-learn's digits with strokes coloured by their orientation.
 
-``load_orientation_coloured_digits(image_size)``: the 1,797 digits of ``sklearn.datasets.load_digits``
-(8×8, upsampled to ``image_size`` as the default digits set), the same labels and the same
-stratified split (``test_size=0.3, random_state=0``: 1,257 train / 540 test). Each image is
-made RGB without any randomness, in CIE Lab (skimage's conversion, D65):
+``orientation_coloured_digits()``: the 1,797 digits of ``sklearn.datasets.load_digits`` with the
+labels and the split of :func:`sslkern.data.digits` (stratified, ``test_size=0.3,
+random_state=0``: 1,257 train / 540 test), upsampled from 8×8 to 16×16 (bilinear,
+antialiased) and stored in memory as uint8 RGB; the views are rendered from them at
+``--image-size`` like every dataset's. Each image is made RGB without any randomness, in CIE
+Lab (skimage's conversion, D65):
 
   * ``s`` = the grey digit in [0, 1] (stroke strength);
   * the local stroke orientation θ ∈ [0, π) from the structure tensor of the grey image
     (Sobel gradients, their products averaged over 3×3 pixels, θ = ½·atan2(2Jxy, Jxx − Jyy) + π/2);
   * ``L = 100 − 60·s`` (white background, dark strokes), chroma ``40·s`` at hue angle ``2θ`` in
     the ab plane (a stroke and its 180°-turned copy get one colour; horizontal strokes +a,
-    reddish; vertical ones −a, green), converted to sRGB and clamped to [0, 1].
+    reddish; vertical ones −a, green), converted to sRGB, clamped to [0, 1] and rounded to uint8.
 
-So the L channel is the grey digit itself (up to the sRGB clamp at a few saturated pixels) and
-the colour says which way each stroke runs. Colour carries no information about the label
-beyond the strokes' shape (every digit uses every hue), and it is a function of the grey image:
-a colorization network can learn it from L alone, by detecting stroke orientation around each
-pixel.
+So the L channel is the grey digit itself (up to the sRGB clamp at a few saturated pixels and
+the uint8 rounding) and the colour says which way each stroke runs. Colour carries no
+information about the label beyond the strokes' shape (every digit uses every hue), and it is
+a function of the grey image: a colorization network can learn it from L alone, by detecting
+stroke orientation around each pixel. A mirrored or rotated view breaks that function (a
+mirrored stroke keeps its colour but not its orientation), so the colorization recipe renders
+neither on this set.
 
 What the kNN / probe of a recipe on it measure: digit identity (10 classes) from the features
 of an encoder that sees the L channel only — the same information as the grey digits
@@ -27,10 +31,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import ImageDataset, _split, load_digits_images
+from ..data import ArraySource, Dataset, digits
 
 NAME = "digits-orientation-colour"
 
@@ -70,13 +75,19 @@ def orientation_colour(grey: torch.Tensor) -> torch.Tensor:
     return lab_to_rgb(lab)
 
 
-def load_orientation_coloured_digits(image_size: int = 16) -> ImageDataset:
-    """The digits recoloured by ``orientation_colour`` (see the module docstring), normalised per
-    channel with the training set's mean and std like every other dataset."""
-    grey, labels, classes = load_digits_images(image_size)
-    images = orientation_colour(grey)
-    xtr, ytr, xte, yte = _split(images, labels)
-    mean = xtr.mean(dim=(0, 2, 3), keepdim=True)
-    std = xtr.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    return ImageDataset(NAME, ((xtr - mean) / std).contiguous(), ytr, ((xte - mean) / std).contiguous(), yte, classes,
-                        mean, std)
+def orientation_coloured_digits(size: int = 16) -> Dataset:
+    """The digits recoloured by ``orientation_colour`` at ``size``×``size`` (see the module
+    docstring), normalised per channel with the training set's mean and std like the other
+    in-memory sets."""
+    grey = digits()
+    splits = []
+    for src in (grey.train, grey.test):
+        x = torch.from_numpy(src.images).permute(0, 3, 1, 2).double() / 255.0
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        rgb = orientation_colour(x.float()).double()
+        u8 = (rgb * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+        splits.append(ArraySource(u8, src.labels, src.classes, f"{NAME}/{src.name.split('/')[-1]}"))
+    x = splits[0].images.astype(np.float64) / 255.0
+    mean = tuple(x.mean(axis=(0, 1, 2)).tolist())
+    std = tuple(np.maximum(x.std(axis=(0, 1, 2)), 1e-6).tolist())
+    return Dataset(NAME, splits[0], splits[1], mean, std, 1.0, True)
