@@ -69,7 +69,7 @@ class LightnessInput:
 def training_rgb(data, image_size: int, max_images: int) -> torch.Tensor:
     """Up to ``max_images`` training images (a seeded subset if there are more) as RGB in [0, 1]:
     the evaluation's centre crops at ``image_size``, un-normalised."""
-    x = render_images(data, image_size, max_images)
+    x = render_images(data, image_size, max_images, min_side=None if data.in_memory else 2 * image_size)
     mean = torch.tensor(data.mean, dtype=x.dtype).view(1, -1, 1, 1)
     std = torch.tensor(data.std, dtype=x.dtype).view(1, -1, 1, 1)
     return (x * std + mean).clamp(0, 1)

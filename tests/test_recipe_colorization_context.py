@@ -109,6 +109,24 @@ def test_grey_folder_is_a_clear_error(tmp_path, capsys):
     assert e.value.code == 2 and "colorization needs colour images" in capsys.readouterr().err
 
 
+def test_colour_folder_trains(tmp_path):
+    """A colour ImageFolder of images at their own sizes: streamed, rendered, one step, evaluated."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        os.makedirs(tmp_path / "rgb" / c)
+        for i in range(10):
+            h, w = rng.integers(12, 24, size=2)
+            Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(tmp_path / "rgb" / c / f"{i}.png")
+    out = str(tmp_path / "run")
+    res = load_recipe("colorization").main(TINY["colorization"] + ["--data", str(tmp_path / "rgb"), "--batch-size", "8",
+                                                                   "--steps", "1", "--out", out])
+    assert res["step"] == 1
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert s["dataset"] == "imagefolder:rgb" and np.isfinite(_rows(out)[0]["loss"])
+
+
 # ---------------------------------------------------------------------------------------
 # Colorization step
 # ---------------------------------------------------------------------------------------
