@@ -18,6 +18,9 @@ oracles):
   prototype_loss          DINO / iBOT prototype layer + loss fused: features and weights in, no (rows, K) logits
   relation_loss           RelViT pairwise spatial-relation CE (+ distance / angle MSE): no (B, 9, N, N) logits
   hog_targets             MaskFeat per-patch HOG targets (SlowFast HOGLayerC), masked patches only
+  cross_correlation_loss  Barlow Twins loss, exact, no (D, D) matrix (Gram form for N < D, tiled for N >= D)
+  vicreg_loss             VICReg loss, exact, no (D, D) covariances (same two forms)
+  swav_loss               SwAV swapped prediction: per-crop Sinkhorn codes + the fused multi-crop cross-entropy
 
 Modules: ``sslkern.masks`` (mask generators: MAE random, block, data2vec 2.0 inverse block,
 I-JEPA multiblock), ``sslkern.nn`` (EMA teacher, DINO/iBOT losses, ALiBi attention for timm,
@@ -40,6 +43,7 @@ from ._checks import ArgumentError  # noqa: F401
 from .ops import (  # noqa: F401
     alibi_attention,
     alibi_slopes,
+    cross_correlation_loss,
     data2vec_cls_loss,
     data2vec_loss,
     dino_loss,
@@ -55,6 +59,9 @@ from .ops import (  # noqa: F401
     relation_loss,
     restore_tokens,
     sinkhorn_knopp_teacher,
+    swav_codes,
+    swav_loss,
+    vicreg_loss,
 )
 from .cpu_cache import cpu_cache_disabled, cpu_cache_info, empty_cpu_cache, set_cpu_cache_limit  # noqa: F401
 from . import masks, nn, reference, schedules  # noqa: F401

@@ -179,13 +179,17 @@ def _logsumexp_over_batch(x: torch.Tensor) -> torch.Tensor:
     return m + torch.log(s)
 
 
-def _sinkhorn_log_domain(teacher: torch.Tensor, teacher_temp: float, n_iterations: int) -> torch.Tensor:
+def _sinkhorn_log_domain(teacher: torch.Tensor, teacher_temp: float, n_iterations: int,
+                         keep_last: int = 0) -> torch.Tensor:
     """The eager log-domain Sinkhorn (torch ops; batch normalization across ranks when
-    torch.distributed is initialized): the reference backend, GPUs and multi-rank runs."""
+    torch.distributed is initialized): the reference backend, GPUs and multi-rank runs.
+    ``keep_last > 0``: the probabilities of the last ``keep_last`` rows only."""
     log_q = (teacher if teacher.dtype == torch.float64 else teacher.float()) / teacher_temp
     for _ in range(int(n_iterations)):
         log_q = log_q - _logsumexp_over_batch(log_q)                 # Q /= rowsum (per prototype)
         log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)  # Q /= colsum (per sample)
+    if keep_last:
+        log_q = log_q[log_q.shape[0] - keep_last:]
     # probabilities below the smallest normal are 0, not subnormals (each subnormal costs a
     # microcode assist in every later product; at randn x 1 logits / 0.04 most entries are)
     return torch.exp(log_q.masked_fill_(log_q < math.log(torch.finfo(log_q.dtype).tiny), float("-inf")))
@@ -198,21 +202,24 @@ sinkhorn_dispatch = Dispatch(
 
 
 @torch.library.custom_op("sslkern::sinkhorn_teacher", mutates_args=())
-def _sinkhorn_op(teacher: torch.Tensor, teacher_temp: float, n_iterations: int, backend: str) -> torch.Tensor:
+def _sinkhorn_op(teacher: torch.Tensor, teacher_temp: float, n_iterations: int, backend: str,
+                 keep_last: int = 0) -> torch.Tensor:
     want = requested_backend(backend)
     if want not in ("reference", "cpu"):  # no triton / cuda Sinkhorn: the default rule
         want = "cpu" if sinkhorn_dispatch._usable("cpu", teacher.device)[0] else "reference"
-    return sinkhorn_dispatch(teacher.device, want)(teacher, teacher_temp, n_iterations)
+    return sinkhorn_dispatch(teacher.device, want)(teacher, teacher_temp, n_iterations, keep_last)
 
 
 @_sinkhorn_op.register_fake
-def _(teacher, teacher_temp, n_iterations, backend):
-    return teacher.new_empty(teacher.shape, dtype=torch.float64 if teacher.dtype == torch.float64 else torch.float32)
+def _(teacher, teacher_temp, n_iterations, backend, keep_last=0):
+    rows = keep_last or teacher.shape[0]
+    return teacher.new_empty((rows, teacher.shape[1]),
+                             dtype=torch.float64 if teacher.dtype == torch.float64 else torch.float32)
 
 
 @torch.no_grad()
 def sinkhorn_knopp_teacher(teacher: torch.Tensor, teacher_temp: float, n_iterations: int = 3, *,
-                           backend: Optional[str] = None) -> torch.Tensor:
+                           keep_last: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
     r"""DINOv2 Sinkhorn-Knopp teacher probabilities, (N, K) fp32 (fp64 for fp64) rows summing to 1.
 
     Same result as dinov2 ``DINOLoss.sinkhorn_knopp_teacher`` (``Q = exp(t/τt)ᵀ``, global
@@ -226,6 +233,10 @@ def sinkhorn_knopp_teacher(teacher: torch.Tensor, teacher_temp: float, n_iterati
     float32 subnormals: torch's logsumexp took 3× longer on randn × 3 logits than on
     randn × 0.3 at τt = 0.04); elsewhere, and with torch.distributed initialized (the batch
     normalization then runs over all ranks, as dinov2 does), the eager log-domain version.
+
+    ``keep_last``: return only the last ``keep_last`` rows' probabilities, the equipartition
+    still running over every row (swav ``main_swav.py``: the codes of the batch, whose
+    Sinkhorn also sees the queue's scores; no (queue, K) output).
     """
     check_tensor("sinkhorn_knopp_teacher", "teacher", teacher, dtypes=_FLOATS, ndim=2)
     check_range("sinkhorn_knopp_teacher", "teacher_temp", float(teacher_temp), 0.0, None, lo_open=True)
@@ -235,9 +246,15 @@ def sinkhorn_knopp_teacher(teacher: torch.Tensor, teacher_temp: float, n_iterati
         fail("sinkhorn_knopp_teacher", f"n_iterations expected an int, got {type(n_iterations).__name__}", TypeError)
     if n_iterations < 0:
         fail("sinkhorn_knopp_teacher", f"n_iterations expected an int >= 0, got {n_iterations}")
+    keep = 0
+    if keep_last is not None:
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or not 1 <= keep_last <= teacher.shape[0]:
+            fail("sinkhorn_knopp_teacher", f"keep_last expected an int in [1, {teacher.shape[0]}] (rows of teacher), "
+                                           f"got {keep_last!r}")
+        keep = keep_last if keep_last < teacher.shape[0] else 0
     if _world() > 1:
-        return _sinkhorn_log_domain(teacher, float(teacher_temp), n_iterations)
-    return _sinkhorn_op(teacher, float(teacher_temp), n_iterations, backend or "")
+        return _sinkhorn_log_domain(teacher, float(teacher_temp), n_iterations, keep)
+    return _sinkhorn_op(teacher, float(teacher_temp), n_iterations, backend or "", keep)
 
 
 # ---------------------------------------------------------------------------------------
