@@ -64,8 +64,9 @@ class BarlowTwins(Method):
     def __init__(self, a, data):
         super().__init__()
         self.a, self.mean, self.std = a, data.mean, data.std
+        backbone = build_vit(a, data.in_chans)
         projector = mlp(a.dim, a.hidden_dim, a.out_dim, 3, last_bias=False)   # Linear-BN-ReLU ×2, Linear
-        self.encoder = encoder(build_vit(a, data.in_chans), projector, a.pool)
+        self.encoder = encoder(backbone, projector, a.pool)
         self.loss = sslkern.nn.BarlowTwinsLoss(a.lambd, statistics=a.statistics)
         self.augment = two_views(a)
 

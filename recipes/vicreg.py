@@ -62,8 +62,9 @@ class VICReg(Method):
     def __init__(self, a, data):
         super().__init__()
         self.a, self.mean, self.std = a, data.mean, data.std
+        backbone = build_vit(a, data.in_chans)
         expander = mlp(a.dim, a.hidden_dim, a.out_dim, 3, hidden_bias=True, last_bias=False)  # Linear-BN-ReLU ×2, Linear
-        self.encoder = encoder(build_vit(a, data.in_chans), expander, a.pool)
+        self.encoder = encoder(backbone, expander, a.pool)
         self.loss = sslkern.nn.VICRegLoss(a.sim_coeff, a.std_coeff, a.cov_coeff)
         self.augment = two_views(a)
 
