@@ -253,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> barlow_im
   }
   const auto gdt = finish ? za_in.scalar_type() : acc;
   at::Tensor empty = at::empty({0}, za_in.options().dtype(gdt));
-  if (!grad_a && !grad_b) return {loss, empty, empty, stats, at::empty({0}, opts)};
+  if (!grad_a && !grad_b) return {loss, empty, at::empty({0}, za_in.options().dtype(gdt)), stats, at::empty({0}, opts)};
   const A coef = static_cast<A>(scale / static_cast<double>(N)), two_lambda = static_cast<A>(2.0 * lambd);
   if (grad_a) gradient_rows<A>(Q.data_ptr<A>(), hbp + r0 * D, nr, D, delta.data(), two_lambda, coef);
   if (grad_b) gradient_rows<A>(P.data_ptr<A>(), hap + r0 * D, nr, D, delta.data(), two_lambda, coef);

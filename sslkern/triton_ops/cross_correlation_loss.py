@@ -179,7 +179,7 @@ def cross_correlation_loss_triton(za, zb, lambd, scale, eps, groups, row0, row1,
     gdt = za.dtype if finish else torch.float32
     empty = za.new_empty(0, dtype=gdt)
     if not (grad_a or grad_b):
-        return loss, empty, empty, stats, za.new_empty(0, dtype=torch.float32)
+        return loss, empty, za.new_empty(0, dtype=gdt), stats, za.new_empty(0, dtype=torch.float32)
     delta = (2 * (c - 1) - 2 * lambd * c).float()
     coef, two_lambda = scale / n, 2 * lambd
     nr = row1 - row0
