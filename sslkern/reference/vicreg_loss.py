@@ -30,5 +30,5 @@ def vicreg_loss(z_a: torch.Tensor, z_b: torch.Tensor, *, sim_coeff: float = 25.0
     std_loss = std_scale * (torch.mean(F.relu(1 - std_x)) + torch.mean(F.relu(1 - std_y)))
     cov_x = (x.T @ x) / (n - 1)
     cov_y = (y.T @ y) / (n - 1)
-    cov_loss = off_diagonal(cov_x).pow(2).sum().div(d) + off_diagonal(cov_y).pow(2).sum().div(d)
+    cov_loss = off_diagonal(cov_x).pow_(2).sum().div(d) + off_diagonal(cov_y).pow_(2).sum().div(d)
     return sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss
