@@ -17,11 +17,11 @@ torchrun the invariance is each rank's own rows and the variance / covariance sp
 gathered global batch (the paper's ``FullGatherLayer``), with exact gradients.
 
 Deviations for the small default (1,257 digits of 16x16; see docs/recipes/vicreg.md for what
-was tried): AdamW instead of LARS; expander 96 → 512 → 512 → 512 (paper: 8192 ×3); the
-expander input is the mean of the patch tokens; crops of area (0.3, 1) with ±10° rotation and
-no flips (digits are not mirror-symmetric). On RGB data the views get flips and the paper's
-asymmetric colour pipeline (view x: blur p 1.0, no solarisation; view y: blur p 0.1,
-solarisation p 0.2); the grey digits get none of it.
+was tried): AdamW instead of LARS; expander 96 → 512 → 512 → 512 (paper: 8192 ×3); 35 epochs
+(315 steps); the expander input is the mean of the patch tokens; crops of area (0.3, 1) with
+±10° rotation and no flips (digits are not mirror-symmetric). On RGB data the views get flips
+and the paper's asymmetric colour pipeline (view x: blur p 1.0, no solarisation; view y: blur
+p 0.1, solarisation p 0.2); the grey digits get none of it.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class VICReg(Method):
     """VICReg: invariance between views, variance kept above 1 and covariance driven to 0 per dimension."""
 
     name, title = "vicreg", "VICReg"
-    defaults = dict(epochs=40, lr=1e-3, weight_decay=0.05, warmup_epochs=5, eval_every=20)
+    defaults = dict(epochs=35, lr=1e-3, weight_decay=0.05, warmup_epochs=5, eval_every=20)
     health = {"embedding_std": "low", "mean_std": "low", "low_std_frac": "high", "cov_ratio": "high"}
 
     @staticmethod
