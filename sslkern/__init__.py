@@ -18,7 +18,7 @@ oracles):
   prototype_loss          DINO / iBOT prototype layer + loss fused: features and weights in, no (rows, K) logits
   relation_loss           RelViT pairwise spatial-relation CE (+ distance / angle MSE): no (B, 9, N, N) logits
   hog_targets             MaskFeat per-patch HOG targets (SlowFast HOGLayerC), masked patches only
-  cross_correlation_loss  Barlow Twins loss, exact, no (D, D) matrix (Gram form for N < D, tiled for N >= D)
+  cross_correlation_loss  Barlow Twins loss, exact, no (D, D) matrix (Gram form for N << D, tiled strips otherwise)
   vicreg_loss             VICReg loss, exact, no (D, D) covariances (same two forms)
   swav_loss               SwAV swapped prediction: per-crop Sinkhorn codes + the fused multi-crop cross-entropy
 

@@ -102,12 +102,14 @@ def test_gram_and_tiled_agree(n, d):
 
 
 def test_auto_method_rule():
+    """Fewer flops: Gram 8·r·N·D against tiled 2·p·N·D² + 4·r·D² (r rows wanted, p = 1 for Barlow
+    Twins' C, 2 for VICReg's two covariances); the whole batch: N < 3D/4 and N < D."""
     assert resolve_method("auto", 256, 8192, 256) == "gram"
     assert resolve_method("auto", 4096, 2048, 4096) == "tiled"
-    assert resolve_method("auto", 100, 100, 100) == "tiled"
+    assert resolve_method("auto", 383, 512, 383) == "gram" and resolve_method("auto", 384, 512, 384) == "tiled"
+    assert resolve_method("auto", 500, 512, 500, 2) == "gram" and resolve_method("auto", 512, 512, 512, 2) == "tiled"
     assert resolve_method("tiled", 256, 8192, 256) == "tiled"
-    # rows of a gathered batch: Gram 8·r·N·D against tiled 2·N·D² + 4·r·D²
-    assert resolve_method("auto", 2048, 8192, 256) == "gram"
+    assert resolve_method("auto", 2048, 8192, 256) == "gram"  # a rank's rows of a gathered batch
     assert resolve_method("auto", 8192, 1024, 1024) == "tiled"
 
 

@@ -5,16 +5,17 @@ variance, eps: ``BatchNorm1d(affine=False)``), ``C = ẑ_aᵀ ẑ_b / N`` and
 
     L = scale · [ Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij² ].
 
-``Σ_ij C_ij² = ⟨K_a, K_b⟩_F / N²`` with the (N, N) Gram matrices ``K = ẑ ẑᵀ``, so with N < D the
+``Σ_ij C_ij² = ⟨K_a, K_b⟩_F / N²`` with the (N, N) Gram matrices ``K = ẑ ẑᵀ``, so for N ≪ D the
 loss and its gradients
 
     G_a = ∂L/∂ẑ_a = scale · [ (2λ/N²) K_b ẑ_a + (2/N) ((C_ii − 1) − λ C_ii)_i ⊙ ẑ_b ]   (G_b alike)
 
-come from N × N products (``method="gram"``); with N ≥ D the kernels walk C in strips of rows
+come from N × N products (``method="gram"``); for N ≳ D the kernels walk C in strips of rows
 (``method="tiled"``): a (bd, D) strip of C at a time, its loss terms and ``dL/dC`` strip,
 ``G_a[:, strip] = ẑ_b dC_stripᵀ / N`` and ``G_b += ẑ_a[:, strip] dC_strip / N`` — flash style,
 no (D, D) tensor. The standardisation and its backward (``dz = rstd·(G − mean(G) −
-ẑ·mean(G⊙ẑ))`` per group) are fused in. ``method="auto"`` picks the form with fewer products.
+ẑ·mean(G⊙ẑ))`` per group) are fused in. ``method="auto"`` picks the form with fewer flops
+(:func:`resolve_method`: Gram for the whole batch when N < 3D/4).
 
 One custom op, ``torch.ops.sslkern.cross_correlation_loss(za, zb, lambd, scale, eps, groups, row0,
 row1, finish, method, grad_a, grad_b, backend) -> (loss, dza, dzb, stats, sums)``:
@@ -53,15 +54,17 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def resolve_method(method: str, n: int, d: int, rows: int) -> str:
-    """``"gram"`` or ``"tiled"``: the given one, or for ``"auto"`` the one with fewer multiply-adds
-    (the full batch: Gram ``6·N²·D`` vs tiled ``6·N·D²``, i.e. Gram when N < D; ``rows`` < N of a
-    gathered batch: Gram ``8·rows·N·D`` vs tiled ``2·N·D² + 4·rows·D²``)."""
+def resolve_method(method: str, n: int, d: int, rows: int, tiled_strip_passes: int = 1) -> str:
+    """``"gram"`` or ``"tiled"``: the given one, or for ``"auto"`` the one with fewer flops for the
+    ``rows`` (≤ N) whose gradients are wanted: Gram ``8·rows·N·D`` (two Gram row blocks, two
+    products with them) against tiled ``2·p·N·D² + 4·rows·D²`` (p = ``tiled_strip_passes``: the
+    strips of the (D, D) matrix formed, 1 for Barlow Twins' C, 2 for VICReg's two covariances,
+    then two strip products). The whole batch: Gram when N < 3D/4 (Barlow Twins), N < D (VICReg)."""
     if method != "auto":
         return method
-    if rows == n:
-        return "gram" if n < d else "tiled"
-    return "gram" if 8 * rows * n * d < 2 * n * d * d + 4 * rows * d * d else "tiled"
+    gram = 8 * rows * n * d
+    tiled = 2 * tiled_strip_passes * n * d * d + 4 * rows * d * d
+    return "gram" if gram < tiled else "tiled"
 
 
 def _standardize(z: torch.Tensor, groups: int, eps: float):
@@ -256,7 +259,7 @@ def cross_correlation_loss(
     ``scale·[Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij²]``, ``C = ẑ_aᵀ ẑ_b / N``, ẑ the projections
     standardised per dimension over the batch (mean, biased variance + ``eps``: the official
     ``BatchNorm1d(affine=False)`` in training mode). See the module docstring for the Gram
-    (N < D) and tiled (N ≥ D) forms.
+    and tiled forms.
 
     Peers' conventions: the official code is the default (λ = 0.0051, statistics over the
     whole batch); lightly ``BarlowTwinsLoss`` uses ``lambd=5e-3`` (and, across ranks, each
@@ -270,7 +273,7 @@ def cross_correlation_loss(
         scale: multiplies the loss (solo-learn's ``scale_loss``).
         eps: added to the variance (BatchNorm's eps).
         groups: the rows are ``groups`` equal blocks standardised separately (≥ 2 rows each).
-        method: ``"auto"`` (Gram when N < D, tiled otherwise), ``"gram"`` or ``"tiled"``.
+        method: ``"auto"`` (the form with fewer flops: Gram when N < 3D/4), ``"gram"`` or ``"tiled"``.
         return_stats: also return a dict of 0-dim tensors (no host sync): ``on_diag``,
             ``off_diag``, ``mean_diag``, ``off_diag_floor`` (see :func:`barlow_stats`).
         backend: force ``"reference"``, ``"cpu"`` or ``"triton"`` (default: auto).

@@ -8,7 +8,7 @@ For projections ``z_a, z_b`` (N, D): ``X = z − mean(z)`` per view, ``s_i = Σ_
 
 ``Σ_{i≠j} cov² = (‖XXᵀ‖²_F − Σ_i s_i²)/(N − 1)²`` and its gradient is
 ``4/(N − 1)² · (K X − X ⊙ s)`` with the (N, N) Gram matrix ``K = XXᵀ``, so with N < D the
-covariance terms come from N × N products (``method="gram"``); with N ≥ D the kernels walk
+covariance terms come from N × N products (``method="gram"``); otherwise the kernels walk
 ``cov`` in strips of rows (``method="tiled"``): ``dX[:, strip] = X · M[:, strip]`` with
 ``M = 4/((N − 1)·D)·offdiag(cov)`` symmetric, so each strip writes its own columns — no
 (D, D) tensor. The std term's gradient is ``−c·1[std < 1]·X/((N − 1)·std)``; the centring's
@@ -99,7 +99,7 @@ def _vicreg_loss_op(za: torch.Tensor, zb: torch.Tensor, sim_coeff: float, std_co
     n, d = za.shape
     if not 0 <= row0 < row1 <= n:
         fail(OP, f"rows expected 0 <= row0 < row1 <= N = {n}, got [{row0}, {row1})")
-    method = resolve_method(method, n, d, row1 - row0)
+    method = resolve_method(method, n, d, row1 - row0, tiled_strip_passes=2)
     out = dispatch(za.device, backend)(za, zb, sim_coeff, std_coeff, cov_coeff, eps, std_scale, row0, row1, method,
                                        grad_a, grad_b)
     return tuple(out)
@@ -174,7 +174,7 @@ def vicreg_loss(
 
     ``sim·MSE(z_a, z_b) + std_coeff·std_scale·Σ_v mean(relu(1 − √(var_v + eps))) +
     cov_coeff·Σ_v Σ_{i≠j} cov_v²/D`` with unbiased variances and ``cov = XᵀX/(N − 1)`` of the
-    centred projections. See the module docstring for the Gram (N < D) and tiled (N ≥ D) forms.
+    centred projections. See the module docstring for the Gram and tiled forms.
 
     Peers' conventions: the official code and lightly ``VICRegLoss`` are the default
     (25 / 25 / 1, eps 1e-4, the std term halved: ``std_scale=0.5``); solo-learn
@@ -187,7 +187,7 @@ def vicreg_loss(
         sim_coeff, std_coeff, cov_coeff: weights of the three terms.
         eps: added to the variance under the square root.
         std_scale: factor of the std term (0.5 official, 1.0 solo-learn).
-        method: ``"auto"`` (Gram when N < D, tiled otherwise), ``"gram"`` or ``"tiled"``.
+        method: ``"auto"`` (the form with fewer flops: Gram when N < D), ``"gram"`` or ``"tiled"``.
         return_stats: also return a dict of 0-dim tensors (no host sync; see :func:`vicreg_stats`).
         backend: force ``"reference"``, ``"cpu"`` or ``"triton"`` (default: auto).
 
