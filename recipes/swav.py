@@ -92,6 +92,9 @@ class SwAV(Method):
             if getattr(a, name) < 0:
                 error(f"--{name.replace('_', '-')} expected >= 0, got {getattr(a, name)}")
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        if a.parallel == "fsdp" and world > 1:
+            error("--fsdp is not supported by swav: its prototypes are renormalised in place at the start of the "
+                  "forward, which under FSDP2 would change the gathered copy, not the shards (use DDP)")
         if a.queue_length % (a.batch_size):
             error(f"--queue-length expected a multiple of --batch-size {a.batch_size} (swav rounds it down), "
                   f"got {a.queue_length}")
