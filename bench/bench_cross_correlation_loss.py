@@ -97,7 +97,8 @@ def test_tiled_n4096_d2048(benchmark):
 
 
 def test_gram_n128_d2048(benchmark):
-    _case(benchmark, 128, 2048, ["sslkern", "reference", "compiled", "gram_torch", "lightly"], GRAM_TARGETS, 10)
+    # the targets are the paper width's (above); this default-run proxy's (D, D) matrix is 16× smaller
+    _case(benchmark, 128, 2048, ["sslkern", "reference", "compiled", "gram_torch", "lightly"], None, 10)
 
 
 def test_tiled_n1024_d512(benchmark):
