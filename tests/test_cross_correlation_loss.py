@@ -300,17 +300,25 @@ def test_rows_call_is_not_differentiable():
 # ---------------------------------------------------------------------------------------
 # Memory: no (D, D) tensor
 # ---------------------------------------------------------------------------------------
-def _peak_bytes(fn):
+def _allocations(fn):
+    """(start, bytes) of every allocation (> 0) and free (< 0) made by fn, in time order."""
     from torch.profiler import ProfilerActivity, profile
 
     with sslkern.cpu_cache_disabled(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    return sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+
+
+def _peak_bytes(fn):
     live = peak = 0
-    for _, nb in events:
+    for _, nb in _allocations(fn):
         live += nb
         peak = max(peak, live)
     return peak
+
+
+def largest_allocation(fn):
+    return max(nb for _, nb in _allocations(fn))
 
 
 @pytest.mark.parametrize("n,d,method", [(64, 2048, "gram"), (2100, 2048, "tiled")])
@@ -322,6 +330,16 @@ def test_cpu_extra_memory_is_not_d_by_d(n, d, method):
     assert peak < 6 * n * d * 4 + 512 * d * 4 + 2 * n * n * 4 + (1 << 20), peak
     if n < d:
         assert peak < d * d * 4 / 2, peak
+
+
+@pytest.mark.parametrize("backend,fits", [("cpu", True), ("reference", False)])
+def test_tiled_form_allocates_nothing_of_size_d_by_d(backend, fits):
+    """N < D with the tiled form: every buffer is (N, D), a (512, D) strip or smaller, so no
+    single allocation reaches D²·4 bytes — the eager reference's C does (the check can fail)."""
+    n, d = 1000, 2048
+    za, zb = (t.requires_grad_(True) for t in _inputs(n, d))
+    big = largest_allocation(lambda: sslkern.cross_correlation_loss(za, zb, method="tiled", backend=backend).backward())
+    assert (big < d * d * 4) == fits, big
 
 
 # ---------------------------------------------------------------------------------------

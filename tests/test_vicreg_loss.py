@@ -10,7 +10,7 @@ from sslkern.reference import vicreg_loss as ref_loss
 
 from _redundancy_ref import solo_vicreg_loss_func, vicreg_forward
 from conftest import backend_params
-from test_cross_correlation_loss import _peak_bytes
+from test_cross_correlation_loss import _peak_bytes, largest_allocation
 
 BACKENDS = backend_params(dispatch)
 ON_GPU = torch.cuda.is_available()
@@ -254,6 +254,14 @@ def test_cpu_extra_memory_is_not_d_by_d(n, d, method):
     assert peak < 6 * n * d * 4 + 512 * d * 4 + 2 * n * n * 4 + (1 << 20), peak
     if n < d:
         assert peak < d * d * 4 / 2, peak
+
+
+@pytest.mark.parametrize("backend,fits", [("cpu", True), ("reference", False)])
+def test_tiled_form_allocates_nothing_of_size_d_by_d(backend, fits):
+    n, d = 1000, 2048
+    za, zb = (t.requires_grad_(True) for t in _inputs(n, d))
+    big = largest_allocation(lambda: sslkern.vicreg_loss(za, zb, method="tiled", backend=backend).backward())
+    assert (big < d * d * 4) == fits, big
 
 
 # ---------------------------------------------------------------------------------------
