@@ -294,8 +294,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_cor
   TORCH_CHECK(finish || groups == 1, op, ": finish=False expected groups = 1");
   TORCH_CHECK(method == "gram" || method == "tiled", op, ": method expected 'gram' or 'tiled', got ", method);
   TORCH_CHECK(std::isfinite(lambd) && std::isfinite(scale) && eps > 0, op, ": lambd and scale must be finite, eps > 0");
-  TORCH_CHECK(N * D < (int64_t(1) << 31) && N * N < (int64_t(1) << 31), op, ": sizes beyond 32-bit BLAS indexing");
   const bool tiled = method == "tiled";
+  // BLAS dimensions and leading dimensions are 32-bit; the Gram form also holds (rows x N) blocks
+  TORCH_CHECK(N * D < (int64_t(1) << 31) && (tiled || N * N < (int64_t(1) << 31)), op,
+              ": sizes beyond 32-bit BLAS indexing (the tiled form takes N·N >= 2^31)");
   if (dt == at::kDouble)
     return barlow_impl<double>(za, zb, lambd, scale, eps, groups, row0, row1, finish, tiled, grad_a, grad_b);
   return barlow_impl<float>(za, zb, lambd, scale, eps, groups, row0, row1, finish, tiled, grad_a, grad_b);

@@ -205,8 +205,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vicreg_loss_cpu(
               row0, ", ", row1, ")");
   TORCH_CHECK(method == "gram" || method == "tiled", op, ": method expected 'gram' or 'tiled', got ", method);
   TORCH_CHECK(eps > 0, op, ": eps must be positive");
-  TORCH_CHECK(N * D < (int64_t(1) << 31) && N * N < (int64_t(1) << 31), op, ": sizes beyond 32-bit BLAS indexing");
   const bool tiled = method == "tiled";
+  // BLAS dimensions and leading dimensions are 32-bit; the Gram form also holds (rows x N) blocks
+  TORCH_CHECK(N * D < (int64_t(1) << 31) && (tiled || N * N < (int64_t(1) << 31)), op,
+              ": sizes beyond 32-bit BLAS indexing (the tiled form takes N·N >= 2^31)");
   if (dt == at::kDouble)
     return vicreg_impl<double>(za, zb, sim_coeff, std_coeff, cov_coeff, eps, std_scale, row0, row1, tiled, grad_a,
                                grad_b);
