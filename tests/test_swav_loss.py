@@ -175,3 +175,18 @@ def test_prototypes_normalize_in_place():
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call(torch.randn(8, 10))
+
+
+def test_compile_fullgraph_equals_eager():
+    z, w = _scores(16, 24, 4, seed=7)
+    scores = (z @ w.t()).requires_grad_(True)
+    q = [F.normalize(torch.randn(32, 16), dim=1) @ w.t() for _ in range(2)]
+
+    def f(s):
+        return sslkern.swav_loss(s, 4) + sslkern.swav_loss(s, 4, queue_scores=q, epsilon=0.03)
+
+    eager = f(scores)
+    g_eager = _grad(eager, scores)
+    got = torch.compile(f, fullgraph=True)(scores)
+    torch.testing.assert_close(got, eager, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(_grad(got, scores), g_eager, atol=1e-7, rtol=1e-5)
