@@ -389,8 +389,9 @@ def _case_cross_correlation(device, dtype, backend):
     za, zb = _redundancy_inputs(device, dtype)
 
     def run():
-        return (sslkern.cross_correlation_loss(za, zb, 0.02, method="gram", backend=backend)
-                + sslkern.cross_correlation_loss(za, zb, 0.02, groups=3, method="tiled", backend=backend))
+        # scale: every gradient below 0.5 (tests/test_loss_scale.py multiplies them by 65,536 in fp16)
+        return (sslkern.cross_correlation_loss(za, zb, 0.02, scale=0.2, method="gram", backend=backend)
+                + sslkern.cross_correlation_loss(za, zb, 0.02, scale=0.2, groups=3, method="tiled", backend=backend))
     return [za, zb], run
 
 
@@ -400,8 +401,9 @@ def _case_vicreg(device, dtype, backend):
     za, zb = _redundancy_inputs(device, dtype)
 
     def run():
-        return (sslkern.vicreg_loss(za, zb, method="gram", backend=backend)
-                + sslkern.vicreg_loss(za, zb, method="tiled", backend=backend))
+        coeffs = dict(sim_coeff=2.0, std_coeff=2.0, cov_coeff=0.2)  # every gradient below 0.5 (fp16 loss-scale test)
+        return (sslkern.vicreg_loss(za, zb, method="gram", backend=backend, **coeffs)
+                + sslkern.vicreg_loss(za, zb, method="tiled", backend=backend, **coeffs))
     return [za, zb], run
 
 
@@ -410,7 +412,8 @@ def _case_swav(device, dtype, backend):
 
     scores = _randn(4 * 3, 10, device=device, dtype=dtype, seed=12, scale=0.5, grad=True)  # 4 crops of 3 images
     queue = [_randn(6, 10, device=device, dtype=dtype, seed=13 + i, scale=0.5) for i in range(2)]
-    return [scores], lambda: sslkern.swav_loss(scores, 4, queue_scores=queue, epsilon=0.5, backend=backend)
+    return [scores], lambda: sslkern.swav_loss(scores, 4, queue_scores=queue, temperature=0.5, epsilon=0.5,
+                                                 backend=backend)
 
 
 _OPS = "sslkern.ops."

@@ -2,9 +2,6 @@
 steps), and the pieces that make each one the paper's method."""
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +14,7 @@ from sslkern.train import parse_args
 from sslkern.train.logging import RunLogger
 
 from _redundancy_ref import SwAVLossLoop, barlowtwins_forward, vicreg_forward
-from recipe_helpers import ROOT, load_recipe, source_batch, step_ctx
+from recipe_helpers import load_recipe, source_batch, step_ctx, torchrun_recipe
 
 TINY = ["--dim", "32", "--heads", "2", "--depth", "2", "--hidden-dim", "64", "--batch-size", "256", "--epochs", "2",
         "--eval-every", "1", "--quiet", "--threads", "1"]
@@ -174,14 +171,7 @@ def test_two_processes_equal_one(tmp_path, name):
     """Global statistics / C (Barlow Twins) and per-crop codes over the global batch (SwAV): the same steps."""
     out, single = str(tmp_path / "ddp"), str(tmp_path / "single")
     args = TINY + EXTRA[name] + ["--steps", "3", "--no-probe", "--eval-every", "0"]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           os.path.join(ROOT, "recipes", f"{name}.py"), *args, "--out", out]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun_recipe(name, args, out)
     _run(name, args + ["--out", single])
     two, one = _rows(out), _rows(single)
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-4)
@@ -204,6 +194,9 @@ def test_paper_preset(name):
     from recipe_helpers import digits_like
 
     cls = _cls(name)
+    options = set(vars(parse_args(cls, ["--out", "/tmp/unused"])[1]))
+    for preset in cls.presets.values():  # every key a command-line option (set_defaults takes any name)
+        assert {k for k in preset if not k.startswith("_")} <= options
     _, a = parse_args(cls, ["--preset", "paper", "--out", "/tmp/unused"])
     assert (a.model, a.image_size, a.patch_size, a.dim, a.depth, a.heads) == ("vit_small_patch16_224", 224, 16, 384,
                                                                                 12, 6)

@@ -3,7 +3,6 @@ modules give the one-process loss and gradients; the official Barlow Twins code 
 the gradient, the official VICReg and SwAV code and lightly's BarlowTwinsLoss(gather_distributed=True)
 the same as sslkern (see tests/redundancy_worker.py)."""
 import os
-import sys
 
 import pytest
 

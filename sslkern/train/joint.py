@@ -90,7 +90,6 @@ def joint_verdict(health: dict, *, threshold: float = 0.1) -> tuple[bool, str]:
     return False, f"not collapsed (embedding std {s:.3f} ≥ {threshold})"
 
 
-
 def redundancy_verdict(health: dict, *, threshold: float = 0.1) -> tuple[bool, str]:
     """Barlow Twins / VICReg: collapsed when the final ``embedding_std`` is below ``threshold``
     (the verdict of the other joint-embedding recipes); the redundancy figures logged with it

@@ -19,12 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 32
-BLOCK_D = 128
-NUM_WARPS = 4
-STRIP = 512
-
-_TS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# the tile sizes, strip height and dtypes of the Barlow Twins kernels (same access pattern)
+from .cross_correlation_loss import _TS, BLOCK_D, BLOCK_N, NUM_WARPS, STRIP
 
 
 @triton.jit
