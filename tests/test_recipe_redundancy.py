@@ -18,7 +18,7 @@ from recipe_helpers import load_recipe, source_batch, step_ctx, torchrun_recipe
 
 TINY = ["--dim", "32", "--heads", "2", "--depth", "2", "--hidden-dim", "64", "--batch-size", "256", "--epochs", "2",
         "--eval-every", "1", "--quiet", "--threads", "1"]
-EXTRA = {"barlow_twins": ["--out-dim", "320"], "vicreg": ["--out-dim", "320"],
+EXTRA = {"barlow_twins": ["--out-dim", "640"], "vicreg": ["--out-dim", "320"],
          "swav": ["--feat-dim", "16", "--n-prototypes", "24", "--local-crops", "2"]}
 # 1,257 training digits // 256 = 4 steps per epoch
 CLASSES = {"barlow_twins": "BarlowTwins", "vicreg": "VICReg", "swav": "SwAV"}
