@@ -109,9 +109,11 @@ def main():
         protos = sslkern.nn.SwAVPrototypes(dim, k)
         with torch.no_grad():
             protos.weight.copy_(w0)
-        crit = sslkern.nn.SwAVLoss(v, dim, queue_length=queue_len)
-        loop = SwAVLossLoop(crops, queue=torch.zeros(2, queue_len, dim) if queue_len else None,
-                            world_size=world if dist.is_initialized() and xs is not x else 1)
+        crit = sslkern.nn.SwAVLoss(v, dim, queue_length=queue_len)  # queue_len rows over all processes
+        ranks = world if dist.is_initialized() and xs is not x else 1
+        # swav main_swav.py: each process holds queue_length // world_size rows
+        loop = SwAVLossLoop(crops, queue=torch.zeros(2, queue_len // ranks, dim) if queue_len else None,
+                            world_size=ranks)
         out = []
         for s in range(steps):
             protos.normalize_()
@@ -126,8 +128,8 @@ def main():
 
     local = x.view(v, world, b, dim)[:, rank].reshape(v * b, dim)  # this rank's images, crop-major
     torch.distributed.barrier()
-    got = run(local, 2 * b)
-    offi = run(local, 2 * b, official=True)
+    got = run(local, 2 * b * world)  # 2·b queue rows on each rank: read from step 2 on
+    offi = run(local, 2 * b * world, official=True)
     for s, ((lg, gg), (lo, go)) in enumerate(zip(got, offi)):  # the official codes are rounded to fp32
         close(f"swav step {s}: loss vs official", lg, lo, tol=1e-6)
         close(f"swav step {s}: prototype gradient vs official", gg, go, tol=1e-6)
