@@ -39,7 +39,7 @@ class InfoNCELoss(nn.Module):
         self.scale = float(scale)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.nt_xent and self.gather_distributed and _dist_ready():
+        if self.nt_xent and self.gather_distributed and world_size() > 1:
             loss = self._global_nt_xent(q, k)
             return loss * self.scale if self.scale != 1.0 else loss
         offset = 0
