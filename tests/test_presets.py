@@ -199,3 +199,15 @@ def test_data2vec2_ema_anneal_epochs(capsys):
     with pytest.raises(SystemExit):
         parse_args(cls, ["--ema-anneal-epochs", "-1"])
     assert "--ema-anneal-epochs expected >= 0" in capsys.readouterr().err
+
+
+def test_model_name_takes_the_recipes_overrides():
+    """``build_vit`` with ``--model``: a recipe's override replaces the default it shares (I-JEPA's
+    encoder without CLS, average-pooled), as without ``--model``."""
+    from sslkern.train import build_vit
+
+    for model in ("vit_tiny_patch16_224", None):
+        a = SimpleNamespace(model=model, image_size=32, patch_size=16, dim=192, depth=2, heads=3, drop_path=0.1)
+        vit = build_vit(a, 3, class_token=False, global_pool="avg")
+        assert vit.cls_token is None and vit.global_pool == "avg" and vit.patch_embed.img_size == (32, 32)
+        assert build_vit(a, 3).global_pool == "token"
