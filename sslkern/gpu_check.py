@@ -887,13 +887,19 @@ def _pytest(ctx, root: Path, args: list[str], reserve_s: float) -> dict:
             "details": {"command": " ".join(cmd[2:]), "log_tail": out[-6000:]}}
 
 
+def _repo_dir_or_skip(ctx, name: str, cpu_hint: str):
+    """The repository folder ``name`` beside the package; a dry run or an installed package skips."""
+    if ctx.dry:
+        raise Skip(cpu_hint)
+    folder = _repo_dir(name)
+    if folder is None:
+        raise Skip(f"no {name}/ beside the package (not an editable install of the repository)")
+    return folder
+
+
 @check("test_suite")
 def _test_suite(ctx):
-    if ctx.dry:
-        raise Skip("the CPU run of the test suite is `pytest tests` (Triton in the interpreter)")
-    tests = _repo_dir("tests")
-    if tests is None:
-        raise Skip("no tests/ beside the package (not an editable install of the repository)")
+    tests = _repo_dir_or_skip(ctx, "tests", "the CPU run of the test suite is `pytest tests` (Triton in the interpreter)")
     slow = ("test_recipe_", "test_train_loop", "test_gpu_check", "test_gpu_compile", "test_fsdp",
             "test_integration_examples")
     files = sorted(str(p.relative_to(tests.parent)) for p in tests.glob("test_*.py")
@@ -903,11 +909,7 @@ def _test_suite(ctx):
 
 @check("bench")
 def _bench(ctx):
-    if ctx.dry:
-        raise Skip("on CPU the benchmarks are `pytest bench --benchmark-only`")
-    bench = _repo_dir("bench")
-    if bench is None:
-        raise Skip("no bench/ beside the package (not an editable install of the repository)")
+    bench = _repo_dir_or_skip(ctx, "bench", "on CPU the benchmarks are `pytest bench --benchmark-only`")
     res = _pytest(ctx, bench.parent, ["bench", "--benchmark-only", "--bench-no-write"], reserve_s=10)
     tail = res["details"].get("log_tail", "")
     if "sslkern benchmark summary" in tail:
