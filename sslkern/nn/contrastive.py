@@ -28,10 +28,13 @@ class InfoNCELoss(nn.Module):
             momentum encoder's keys) and row i's positive is ``k_all[i + rank·N]``.
         scale: multiplies the loss (MoCo v3 reports ``2·τ`` times the cross-entropy: pass
             ``scale=2 * temperature`` to match its numbers).
+        rince: ``(q, λ)``: the robust RINCE loss instead of InfoNCE over the same logits (see
+            :func:`sslkern.info_nce_loss`; chingyaoc/RINCE's MoCo v3 form with ``scale=2τ``,
+            its SimCLR form with ``nt_xent=True``).
     """
 
     def __init__(self, temperature: float = 0.1, *, normalize: bool = True, nt_xent: bool = False,
-                 gather_distributed: bool = False, scale: float = 1.0):
+                 gather_distributed: bool = False, scale: float = 1.0, rince: Optional[tuple[float, float]] = None):
         super().__init__()
         if nt_xent and gather_distributed:
             raise ValueError("sslkern.nn.InfoNCELoss: gather_distributed expected False with nt_xent=True "
@@ -41,6 +44,7 @@ class InfoNCELoss(nn.Module):
         self.nt_xent = nt_xent
         self.gather_distributed = gather_distributed
         self.scale = float(scale)
+        self.rince = None if rince is None else tuple(rince)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
         offset = 0
@@ -53,9 +57,10 @@ class InfoNCELoss(nn.Module):
             if pos is None:
                 offset = d.get_rank() * q.shape[0]
         loss = info_nce_loss(q, k, self.temperature, normalize=self.normalize, pos=pos, pos_offset=offset,
-                             nt_xent=self.nt_xent)
+                             nt_xent=self.nt_xent, rince=self.rince)
         return loss * self.scale if self.scale != 1.0 else loss
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, normalize={self.normalize}, nt_xent={self.nt_xent}, "
-                f"gather_distributed={self.gather_distributed}, scale={self.scale}")
+                f"gather_distributed={self.gather_distributed}, scale={self.scale}"
+                + (f", rince={self.rince}" if self.rince is not None else ""))

@@ -12,7 +12,7 @@ rows at a time. Extra memory is O((N + M)·D): the gradients, the normalized inp
 per-thread row blocks.
 
 One custom op, ``torch.ops.sslkern.info_nce_loss(q, k, pos, exclude, inv_temp, grad_q, grad_k,
-validate, backend, tied=False) -> (loss, dq, dk)``: the gradients of the loss are computed in the same
+validate, backend, tied=False, rince_q=0.0, rince_lam=1.0) -> (loss, dq, dk)``: the gradients of the loss are computed in the same
 call when the inputs require grad (the CPU kernel shares one logits block between the loss
 and both gradients: three tile GEMMs in all, as many as the eager code, where a separate
 backward would recompute the logits), and backward rescales them by the incoming gradient
@@ -22,9 +22,20 @@ backward would recompute the logits), and backward rescales them by the incoming
 and check only ``k``'s shape): ``dq`` is the whole gradient ``G·Z + Gᵀ·Z`` and ``dk`` is empty. The CPU kernel then uses the symmetry of the logits: it
 forms each (I, J ≥ I) tile once per pass (row statistics, then gradient), two tile GEMMs'
 worth of N²·D products in all instead of three; the other backends compute ``dq + dk``.
+
+``rince_q > 0`` (RINCE, Chuang et al. 2022, chingyaoc/RINCE): the row loss is
+``ℓ_i = ((λ·Z_i)^q − exp(q·s_i,pos))/q`` with ``Z_i = Σ_{j ≠ exclude[i]} exp(s_ij)`` (the positive
+included), computed in the log domain from the row's logsumexp, ``lse_i = log Z_i``, as
+``exp(q·s_pos)·expm1(q·(log λ + lse_i − s_pos))/q`` (no exp of a logit, so nothing overflows
+before the loss itself does; expm1 keeps small q exact). Its gradient has InfoNCE's shape with
+per-row weights: ``G_ij = (w_i·P_ij − u_i·onehot(pos)_ij)·inv_temp/N``, ``w_i = (λ·Z_i)^q``,
+``u_i = exp(q·s_pos)``; the kernels take ``w_i·P_ij = exp(s_ij − (lse_i − log w_i))``, i.e. the
+InfoNCE softmax with a shifted row statistic. ``rince_q = 0`` is the limit q → 0: InfoNCE
+plus ``log λ`` (``rince_lam = 1``: InfoNCE).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -63,7 +74,7 @@ def check_indices(pos: torch.Tensor, exclude: Optional[torch.Tensor], m: int) ->
             fail(OP, f"exclude expected a column other than the positive, got exclude[{i}] = pos[{i}] = {int(pos[i])}")
 
 
-def _reference_impl(q, k, pos, exclude, inv_temp, grad_q, grad_k, validate, tied=False):
+def _reference_impl(q, k, pos, exclude, inv_temp, grad_q, grad_k, validate, tied=False, rince_q=0.0, rince_lam=1.0):
     """The custom op's contract in eager PyTorch (materializes the logits; the oracle backend).
 
     ``tied``: ``k`` is ``q`` itself (NT-Xent over the 2n views); ``dq`` is then the whole
@@ -79,10 +90,18 @@ def _reference_impl(q, k, pos, exclude, inv_temp, grad_q, grad_k, validate, tied
         s = s.masked_fill(torch.arange(M, device=q.device)[None, :] == exclude[:, None], float("-inf"))
     lse = torch.logsumexp(s, dim=1)
     rows = torch.arange(N, device=q.device)
-    loss = (lse - s[rows, pos]).mean()
+    s_pos = s[rows, pos]
+    log_lam = math.log(rince_lam)
+    if rince_q > 0:  # RINCE in the log domain (the module docstring)
+        loss = (torch.exp(rince_q * s_pos) * torch.expm1(rince_q * (log_lam + lse - s_pos)) / rince_q).mean()
+        shift = lse - rince_q * (log_lam + lse)  # exp(s − shift) = w·P
+        pos_weight = torch.exp(rince_q * s_pos)
+    else:
+        loss = (lse - s_pos).mean() + log_lam
+        shift, pos_weight = lse, 1
     # Custom-op bodies run below autograd: the gradient is written out.
-    g = torch.exp(s - lse[:, None])
-    g[rows, pos] -= 1
+    g = torch.exp(s - shift[:, None])
+    g[rows, pos] -= pos_weight
     g = g * (inv_temp / N)
     if tied:
         dq = (g @ ka + g.t() @ qa).to(q.dtype) if grad_q else q.new_empty(0)
@@ -105,16 +124,18 @@ dispatch = Dispatch(
 @torch.library.custom_op("sslkern::info_nce_loss", mutates_args=())
 def _info_nce_loss_op(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, exclude: Optional[torch.Tensor],
                       inv_temp: float, grad_q: bool, grad_k: bool, validate: bool,
-                      backend: str, tied: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      backend: str, tied: bool = False, rince_q: float = 0.0,
+                      rince_lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if tied and (k.shape != q.shape or grad_q != grad_k):
         fail(OP, f"tied=True expected k to be q itself and grad_q == grad_k, got shapes {tuple(q.shape)}, "
                  f"{tuple(k.shape)} and grad_q={grad_q}, grad_k={grad_k}")
-    loss, dq, dk = dispatch(q.device, backend)(q, k, pos, exclude, inv_temp, grad_q, grad_k, validate, tied)
+    loss, dq, dk = dispatch(q.device, backend)(q, k, pos, exclude, inv_temp, grad_q, grad_k, validate, tied,
+                                               rince_q, rince_lam)
     return loss, dq, dk
 
 
 @_info_nce_loss_op.register_fake
-def _(q, k, pos, exclude, inv_temp, grad_q, grad_k, validate, backend, tied=False):
+def _(q, k, pos, exclude, inv_temp, grad_q, grad_k, validate, backend, tied=False, rince_q=0.0, rince_lam=1.0):
     loss = q.new_empty((), dtype=_acc(q.dtype))
     dq = torch.empty_like(q, memory_format=torch.contiguous_format) if grad_q else q.new_empty(0)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format) if grad_k and not tied else k.new_empty(0)
@@ -139,7 +160,7 @@ def _is_eager_cpu_scalar(x: torch.Tensor) -> bool:
 
 def _backward(ctx, g_loss, g_dq, g_dk):
     dq, dk = ctx.saved_tensors
-    none = (None,) * 8
+    none = (None,) * 10
     if g_loss is None:
         return (None, None) + none
     if _is_eager_cpu_scalar(g_loss) and float(g_loss) == 1.0:
@@ -170,6 +191,7 @@ def info_nce_loss(
     exclude: Optional[torch.Tensor] = None,
     nt_xent: bool = False,
     backend: Optional[str] = None,
+    rince: Optional[tuple[float, float]] = None,
 ) -> torch.Tensor:
     r"""InfoNCE contrastive loss, fused: ``mean_i [logsumexp_j(q̂_i·k̂_j/τ) − q̂_i·k̂_pos(i)/τ]``.
 
@@ -200,6 +222,15 @@ def info_nce_loss(
             never the positive).
         nt_xent: the SimCLR form above (``pos``, ``pos_offset``, ``exclude`` must be unset).
         backend: force ``"reference"``, ``"cpu"`` or ``"triton"`` (default: auto).
+        rince: ``(q, λ)``, q ≥ 0 and λ > 0: RINCE (Chuang et al. 2022, chingyaoc/RINCE) instead
+            of InfoNCE, over the same logits and the same denominator:
+            ``mean_i [((λ·Σ_{j ≠ exclude[i]} exp(s_ij))^q − exp(q·s_i,pos))/q]``, the positive
+            inside the sum. MoCo v3 form (chingyaoc/RINCE ``moco-v3/moco/builder.py``, q 0.6,
+            λ 0.01 there): the default rows/columns form, × 2τ by the caller as for InfoNCE.
+            SimCLR form (``simclr/simclr_module.py: sym_loss``, q 0.1, λ 0.01, τ 0.1 there):
+            ``nt_xent=True``. Computed in the log domain (never overflows where the value is
+            finite; the public code exponentiates the logits and relies on fp32). q → 0 gives
+            InfoNCE + log λ (``q = 0`` is that limit).
 
     Returns:
         the loss, a 0-dim fp32 tensor (fp64 for fp64 inputs). Differentiable w.r.t. ``q`` and
@@ -231,6 +262,7 @@ def info_nce_loss(
         fail(OP, f"temperature expected a finite value, got {temperature}")
     if not isinstance(pos_offset, int) or isinstance(pos_offset, bool):
         fail(OP, f"pos_offset expected an int, got {type(pos_offset).__name__}", TypeError)
+    rince_q, rince_lam = _check_rince(rince)
     validate = False
     if nt_xent:
         if pos is not None or exclude is not None or pos_offset != 0:
@@ -266,9 +298,29 @@ def info_nce_loss(
         z = torch.cat([q, k], dim=0)
         pos, exclude = nt_xent_indices(N, device)
         loss, _, _ = torch.ops.sslkern.info_nce_loss(z, z, pos, exclude, 1.0 / float(temperature), _needs_grad(z),
-                                                     _needs_grad(z), validate, backend or "", True)
+                                                     _needs_grad(z), validate, backend or "", True, rince_q, rince_lam)
         return loss
     q, k = q.contiguous(), k.contiguous()
     loss, _, _ = torch.ops.sslkern.info_nce_loss(q, k, pos, exclude, 1.0 / float(temperature), _needs_grad(q),
-                                                 _needs_grad(k), validate, backend or "")
+                                                 _needs_grad(k), validate, backend or "", False, rince_q, rince_lam)
     return loss
+
+
+def _check_rince(rince) -> tuple[float, float]:
+    """(rince_q, rince_lam) of the custom op: (0, 1) = InfoNCE."""
+    if rince is None:
+        return 0.0, 1.0
+    if not isinstance(rince, (tuple, list)) or len(rince) != 2:
+        fail(OP, f"rince expected a pair (q, lambda), got {rince!r}", TypeError)
+    vals = []
+    for name, v in zip(("q", "lambda"), rince):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            fail(OP, f"rince expected Python numbers (q, lambda), got {name} = {v!r}", TypeError)
+        if not math.isfinite(v):
+            fail(OP, f"rince expected a finite {name}, got {v}")
+        vals.append(float(v))
+    if vals[0] < 0:
+        fail(OP, f"rince expected q >= 0, got q = {vals[0]}")
+    if vals[1] <= 0:
+        fail(OP, f"rince expected lambda > 0, got lambda = {vals[1]}")
+    return vals[0], vals[1]
