@@ -9,7 +9,10 @@ One step, as in SimCLR (google-research ``simclr``, lightly ``NTXentLoss``):
   3. loss       NT-Xent over the 2N views: each view's positive is the other view of its
                 image, the other 2N − 2 views are its negatives, its own similarity is left
                 out; cosine similarities / τ, cross-entropy, mean over the 2N views
-                (``sslkern.info_nce_loss(..., nt_xent=True)``)
+                (``sslkern.info_nce_loss(..., nt_xent=True)``); ``--loss rince``: RINCE over
+                the same logits (chingyaoc/RINCE ``simclr_module.py: sym_loss``:
+                ``((λ·Σ_{j≠i} e^{s_ij})^q − e^{q·s⁺})/q``, q 0.1, λ 0.01), the NT-Xent value
+                logged beside it as ``infonce``
   4. step       AdamW, warm-up + cosine lr
 
 Deviations for the small default (1,257 digits of 16x16; see docs/recipes/simclr.md for what
@@ -28,8 +31,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sslkern  # noqa: E402
 from sslkern.train import Method, build_vit, run  # noqa: E402
-from sslkern.train.joint import (add_view_arguments, check_view_arguments, encoder, joint_health,  # noqa: E402
-                                 joint_verdict, mlp, positive_int_options, two_views)
+from sslkern.train.joint import (add_loss_arguments, add_view_arguments, check_loss_arguments,  # noqa: E402
+                                 check_view_arguments, encoder, joint_health, joint_verdict, mlp,
+                                 positive_int_options, rince_of, two_views)
 
 
 class SimCLR(Method):
@@ -44,6 +48,7 @@ class SimCLR(Method):
         g.add_argument("--hidden-dim", type=int, default=512, help="projector MLP width (SimCLR: 2048)")
         g.add_argument("--out-dim", type=int, default=128, help="(SimCLR: 128)")
         g.add_argument("--temperature", type=float, default=0.2, help="τ (SimCLR: 0.1 at batch 4,096; lightly: 0.5)")
+        add_loss_arguments(g, rince_q=0.1)
         add_view_arguments(g)
 
     @staticmethod
@@ -51,13 +56,14 @@ class SimCLR(Method):
         positive_int_options(a, error, ("hidden_dim", "out_dim"))
         if a.temperature <= 0:
             error(f"--temperature expected > 0, got {a.temperature}")
+        check_loss_arguments(a, error)
         check_view_arguments(a, error)
 
     def __init__(self, a, data):
         super().__init__()
         self.a, self.mean, self.std = a, data.mean, data.std
         self.encoder = encoder(build_vit(a, data.in_chans), mlp(a.dim, a.hidden_dim, a.out_dim, 2), a.pool)
-        self.loss = sslkern.nn.InfoNCELoss(a.temperature, nt_xent=True)
+        self.loss = sslkern.nn.InfoNCELoss(a.temperature, nt_xent=True, rince=rince_of(a))
         self.views = two_views(a)
 
     def encoders(self):
@@ -68,13 +74,22 @@ class SimCLR(Method):
                               rows=(ctx.rank, ctx.world_size))                   # 1. two views
         z = self.encoder(views)                                                  # 2. encoder (2B, out)
         z1, z2 = z.chunk(2)
-        loss = self.loss(z1, z2) if ctx.world_size == 1 else self.global_nt_xent(z, ctx)  # 3. NT-Xent
-        return loss, joint_health(z)
+        if ctx.world_size == 1:                                                  # 3. NT-Xent (or RINCE)
+            loss = self.loss(z1, z2)
+        else:
+            loss = self.global_nt_xent(z, ctx, rince_of(self.a))
+        metrics = joint_health(z)
+        if self.a.loss == "rince":                                               #    NT-Xent beside RINCE
+            with torch.no_grad():
+                metrics["infonce"] = (sslkern.info_nce_loss(z1, z2, self.a.temperature, nt_xent=True)
+                                      if ctx.world_size == 1 else self.global_nt_xent(z, ctx, None))
+        return loss, metrics
 
-    def global_nt_xent(self, z, ctx):
+    def global_nt_xent(self, z, ctx, rince):
         """NT-Xent of this rank's 2n views against the 2n·W views of all ranks (gathered with
         their gradient, as SimCLR's cross-replica negatives): the mean over ranks is the
-        one-process loss. Row i = view a of local image j; its positive is view 1 − a of j."""
+        one-process loss. Row i = view a of local image j; its positive is view 1 − a of j.
+        ``rince``: (q, λ) for RINCE, None for NT-Xent."""
         from torch.distributed.nn.functional import all_gather
 
         n = z.shape[0] // 2
@@ -82,7 +97,7 @@ class SimCLR(Method):
         i = torch.arange(2 * n, device=z.device)
         own = ctx.rank * 2 * n + i
         pos = ctx.rank * 2 * n + (i + n) % (2 * n)
-        return sslkern.info_nce_loss(z, z_all, self.a.temperature, pos=pos, exclude=own)
+        return sslkern.info_nce_loss(z, z_all, self.a.temperature, pos=pos, exclude=own, rince=rince)
 
     def verdict(self, health):
         return joint_verdict(health)
