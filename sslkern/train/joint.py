@@ -56,8 +56,8 @@ def add_loss_arguments(g, *, rince_q: float, rince_lam: float = 0.01):
     for the recipe's form)."""
     g.add_argument("--loss", choices=("infonce", "rince"), default="infonce",
                    help="contrastive loss: InfoNCE, or RINCE (robust InfoNCE; the InfoNCE value is logged beside it)")
-    g.add_argument("--rince-q", type=float, default=rince_q, help=f"RINCE q (chingyaoc/RINCE: {rince_q})")
-    g.add_argument("--rince-lam", type=float, default=rince_lam, help=f"RINCE λ (chingyaoc/RINCE: {rince_lam})")
+    g.add_argument("--rince-q", type=float, default=rince_q, help=f"RINCE q (chingyaoc/RINCE README: {rince_q})")
+    g.add_argument("--rince-lam", type=float, default=rince_lam, help=f"RINCE λ (chingyaoc/RINCE README: {rince_lam})")
 
 
 def check_loss_arguments(a, error):
