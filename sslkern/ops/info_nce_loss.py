@@ -26,8 +26,8 @@ worth of N²·D products in all instead of three; the other backends compute ``d
 ``rince_q > 0`` (RINCE, Chuang et al. 2022, chingyaoc/RINCE): the row loss is
 ``ℓ_i = ((λ·Z_i)^q − exp(q·s_i,pos))/q`` with ``Z_i = Σ_{j ≠ exclude[i]} exp(s_ij)`` (the positive
 included), computed in the log domain from the row's logsumexp, ``lse_i = log Z_i``, as
-``exp(q·s_pos)·expm1(q·(log λ + lse_i − s_pos))/q`` (no exp of a logit, so nothing overflows
-before the loss itself does; expm1 keeps small q exact). Its gradient has InfoNCE's shape with
+``exp(q·s_pos)·expm1(q·(log λ + lse_i − s_pos))/q`` (no exp of a logit outside the softmax: only
+q-scaled quantities are exponentiated; expm1 keeps small q exact). Its gradient has InfoNCE's shape with
 per-row weights: ``G_ij = (w_i·P_ij − u_i·onehot(pos)_ij)·inv_temp/N``, ``w_i = (λ·Z_i)^q``,
 ``u_i = exp(q·s_pos)``; the kernels take ``w_i·P_ij = exp(s_ij − (lse_i − log w_i))``, i.e. the
 InfoNCE softmax with a shifted row statistic. ``rince_q = 0`` is the limit q → 0: InfoNCE
@@ -228,9 +228,10 @@ def info_nce_loss(
             inside the sum. MoCo v3 form (chingyaoc/RINCE ``moco-v3/moco/builder.py``, q 0.6,
             λ 0.01 there): the default rows/columns form, × 2τ by the caller as for InfoNCE.
             SimCLR form (``simclr/simclr_module.py: sym_loss``, q 0.1, λ 0.01, τ 0.1 there):
-            ``nt_xent=True``. Computed in the log domain (never overflows where the value is
-            finite; the public code exponentiates the logits and relies on fp32). q → 0 gives
-            InfoNCE + log λ (``q = 0`` is that limit).
+            ``nt_xent=True``. Computed in the log domain: the public code's ``exp(s)``
+            overflows once a logit passes 88.7 (fp32); here only ``q·s_pos`` and
+            ``q·(log λ + logsumexp)`` are exponentiated. q → 0 gives InfoNCE + log λ (``q = 0``
+            is that limit).
 
     Returns:
         the loss, a 0-dim fp32 tensor (fp64 for fp64 inputs). Differentiable w.r.t. ``q`` and
