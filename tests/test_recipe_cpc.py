@@ -48,7 +48,9 @@ def test_smoke_run_directory(tmp_path):
     s = json.load(open(os.path.join(out, "summary.json")))
     assert s["method"] == "cpc" and set(s["eval"]) == {"encoder", "random"}
     assert set(s["health"]) == {"cpc_acc", "latent_std"}
-    assert s["collapsed"] is False and s["verdict"].startswith("not collapsed")
+    final = {k: v["final"] for k, v in s["health"].items()}
+    _, a = parse_args(mod.CPC, TINY + ["--out", out])
+    assert (s["collapsed"], s["verdict"]) == tuple(mod.CPC(a, load_dataset(None, 16)).verdict(final))
     # the export is the patch encoder: a plain timm ViT for one 8x8 patch, loaded strictly
     enc = ckpt.load_exported_encoder(os.path.join(out, "encoder_encoder.safetensors"))
     assert enc.forward_features(torch.randn(2, 1, 8, 8)).shape == (2, 4, 32)
