@@ -158,6 +158,9 @@ class CLMIM(Method):
         if a.mask_patch % a.patch_size or a.image_size % a.mask_patch:
             error(f"--mask-patch expected a multiple of --patch-size {a.patch_size} dividing --image-size "
                   f"{a.image_size}, got {a.mask_patch}")
+        n = (a.image_size // a.mask_patch) ** 2
+        if math.ceil(a.mask_ratio * n) >= n:
+            error(f"--mask-ratio {a.mask_ratio} masks all {n} mask patches of {a.mask_patch} pixels")
         lo, hi = a.mim_scale
         if not 0 < lo <= hi <= 1:
             error(f"--mim-scale expected 0 < lo <= hi <= 1, got {lo} {hi}")

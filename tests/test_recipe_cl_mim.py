@@ -155,6 +155,7 @@ def test_collapse_is_detected_per_branch():
     (["--mask-ratio", "1"], "--mask-ratio expected in (0, 1), got 1.0"),
     (["--mask-patch", "6"], "--mask-patch expected a multiple of --patch-size 4 dividing --image-size 16, got 6"),
     (["--mim-scale", "0.9", "0.5"], "--mim-scale expected 0 < lo <= hi <= 1, got 0.9 0.5"),
+    (["--mask-patch", "8", "--mask-ratio", "0.8"], "--mask-ratio 0.8 masks all 4 mask patches of 8 pixels"),
     (["--temperature", "0"], "--temperature expected > 0, got 0.0"),
 ])
 def test_bad_options_are_clear_errors(tmp_path, capsys, args, message):
