@@ -14,16 +14,15 @@ Providers (time per batch; the table's ratio is images/s of sslkern over the pro
   decode      the decode-only ceiling: the same workers decoding (no views)
   renderer    sslkern.render_views alone on one decoded batch (no loading)
 
-Peak memory is the growth of the whole process tree (training process + workers, proportional
+The training process renders with the cores the workers leave (one here), the other providers'
+training processes only collate. Peak memory is the growth of the whole process tree (training process + workers, proportional
 set size) while the pipeline runs. ``SSLKERN_BENCH_FULL=1`` adds rounds.
 """
 from __future__ import annotations
 
 import datetime
 import os
-import random
-import statistics
-import time
+import sys
 
 import numpy as np
 import pytest
@@ -107,50 +106,11 @@ def sslkern_batches(render=True):
 
 
 def dino_transform():
-    from PIL import Image, ImageFilter, ImageOps
-    from torchvision import transforms
+    """dino's DataAugmentationDINO (an eager port in tests/_dino_augmentation.py), 10 local crops."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from _dino_augmentation import DataAugmentationDINO
 
-    class GaussianBlur:  # dino utils.GaussianBlur
-        def __init__(self, p=0.5, radius_min=0.1, radius_max=2.0):
-            self.prob, self.radius_min, self.radius_max = p, radius_min, radius_max
-
-        def __call__(self, img):
-            if random.random() > self.prob:
-                return img
-            return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.radius_min, self.radius_max)))
-
-    class Solarization:  # dino utils.Solarization
-        def __init__(self, p):
-            self.p = p
-
-        def __call__(self, img):
-            return ImageOps.solarize(img) if random.random() < self.p else img
-
-    class DataAugmentationDINO:  # dino main_dino.py, global scale (0.4, 1), local (0.05, 0.4), 10 local crops
-        def __init__(self, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4), local_crops_number=10):
-            flip_and_color_jitter = transforms.Compose([
-                transforms.RandomHorizontalFlip(p=0.5),
-                transforms.RandomApply([transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
-                                       p=0.8),
-                transforms.RandomGrayscale(p=0.2)])
-            normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
-            self.global_transfo1 = transforms.Compose([
-                transforms.RandomResizedCrop(224, scale=global_crops_scale, interpolation=Image.BICUBIC),
-                flip_and_color_jitter, GaussianBlur(1.0), normalize])
-            self.global_transfo2 = transforms.Compose([
-                transforms.RandomResizedCrop(224, scale=global_crops_scale, interpolation=Image.BICUBIC),
-                flip_and_color_jitter, GaussianBlur(0.1), Solarization(0.2), normalize])
-            self.local_crops_number = local_crops_number
-            self.local_transfo = transforms.Compose([
-                transforms.RandomResizedCrop(96, scale=local_crops_scale, interpolation=Image.BICUBIC),
-                flip_and_color_jitter, GaussianBlur(p=0.5), normalize])
-
-        def __call__(self, image):
-            crops = [self.global_transfo1(image), self.global_transfo2(image)]
-            crops += [self.local_transfo(image) for _ in range(self.local_crops_number)]
-            return crops
-
-    return DataAugmentationDINO()
+    return DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), 10)
 
 
 def lightly_transform():
@@ -158,11 +118,6 @@ def lightly_transform():
 
     return DINOTransform(global_crop_size=224, local_crop_size=96, n_local_views=10, normalize={"mean": MEAN,
                                                                                                 "std": STD})
-
-
-class _Decode:
-    def __call__(self, img):
-        return torch.from_numpy(np.asarray(img))
 
 
 def _collate_lists(batch):
@@ -204,23 +159,27 @@ PROVIDERS = {
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_dino_multicrop_from_jpeg(benchmark, provider):
-    torch.set_num_threads(os.cpu_count() or 1)
+    cores = os.cpu_count() or 1
+    # The training process renders while the workers decode: on a CPU "device" it gets the cores
+    # the workers leave (at least one), so its OpenMP threads never wait on a busy core.
+    torch.set_num_threads(max(1, cores - WORKERS) if provider == "sslkern" else cores)
     it = PROVIDERS[provider]()
     before = tree_pss_mb()
     for _ in range(2):  # warm-up: workers started, first batches prefetched
         next(it)
-    peak = 0.0
 
     def one():
-        nonlocal peak
         next(it)
-        peak = max(peak, tree_pss_mb())
 
     benchmark.group = f"data: DINO multi-crop 2x224 + 10x96 from ~400x350 JPEGs, B={B}, {WORKERS} workers"
     benchmark.extra_info.update(op="data", provider=provider)
     benchmark.pedantic(one, rounds=ROUNDS, iterations=1, warmup_rounds=0)
     stats = getattr(getattr(benchmark, "stats", None), "stats", None)
-    del it
+    peak = 0.0
+    for _ in range(3):  # memory, sampled between untimed batches (reading /proc is not free)
+        next(it)
+        peak = max(peak, tree_pss_mb())
+    it.close()  # stops the loader workers
     if stats is None:
         return
     harness.RESULTS.append(harness.Result(

@@ -42,6 +42,16 @@ class DINO(Method):
     defaults = dict(epochs=30, lr=1e-3, weight_decay=0.04, weight_decay_end=0.2, warmup_epochs=5, clip_grad=3.0,
                     clip_mode="per-param", eval_every=20, warmup_teacher_temp_epochs=11)  # τt warm-up: 3/8 of the run
     health = {"teacher_entropy_frac": "high", "batch_entropy_frac": "low", "kl": "low"}
+    presets = {"paper": dict(
+        _doc="DINO ViT-S/16 on ImageNet (Caron et al. 2021, dino main_dino.py and README): AdamW, lr 0.0005 x "
+             "batch / 256 (here for batch 1,024; scale it with --batch-size), 10 warm-up epochs to a cosine, "
+             "stochastic depth 0.1",
+        model="vit_small_patch16_224", drop_path=0.1, image_size=224, batch_size=1024, epochs=100, lr=0.002, min_lr=1e-6,
+        warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0, clip_mode="per-param",
+        out_dim=65536, hidden_dim=2048, bottleneck_dim=256, head_layers=3, bn_in_head=False, pool="cls",
+        local_crops=10, local_size=96, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), degrees=0.0,
+        student_temp=0.1, teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=30,
+        center_momentum=0.9, momentum_teacher=0.996, freeze_last_layer=1, eval_every=0)}
 
     add_arguments = staticmethod(add_distillation_arguments)
     check_arguments = staticmethod(check_distillation_arguments)

@@ -100,3 +100,19 @@ def source_batch(source, n):
     from sslkern.data.loader import pack
 
     return pack([source.load(i) for i in range(n)], source.labels[:n], source.channels).images()
+
+
+def torchrun_recipe(name, args, out, nproc=2, timeout=300):
+    """Run ``recipes/<name>.py args --out out`` under ``torchrun --nproc_per_node=nproc`` (gloo on
+    CPU, a free loopback port); asserts it succeeded."""
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+           os.path.join(ROOT, "recipes", f"{name}.py"), *args, "--out", out]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r

@@ -1,8 +1,6 @@
 """The data2vec 2.0 recipe end to end (tiny model, a few steps) and the shared plumbing."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ from sslkern.data import DataError, open_dataset
 from sslkern.train.evaluate import knn_accuracy
 from sslkern.train.logging import RunLogger
 
-from recipe_helpers import deterministic_rows, final_state, kill_at_first_checkpoint, load_recipe
+from recipe_helpers import deterministic_rows, final_state, kill_at_first_checkpoint, load_recipe, torchrun_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "data2vec2.py")
@@ -114,16 +112,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
 @pytest.mark.slow
 def test_two_processes_torchrun_gloo(tmp_path):
     out = str(tmp_path / "ddp")
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    import socket
-
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", RECIPE, *TINY,
-           "--out", out, "--steps", "3", "--no-probe"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun_recipe("data2vec2", TINY + ["--steps", "3", "--no-probe"], out)
     assert json.load(open(os.path.join(out, "config.json")))["world_size"] == 2
     rows = RunLogger.read_metrics(os.path.join(out, "metrics.jsonl"))
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]  # rank 0 logs once per step

@@ -1,9 +1,6 @@
 """The DINO and iBOT recipes end to end (tiny models, a few steps) on the shared loop."""
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +9,7 @@ import torch
 from sslkern.train import checkpoint as ckpt
 from sslkern.train.logging import RunLogger
 
-from recipe_helpers import ROOT, deterministic_rows, final_state, kill_at_first_checkpoint, load_recipe
+from recipe_helpers import deterministic_rows, final_state, kill_at_first_checkpoint, load_recipe, torchrun_recipe
 
 TINY = ["--dim", "32", "--heads", "2", "--depth", "2", "--out-dim", "256", "--hidden-dim", "64", "--bottleneck-dim", "32",
         "--local-crops", "2", "--batch-size", "256", "--epochs", "2", "--eval-every", "1", "--quiet", "--threads", "1"]
@@ -116,14 +113,7 @@ def test_dino_resume_after_sigkill_matches_uninterrupted(tmp_path):
 def test_dino_two_processes_equal_one(tmp_path):
     out, single = str(tmp_path / "ddp"), str(tmp_path / "single")
     args = TINY + ["--steps", "3", "--no-probe"]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           os.path.join(ROOT, "recipes", "dino.py"), *args, "--out", out]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun_recipe("dino", args, out)
     _run("dino", args + ["--out", single])
     two, one = _rows(out), _rows(single)
     assert [r["step"] for r in two] == [1, 2, 3]

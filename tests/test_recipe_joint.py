@@ -3,9 +3,6 @@
 import importlib.util
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +14,7 @@ from sslkern.train import parse_args
 from sslkern.data import open_dataset
 from sslkern.train.logging import RunLogger
 
-from recipe_helpers import source_batch, step_ctx
+from recipe_helpers import source_batch, step_ctx, torchrun_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dim", "32", "--heads", "2", "--depth", "2", "--hidden-dim", "64", "--out-dim", "32", "--batch-size", "256",
@@ -185,14 +182,7 @@ def test_two_processes_equal_one(tmp_path, name):
     """Keys (MoCo) / negatives (SimCLR) of every rank and global BatchNorm: the same step."""
     out, single = str(tmp_path / "ddp"), str(tmp_path / "single")
     args = TINY + ["--steps", "3", "--no-probe", "--eval-every", "0"]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           os.path.join(ROOT, "recipes", f"{name}.py"), *args, "--out", out]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun_recipe(name, args, out)
     _run(name, args + ["--out", single])
     two, one = _rows(out), _rows(single)
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-4)

@@ -4,7 +4,6 @@
 random draws; then a few steps end to end and the reference backend's losses."""
 import json
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import pytest

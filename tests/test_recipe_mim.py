@@ -9,7 +9,6 @@ import importlib.util
 import json
 import math
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ RelViT's code (``datasets/transforms.py`` image2patches / patches2image, ``Shuff
 ``SSLSignal`` and ``RelViT.training_step``), then a few steps end to end."""
 import json
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import pytest

@@ -7,9 +7,6 @@ equal one process (up to the order of the gradient all-reduce's sums).
 """
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +15,7 @@ from PIL import Image
 
 from sslkern.train.logging import RunLogger
 
-from recipe_helpers import ROOT, deterministic_rows, final_state, kill_at_first_checkpoint, load_recipe
+from recipe_helpers import deterministic_rows, final_state, kill_at_first_checkpoint, load_recipe, torchrun_recipe
 
 TINY = ["--dim", "32", "--heads", "2", "--depth", "2", "--top-k", "2", "--decoder-dim", "16", "--decoder-groups", "8",
         "--image-size", "16", "--batch-size", "8", "--epochs", "2", "--eval-every", "0", "--no-probe", "--quiet",
@@ -74,14 +71,7 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path, jp
 def test_two_ranks_equal_one_process_on_streamed_images(tmp_path, jpeg_folder):
     out, single = str(tmp_path / "ddp"), str(tmp_path / "single")
     args = TINY + ["--data", jpeg_folder, "--workers", "1", "--steps", "3"]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           os.path.join(ROOT, "recipes", "data2vec2.py"), *args, "--out", out]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun_recipe("data2vec2", args, out)
     assert json.load(open(os.path.join(out, "config.json")))["world_size"] == 2
     load_recipe("data2vec2").main(args + ["--out", single])
     two = [r["loss"] for r in RunLogger.read_metrics(os.path.join(out, "metrics.jsonl")) if r["kind"] == "train"]

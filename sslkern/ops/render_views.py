@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from .._backend import Dispatch, ext_op, module_attr
-from .._checks import ArgumentError, check_tensor, fail
+from .._checks import check_tensor, fail
 from ..views import ViewParams
 
 OP = "render_views"

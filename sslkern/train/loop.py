@@ -195,6 +195,7 @@ def build_parser(method: type[Method]) -> argparse.ArgumentParser:
                    help="a timm ViT name (vit_small_patch16_224, vit_base_patch16_224, ...; sets --dim, --depth, "
                         "--heads, --patch-size); default: the small ViT of the options below")
     g.add_argument("--image-size", type=int)
+    g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the ViT (timm drop_path_rate)")
     g.add_argument("--patch-size", type=int)
     g.add_argument("--dim", type=int)
     g.add_argument("--depth", type=int)
@@ -222,6 +223,8 @@ def check_common(a, error) -> None:
             error(f"--{name.replace('_', '-')} expected >= 0, got {getattr(a, name)}")
     if a.lr <= 0:
         error(f"--lr expected > 0, got {a.lr}")
+    if not 0 <= a.drop_path < 1:
+        error(f"--drop-path expected in [0, 1), got {a.drop_path}")
     if a.clip_grad < 0:
         error(f"--clip-grad expected >= 0, got {a.clip_grad}")
     if a.image_size % a.patch_size:
@@ -282,7 +285,8 @@ def build_vit(a, in_chans: int, **overrides):
     if getattr(a, "model", None):
         import timm
 
-        kw = dict(img_size=a.image_size, in_chans=in_chans, num_classes=0, global_pool="token", **overrides)
+        kw = dict(img_size=a.image_size, in_chans=in_chans, num_classes=0, global_pool="token",
+                  **({"drop_path_rate": a.drop_path} if getattr(a, "drop_path", 0.0) else {}), **overrides)
         vit = timm.create_model(a.model, pretrained=False, **kw)
         vit._sslkern_timm_kwargs = {"model_name": a.model, **kw}  # timm.create_model(**) rebuilds it exactly
         return vit
@@ -290,6 +294,8 @@ def build_vit(a, in_chans: int, **overrides):
 
     kw = dict(img_size=a.image_size, patch_size=a.patch_size, in_chans=in_chans, embed_dim=a.dim, depth=a.depth,
               num_heads=a.heads, num_classes=0, global_pool="token")
+    if getattr(a, "drop_path", 0.0):
+        kw["drop_path_rate"] = a.drop_path
     kw.update(overrides)  # e.g. class_token=False, global_pool="avg"
     vit = VisionTransformer(**kw)
     vit._sslkern_timm_kwargs = kw  # what export_encoder writes, so timm rebuilds it exactly
