@@ -183,7 +183,8 @@ class CPC(Method):
         self.grid = grid_size(a.image_size, a.cpc_patch, a.cpc_stride)
         self.encoder = PatchGridViT(a.cpc_patch, a.cpc_stride, img_size=a.cpc_patch, patch_size=a.patch_size,
                                     in_chans=data.channels, embed_dim=a.dim, depth=a.depth, num_heads=a.heads,
-                                    num_classes=0, class_token=False, global_pool="avg")
+                                    num_classes=0, class_token=False, global_pool="avg",
+                                    **({"drop_path_rate": a.drop_path} if a.drop_path else {}))
         self.context = UpwardContext(a.dim, a.context_dim, a.context_blocks)
         self.target = nn.Conv2d(a.dim, a.target_dim, 1)
         self.predict = nn.ModuleList(nn.Conv2d(a.dim, a.target_dim, 1) for _ in a.offsets)
