@@ -235,7 +235,7 @@ class CLMIM(Method):
         loss_cl = self.cl_loss(q1, k2) + self.cl_loss(q2, k1)
         loss = (1 - lam) * loss_mim + lam * loss_cl                            # 5. the linear combination
         return loss, {"loss_mim": loss_mim.detach(), "loss_cl": loss_cl.detach(),
-                      "mim_gain": 1 - float(loss_mim.detach()) / max(float(baseline), 1e-12), **joint_health(z), **attn}
+                      "mim_gain": 1 - loss_mim.detach() / baseline.clamp_min(1e-12), **joint_health(z), **attn}
 
     def verdict(self, health):
         std, gain = health.get("embedding_std"), health.get("mim_gain")
