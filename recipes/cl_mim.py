@@ -138,7 +138,8 @@ class CLMIM(Method):
         _doc="Park et al. 2023 (ViT-B/16, L = (1 - λ)·SimMIM + λ·MoCo v3): MoCo v3's ViT-B schedule "
              "(moco-v3 CONFIG.md: 300 epochs, batch 4096, AdamW lr 1.5e-4 x 4096/256, wd 0.1, 40 warm-up epochs, "
              "τ 0.2, m 0.99 cosine, MLP 4096 / 256) with SimMIM's mask (simmim_pretrain__vit_base__img224__800ep.yaml: "
-             "32-px mask patches, ratio 0.6, crop 0.67-1; its 800 epochs not used); λ 0.2 (docs/recipes/cl_mim.md)")}
+             "32-px mask patches, ratio 0.6, crop 0.67-1; its 800 epochs not used); λ 0.2, a low CL weight "
+             "from the range of Park et al.'s Fig. 12 (no published config: set --cl-weight from the figure)")}
 
     @staticmethod
     def add_arguments(g):
