@@ -46,6 +46,15 @@ class MoCoV3(Method):
     name, title = "moco", "MoCo v3"
     defaults = dict(epochs=40, lr=1e-3, weight_decay=0.1, warmup_epochs=5, eval_every=20)
     health = {"embedding_std": "low"}
+    presets = {"paper": dict(
+        _doc="MoCo v3 ViT-B/16 on ImageNet, 300 epochs (moco-v3 CONFIG.md, main_moco.py): AdamW, lr 1.5e-4 x "
+             "batch / 256 (here for batch 4,096; scale it with --batch-size), weight decay 0.1, 40 warm-up epochs, "
+             "MLPs 4,096 wide with 256 outputs, temperature 0.2, momentum 0.99 -> 1, CLS token, BYOL's augmentations "
+             "with crop 0.08-1, frozen random patch projection. Not reproduced: the fixed 2-D sin-cos position "
+             "embedding (learned here)",
+        model="vit_base_patch16_224", image_size=224, batch_size=4096, epochs=300, lr=2.4e-3, min_lr=0.0,
+        warmup_epochs=40, weight_decay=0.1, clip_grad=0.0, hidden_dim=4096, out_dim=256, temperature=0.2,
+        momentum_encoder=0.99, pool="cls", crop_scale=(0.08, 1.0), degrees=0.0, eval_every=0)}
 
     @staticmethod
     def add_arguments(g):

@@ -38,6 +38,16 @@ class SimCLR(Method):
     name, title = "simclr", "SimCLR"
     defaults = dict(epochs=40, lr=1e-3, weight_decay=0.05, warmup_epochs=5, eval_every=20)
     health = {"embedding_std": "low"}
+    presets = {"paper": dict(
+        _doc="SimCLR on a ViT-B/16 at 224: the optimizer is MoCo v3's ViT recipe (moco-v3 CONFIG.md: AdamW, lr "
+             "1.5e-4 x batch / 256, here for batch 4,096, weight decay 0.1, 40 warm-up of 300 epochs), the task is "
+             "SimCLR's (google-research simclr README): batch 4,096, temperature 0.1, projector 2,048 wide with 128 "
+             "outputs, crop 0.08-1, CLS token. Not reproduced: LARS (lr 0.3 x batch / 256, weight decay 1e-6) on a "
+             "ResNet-50, and SimCLR's colour distortion of strength 1 with symmetric blur (the recipe renders "
+             "BYOL's asymmetric augmentations)",
+        model="vit_base_patch16_224", image_size=224, batch_size=4096, epochs=300, lr=2.4e-3, min_lr=0.0,
+        warmup_epochs=40, weight_decay=0.1, clip_grad=0.0, hidden_dim=2048, out_dim=128, temperature=0.1,
+        pool="cls", crop_scale=(0.08, 1.0), degrees=0.0, eval_every=0)}
 
     @staticmethod
     def add_arguments(g):
