@@ -44,6 +44,7 @@ flips on digits; learned position embeddings.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -191,8 +192,10 @@ class CLMIM(Method):
         self.predictor = mlp(a.out_dim, a.hidden_dim, a.out_dim, 2, last_bn=True)
         self.momentum = sslkern.nn.EMATeacher(self.base)
         self.cl_loss = sslkern.nn.InfoNCELoss(a.temperature, gather_distributed=True, scale=2 * a.temperature)
-        # the SimMIM crop, then MoCo's two views: one render call
-        self.view_specs = single_view(a, data, scale=tuple(a.mim_scale), degrees=a.degrees) + two_views(a, data)
+        # the SimMIM crop (--mim-scale; single_view itself reads MoCo's --crop-scale), then MoCo's
+        # two views: one render call
+        mim_crop = [dataclasses.replace(s, scale=tuple(a.mim_scale)) for s in single_view(a, data)]
+        self.view_specs = mim_crop + two_views(a, data)
         self.attention = AttentionDistance(vit)
 
     def schedule(self, ctx):

@@ -53,7 +53,7 @@ from torch import nn
 import sslkern
 from sslkern.train import Method, run
 from sslkern.train.health import batch_std
-from sslkern.train.views import single_view
+from sslkern.train.views import add_crop_arguments, check_crop_arguments, single_view
 
 
 def grid_size(image_size: int, patch: int, stride: int) -> int:
@@ -149,9 +149,7 @@ class CPC(Method):
         g.add_argument("--context-dim", type=int, default=128, help="hidden width of the context blocks (paper: 256)")
         g.add_argument("--context-blocks", type=int, default=2, help="residual blocks of the context network (paper: 5)")
         g.add_argument("--pred-scale", type=float, default=0.1, help="predictions × this (paper: emb_scale 0.1)")
-        g.add_argument("--crop-scale", type=float, nargs=2, default=(0.5, 1.0),
-                       help="random resized crop area range of the image (CPC v1: a 256 crop of a 300 resize, 0.73)")
-        g.add_argument("--degrees", type=float, default=10.0, help="random rotation of the image (papers: none)")
+        add_crop_arguments(g, scale=(0.5, 1.0), degrees=10.0)
 
     @staticmethod
     def check_arguments(a, error):
@@ -171,11 +169,7 @@ class CPC(Method):
                   f"{' '.join(map(str, a.offsets))}")
         if a.pred_scale <= 0:
             error(f"--pred-scale expected > 0, got {a.pred_scale}")
-        lo, hi = a.crop_scale
-        if not 0 < lo <= hi <= 1:
-            error(f"--crop-scale expected 0 < lo <= hi <= 1, got {lo} {hi}")
-        if a.degrees < 0:
-            error(f"--degrees expected >= 0, got {a.degrees}")
+        check_crop_arguments(a, error)
 
     def __init__(self, a, data):
         super().__init__()
@@ -189,7 +183,7 @@ class CPC(Method):
         self.target = nn.Conv2d(a.dim, a.target_dim, 1)
         self.predict = nn.ModuleList(nn.Conv2d(a.dim, a.target_dim, 1) for _ in a.offsets)
         self.loss = sslkern.nn.CPCLoss(self.grid ** 2)      # every target of the global batch, τ = 1
-        self.view = single_view(a, data, scale=tuple(a.crop_scale), degrees=a.degrees)
+        self.view = single_view(a, data)                    # --crop-scale, --degrees, --flip-p
         self.export_extra = {"cpc_patch": a.cpc_patch, "cpc_stride": a.cpc_stride}
 
     def encoders(self):

@@ -110,6 +110,7 @@ def test_step_is_simmim_plus_moco_on_the_ctx_draws():
     images = ragged(12, seed=5)
     loss, metrics = method(images, step_ctx(method, 9, 12))
     ctx = step_ctx(method, 9, 12)
+    assert [s.scale for s in method.view_specs] == [tuple(a.mim_scale)] + [tuple(a.crop_scale)] * 2
     mim_view, v1, v2 = ctx.views(images, method.view_specs)
     assert mim_view.shape == v1.shape == (12, 1, 16, 16) and not torch.equal(v1, v2)
     mask = mod.simmim_mask(12, 4, 1, a.mask_ratio, generator=torch.Generator().manual_seed(9))

@@ -112,6 +112,7 @@ def test_step_loss_is_infonce_over_every_target_of_the_batch():
     method, a = _method(["--offsets", "1", "2"])
     images = ragged(64)
     loss, metrics = method(images, step_ctx(method, 3, 64))
+    assert (method.view[0].scale, method.view[0].degrees) == ((0.5, 1.0), 10.0)   # --crop-scale, --degrees
     view, = step_ctx(method, 3, 64).views(images, method.view)                     # the step's own draw
     assert view.shape == (64, 1, 16, 16)
     z = method.latents(view)
