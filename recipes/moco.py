@@ -9,7 +9,10 @@ One step, as in moco-v3 ``moco/builder.py: MoCo_ViT`` and ``main_moco.py``:
   3. keys       the momentum encoder (EMA of ViT + projector) on both views: k1, k2
   4. loss       symmetric InfoNCE, τ = 0.2: ctr(q1, k2) + ctr(q2, k1), where ctr is the
                 cross-entropy of the L2-normalised q·kᵀ/τ against the matching key (the keys
-                of every rank are the negatives), × 2τ as moco-v3 (``sslkern.info_nce_loss``)
+                of every rank are the negatives), × 2τ as moco-v3 (``sslkern.info_nce_loss``);
+                ``--loss rince``: RINCE over the same logits (chingyaoc/RINCE ``moco-v3``:
+                ``((λ·Σ_j e^{s_j})^q − e^{q·s⁺})/q``, × 2τ, q 0.6, λ 0.01), the InfoNCE value
+                logged beside it as ``infonce``
   5. step       AdamW, warm-up + cosine lr
   6. momentum   momentum encoder ← EMA of the base encoder (``sslkern.nn.EMATeacher``),
                 m cosine from m0 = 0.99 to 1
@@ -32,8 +35,9 @@ import torch
 
 import sslkern
 from sslkern.train import Method, build_vit, run
-from sslkern.train.joint import (add_view_arguments, check_view_arguments, encoder, joint_health,
-                                 joint_verdict, mlp, positive_int_options, two_views)
+from sslkern.train.joint import (add_loss_arguments, add_view_arguments, check_loss_arguments,
+                                 check_view_arguments, encoder, joint_health, joint_verdict, mlp,
+                                 positive_int_options, rince_of, two_views)
 
 
 class MoCoV3(Method):
@@ -60,6 +64,7 @@ class MoCoV3(Method):
         g.add_argument("--momentum-encoder", type=float, default=0.99, help="m0, cosine to 1 (moco-v3 ViT: 0.99)")
         g.add_argument("--train-patch-embed", dest="frozen_patch_embed", action="store_false",
                        help="learn the patch projection (moco-v3 freezes it at its random init)")
+        add_loss_arguments(g, rince_q=0.6)
         add_view_arguments(g)
 
     @staticmethod
@@ -69,6 +74,7 @@ class MoCoV3(Method):
             error(f"--temperature expected > 0, got {a.temperature}")
         if not 0 <= a.momentum_encoder <= 1:
             error(f"--momentum-encoder expected in [0, 1], got {a.momentum_encoder}")
+        check_loss_arguments(a, error)
         check_view_arguments(a, error)
 
     def __init__(self, a, data):
@@ -80,7 +86,9 @@ class MoCoV3(Method):
         self.base = encoder(vit, mlp(a.dim, a.hidden_dim, a.out_dim, 3, last_bn=True), a.pool)
         self.predictor = mlp(a.out_dim, a.hidden_dim, a.out_dim, 2, last_bn=True)
         self.momentum = sslkern.nn.EMATeacher(self.base)  # frozen copy; EMA of every trained parameter
-        self.loss = sslkern.nn.InfoNCELoss(a.temperature, gather_distributed=True, scale=2 * a.temperature)
+        self.loss = sslkern.nn.InfoNCELoss(a.temperature, gather_distributed=True, scale=2 * a.temperature,
+                                           rince=rince_of(a))
+        self.infonce = sslkern.nn.InfoNCELoss(a.temperature, gather_distributed=True, scale=2 * a.temperature)
         self.views = two_views(a, data)
 
     def schedule(self, ctx):
@@ -99,7 +107,11 @@ class MoCoV3(Method):
         with torch.no_grad():
             k1, k2 = self.momentum(views).chunk(2)                               # 3. keys
         loss = self.loss(q1, k2) + self.loss(q2, k1)                             # 4. symmetric InfoNCE
-        return loss, joint_health(z)
+        metrics = joint_health(z)
+        if self.a.loss == "rince":                                               #    (or RINCE)
+            with torch.no_grad():
+                metrics["infonce"] = self.infonce(q1, k2) + self.infonce(q2, k1)
+        return loss, metrics
 
     def verdict(self, health):
         return joint_verdict(health)

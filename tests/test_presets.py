@@ -20,7 +20,7 @@ from sslkern.train.presets import preset_table, recipe_methods, unknown_options
 METHODS = recipe_methods()
 WITH_PRESETS = [(script, cls) for script, cls in METHODS if cls.presets]
 EXPECTED = {"beit", "byol", "data2vec", "data2vec2", "dino", "ibot", "ijepa", "mae", "maskfeat", "moco",
-            "pretext-rotation", "pretext-jigsaw", "relvit", "simclr", "simsiam"}
+            "pretext-rotation", "pretext-jigsaw", "relvit", "simclr", "simsiam", "cpc", "cl_mim"}
 ENV = {**os.environ, "PYTHONPATH": ROOT}
 
 

@@ -47,6 +47,27 @@ def check_view_arguments(a, error):
     views.check_crop_arguments(a, error)
 
 
+def add_loss_arguments(g, *, rince_q: float, rince_lam: float = 0.01):
+    """``--loss infonce|rince`` and RINCE's (q, λ) (Chuang et al. 2022; defaults: chingyaoc/RINCE's
+    for the recipe's form)."""
+    g.add_argument("--loss", choices=("infonce", "rince"), default="infonce",
+                   help="contrastive loss: InfoNCE, or RINCE (robust InfoNCE; the InfoNCE value is logged beside it)")
+    g.add_argument("--rince-q", type=float, default=rince_q, help=f"RINCE q (chingyaoc/RINCE README: {rince_q})")
+    g.add_argument("--rince-lam", type=float, default=rince_lam, help=f"RINCE λ (chingyaoc/RINCE README: {rince_lam})")
+
+
+def check_loss_arguments(a, error):
+    if not (0 <= a.rince_q < float("inf")):
+        error(f"--rince-q expected >= 0, got {a.rince_q}")
+    if not (0 < a.rince_lam < float("inf")):
+        error(f"--rince-lam expected > 0, got {a.rince_lam}")
+
+
+def rince_of(a):
+    """``rince=`` of ``sslkern.info_nce_loss`` for the options: (q, λ) or None (InfoNCE)."""
+    return (a.rince_q, a.rince_lam) if a.loss == "rince" else None
+
+
 def two_views(a, data) -> list:
     """Two crops at the image size (random resized crop, rotation; for RGB data flips and
     BYOL's asymmetric colour pipeline: blur 1.0 / 0.1, solarize 0 / 0.2)."""
