@@ -190,3 +190,24 @@ def test_auto_precision_rule_and_info_report(monkeypatch, native):
     assert precision.resolve_precision("fp16", cpu, 96) == ("fp16", "asked for")
     lines = info.precision_report()
     assert f"ViT-S, dim 384: {'bf16' if native else 'fp32'} — " in "\n".join(lines), lines
+
+
+def test_block_outputs_of_compiled_blocks():
+    """data2vec's targets read block outputs through forward hooks added per call; compiled
+    blocks do not see such hooks (dynamo does not guard on them), so ``block_outputs`` must
+    still return every requested layer after the blocks were compiled and called without hooks."""
+    import sslkern
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=0).eval()
+    x = torch.randn(2, 3, 16, 16)
+    want = {site: sslkern.nn.block_outputs(vit, x, 2, site=site) for site in ("block", "mlp")}
+    for blk in vit.blocks:
+        blk.compile(backend="eager")
+    vit(x)  # the compiled blocks' first call has no hooks
+    for site in ("block", "mlp", "block"):
+        got = sslkern.nn.block_outputs(vit, x, 2, site=site)
+        assert len(got) == 2, site
+        for g, w in zip(got, want[site]):
+            torch.testing.assert_close(g, w)
