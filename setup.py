@@ -106,11 +106,11 @@ setup(
     description="Fused kernels for self-supervised ViT training (DINO, iBOT, data2vec 2.0, MAE, I-JEPA, BYOL)",
     packages=find_packages(include=["sslkern", "sslkern.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.5", "numpy"],
+    install_requires=["torch>=2.5", "numpy", "Pillow>=10"],
     extras_require={
         "triton": ["triton"],
         "recipes": ["timm", "scikit-learn", "safetensors", "tqdm", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "timm", "lightly", "scikit-learn", "safetensors", "tqdm", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "timm", "lightly", "torchvision", "scikit-learn", "safetensors", "tqdm", "matplotlib"],
     },
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

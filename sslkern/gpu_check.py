@@ -127,7 +127,7 @@ class OpCase:
         return getattr(importlib.import_module(mod), attr).backends
 
 
-_NO_GRAD = {"ema_update_", "layer_average_targets", "hog_targets", "sinkhorn_knopp_teacher"}
+_NO_GRAD = {"ema_update_", "layer_average_targets", "hog_targets", "sinkhorn_knopp_teacher", "render_views"}
 
 
 def _gen(seed: int = 0):
@@ -380,6 +380,30 @@ def _case_hog(device, dtype, backend):
     return [], run
 
 
+def _case_render(device, dtype, backend):
+    import torch
+
+    import sslkern
+    from sslkern import RaggedImages
+    from sslkern.views import dino_multicrop, draw_view_params
+
+    g = _gen(6)
+    images = RaggedImages.from_list([torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g)
+                                     for h, w in ((20, 17), (9, 30))])
+    specs = dino_multicrop(global_size=12, local_size=6, n_local=2)
+    params = []
+    for i, spec in enumerate(specs):
+        u = torch.rand(3, spec.num_uniforms, generator=_gen(7 + i), dtype=torch.float64)
+        src = torch.randint(0, len(images), (3,), generator=g)
+        params.append((spec.size, draw_view_params(spec, images.hw, u, src).to(device)))
+    images = images.to(device)
+
+    def run():
+        for size, p in params:
+            sslkern.render_views(images, p, size, mean=[0.5] * 3, std=[0.25] * 3, out_dtype=dtype, backend=backend)
+    return [], run
+
+
 _OPS = "sslkern.ops."
 OP_CASES = [
     OpCase("ema_update_", (_OPS + "ema_update:dispatch",), _case_ema),
@@ -399,6 +423,7 @@ OP_CASES = [
     OpCase("masked_regression_loss", (_OPS + "masked_regression_loss:dispatch",), _case_masked_regression),
     OpCase("gather_tokens / restore_tokens", (_OPS + "tokens:gather_dispatch",), _case_tokens),
     OpCase("hog_targets", (_OPS + "hog_targets:dispatch",), _case_hog),
+    OpCase("render_views", (_OPS + "render_views:dispatch",), _case_render),
 ]
 
 
@@ -982,13 +1007,19 @@ def _pytest(ctx, root: Path, args: list[str], reserve_s: float) -> dict:
             "details": {"command": " ".join(cmd[2:]), "log_tail": out[-6000:]}}
 
 
+def _repo_dir_or_skip(ctx, name: str, cpu_hint: str):
+    """The repository folder ``name`` beside the package; a dry run or an installed package skips."""
+    if ctx.dry:
+        raise Skip(cpu_hint)
+    folder = _repo_dir(name)
+    if folder is None:
+        raise Skip(f"no {name}/ beside the package (not an editable install of the repository)")
+    return folder
+
+
 @check("test_suite")
 def _test_suite(ctx):
-    if ctx.dry:
-        raise Skip("the CPU run of the test suite is `pytest tests` (Triton in the interpreter)")
-    tests = _repo_dir("tests")
-    if tests is None:
-        raise Skip("no tests/ beside the package (not an editable install of the repository)")
+    tests = _repo_dir_or_skip(ctx, "tests", "the CPU run of the test suite is `pytest tests` (Triton in the interpreter)")
     slow = ("test_recipe_", "test_train_loop", "test_gpu_check", "test_gpu_compile", "test_fsdp",
             "test_integration_examples")
     files = sorted(str(p.relative_to(tests.parent)) for p in tests.glob("test_*.py")
@@ -998,11 +1029,7 @@ def _test_suite(ctx):
 
 @check("bench")
 def _bench(ctx):
-    if ctx.dry:
-        raise Skip("on CPU the benchmarks are `pytest bench --benchmark-only`")
-    bench = _repo_dir("bench")
-    if bench is None:
-        raise Skip("no bench/ beside the package (not an editable install of the repository)")
+    bench = _repo_dir_or_skip(ctx, "bench", "on CPU the benchmarks are `pytest bench --benchmark-only`")
     res = _pytest(ctx, bench.parent, ["bench", "--benchmark-only", "--bench-no-write"], reserve_s=10)
     tail = res["details"].get("log_tail", "")
     if "sslkern benchmark summary" in tail:
