@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -50,7 +51,7 @@ def one_recipe(name: str, a) -> dict:
     from sslkern.train.loop import run
     from sslkern.train.presets import recipe_methods
 
-    cls = dict((c.name, c) for _, c in recipe_methods())[name]
+    cls = {c.name: c for _, c in recipe_methods()}[name]
     size = [] if FULL else ["--dim", str(a.dim), "--depth", str(a.depth), "--heads", str(a.heads),
                             "--batch-size", str(a.batch_size)]
     base = size + ["--seed", "0", "--epochs", "1", "--eval-every", "0", "--eval-images", "32", "--no-probe",
@@ -66,11 +67,12 @@ def one_recipe(name: str, a) -> dict:
         runs["compile"] = go("compile", "--precision", "fp32", "--compile", steps=a.compile_steps)
     loss = {k: [r["loss"] for r in v] for k, v in runs.items()}
     step_s = {k: [r["step_s"] for r in v] for k, v in runs.items()}
-    steady = lambda k, n=None: statistics.median(step_s[k][5:n])  # noqa: E731
+    def steady(k, n=None):
+        return statistics.median(step_s[k][5:n])
+
     for p in ("bf16", "fp16"):
         rel = _rel(loss[p], loss["fp32"])
-        res[p] = {"max_rel": max(rel), "last_rel": rel[-1], "finite": all(v == v and abs(v) != float("inf")
-                                                                          for v in loss[p]),
+        res[p] = {"max_rel": max(rel), "last_rel": rel[-1], "finite": all(map(math.isfinite, loss[p])),
                   "step_ratio": steady(p) / steady("fp32")}
     skipped = [r.get("skipped_steps", 0) for r in runs["fp16"]]
     res["fp16"].update(skipped=skipped[-1], last_skipped=max((i + 1 for i in range(len(skipped))
@@ -117,7 +119,8 @@ def misses(r: dict, a) -> list[str]:
     if r["fp16"]["last_skipped"] > a.settle:
         out.append(f"{r['recipe']} fp16: a step was skipped at step {r['fp16']['last_skipped']} > {a.settle}")
     if r["compile"]["max_rel"] > a.compile_rtol:
-        out.append(f"{r['recipe']} compile: loss differs from eager by {r['compile']['max_rel']:.1e} > {a.compile_rtol:g}")
+        out.append(f"{r['recipe']} compile: loss differs from eager by {r['compile']['max_rel']:.1e} "
+                   f"> {a.compile_rtol:g}")
     return out
 
 

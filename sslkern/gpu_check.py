@@ -962,7 +962,7 @@ def _train_recipes(ctx):
                     first = next(m for m in RunLogger.read_metrics(str(out / "metrics.jsonl")) if m["kind"] == "train")
                     row[backend] = {"img_per_s": tp.get("img_per_s"), "data_wait_frac": tp.get("data_wait_frac"),
                                     "peak_mem_mb": tp.get("peak_mem_mb"), "first_loss": first.get("loss")}
-                except BaseException as e:  # noqa: BLE001 - SystemExit from a parser error included
+                except BaseException as e:  # SystemExit from a parser error included
                     if isinstance(e, KeyboardInterrupt):
                         raise
                     row[backend] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -1109,7 +1109,9 @@ def render_markdown(report: dict) -> str:
             if name == "settings":
                 continue
             a, r = row.get("auto"), row.get("reference")
-            cell = lambda x, k, f: f.format(x[k]) if isinstance(x, dict) and x.get(k) is not None else str(x)[:60]  # noqa: E731
+            def cell(x, k, f):
+                return f.format(x[k]) if isinstance(x, dict) and x.get(k) is not None else str(x)[:60]
+
             lines.append(f"| {name} | {cell(a, 'img_per_s', '{:.1f}')} | {cell(r, 'img_per_s', '{:.1f}')} | "
                          f"{row.get('speedup', '–')} | {cell(a, 'data_wait_frac', '{:.1%}')} | "
                          f"{cell(a, 'peak_mem_mb', '{:.0f}')} |")

@@ -38,7 +38,8 @@ def precision_report() -> list[str]:
     lines = ["--precision auto (the recipes' mixed precision):",
              f"  cpu: native bf16 matmul {'yes' if native else 'no'}, native fp16 matmul "
              f"{'yes' if cpu_native_half(torch.float16) else 'no'} (oneDNN's checks; AVX512-BF16 / AMX)"]
-    for dim, what in ((COMMON_DEFAULTS["dim"], f"the digits default, dim {COMMON_DEFAULTS['dim']}"), (CPU_BF16_MIN_DIM, f"ViT-S, dim {CPU_BF16_MIN_DIM}")):
+    small = COMMON_DEFAULTS["dim"]
+    for dim, what in ((small, f"the digits default, dim {small}"), (CPU_BF16_MIN_DIM, f"ViT-S, dim {CPU_BF16_MIN_DIM}")):
         precision, why = resolve_precision("auto", torch.device("cpu"), dim)
         lines.append(f"  cpu, {what}: {precision} — {why.removeprefix('auto: ')}")
     if torch.cuda.is_available():

@@ -120,6 +120,7 @@ def test_half_precision_steps(tmp_path, fp32_losses, name, precision):
     ref = fp32_losses(name)[0]
     assert rows[0]["loss"] == pytest.approx(ref, rel=HALF_RTOL[precision], abs=1e-3), (rows[0]["loss"], ref)
     _check_summary(out, precision)
+    assert _summary(out)["skipped_steps"] == rows[-1].get("skipped_steps", 0)
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -196,8 +197,9 @@ def test_block_outputs_of_compiled_blocks():
     """data2vec's targets read block outputs through forward hooks added per call; compiled
     blocks do not see such hooks (dynamo does not guard on them), so ``block_outputs`` must
     still return every requested layer after the blocks were compiled and called without hooks."""
-    import sslkern
     from timm.models.vision_transformer import VisionTransformer
+
+    import sslkern
 
     torch.manual_seed(0)
     vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=0).eval()

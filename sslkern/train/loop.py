@@ -687,6 +687,7 @@ def run(method_cls: type[Method], argv=None) -> dict:
     rows = RunLogger.read_metrics(log.metrics_path)
     health = health_summary(rows, method_cls.health, step)
     results["throughput"] = throughput_summary(rows)
+    results["skipped_steps"] = next((r["skipped_steps"] for r in reversed(rows) if "skipped_steps" in r), 0)
     collapsed, verdict = method.verdict({k: v["final"] for k, v in health.items()})
     results.update(health=health, collapsed=collapsed, verdict=verdict)
     log.plot(health=list(method_cls.health))
