@@ -10,8 +10,8 @@ that make a recipe tiny (a recipe without an entry runs with the common tiny opt
   graph nodes in a compiled block (data2vec 2.0 with ``--alibi``: ``alibi_attention``).
 * ``--model vit_small_patch16_224 --image-size 224``: one step at batch 2 on a tiny RGB JPEG
   folder, and the exported encoders load into ``timm.create_model(name, pretrained=False)``
-  strictly. By default for one recipe of each family (distillation, MIM, contrastive); every
-  recipe with ``SSLKERN_SLOW_TESTS=1``.
+  strictly. By default for dino, mae, simclr and ijepa (one recipe of each family, and the one
+  whose encoder overrides timm's defaults); every recipe with ``SSLKERN_SLOW_TESTS=1``.
 * ``summary.json`` holds images/s, the data-wait fraction and the peak memory.
 """
 import json
@@ -39,8 +39,10 @@ COMMON = ["--dim", "16", "--heads", "2", "--depth", "1", "--batch-size", "8", "-
 # Options that shrink a recipe beyond COMMON, keyed by Method.name (the table gpu_check's dry
 # training stage uses too); a recipe without an entry runs with COMMON only.
 TINY_EXTRA = TINY_RECIPE_ARGS
-# One recipe of each family for the default ViT-S/16 run (all of them with SSLKERN_SLOW_TESTS=1).
-VIT_S_DEFAULT = ("dino", "mae", "simclr")
+# One recipe of each family for the default ViT-S/16 run (all of them with SSLKERN_SLOW_TESTS=1):
+# distillation, MIM, contrastive, and I-JEPA, whose encoder overrides timm's defaults (no CLS
+# token, average pooling).
+VIT_S_DEFAULT = ("dino", "mae", "simclr", "ijepa")
 
 # Step-1 losses (same weights, same views) of bf16 / fp16 autocast against fp32: the forward's
 # matmuls round to 8 (bf16) or 11 (fp16) mantissa bits, the reductions stay fp32.
