@@ -219,11 +219,12 @@ def measure(
 
 
 def measure_interleaved(benchmark, *, op: str, case: str, fns: dict, rounds: int = 25, warmup: int = 2,
-                        setup: dict | None = None) -> dict:
+                        setup: dict | None = None, targets: dict | None = None) -> dict:
     """Time several callables round-robin (one call of each per round) and record each as a
     provider of one case; the first key is the baseline the ratios are taken against (name it
     "sslkern"). For sweeps of one op over its inputs: on a shared VM whose speed drifts by
     10-30 % over minutes, timing each variant in its own block measures the drift, not the op.
+    ``targets``: {name: the speed-up sslkern should reach over it} (as ``measure``'s ``target``).
     Returns {name: median seconds}."""
     rounds = _rounds(rounds) if FULL else min(rounds, 10)
     setup = setup or {}
@@ -261,6 +262,6 @@ def measure_interleaved(benchmark, *, op: str, case: str, fns: dict, rounds: int
         RESULTS.append(Result(
             op=op, case=case, provider=k, median_ms=out[k] * 1e3, iqr_ms=(q[2] - q[0]) * 1e3,
             min_ms=min(ts) * 1e3, rounds=len(ts), peak_extra_mb=peaks[k] / 2**20, bytes_moved=None, gbps=None,
-            target=None, machine=machine(), torch_version=torch.__version__,
+            target=(targets or {}).get(k), machine=machine(), torch_version=torch.__version__,
             date=datetime.date.today().isoformat()))
     return out

@@ -19,11 +19,15 @@ oracles):
   relation_loss           RelViT pairwise spatial-relation CE (+ distance / angle MSE): no (B, 9, N, N) logits
   hog_targets             MaskFeat per-patch HOG targets (SlowFast HOGLayerC), masked patches only
   render_views            training views of a RaggedImages batch (crop, flip, jitter, blur, ...; sslkern.views)
+  cross_correlation_loss  Barlow Twins loss, exact, no (D, D) matrix (Gram form for N << D, tiled strips otherwise)
+  vicreg_loss             VICReg loss, exact, no (D, D) covariances (same two forms)
+  swav_loss               SwAV swapped prediction: per-crop Sinkhorn codes + the fused multi-crop cross-entropy
 
 Modules: ``sslkern.masks`` (mask generators: MAE random, block, data2vec 2.0 inverse block,
 I-JEPA multiblock), ``sslkern.nn`` (EMA teacher, DINO/iBOT losses with their centers,
-InfoNCE, ALiBi attention for timm, masked-token embedding and decoder input),
-``sslkern.schedules``, ``sslkern.reference`` (eager oracles). ``__all__`` lists the public API.
+InfoNCE, Barlow Twins / VICReg / SwAV losses, ALiBi attention for timm, masked-token embedding
+and decoder input), ``sslkern.schedules``, ``sslkern.reference`` (eager oracles). ``__all__``
+lists the public API.
 
 Integration: ``sslkern.patch_timm_vit(model)`` (timm ViT: sslkern attention, ALiBi,
 ``forward_masked``), ``sslkern.compat.{lightly,dinov2,timm}`` (drop-in losses, EMA, mask
@@ -42,6 +46,7 @@ from ._checks import ArgumentError
 from .ops import (
     alibi_attention,
     alibi_slopes,
+    cross_correlation_loss,
     data2vec_cls_loss,
     data2vec_loss,
     dino_loss,
@@ -57,6 +62,9 @@ from .ops import (
     relation_loss,
     restore_tokens,
     sinkhorn_knopp_teacher,
+    swav_codes,
+    swav_loss,
+    vicreg_loss,
 )
 from .ops import RaggedImages, render_views
 from .cpu_cache import cpu_cache_disabled, cpu_cache_info, empty_cpu_cache, set_cpu_cache_limit
@@ -67,10 +75,10 @@ from .patch import patch_timm_vit
 __all__ = [
     "__version__",
     # ops
-    "alibi_attention", "alibi_slopes", "data2vec_cls_loss", "data2vec_loss", "dino_loss", "ema_update_",
-    "gather_tokens", "hog_targets", "ibot_patch_loss", "info_nce_loss", "koleo_loss", "layer_average_targets",
-    "masked_regression_loss", "prototype_loss", "relation_loss", "render_views", "restore_tokens",
-    "sinkhorn_knopp_teacher", "RaggedImages",
+    "alibi_attention", "alibi_slopes", "cross_correlation_loss", "data2vec_cls_loss", "data2vec_loss", "dino_loss",
+    "ema_update_", "gather_tokens", "hog_targets", "ibot_patch_loss", "info_nce_loss", "koleo_loss",
+    "layer_average_targets", "masked_regression_loss", "prototype_loss", "relation_loss", "render_views",
+    "restore_tokens", "sinkhorn_knopp_teacher", "swav_codes", "swav_loss", "vicreg_loss", "RaggedImages",
     # backends, errors, the CPU output cache
     "BACKENDS", "backend_status", "use_backend", "ArgumentError",
     "cpu_cache_disabled", "cpu_cache_info", "empty_cpu_cache", "set_cpu_cache_limit",

@@ -380,6 +380,45 @@ def _case_hog(device, dtype, backend):
     return [], run
 
 
+def _redundancy_inputs(device, dtype, n=12, d=9):
+    za = _randn(n, d, device=device, dtype=dtype, seed=10, grad=True)
+    zb = _randn(n, d, device=device, dtype=dtype, seed=11, grad=True)
+    return za, zb
+
+
+def _case_cross_correlation(device, dtype, backend):
+    import sslkern
+
+    za, zb = _redundancy_inputs(device, dtype)
+
+    def run():
+        # scale: every gradient below 0.5 (tests/test_loss_scale.py multiplies them by 65,536 in fp16)
+        return (sslkern.cross_correlation_loss(za, zb, 0.02, scale=0.2, method="gram", backend=backend)
+                + sslkern.cross_correlation_loss(za, zb, 0.02, scale=0.2, groups=3, method="tiled", backend=backend))
+    return [za, zb], run
+
+
+def _case_vicreg(device, dtype, backend):
+    import sslkern
+
+    za, zb = _redundancy_inputs(device, dtype)
+
+    def run():
+        coeffs = dict(sim_coeff=2.0, std_coeff=2.0, cov_coeff=0.2)  # every gradient below 0.5 (fp16 loss-scale test)
+        return (sslkern.vicreg_loss(za, zb, method="gram", backend=backend, **coeffs)
+                + sslkern.vicreg_loss(za, zb, method="tiled", backend=backend, **coeffs))
+    return [za, zb], run
+
+
+def _case_swav(device, dtype, backend):
+    import sslkern
+
+    scores = _randn(4 * 3, 10, device=device, dtype=dtype, seed=12, scale=0.5, grad=True)  # 4 crops of 3 images
+    queue = [_randn(6, 10, device=device, dtype=dtype, seed=13 + i, scale=0.5) for i in range(2)]
+    return [scores], lambda: sslkern.swav_loss(scores, 4, queue_scores=queue, temperature=0.5, epsilon=0.5,
+                                                 backend=backend)
+
+
 def _case_render(device, dtype, backend):
     import torch
 
@@ -423,6 +462,9 @@ OP_CASES = [
     OpCase("masked_regression_loss", (_OPS + "masked_regression_loss:dispatch",), _case_masked_regression),
     OpCase("gather_tokens / restore_tokens", (_OPS + "tokens:gather_dispatch",), _case_tokens),
     OpCase("hog_targets", (_OPS + "hog_targets:dispatch",), _case_hog),
+    OpCase("cross_correlation_loss", (_OPS + "cross_correlation_loss:dispatch",), _case_cross_correlation),
+    OpCase("vicreg_loss", (_OPS + "vicreg_loss:dispatch",), _case_vicreg),
+    OpCase("swav_loss", (_OPS + "dino_loss:dispatch", _OPS + "dino_loss:sinkhorn_dispatch"), _case_swav),
     OpCase("render_views", (_OPS + "render_views:dispatch",), _case_render),
 ]
 

@@ -39,7 +39,7 @@ import torch
 
 from ._checks import check_tensor, fail
 
-__all__ = ["ViewSpec", "ViewParams", "draw_view_params", "dino_multicrop", "two_views", "single_view"]
+__all__ = ["ViewSpec", "ViewParams", "draw_view_params", "dino_multicrop", "swav_multicrop", "two_views", "single_view"]
 
 NUM_UNIFORMS = 37
 _TRIES = 10
@@ -283,6 +283,23 @@ def dino_multicrop(global_size: int = 224, local_size: int = 96, n_local: int = 
                   solarize_p=0.2 if color else 0.0, **col)
     local = ViewSpec(local_size, scale=local_scale, flip_p=0.5, blur_p=0.5 if color else 0.0, **col)
     return [g1, g2] + [local] * n_local
+
+
+def swav_multicrop(global_size: int = 224, local_size: int = 96, n_global: int = 2, n_local: int = 6,
+                   global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), color: bool = True) -> list[ViewSpec]:
+    """SwAV multi-crop: ``n_global`` crops at ``global_size`` then ``n_local`` at ``local_size``.
+
+    swav ``src/multicropdataset.py: MultiCropDataset`` (defaults: ``swav_800ep_pretrain.sh``,
+    2 × 224 at (0.14, 1) + 6 × 96 at (0.05, 0.14)): every crop the same pipeline,
+    RandomResizedCrop, flip 0.5 and (``color``) ``get_color_distortion(s=1)`` —
+    ColorJitter(0.8, 0.8, 0.8, 0.2) with p 0.8, RandomGrayscale 0.2 — then a Gaussian blur
+    with p 0.5, sigma U(0.1, 2) (swav's ``RandomGaussianBlur``: cv2, 23 × 23 taps); no
+    solarization. ``color=False`` leaves crops and flips.
+    """
+    col = dict(jitter_p=0.8, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, gray_p=0.2, blur_p=0.5) if color \
+        else {}
+    return ([ViewSpec(global_size, scale=global_scale, flip_p=0.5, **col)] * n_global
+            + [ViewSpec(local_size, scale=local_scale, flip_p=0.5, **col)] * n_local)
 
 
 def two_views(size: int = 224, scale=(0.08, 1.0), asymmetric: bool = True, color: bool = True) -> list[ViewSpec]:

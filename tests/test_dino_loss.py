@@ -373,7 +373,7 @@ def test_sinkhorn_cpu_kernel_equals_log_domain(dtype, N, K, scale):
 
 def test_sinkhorn_custom_op_and_bad_input():
     t = torch.randn(6, 40)
-    torch.library.opcheck(torch.ops.sslkern.sinkhorn_teacher.default, (t, 0.05, 3, "cpu"))
+    torch.library.opcheck(torch.ops.sslkern.sinkhorn_teacher.default, (t, 0.05, 3, 0, "cpu"))
     compiled = torch.compile(lambda x: sslkern.sinkhorn_knopp_teacher(x, 0.05), fullgraph=True)
     torch.testing.assert_close(compiled(t), sslkern.sinkhorn_knopp_teacher(t, 0.05), atol=0, rtol=0)
     with pytest.raises(ValueError, match=r"n_iterations must be in \[0, inf\], got -1"):

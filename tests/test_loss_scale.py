@@ -16,7 +16,7 @@ from sslkern.gpu_check import LOSS_SCALE, OP_CASES, loss_scale_grads
 CASES = [c for c in OP_CASES if c.differentiable]
 # the ops whose backward only rescales a gradient written in the forward (sslkern.ops._common)
 SAVED_GRADIENT = {"dino_loss", "dino_loss sinkhorn", "ibot_patch_loss", "prototype_loss", "prototype_loss ibot",
-                  "info_nce_loss", "info_nce_loss nt_xent"}
+                  "info_nce_loss", "info_nce_loss nt_xent", "cross_correlation_loss", "vicreg_loss", "swav_loss"}
 
 
 def _params():
@@ -49,12 +49,12 @@ def test_fp16_gradients_under_loss_scale_65536(case, backend):
 def test_every_differentiable_public_op_has_a_case():
     import sslkern
 
-    differentiable = {"alibi_attention", "data2vec_cls_loss", "data2vec_loss", "dino_loss", "gather_tokens",
-                      "ibot_patch_loss", "info_nce_loss", "koleo_loss", "masked_regression_loss", "prototype_loss",
-                      "relation_loss", "restore_tokens"}
+    differentiable = {"alibi_attention", "cross_correlation_loss", "data2vec_cls_loss", "data2vec_loss", "dino_loss",
+                      "gather_tokens", "ibot_patch_loss", "info_nce_loss", "koleo_loss", "masked_regression_loss",
+                      "prototype_loss", "relation_loss", "restore_tokens", "swav_loss", "vicreg_loss"}
     ops = {n for n in sslkern.__all__ if callable(getattr(sslkern, n)) and n[0].islower()}
     not_differentiable = {"alibi_slopes", "ema_update_", "hog_targets", "layer_average_targets",
-                          "sinkhorn_knopp_teacher", "backend_status", "use_backend", "cpu_cache_disabled",
+                          "sinkhorn_knopp_teacher", "swav_codes", "backend_status", "use_backend", "cpu_cache_disabled",
                           "cpu_cache_info", "empty_cpu_cache", "set_cpu_cache_limit", "patch_timm_vit",
                           "render_views"}
     assert ops == differentiable | not_differentiable, ops ^ (differentiable | not_differentiable)

@@ -390,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dino_loss_cpu(
 // normal or 0. 4 passes over the logits per iteration (max, then sum, per direction), 2
 // exponentials per element per iteration, one output write.
 template <typename T, typename A>
-void sinkhorn_kernel(const T* t, int64_t N, int64_t K, A inv_temp, int64_t iters, A* out) {
+void sinkhorn_kernel(const T* t, int64_t N, int64_t K, A inv_temp, int64_t iters, int64_t out_row0, A* out) {
   FlushDenormals ftz;
   const A ninf = -std::numeric_limits<A>::infinity();
   std::vector<A> a(K, A(0)), b(N, A(0));
@@ -442,11 +442,11 @@ void sinkhorn_kernel(const T* t, int64_t N, int64_t K, A inv_temp, int64_t iters
       }
     });
   }
-  parallel_for_ftz(0, N, 1, [&](int64_t lo, int64_t hi) {
+  parallel_for_ftz(out_row0, N, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const T* __restrict x = t + i * K;
       const A* __restrict ak = a.data();
-      A* __restrict o = out + i * K;
+      A* __restrict o = out + (i - out_row0) * K;
       const A bi = b[i];
 #pragma omp simd
       for (int64_t k = 0; k < K; ++k) o[k] = exp_fast(load_a<T, A>(x, k) * inv_temp - ak[k] - bi);
@@ -454,20 +454,26 @@ void sinkhorn_kernel(const T* t, int64_t N, int64_t K, A inv_temp, int64_t iters
   });
 }
 
-at::Tensor sinkhorn_teacher_cpu(const at::Tensor& teacher, double teacher_temp, int64_t n_iterations) {
+// keep_last > 0: the probabilities of the last keep_last rows only (the equipartition still runs
+// over every row): SwAV's codes of a batch whose Sinkhorn also sees a queue of earlier rows.
+at::Tensor sinkhorn_teacher_cpu(const at::Tensor& teacher, double teacher_temp, int64_t n_iterations,
+                                int64_t keep_last) {
   TORCH_CHECK(teacher.device().is_cpu(), "sinkhorn_knopp_teacher: teacher must be on the CPU");
   TORCH_CHECK(teacher.dim() == 2, "sinkhorn_knopp_teacher: teacher must be 2-D, got ", teacher.sizes());
   TORCH_CHECK(teacher_temp > 0, "sinkhorn_knopp_teacher: teacher_temp must be positive");
   TORCH_CHECK(n_iterations >= 0, "sinkhorn_knopp_teacher: n_iterations must be >= 0");
   const at::Tensor t = teacher.contiguous();
   const int64_t N = t.size(0), K = t.size(1);
+  TORCH_CHECK(keep_last >= 0 && keep_last <= N, "sinkhorn_knopp_teacher: keep_last expected in [0, ", N, "], got ",
+              keep_last);
+  const int64_t row0 = keep_last ? N - keep_last : 0;
   const bool dbl = t.scalar_type() == at::kDouble;
-  at::Tensor out = at::empty({N, K}, t.options().dtype(dbl ? at::kDouble : at::kFloat));
+  at::Tensor out = at::empty({N - row0, K}, t.options().dtype(dbl ? at::kDouble : at::kFloat));
   if (N == 0 || K == 0) return out;
   dispatch_float(t.scalar_type(), "sinkhorn_knopp_teacher: teacher", [&](auto tag) {
     using T = decltype(tag);
-    if (dbl) sinkhorn_kernel<T, double>(ptr<T>(t), N, K, 1.0 / teacher_temp, n_iterations, ptr<double>(out));
-    else sinkhorn_kernel<T, float>(ptr<T>(t), N, K, static_cast<float>(1.0 / teacher_temp), n_iterations,
+    if (dbl) sinkhorn_kernel<T, double>(ptr<T>(t), N, K, 1.0 / teacher_temp, n_iterations, row0, ptr<double>(out));
+    else sinkhorn_kernel<T, float>(ptr<T>(t), N, K, static_cast<float>(1.0 / teacher_temp), n_iterations, row0,
                                    ptr<float>(out));
   });
   return out;
@@ -480,7 +486,8 @@ TORCH_LIBRARY_FRAGMENT(sslkern_C, m) {
         "float student_temp, float teacher_temp, int n_student_views, int n_teacher_views, bool skip_same_view, "
         "bool teacher_is_probs, bool compute_grad, bool center_sum) -> (Tensor, Tensor, Tensor)",
         &dino_loss_cpu);
-  m.def("sinkhorn_teacher_cpu(Tensor teacher, float teacher_temp, int n_iterations) -> Tensor", &sinkhorn_teacher_cpu);
+  m.def("sinkhorn_teacher_cpu(Tensor teacher, float teacher_temp, int n_iterations, int keep_last) -> Tensor",
+        &sinkhorn_teacher_cpu);
 }
 
 }  // namespace sslkern

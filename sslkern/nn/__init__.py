@@ -8,3 +8,5 @@ from .attention import AlibiAttention, AlibiContext, use_alibi  # noqa: F401
 from .dino import DINOLoss, IBOTPatchLoss  # noqa: F401
 from .heads import DINOHead, GlobalBatchNorm1d, MultiCropWrapper, WeightNormLinear  # noqa: F401
 from .contrastive import InfoNCELoss  # noqa: F401
+from .redundancy import BarlowTwinsLoss, VICRegLoss  # noqa: F401
+from .swav import SwAVLoss, SwAVPrototypes  # noqa: F401

@@ -11,3 +11,6 @@ from .prototype_loss import prototype_loss  # noqa: F401
 from .relation_loss import relation_loss  # noqa: F401
 from .hog_targets import hog_targets  # noqa: F401
 from .render_views import RaggedImages, render_views  # noqa: F401
+from .cross_correlation_loss import cross_correlation_loss  # noqa: F401
+from .vicreg_loss import vicreg_loss  # noqa: F401
+from .swav_loss import swav_codes, swav_loss  # noqa: F401

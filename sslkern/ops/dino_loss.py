@@ -155,13 +155,17 @@ def _logsumexp_over_batch(x: torch.Tensor) -> torch.Tensor:
     return m + torch.log(s)
 
 
-def _sinkhorn_log_domain(teacher: torch.Tensor, teacher_temp: float, n_iterations: int) -> torch.Tensor:
+def _sinkhorn_log_domain(teacher: torch.Tensor, teacher_temp: float, n_iterations: int,
+                         keep_last: int = 0) -> torch.Tensor:
     """The eager log-domain Sinkhorn (torch ops; batch normalization across ranks when
-    torch.distributed is initialized): the reference backend, GPUs and multi-rank runs."""
+    torch.distributed is initialized): the reference backend, GPUs and multi-rank runs.
+    ``keep_last > 0``: the probabilities of the last ``keep_last`` rows only."""
     log_q = (teacher if teacher.dtype == torch.float64 else teacher.float()) / teacher_temp
     for _ in range(int(n_iterations)):
         log_q = log_q - _logsumexp_over_batch(log_q)                 # Q /= rowsum (per prototype)
         log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)  # Q /= colsum (per sample)
+    if keep_last:
+        log_q = log_q[log_q.shape[0] - keep_last:]
     # probabilities below the smallest normal are 0, not subnormals (each subnormal costs a
     # microcode assist in every later product; at randn x 1 logits / 0.04 most entries are)
     return torch.exp(log_q.masked_fill_(log_q < math.log(torch.finfo(log_q.dtype).tiny), float("-inf")))
@@ -177,18 +181,21 @@ sinkhorn_dispatch = Dispatch(
 
 
 @torch.library.custom_op("sslkern::sinkhorn_teacher", mutates_args=())
-def _sinkhorn_op(teacher: torch.Tensor, teacher_temp: float, n_iterations: int, backend: str) -> torch.Tensor:
-    return sinkhorn_dispatch(teacher.device, backend)(teacher, teacher_temp, n_iterations)
+def _sinkhorn_op(teacher: torch.Tensor, teacher_temp: float, n_iterations: int, keep_last: int,
+                 backend: str) -> torch.Tensor:
+    return sinkhorn_dispatch(teacher.device, backend)(teacher, teacher_temp, n_iterations, keep_last)
 
 
 @_sinkhorn_op.register_fake
-def _(teacher, teacher_temp, n_iterations, backend):
-    return teacher.new_empty(teacher.shape, dtype=torch.float64 if teacher.dtype == torch.float64 else torch.float32)
+def _(teacher, teacher_temp, n_iterations, keep_last, backend):
+    rows = keep_last or teacher.shape[0]
+    return teacher.new_empty((rows, teacher.shape[1]),
+                             dtype=torch.float64 if teacher.dtype == torch.float64 else torch.float32)
 
 
 @torch.no_grad()
 def sinkhorn_knopp_teacher(teacher: torch.Tensor, teacher_temp: float, n_iterations: int = 3, *,
-                           backend: Optional[str] = None) -> torch.Tensor:
+                           keep_last: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
     r"""DINOv2 Sinkhorn-Knopp teacher probabilities, (N, K) fp32 (fp64 for fp64) rows summing to 1.
 
     Same result as dinov2 ``DINOLoss.sinkhorn_knopp_teacher`` (``Q = exp(t/τt)ᵀ``, global
@@ -203,14 +210,23 @@ def sinkhorn_knopp_teacher(teacher: torch.Tensor, teacher_temp: float, n_iterati
     elsewhere, and with torch.distributed initialized, the eager log-domain version. The
     batch normalisation then runs over all ranks, as dinov2 does: the one collective in
     sslkern's functional ops, since the Sinkhorn-Knopp assignment is a global one.
+
+    ``keep_last``: return only the last ``keep_last`` rows' probabilities, the equipartition
+    still running over every row (swav ``main_swav.py``: the codes of the batch, whose
+    Sinkhorn also sees the queue's scores; no (queue, K) output).
     """
     op = "sinkhorn_knopp_teacher"
     check_tensor(op, "teacher", teacher, dtypes=FLOAT_DTYPES, ndim=2)
     teacher_temp = check_float(op, "teacher_temp", teacher_temp, 0.0, None, lo_open=True)
     n_iterations = check_int(op, "n_iterations", n_iterations, 0)
+    keep = 0
+    if keep_last is not None:
+        n = teacher.shape[0]
+        keep = check_int(op, "keep_last", keep_last, 1, n)
+        keep = 0 if keep == n else keep
     if world_size() > 1:
-        return _sinkhorn_log_domain(teacher, teacher_temp, n_iterations)
-    return _sinkhorn_op(teacher, teacher_temp, n_iterations, backend or "")
+        return _sinkhorn_log_domain(teacher, teacher_temp, n_iterations, keep)
+    return _sinkhorn_op(teacher, teacher_temp, n_iterations, keep, backend or "")
 
 
 # ---------------------------------------------------------------------------------------

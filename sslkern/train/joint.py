@@ -14,15 +14,20 @@ from sslkern.train.health import embedding_std
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, *, bn: bool = True, last_bn: bool = False,
-        act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+        act: type[nn.Module] = nn.ReLU, hidden_bias: bool | None = None, last_bias: bool | None = None
+        ) -> nn.Sequential:
     """``layers`` linear layers; between them (BatchNorm) + ReLU; optionally a BatchNorm without
     affine on the output (SimSiam / MoCo v3 projector). BatchNorm statistics span all ranks
-    (:class:`sslkern.nn.GlobalBatchNorm1d`), so torchrun computes the one-process step."""
+    (:class:`sslkern.nn.GlobalBatchNorm1d`), so torchrun computes the one-process step.
+    ``hidden_bias`` / ``last_bias`` force the linear layers' biases (default: none before a
+    BatchNorm, one otherwise)."""
     mods, d = [], in_dim
     for i in range(layers):
         last = i == layers - 1
         o = out_dim if last else hidden_dim
-        mods.append(nn.Linear(d, o, bias=not ((bn and not last) or (last and last_bn))))
+        bias = not ((bn and not last) or (last and last_bn))
+        forced = last_bias if last else hidden_bias
+        mods.append(nn.Linear(d, o, bias=bias if forced is None else forced))
         if not last:
             mods += [GlobalBatchNorm1d(o)] if bn else []
             mods.append(act())
@@ -84,3 +89,17 @@ def joint_verdict(health: dict, *, threshold: float = 0.1) -> tuple[bool, str]:
         return True, f"collapsed (embedding std {s:.3f} < {threshold})"
     return False, f"not collapsed (embedding std {s:.3f} ≥ {threshold})"
 
+
+def redundancy_verdict(health: dict, *, threshold: float = 0.1) -> tuple[bool, str]:
+    """Barlow Twins / VICReg: collapsed when the final ``embedding_std`` is below ``threshold``
+    (the verdict of the other joint-embedding recipes); the redundancy figures logged with it
+    (correlation / covariance against the rank floor, per-dimension stds) are quoted."""
+    collapsed, line = joint_verdict(health, threshold=threshold)
+    parts = []
+    for key, fmt in (("mean_diag", "mean diagonal correlation {:.3f}"),
+                     ("off_diag_ratio", "off-diagonal sum {:.2f}x its rank floor"),
+                     ("mean_std", "mean std {:.3f}"), ("low_std_frac", "{:.0%} of dims with std < 1"),
+                     ("cov_ratio", "covariance {:.2f}x its rank floor")):
+        if key in health:
+            parts.append(fmt.format(health[key]))
+    return collapsed, line + (f"; {', '.join(parts)}" if parts else "")

@@ -2,8 +2,8 @@
 
 Every view is rendered on the training device by :func:`sslkern.render_views` from
 per-view parameters drawn by the step's context (``ctx.views(images, specs)``). The named
-pipelines follow the papers (DINO multi-crop, BYOL / Barlow Twins / VICReg two asymmetric
-views, one crop for masked image modelling); what the small defaults change is applied
+pipelines follow the papers (DINO and SwAV multi-crop, BYOL / Barlow Twins / VICReg two
+asymmetric views, one crop for masked image modelling); what the small defaults change is applied
 here, once:
 
   * rotation ``--degrees`` (U(−d, d), not in the papers; it helps on the 16×16 digits);
@@ -41,6 +41,15 @@ def multicrop(a, data, *, inverted_blur: bool = False) -> list:
     specs = V.dino_multicrop(global_size=a.image_size, local_size=a.local_size, n_local=a.local_crops,
                              global_scale=tuple(a.global_scale), local_scale=tuple(a.local_scale),
                              color=data.channels == 3, inverted_blur=inverted_blur)
+    return _adapt(specs, data, degrees=a.degrees, global_size=a.image_size)
+
+
+def swav_multicrop(a, data) -> list:
+    """SwAV multi-crop: 2 crops at ``--image-size`` (``--global-scale``) + ``--local-crops`` at
+    ``--local-size`` (``--local-scale``), swav's colour distortion and blur p 0.5 for RGB data."""
+    specs = V.swav_multicrop(global_size=a.image_size, local_size=a.local_size, n_local=a.local_crops,
+                             global_scale=tuple(a.global_scale), local_scale=tuple(a.local_scale),
+                             color=data.channels == 3)
     return _adapt(specs, data, degrees=a.degrees, global_size=a.image_size)
 
 
