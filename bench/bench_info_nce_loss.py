@@ -5,6 +5,11 @@ Cases (D = 256, L2 normalization inside, gradients to both q and k):
            on the diagonal).
   NT-Xent  2n = 4,096 views (n = 2,048 images, two views), τ = 0.5 (SimCLR form; lightly's
            NTXentLoss has this form only): the same (4,096 × 4,096) logits.
+  RINCE    the robust mode (chingyaoc/RINCE) at N = M = 4,096: MoCo v3 form (q 0.6, λ 0.01,
+           τ 0.2) and SimCLR form (2n = 4,096, q 0.1, λ 0.01, τ 0.1), each interleaved with
+           the InfoNCE / NT-Xent call on the same inputs (the bar: RINCE within 1.2× of
+           InfoNCE's time at InfoNCE's memory) and with chingyaoc/RINCE's eager formula
+           (sslkern.reference.info_nce_loss(rince=...)).
 Providers:
   sslkern    sslkern.info_nce_loss (C++ on CPU, Triton on GPU)
   reference  sslkern.reference.info_nce_loss: normalize, matmul, cross_entropy (eager)
@@ -19,7 +24,7 @@ import pytest
 import torch
 
 import sslkern
-from harness import full_sweep_only, measure, sweep
+from harness import full_sweep_only, measure, measure_interleaved, sweep
 
 D = 256
 _compiled: dict = {}
@@ -99,3 +104,28 @@ def test_info_nce_n16384_fp32(benchmark, provider):
     q, k = _inputs(16384, 16384, torch.float32)
     measure(benchmark, op="info_nce_loss", case=f"InfoNCE N=M=16384 D={D} fp32 fwd+bwd (dq, dk)", provider=provider,
             fn=_fn(provider, q, k, 0.2, False), bytes_moved=_bytes(16384, 16384, q.dtype), rounds=2, warmup=1)
+
+
+def _rince_fns(q, k, temperature, nt_xent, rince):
+    ref = sslkern.reference.info_nce_loss
+
+    def grad(loss_fn):
+        return lambda: torch.autograd.grad(loss_fn(), (q, k))
+
+    return {"sslkern": grad(lambda: sslkern.info_nce_loss(q, k, temperature, nt_xent=nt_xent)),
+            "sslkern_rince": grad(lambda: sslkern.info_nce_loss(q, k, temperature, nt_xent=nt_xent, rince=rince)),
+            "reference_rince": grad(lambda: ref(q, k, temperature, nt_xent=nt_xent, rince=rince))}
+
+
+def test_rince_moco_n4096_fp32_interleaved(benchmark):
+    """RINCE, MoCo v3 form, vs InfoNCE (the baseline, "sslkern") on the same inputs."""
+    q, k = _inputs(4096, 4096, torch.float32)
+    measure_interleaved(benchmark, op="info_nce_loss", case=f"RINCE vs InfoNCE N=M=4096 D={D} fp32 fwd+bwd, interleaved",
+                        fns=_rince_fns(q, k, 0.2, False, (0.6, 0.01)), rounds=10, warmup=1)
+
+
+def test_rince_simclr_2n4096_fp32_interleaved(benchmark):
+    """RINCE, SimCLR form (the tied CPU path), vs NT-Xent (the baseline, "sslkern")."""
+    q, k = _inputs(2048, 2048, torch.float32, seed=1)
+    measure_interleaved(benchmark, op="info_nce_loss", case=f"RINCE vs NT-Xent 2n=4096 views D={D} fp32 fwd+bwd, "
+                        "interleaved", fns=_rince_fns(q, k, 0.1, True, (0.1, 0.01)), rounds=10, warmup=1)

@@ -41,7 +41,7 @@ import sslkern
 from sslkern.train import Method, build_vit, run
 from sslkern.train.evaluate import render_images
 from sslkern.train.tokenizer import PatchKMeansTokenizer, perplexity
-from sslkern.train.views import single_view
+from sslkern.train.views import add_crop_arguments, check_crop_arguments, single_view
 
 TOKENIZER_FIT_IMAGES = 20_000  # a seeded subset of the training set on large datasets (the digits: all)
 
@@ -91,6 +91,17 @@ class BEiT(Method):
     defaults = dict(epochs=70, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_epochs=5, clip_grad=3.0)
     betas = (0.9, 0.999)
     health = {"mlm_gain": "low", "pred_perplexity": "low", "token_perplexity": "low"}
+    presets = {"paper": dict(
+        _doc="BEiT ViT-B/16 on ImageNet-1k, 800 epochs (Bao et al. 2021, appendix table of pre-training "
+             "hyperparameters; unilm beit/run_beit_pretraining.py): AdamW (0.9, 0.999), lr "
+             "1.5e-3 at batch 2,048 (not scaled by the code; scale it linearly with --batch-size), 10 warm-up "
+             "epochs, min lr 1e-5, clip 3, stochastic depth 0.1, layer scale 0.1, 75 of 196 patches masked in blocks "
+             "of >= 16, 8,192 visual tokens, crop 0.08-1 + flip. Not reproduced: the DALL-E dVAE tokenizer at 112 "
+             "pixels (a k-means tokenizer of 8,192 codes on the same view stands in), the shared relative position "
+             "bias, colour jitter 0.4",
+        model="vit_base_patch16_224", drop_path=0.1, layer_scale=0.1, image_size=224, batch_size=2048, epochs=800,
+        lr=1.5e-3, min_lr=1e-5, warmup_epochs=10, weight_decay=0.05, clip_grad=3.0, mask_ratio=0.3827,
+        min_block_patches=16, vocab_size=8192, crop_scale=(0.08, 1.0), degrees=0.0, eval_every=0)}
 
     @staticmethod
     def add_arguments(g):
@@ -103,9 +114,11 @@ class BEiT(Method):
         g.add_argument("--layer-scale", type=float, default=0.0, help="layer-scale init (BEiT pretraining 0.1; 0 = none)")
         g.add_argument("--tokenizer", default=None,
                        help="load this tokenizer file instead of fitting one (default: fit, cached as OUT/tokenizer.safetensors)")
+        add_crop_arguments(g)
 
     @staticmethod
     def check_arguments(a, error):
+        check_crop_arguments(a, error)
         n = (a.image_size // a.patch_size) ** 2
         if not 0 < a.mask_ratio < 1:
             error(f"--mask-ratio expected in (0, 1), got {a.mask_ratio}")

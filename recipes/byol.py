@@ -40,6 +40,15 @@ class BYOL(Method):
     name, title = "byol", "BYOL"
     defaults = dict(epochs=45, lr=2e-3, weight_decay=0.05, warmup_epochs=5, eval_every=20)
     health = {"embedding_std": "low"}
+    presets = {"paper": dict(
+        _doc="BYOL on a ViT-B/16 at 224: the optimizer is MoCo v3's ViT recipe (moco-v3 CONFIG.md: AdamW, lr "
+             "1.5e-4 x batch / 256, here for batch 4,096, weight decay 0.1, 40 warm-up of 300 epochs), the task is "
+             "BYOL's (Grill et al. 2020): projector and predictor 4,096 wide with 256 outputs and BatchNorm, target "
+             "EMA 0.996 -> 1, its asymmetric augmentations with crop 0.08-1, CLS token. Not reproduced: BYOL's LARS "
+             "(lr 0.2 x batch / 256, weight decay 1.5e-6) on a ResNet-50",
+        model="vit_base_patch16_224", image_size=224, batch_size=4096, epochs=300, lr=2.4e-3, min_lr=0.0,
+        warmup_epochs=40, weight_decay=0.1, clip_grad=0.0, hidden_dim=4096, out_dim=256, bn=True,
+        momentum_target=0.996, pool="cls", crop_scale=(0.08, 1.0), degrees=0.0, eval_every=0)}
 
     @staticmethod
     def add_arguments(g):

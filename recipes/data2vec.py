@@ -34,7 +34,7 @@ from torch import nn
 
 import sslkern
 from sslkern.train import Method, build_vit, run
-from sslkern.train.views import single_view
+from sslkern.train.views import add_crop_arguments, check_crop_arguments, single_view
 from sslkern.train.health import batch_std, std_verdict
 
 NORMS = ("layer", "instance", "none")
@@ -63,6 +63,18 @@ class Data2Vec(Method):
     defaults = dict(epochs=70, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_epochs=5, clip_grad=3.0)
     betas = (0.9, 0.999)
     health = {"target_std": "low"}
+    presets = {"paper": dict(
+        _doc="data2vec ViT-B/16 on ImageNet, 800 epochs (data2vec_vision beit/README.md and run_cyclical.py): "
+             "AdamW, lr 2e-3 at batch 2,048 (not scaled by the code; scale it linearly with --batch-size), 10 "
+             "warm-up epochs, min lr 1e-5, constant EMA 0.9998, 120 of 196 patches masked in blocks of >= 16, top "
+             "6 blocks each layer-normed, averaged and layer-normed again, smooth-L1 beta 2, stochastic depth 0.25, "
+             "layer scale 1e-4, crop 0.08-1 + flip; clip 83.1 is its 3.0 times sqrt(768), since this recipe's loss "
+             "(fairseq's 1/sqrt(D) per token) is sqrt(D) times its mean over features. Not reproduced: BEiT's shared "
+             "relative position bias (learned absolute positions here), attention dropout 0.05, colour jitter 0.4",
+        model="vit_base_patch16_224", drop_path=0.25, layer_scale=1e-4, image_size=224, batch_size=2048, epochs=800,
+        lr=2e-3, min_lr=1e-5, warmup_epochs=10, weight_decay=0.05, clip_grad=83.1, mask_ratio=0.6123,
+        min_block_patches=16, top_k=6, layer_norm="layer", final_norm="layer", loss_beta=2.0, ema_start=0.9998,
+        ema_end=0.9998, crop_scale=(0.08, 1.0), degrees=0.0, eval_every=0)}
 
     @staticmethod
     def add_arguments(g):
@@ -74,10 +86,14 @@ class Data2Vec(Method):
         g.add_argument("--loss-beta", type=float, default=2.0, help="smooth-L1 beta (0 = L2)")
         g.add_argument("--ema-start", type=float, default=0.99)
         g.add_argument("--ema-end", type=float, default=0.997)
+        g.add_argument("--layer-scale", type=float, default=0.0,
+                       help="layer-scale init of the ViT blocks (data2vec_vision ViT-B: 1e-4; 0 = none)")
         g.add_argument("--collapse-std", type=float, default=0.05, help="verdict: collapsed if target_std <= this (or <= 1/4 of its step-1 value)")
+        add_crop_arguments(g)
 
     @staticmethod
     def check_arguments(a, error):
+        check_crop_arguments(a, error)
         n = (a.image_size // a.patch_size) ** 2
         if not 0 < a.mask_ratio < 1:
             error(f"--mask-ratio expected in (0, 1), got {a.mask_ratio}")
@@ -88,6 +104,8 @@ class Data2Vec(Method):
             error(f"--top-k expected in [1, --depth {a.depth}], got {a.top_k}")
         if a.loss_beta < 0:
             error(f"--loss-beta expected >= 0, got {a.loss_beta}")
+        if a.layer_scale < 0:
+            error(f"--layer-scale expected >= 0 (0 = none), got {a.layer_scale}")
         for name in ("ema_start", "ema_end"):
             if not 0 <= getattr(a, name) <= 1:
                 error(f"--{name.replace('_', '-')} expected in [0, 1], got {getattr(a, name)}")
@@ -95,7 +113,7 @@ class Data2Vec(Method):
     def __init__(self, a, data):
         super().__init__()
         self.a = a
-        vit = build_vit(a, data.channels)
+        vit = build_vit(a, data.channels, **({"init_values": a.layer_scale} if a.layer_scale else {}))
         self.grid = tuple(vit.patch_embed.grid_size)
         self.student = MaskedStudent(vit)
         self.teacher = sslkern.nn.EMATeacher(vit)  # frozen deep copy of the encoder (no head, no mask token)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import sslkern
 from sslkern.train import Method, build_vit, run
 from sslkern.train.health import batch_std, std_verdict
-from sslkern.train.views import single_view
+from sslkern.train.views import add_crop_arguments, check_crop_arguments, single_view
 
 
 class ConvDecoder(nn.Module):
@@ -87,6 +87,19 @@ class Data2Vec2(Method):
     defaults = dict(epochs=70, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_epochs=5)
     betas = (0.9, 0.95)
     health = {"target_std": "low"}
+    presets = {"paper": dict(
+        _doc="data2vec 2.0 ViT-B/16 on ImageNet (fairseq examples/data2vec/config/v2/base_images_only_task.yaml: "
+             "16 GPUs x 16 images, 375,300 updates = 75 epochs, 50,040 = 10 warm-up; crop 0.2-1 + flip of "
+             "mae_image_dataset.py): Adam (0.9, 0.95), lr 1e-3 at batch 256 (scale it linearly with --batch-size), "
+             "16 inverse-block masks of 0.8, top 10 of 12 blocks, 6-layer conv decoder of width 768, EMA 0.9998 -> "
+             "0.99999 over the first 100,000 updates (20 epochs), clip 4; --cls-weight 2.56 is fairseq's cls_loss "
+             "0.01 times its 256 rows per GPU (fairseq sums the CLS term per GPU, here it is averaged). Not "
+             "reproduced: the fixed 2-D sin-cos position embedding of fairseq's image encoder (learned here)",
+        model="vit_base_patch16_224", image_size=224, batch_size=256, epochs=75, lr=1e-3, min_lr=0.0,
+        warmup_epochs=10, weight_decay=0.05, clip_grad=4.0, mask="inverse_block", mask_ratio=0.8, mask_length=3,
+        clones=16, top_k=10, cls_weight=2.56, noise_std=0.01, decoder_dim=768, decoder_layers=6, decoder_groups=16,
+        ema_start=0.9998, ema_end=0.99999, ema_anneal_epochs=20.0, crop_scale=(0.2, 1.0), degrees=0.0,
+        eval_every=0)}
 
     @staticmethod
     def add_arguments(g):
@@ -103,12 +116,17 @@ class Data2Vec2(Method):
         g.add_argument("--noise-std", type=float, default=0.01, help="std of the decoder's masked-slot noise")
         g.add_argument("--ema-start", type=float, default=0.99)
         g.add_argument("--ema-end", type=float, default=0.997)
+        g.add_argument("--ema-anneal-epochs", type=float, default=0.0,
+                       help="epochs of the linear EMA anneal, constant --ema-end after them (fairseq "
+                            "ema_anneal_end_step; 0 = the whole run)")
         g.add_argument("--collapse-std", type=float, default=0.05,
                        help="verdict: collapsed if target_std (batch std of the teacher's layer-normed top FFN output) <= this "
                             "(or <= 1/4 of its step-1 value)")
+        add_crop_arguments(g)
 
     @staticmethod
     def check_arguments(a, error):
+        check_crop_arguments(a, error)
         for name in ("clones", "top_k", "decoder_dim", "decoder_layers", "decoder_groups"):
             if getattr(a, name) <= 0:
                 error(f"--{name.replace('_', '-')} expected a positive integer, got {getattr(a, name)}")
@@ -120,6 +138,8 @@ class Data2Vec2(Method):
             error(f"--decoder-groups {a.decoder_groups} expected to divide --dim {a.dim} and --decoder-dim {a.decoder_dim}")
         if not (0 <= a.ema_start <= 1 and 0 <= a.ema_end <= 1):
             error("--ema-start/--ema-end expected in [0, 1]")
+        if a.ema_anneal_epochs < 0:
+            error(f"--ema-anneal-epochs expected >= 0 (0 = the whole run), got {a.ema_anneal_epochs}")
 
     def __init__(self, a, data):
         super().__init__()
@@ -136,7 +156,9 @@ class Data2Vec2(Method):
         self.register_buffer("initial_target_std", torch.zeros(()))  # step 1's value, for the verdict
 
     def schedule(self, ctx):
-        return {"momentum": sslkern.schedules.linear_anneal(ctx.step, ctx.total_steps, self.a.ema_start, self.a.ema_end)}
+        a = self.a
+        anneal = round(a.ema_anneal_epochs * ctx.steps_per_epoch) if a.ema_anneal_epochs else ctx.total_steps
+        return {"momentum": sslkern.schedules.linear_anneal(ctx.step, anneal, a.ema_start, a.ema_end)}
 
     def ema_pairs(self):
         return [(self.teacher, self.student.encoder)]

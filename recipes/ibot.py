@@ -68,6 +68,19 @@ class IBOT(Method):
                     clip_mode="per-param", eval_every=20, warmup_teacher_temp_epochs=9)  # τt warm-up: 3/8 of the run
     health = {"teacher_entropy_frac": "high", "batch_entropy_frac": "low", "kl": "low",
               "patch_teacher_entropy_frac": "high", "patch_batch_entropy_frac": "low", "patch_kl": "low"}
+    presets = {"paper": dict(
+        _doc="iBOT ViT-S/16 on ImageNet, 800 epochs (ibot README.md ViT-S/16 command, main_ibot.py): AdamW, lr "
+             "5e-4 x batch / 256 (here for batch 1,024; scale it with --batch-size), 10 warm-up epochs, weight decay "
+             "0.04 -> 0.4, 8,192 prototypes without BatchNorm or weight-norm gain fixing, teacher temperature 0.04 "
+             "-> 0.07 over 30 epochs for both heads, 10 local crops, half of the global crops block-masked at "
+             "0.1-0.5, no KoLeo. Not reproduced: the head shared by the CLS and patch tokens (separate heads here)",
+        model="vit_small_patch16_224", drop_path=0.1, image_size=224, batch_size=1024, epochs=800, lr=0.002,
+        min_lr=1e-6, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0, clip_mode="per-param",
+        out_dim=8192, hidden_dim=2048, bottleneck_dim=256, head_layers=3, bn_in_head=False, norm_last_layer=False,
+        pool="cls", local_crops=10, local_size=96, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), degrees=0.0,
+        student_temp=0.1, teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=30,
+        center_momentum=0.9, momentum_teacher=0.996, freeze_last_layer=1, mask_probability=0.5,
+        mask_ratio=(0.1, 0.5), ibot_weight=1.0, koleo_weight=0.0, eval_every=0)}
 
     @staticmethod
     def add_arguments(g):

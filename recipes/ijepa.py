@@ -40,7 +40,7 @@ from torch import nn
 import sslkern
 from sslkern.train import Method, build_vit, run, sincos_pos_embed, use_sincos_pos_embed
 from sslkern.train.health import batch_std, std_verdict
-from sslkern.train.views import single_view
+from sslkern.train.views import add_crop_arguments, check_crop_arguments, single_view
 
 
 def rescale_blocks_(blocks) -> None:
@@ -95,6 +95,16 @@ class IJEPA(Method):
     defaults = dict(epochs=100, batch_size=64, lr=5e-4, weight_decay=0.04, weight_decay_end=0.4, warmup_epochs=5,
                     patch_size=4)
     health = {"target_std": "low"}
+    presets = {"paper": dict(
+        _doc="I-JEPA ViT-H/14 on ImageNet, 300 epochs (ijepa configs/in1k_vith14_ep300.yaml): AdamW, lr 1e-3 at "
+             "batch 2,048 (not scaled by the code; scale it linearly with --batch-size), 40 warm-up epochs, weight "
+             "decay 0.04 -> 0.4, EMA 0.996 -> 1, predictor 384 wide and 12 deep, 4 targets of scale 0.15-0.2, "
+             "context 0.85-1, crop 0.3-1 without flips, no clipping. Not reproduced: the warm-up starting at lr 2e-4 "
+             "(here at 0)",
+        model="vit_huge_patch14_224", image_size=224, batch_size=2048, epochs=300, lr=1e-3, min_lr=1e-6,
+        warmup_epochs=40, weight_decay=0.04, weight_decay_end=0.4, clip_grad=0.0, pred_dim=384, pred_depth=12,
+        pred_heads=16, num_targets=4, target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5), context_scale=(0.85, 1.0),
+        min_keep=10, ema_start=0.996, ema_end=1.0, crop_scale=(0.3, 1.0), degrees=0.0, flip_p=0.0, eval_every=0)}
 
     @staticmethod
     def add_arguments(g):
@@ -109,9 +119,11 @@ class IJEPA(Method):
         g.add_argument("--ema-start", type=float, default=0.999, help="(ijepa 0.996)")
         g.add_argument("--ema-end", type=float, default=1.0)
         g.add_argument("--collapse-std", type=float, default=0.05, help="verdict: collapsed if target_std <= this (or <= 1/4 of its step-1 value)")
+        add_crop_arguments(g)
 
     @staticmethod
     def check_arguments(a, error):
+        check_crop_arguments(a, error)
         for name in ("pred_dim", "pred_depth", "pred_heads", "num_targets"):
             if getattr(a, name) <= 0:
                 error(f"--{name.replace('_', '-')} expected a positive integer, got {getattr(a, name)}")

@@ -34,7 +34,7 @@ from torch import nn
 
 import sslkern
 from sslkern.train import Method, build_vit, run, sincos_pos_embed, use_sincos_pos_embed
-from sslkern.train.views import single_view
+from sslkern.train.views import add_crop_arguments, check_crop_arguments, single_view
 
 
 def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
@@ -83,6 +83,15 @@ class MAE(Method):
     name, title = "mae", "MAE"
     defaults = dict(epochs=100, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_epochs=5)
     betas = (0.9, 0.95)
+    presets = {"paper": dict(
+        _doc="MAE ViT-B/16 on ImageNet (mae PRETRAIN.md and main_pretrain.py; the 512-wide, 8-block, 16-head "
+             "decoder of models_mae.py): AdamW (0.9, 0.95), lr 1.5e-4 x batch / 256 (here for batch 4,096; scale it "
+             "with --batch-size), 40 warm-up of 800 epochs, crop 0.2-1 + flip, normalised-pixel targets. Not "
+             "reproduced: weight decay on the CLS and mask tokens (mae's add_weight_decay decays them; here they "
+             "are excluded)",
+        model="vit_base_patch16_224", image_size=224, batch_size=4096, epochs=800, lr=2.4e-3, min_lr=0.0,
+        warmup_epochs=40, weight_decay=0.05, clip_grad=0.0, mask_ratio=0.75, decoder_dim=512, decoder_depth=8,
+        decoder_heads=16, norm_pix_loss=True, crop_scale=(0.2, 1.0), degrees=0.0, eval_every=0)}
 
     @staticmethod
     def add_arguments(g):
@@ -92,9 +101,11 @@ class MAE(Method):
         g.add_argument("--decoder-heads", type=int, default=2)
         g.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false",
                        help="regress raw pixels instead of per-patch normalised ones")
+        add_crop_arguments(g)
 
     @staticmethod
     def check_arguments(a, error):
+        check_crop_arguments(a, error)
         for name in ("decoder_dim", "decoder_depth", "decoder_heads"):
             if getattr(a, name) <= 0:
                 error(f"--{name.replace('_', '-')} expected a positive integer, got {getattr(a, name)}")

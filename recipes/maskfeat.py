@@ -36,7 +36,7 @@ from torch import nn
 
 import sslkern
 from sslkern.train import Method, build_vit, run
-from sslkern.train.views import single_view
+from sslkern.train.views import add_crop_arguments, check_crop_arguments, single_view
 from sslkern.ops.hog_targets import num_features
 from sslkern.train.health import batch_std
 
@@ -64,6 +64,15 @@ class MaskFeat(Method):
     name, title = "maskfeat", "MaskFeat"
     defaults = dict(epochs=60, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_epochs=5)
     health = {"pred_std_ratio": "low"}
+    presets = {"paper": dict(
+        _doc="MaskFeat ViT-B/16 on ImageNet, 300 epochs (SlowFast configs/masked_ssl/in1k_VIT_B_MaskFeat_PT.yaml): "
+             "AdamW, lr 2e-4 at batch 256 (SlowFast scales it with the number of 256-image shards; scale it "
+             "linearly with --batch-size), 30 warm-up epochs, min lr 1e-6, clip 0.02, block masks of 0.4, HOG of "
+             "8-pixel cells with 9 bins, crop 0.5-1 + flip. Not reproduced: weight decay on the position embedding "
+             "and CLS token (SlowFast decays them; here they are excluded)",
+        model="vit_base_patch16_224", image_size=224, batch_size=256, epochs=300, lr=2e-4, min_lr=1e-6,
+        warmup_epochs=30, weight_decay=0.05, clip_grad=0.02, masking="block", mask_ratio=0.4, hog_pool=8, hog_bins=9,
+        crop_scale=(0.5, 1.0), degrees=0.0, eval_every=0)}
 
     @staticmethod
     def add_arguments(g):
@@ -73,9 +82,11 @@ class MaskFeat(Method):
         g.add_argument("--hog-bins", type=int, default=9)
         g.add_argument("--collapse-ratio", type=float, default=0.1,
                        help="verdict: collapsed if pred_std_ratio <= this (the head predicts one histogram)")
+        add_crop_arguments(g)
 
     @staticmethod
     def check_arguments(a, error):
+        check_crop_arguments(a, error)
         n = (a.image_size // a.patch_size) ** 2
         if not 0 < a.mask_ratio < 1:
             error(f"--mask-ratio expected in (0, 1), got {a.mask_ratio}")

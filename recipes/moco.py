@@ -9,7 +9,10 @@ One step, as in moco-v3 ``moco/builder.py: MoCo_ViT`` and ``main_moco.py``:
   3. keys       the momentum encoder (EMA of ViT + projector) on both views: k1, k2
   4. loss       symmetric InfoNCE, τ = 0.2: ctr(q1, k2) + ctr(q2, k1), where ctr is the
                 cross-entropy of the L2-normalised q·kᵀ/τ against the matching key (the keys
-                of every rank are the negatives), × 2τ as moco-v3 (``sslkern.info_nce_loss``)
+                of every rank are the negatives), × 2τ as moco-v3 (``sslkern.info_nce_loss``);
+                ``--loss rince``: RINCE over the same logits (chingyaoc/RINCE ``moco-v3``:
+                ``((λ·Σ_j e^{s_j})^q − e^{q·s⁺})/q``, × 2τ, q 0.6, λ 0.01), the InfoNCE value
+                logged beside it as ``infonce``
   5. step       AdamW, warm-up + cosine lr
   6. momentum   momentum encoder ← EMA of the base encoder (``sslkern.nn.EMATeacher``),
                 m cosine from m0 = 0.99 to 1
@@ -32,8 +35,9 @@ import torch
 
 import sslkern
 from sslkern.train import Method, build_vit, run
-from sslkern.train.joint import (add_view_arguments, check_view_arguments, encoder, joint_health,
-                                 joint_verdict, mlp, positive_int_options, two_views)
+from sslkern.train.joint import (add_loss_arguments, add_view_arguments, check_loss_arguments,
+                                 check_view_arguments, encoder, joint_health, joint_verdict, mlp,
+                                 positive_int_options, rince_of, two_views)
 
 
 class MoCoV3(Method):
@@ -42,6 +46,15 @@ class MoCoV3(Method):
     name, title = "moco", "MoCo v3"
     defaults = dict(epochs=40, lr=1e-3, weight_decay=0.1, warmup_epochs=5, eval_every=20)
     health = {"embedding_std": "low"}
+    presets = {"paper": dict(
+        _doc="MoCo v3 ViT-B/16 on ImageNet, 300 epochs (moco-v3 CONFIG.md, main_moco.py): AdamW, lr 1.5e-4 x "
+             "batch / 256 (here for batch 4,096; scale it with --batch-size), weight decay 0.1, 40 warm-up epochs, "
+             "MLPs 4,096 wide with 256 outputs, temperature 0.2, momentum 0.99 -> 1, CLS token, BYOL's augmentations "
+             "with crop 0.08-1, frozen random patch projection. Not reproduced: the fixed 2-D sin-cos position "
+             "embedding (learned here)",
+        model="vit_base_patch16_224", image_size=224, batch_size=4096, epochs=300, lr=2.4e-3, min_lr=0.0,
+        warmup_epochs=40, weight_decay=0.1, clip_grad=0.0, hidden_dim=4096, out_dim=256, temperature=0.2,
+        momentum_encoder=0.99, pool="cls", crop_scale=(0.08, 1.0), degrees=0.0, eval_every=0)}
 
     @staticmethod
     def add_arguments(g):
@@ -51,6 +64,7 @@ class MoCoV3(Method):
         g.add_argument("--momentum-encoder", type=float, default=0.99, help="m0, cosine to 1 (moco-v3 ViT: 0.99)")
         g.add_argument("--train-patch-embed", dest="frozen_patch_embed", action="store_false",
                        help="learn the patch projection (moco-v3 freezes it at its random init)")
+        add_loss_arguments(g, rince_q=0.6)
         add_view_arguments(g)
 
     @staticmethod
@@ -60,6 +74,7 @@ class MoCoV3(Method):
             error(f"--temperature expected > 0, got {a.temperature}")
         if not 0 <= a.momentum_encoder <= 1:
             error(f"--momentum-encoder expected in [0, 1], got {a.momentum_encoder}")
+        check_loss_arguments(a, error)
         check_view_arguments(a, error)
 
     def __init__(self, a, data):
@@ -71,7 +86,9 @@ class MoCoV3(Method):
         self.base = encoder(vit, mlp(a.dim, a.hidden_dim, a.out_dim, 3, last_bn=True), a.pool)
         self.predictor = mlp(a.out_dim, a.hidden_dim, a.out_dim, 2, last_bn=True)
         self.momentum = sslkern.nn.EMATeacher(self.base)  # frozen copy; EMA of every trained parameter
-        self.loss = sslkern.nn.InfoNCELoss(a.temperature, gather_distributed=True, scale=2 * a.temperature)
+        self.loss = sslkern.nn.InfoNCELoss(a.temperature, gather_distributed=True, scale=2 * a.temperature,
+                                           rince=rince_of(a))
+        self.infonce = sslkern.nn.InfoNCELoss(a.temperature, gather_distributed=True, scale=2 * a.temperature)
         self.views = two_views(a, data)
 
     def schedule(self, ctx):
@@ -90,7 +107,11 @@ class MoCoV3(Method):
         with torch.no_grad():
             k1, k2 = self.momentum(views).chunk(2)                               # 3. keys
         loss = self.loss(q1, k2) + self.loss(q2, k1)                             # 4. symmetric InfoNCE
-        return loss, joint_health(z)
+        metrics = joint_health(z)
+        if self.a.loss == "rince":                                               #    (or RINCE)
+            with torch.no_grad():
+                metrics["infonce"] = self.infonce(q1, k2) + self.infonce(q2, k1)
+        return loss, metrics
 
     def verdict(self, health):
         return joint_verdict(health)

@@ -43,7 +43,7 @@ from torch import nn
 import sslkern
 from sslkern.reference.relation_loss import relation_labels
 from sslkern.train import Method, build_vit, run
-from sslkern.train.views import single_view
+from sslkern.train.views import add_crop_arguments, check_crop_arguments, single_view
 from sslkern.train.health import batch_std
 
 
@@ -77,6 +77,15 @@ class RelViT(Method):
     name, title = "relvit", "RelViT"
     defaults = dict(epochs=30, batch_size=128, lr=1e-3, weight_decay=0.05, warmup_epochs=3)
     health = {"rel_acc": "low", "token_std": "low"}
+    presets = {"paper": dict(
+        _doc="RelViT ViT-S/32 on ImageNet-100 at 224 (relvit scripts/upstream.sh, config.py, models/relvit.py): "
+             "AdamW at a constant lr 5e-4 for batch 256 (no schedule; scale it linearly with --batch-size), no "
+             "weight decay, clip 1, 100 epochs, the relation and absolute-position tasks only, crop 0.08-1 + flip. "
+             "Not reproduced: dropout 0.1, the per-patch colour jitter 0.8 and grayscale 0.2, and upstream.sh "
+             "training without position embeddings (the ViT here keeps its learned ones)",
+        model="vit_small_patch32_224", image_size=224, batch_size=256, epochs=100, lr=5e-4, min_lr=5e-4,
+        warmup_epochs=0, weight_decay=0.0, clip_grad=1.0, distances=False, angles=False, abs_positions=True,
+        smooth_rel=0.0, crop_scale=(0.08, 1.0), degrees=0.0, eval_every=0)}
 
     @staticmethod
     def add_arguments(g):
@@ -87,9 +96,11 @@ class RelViT(Method):
         g.add_argument("--smooth-rel", type=float, default=0.0, help="label smoothing of the relation loss (relvit)")
         g.add_argument("--collapse-margin", type=float, default=0.02,
                        help="verdict: collapsed if rel_acc <= the majority-class rate + this")
+        add_crop_arguments(g)
 
     @staticmethod
     def check_arguments(a, error):
+        check_crop_arguments(a, error)
         if a.dim < 9:
             error(f"--dim expected >= 9 (9 relation heads of width dim // 9), got {a.dim}")
         if a.image_size // a.patch_size < 2:

@@ -38,6 +38,16 @@ class SimSiam(Method):
     name, title = "simsiam", "SimSiam"
     defaults = dict(epochs=40, lr=1e-3, weight_decay=0.05, warmup_epochs=5, eval_every=20)
     health = {"embedding_std": "low"}
+    presets = {"paper": dict(
+        _doc="SimSiam on a ViT-B/16 at 224: the optimizer is MoCo v3's ViT recipe (moco-v3 CONFIG.md: AdamW, lr "
+             "1.5e-4 x batch / 256, weight decay 0.1, 40 warm-up of 300 epochs) at SimSiam's batch 512, the task is "
+             "SimSiam's (Chen & He 2021, simsiam builder.py): 3-layer projector 2,048 wide with 2,048 outputs, "
+             "predictor bottleneck 512, crop 0.2-1, CLS token. Not reproduced: SGD (lr 0.05 x batch / 256, weight "
+             "decay 1e-4) on a ResNet-50 with the predictor's lr fixed, and MoCo v2's symmetric augmentations (the "
+             "recipe renders BYOL's asymmetric ones)",
+        model="vit_base_patch16_224", image_size=224, batch_size=512, epochs=300, lr=3e-4, min_lr=0.0,
+        warmup_epochs=40, weight_decay=0.1, clip_grad=0.0, hidden_dim=2048, out_dim=2048, pred_dim=512,
+        proj_layers=3, pool="cls", crop_scale=(0.2, 1.0), degrees=0.0, eval_every=0)}
 
     @staticmethod
     def add_arguments(g):

@@ -270,6 +270,21 @@ def _case_nt_xent(device, dtype, backend):
     return [a, b], lambda: sslkern.info_nce_loss(a, b, 0.5, nt_xent=True, backend=backend)
 
 
+def _case_rince(device, dtype, backend):
+    import torch
+
+    import sslkern
+
+    q = _randn(8, 16, device=device, dtype=dtype, grad=True)
+    k = _randn(8, 16, device=device, dtype=dtype, seed=1, grad=True)
+    excl = torch.tensor([1, 0, 3, 2, 5, 4, 7, -1], device=device)
+
+    def run():  # the RINCE kernels (chingyaoc/RINCE's MoCo v3 and SimCLR forms)
+        return (sslkern.info_nce_loss(q, k, 0.5, exclude=excl, rince=(0.6, 0.01), backend=backend)
+                + sslkern.info_nce_loss(q, k, 0.5, nt_xent=True, rince=(0.1, 0.01), backend=backend))
+    return [q, k], run
+
+
 def _case_relation(device, dtype, backend):
     import torch
 
@@ -455,6 +470,7 @@ OP_CASES = [
     OpCase("prototype_loss ibot", (_OPS + "prototype_loss:dispatch",), _case_prototype_ibot),
     OpCase("info_nce_loss", (_OPS + "info_nce_loss:dispatch",), _case_info_nce),
     OpCase("info_nce_loss nt_xent", (_OPS + "info_nce_loss:dispatch",), _case_nt_xent),
+    OpCase("info_nce_loss rince", (_OPS + "info_nce_loss:dispatch",), _case_rince),
     OpCase("relation_loss", (_OPS + "relation_loss:dispatch",), _case_relation),
     OpCase("relation_loss custom ops", (_OPS + "relation_loss:dispatch",), _case_relation_op),
     OpCase("alibi_attention", (_OPS + "alibi_attention:dispatch",), _case_alibi),

@@ -1,5 +1,7 @@
 """info_nce_loss: every backend against the eager reference, MoCo v3's contrastive loss and
 lightly's NTXentLoss."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -246,7 +248,7 @@ def test_cpu_gradient_has_no_subnormals():
     eye = torch.eye(300)
     qn = F.normalize(q, dim=1) @ F.normalize(k, dim=1).t()  # (64, 300) rows whose dots with eye are the logits
     _, g, _ = torch.ops.sslkern.info_nce_loss(qn.contiguous(), eye, torch.arange(64), None, 100.0, True, False,
-                                              False, "cpu")
+                                              False, 0.0, 1.0, "cpu")
     assert bool(((g != 0) & (g.abs() < tiny)).sum() == 0)
     # the case exercises the flush: the exact G (fp64) has entries in the float32 subnormal range
     s = qn.double() * 100.0
@@ -300,7 +302,7 @@ def test_opcheck(with_exclude, grads):
     pos = torch.randint(0, M, (N,))
     exclude = ((pos + 1) % M) if with_exclude else None
     torch.library.opcheck(torch.ops.sslkern.info_nce_loss.default,
-                          (q, k, pos, exclude, 1 / 0.3, grads[0], grads[1], False, ""))
+                          (q, k, pos, exclude, 1 / 0.3, grads[0], grads[1], False, 0.0, 1.0, ""))
 
 
 def test_compile_fullgraph_equals_eager():
@@ -378,13 +380,13 @@ def test_index_values_out_of_range(backend, which, value, match):
 def test_cpu_kernel_checks_direct_calls():
     q, k = _qk()
     with pytest.raises(RuntimeError, match="k expected 4 columns"):
-        torch.ops.sslkern_C.info_nce_loss_cpu(q, k[:, :3], torch.arange(6), None, 2.0, True, True, False)
+        torch.ops.sslkern_C.info_nce_loss_cpu(q, k[:, :3], torch.arange(6), None, 2.0, True, True, False, 0.0, 1.0)
     with pytest.raises(RuntimeError, match=r"pos must be a CPU int64 tensor of shape \(6,\)"):
-        torch.ops.sslkern_C.info_nce_loss_cpu(q, k, torch.arange(5), None, 2.0, True, True, False)
+        torch.ops.sslkern_C.info_nce_loss_cpu(q, k, torch.arange(5), None, 2.0, True, True, False, 0.0, 1.0)
     with pytest.raises(RuntimeError, match="temperature must be positive"):
-        torch.ops.sslkern_C.info_nce_loss_cpu(q, k, torch.arange(6), None, -2.0, True, True, False)
+        torch.ops.sslkern_C.info_nce_loss_cpu(q, k, torch.arange(6), None, -2.0, True, True, False, 0.0, 1.0)
     with pytest.raises(IndexError, match="pos expected values"):
-        torch.ops.sslkern_C.info_nce_loss_cpu(q, k, torch.arange(6) + 5, None, 2.0, True, True, False)
+        torch.ops.sslkern_C.info_nce_loss_cpu(q, k, torch.arange(6) + 5, None, 2.0, True, True, False, 0.0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -419,7 +421,7 @@ def test_tied_op_contract(backend, with_exclude):
     exclude = torch.arange(N) if with_exclude else None
     if with_exclude:
         pos = torch.where(pos == exclude, (pos + 1) % N, pos)
-    loss, dz, dk = torch.ops.sslkern.info_nce_loss(z, z, pos, exclude, 4.0, True, True, True, backend)
+    loss, dz, dk = torch.ops.sslkern.info_nce_loss(z, z, pos, exclude, 4.0, True, True, True, 0.0, 1.0, backend)
     assert dk.numel() == 0
     zl = z.clone().requires_grad_(True)
     s = zl @ zl.t() * 4.0
@@ -429,7 +431,7 @@ def test_tied_op_contract(backend, with_exclude):
     want.backward()
     torch.testing.assert_close(loss, want.detach(), atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(dz, zl.grad, atol=1e-12, rtol=1e-10)
-    loss_only, dz0, _ = torch.ops.sslkern.info_nce_loss(z, z, pos, exclude, 4.0, False, False, True, backend)
+    loss_only, dz0, _ = torch.ops.sslkern.info_nce_loss(z, z, pos, exclude, 4.0, False, False, True, 0.0, 1.0, backend)
     assert dz0.numel() == 0
     torch.testing.assert_close(loss_only, want.detach(), atol=1e-12, rtol=1e-12)
 
@@ -437,13 +439,13 @@ def test_tied_op_contract(backend, with_exclude):
 def test_tied_opcheck_and_bad_input():
     z = torch.randn(10, 6, requires_grad=True)
     pos, excl = (torch.arange(10) + 5) % 10, torch.arange(10)
-    torch.library.opcheck(torch.ops.sslkern.info_nce_loss.default, (z, z, pos, excl, 2.0, True, True, True, ""))
+    torch.library.opcheck(torch.ops.sslkern.info_nce_loss.default, (z, z, pos, excl, 2.0, True, True, True, 0.0, 1.0, ""))
     with pytest.raises(RuntimeError, match="tied=True expected k to be q itself"):
-        torch.ops.sslkern_C.info_nce_loss_cpu(z.detach(), z.detach()[:, :5], pos, excl, 2.0, True, True, True)
+        torch.ops.sslkern_C.info_nce_loss_cpu(z.detach(), z.detach()[:, :5], pos, excl, 2.0, True, True, True, 0.0, 1.0)
     with pytest.raises(RuntimeError, match=r"tied=True expected exclude\[i\] = i"):
-        torch.ops.sslkern_C.info_nce_loss_cpu(z.detach(), z.detach(), pos, (excl + 1) % 10, 2.0, True, True, True)
+        torch.ops.sslkern_C.info_nce_loss_cpu(z.detach(), z.detach(), pos, (excl + 1) % 10, 2.0, True, True, True, 0.0, 1.0)
     with pytest.raises(ValueError, match="tied=True expected k to be q itself and grad_q == grad_k"):
-        torch.ops.sslkern.info_nce_loss(z, z, pos, excl, 2.0, True, False, True, "")
+        torch.ops.sslkern.info_nce_loss(z, z, pos, excl, 2.0, True, False, True, 0.0, 1.0, "")
 
 
 def test_tied_cpu_memory_and_no_subnormals():
@@ -465,7 +467,7 @@ def test_tied_cpu_memory_and_no_subnormals():
     assert peak < (2 * n) ** 2 * 4 / 2, peak  # the logits alone would be (2n)²·4 = 16 MiB
     z = F.normalize(torch.cat([q, k]).detach(), dim=1)
     pos, excl = (torch.arange(2 * n) + n) % (2 * n), torch.arange(2 * n)
-    _, dz, _ = torch.ops.sslkern.info_nce_loss(z, z, pos, excl, 100.0, True, True, True, "cpu")
+    _, dz, _ = torch.ops.sslkern.info_nce_loss(z, z, pos, excl, 100.0, True, True, True, 0.0, 1.0, "cpu")
     tiny = (dz != 0) & (dz.abs() < torch.finfo(torch.float32).tiny)
     assert not bool(tiny.any())
 
@@ -506,7 +508,7 @@ def test_triton_launch_configs_are_in_aot_configs(monkeypatch, dtype, tf32, D):
     matmul, old_tf32 = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32
     matmul.allow_tf32 = tf32
     try:
-        tn.info_nce_loss_triton(q, q, torch.arange(5), None, 2.0, True, True, False)
+        tn.info_nce_loss_triton(q, q, torch.arange(5), None, 2.0, True, True, False, 0.0, 1.0)
     finally:
         matmul.allow_tf32 = old_tf32
     assert [c[0] for c in calls] == ["info_nce_fwd_kernel", "info_nce_bwd_dq_kernel", "info_nce_bwd_dk_kernel"]
@@ -519,3 +521,321 @@ def test_triton_launch_configs_are_in_aot_configs(monkeypatch, dtype, tf32, D):
         if "BLOCK_DO" in kw:
             assert kw["BLOCK_DO"] == min(b for b in tn.BLOCK_DOS if b >= min(D, 256))
         assert (name, ptr, tuple(sorted(kw.items())), *options) in aot, (name, kw, options)
+
+
+# ---------------------------------------------------------------------------------------
+# RINCE (chingyaoc/RINCE): a robust mode of the same op
+# ---------------------------------------------------------------------------------------
+def rince_moco_v3_contrastive_loss(q, k, T, lam, rq, rank=0):
+    """Test-only transcription of chingyaoc/RINCE ``ImageNet/moco-v3/moco/builder.py``
+    (``MoCo.contrastive_loss``): normalize; neg = exp(q·kᵀ/T) summed over every gathered key
+    (the positive included); pos = exp(q_i·k_{i + N·rank}/T); −pos^q/q + (lam·neg)^q/q, means,
+    × 2T. (k stands for concat_all_gather(k).)"""
+    q = torch.nn.functional.normalize(q, dim=1)
+    k = torch.nn.functional.normalize(k, dim=1)
+    neg = torch.exp(q.matmul(k.transpose(0, 1)) / T)
+    N = q.shape[0]
+    pos = torch.exp(torch.sum(q * k[N * rank:N * (rank + 1)], dim=-1) / T)
+    pos = -(pos ** rq) / rq
+    neg = ((lam * (neg.sum(1))) ** rq) / rq
+    loss = pos.mean() + neg.mean()
+    return loss * (2 * T)
+
+
+def rince_simclr_sym_loss(out_1, out_2, lam, rq, temperature):
+    """Test-only transcription of chingyaoc/RINCE ``ImageNet/simclr/simclr_module.py``
+    (``SimCLR.sym_loss`` with ``compute_neg_mask``) on one process: the 2n views against
+    themselves, the negatives every view but itself and its positive, pos = exp(out_1·out_2/T)
+    for both halves; −pos^q/q + (lam·(pos + neg))^q/q, means. Inputs are normalized (its
+    ``Projection`` does it)."""
+    n = out_1.shape[0]
+    out = torch.cat([out_1, out_2], dim=0)
+    similarity = torch.exp(torch.mm(out, out.t()) / temperature)
+    neg_mask = torch.zeros(2 * n, 2 * n, dtype=out.dtype)
+    all_indices = torch.arange(2 * n)
+    pos_members = n * torch.arange(2)
+    for anchor in range(2):
+        for img_idx in range(n):
+            delete = img_idx + pos_members
+            keep = all_indices[~torch.isin(all_indices, delete)]
+            neg_mask[anchor * n + img_idx, keep] = 1
+    neg = torch.sum(similarity * neg_mask, 1)
+    pos = torch.exp(torch.sum(out_1 * out_2, dim=-1) / temperature)
+    pos = torch.cat([pos, pos], dim=0)
+    neg = ((lam * (pos + neg)) ** rq) / rq
+    pos = -(pos ** rq) / rq
+    return pos.mean() + neg.mean()
+
+
+def _small(name):
+    return name == "triton" and not ON_GPU
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rank,world", [(0, 1), (1, 3)])
+@pytest.mark.parametrize("rq,lam", [(0.6, 0.01), (0.1, 0.01)])
+def test_rince_equals_chingyaoc_moco_v3(backend, rank, world, rq, lam):
+    """RINCE, MoCo v3 form: ctr(q1, k2) + ctr(q2, k1) at τ = 0.2 with RINCE's contrastive_loss;
+    loss and the gradients to the queries and the (gathered) keys, against the transcription
+    run in fp64 and in fp32 (both within fp32 rounding of ours)."""
+    name, device = backend
+    N, D, T = (24, 32, 0.2) if _small(name) else (64, 256, 0.2)
+    q1, q2 = (torch.randn(N, D, device=device) for _ in range(2))
+    k1, k2 = (torch.randn(world * N, D, device=device) for _ in range(2))
+
+    def both(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_(True) for t in (q1, q2, k1, k2)]
+        loss = fn(*leaves)
+        return (loss.detach(), *torch.autograd.grad(loss, leaves))
+
+    ref = lambda a, b, c, d: (rince_moco_v3_contrastive_loss(a, d, T, lam, rq, rank)  # noqa: E731
+                              + rince_moco_v3_contrastive_loss(b, c, T, lam, rq, rank))
+    ours = lambda a, b, c, d: 2 * T * (  # noqa: E731
+        sslkern.info_nce_loss(a, d, T, pos_offset=rank * N, rince=(rq, lam), backend=name)
+        + sslkern.info_nce_loss(b, c, T, pos_offset=rank * N, rince=(rq, lam), backend=name))
+    got, want64, want32 = both(ours, torch.float32), both(ref, torch.float64), both(ref, torch.float32)
+    for g, w64, w32 in zip(got, want64, want32):
+        torch.testing.assert_close(g.double(), w64, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(g, w32, atol=2e-6, rtol=1e-5)
+    crit = sslkern.nn.InfoNCELoss(T, scale=2 * T, rince=(rq, lam))
+    if rank == 0 and world == 1:
+        torch.testing.assert_close(crit(q1, k2) + crit(q2, k1), want32[0], atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rq,lam,temperature", [(0.1, 0.01, 0.1), (0.5, 0.001, 0.5)])
+def test_rince_equals_chingyaoc_simclr(backend, rq, lam, temperature):
+    """RINCE, SimCLR form (nt_xent=True): sym_loss on the normalized projections; loss and the
+    gradients to both views' raw embeddings."""
+    name, device = backend
+    n, D = (21, 24) if _small(name) else (100, 128)
+    out0, out1 = torch.randn(n, D, device=device), torch.randn(n, D, device=device)
+    ref = lambda a, b: rince_simclr_sym_loss(F.normalize(a, dim=1), F.normalize(b, dim=1), lam, rq,  # noqa: E731
+                                             temperature)
+    got = _run(sslkern.info_nce_loss, out0, out1, temperature=temperature, nt_xent=True, rince=(rq, lam),
+               backend=name)
+    for want in (_run(ref, out0.double(), out1.double()), _run(ref, out0, out1)):
+        torch.testing.assert_close(got[0].double(), want[0].double(), atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(got[1].double(), want[1].double(), atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(got[2].double(), want[2].double(), atol=2e-6, rtol=1e-5)
+    crit = sslkern.nn.InfoNCELoss(temperature, nt_xent=True, rince=(rq, lam))
+    torch.testing.assert_close(crit(out0, out1).double(), got[0].double(), atol=2e-6, rtol=1e-5)
+
+
+def _rince_oracle(q, k, **kw):
+    return _run(ref_info_nce_loss, q.double(), k.double(), **kw)
+
+
+@pytest.mark.parametrize("backend,case", _case_params())
+@pytest.mark.parametrize("rq,lam", [(0.6, 0.01), (1.0, 1.0), (0.05, 0.3)])
+def test_rince_backend_matches_reference(backend, case, rq, lam):
+    name, device = backend
+    N, M, D, form = case
+    kw = _form_kwargs(form, N, M, device)
+    q = torch.randn(N, D, device=device)
+    k = torch.randn(N if form == "nt_xent" else M, D, device=device)
+    got = _run(sslkern.info_nce_loss, q, k, temperature=0.2, rince=(rq, lam), backend=name, **kw)
+    assert_matches(got, _rince_oracle(q, k, temperature=0.2, rince=(rq, lam), **kw), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("form", ["diag", "nt_xent"])
+def test_rince_q_to_zero_is_infonce_plus_log_lambda(backend, form):
+    """q → 0: ((λZ)^q − e^{q·s})/q → log Z − s + log λ. q = 0 is the limit itself (InfoNCE's
+    gradient, loss + log λ); q = 1e-4 is within O(q) of it (expm1 keeps the small-q value exact)."""
+    name, device = backend if isinstance(backend, tuple) else (backend, "cpu")
+    q, k = torch.randn(30, 16, device=device), torch.randn(30, 16, device=device)
+    kw = dict(temperature=0.2, nt_xent=form == "nt_xent", backend=name)
+    plain = _run(sslkern.info_nce_loss, q, k, **kw)
+    for lam in (1.0, 0.01):
+        limit = _run(sslkern.info_nce_loss, q, k, rince=(0.0, lam), **kw)
+        torch.testing.assert_close(limit[0], plain[0] + math.log(lam), atol=1e-6, rtol=1e-6)
+        for a, b in zip(limit[1:], plain[1:]):
+            torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
+        near = _run(sslkern.info_nce_loss, q, k, rince=(1e-4, lam), **kw)
+        torch.testing.assert_close(near[0], limit[0], atol=5e-3, rtol=1e-3)
+        for a, b in zip(near[1:], limit[1:]):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_rince_log_domain_does_not_overflow(backend):
+    """normalize=False, logits up to ~190 (> 88.7, where fp32 exp overflows): the public code's
+    formula gives inf / nan in fp32; the op gives the fp64 value (q·s stays far from overflow)."""
+    name, device = backend if isinstance(backend, tuple) else (backend, "cpu")
+    q = torch.randn(24, 16, device=device) * 1.6
+    k = torch.randn(40, 16, device=device) * 1.6
+    kw = dict(temperature=0.1, normalize=False, rince=(0.1, 0.01))
+    eager32 = ref_info_nce_loss(q, k, **kw)
+    assert not torch.isfinite(eager32)
+    want = _rince_oracle(q, k, **kw)
+    assert torch.isfinite(want[0])
+    got = _run(sslkern.info_nce_loss, q, k, backend=name, **kw)
+    torch.testing.assert_close(got[0].double(), want[0], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(got[1].double(), want[1], atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(got[2].double(), want[2], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("form", ["diag", "nt_xent"])
+def test_rince_dtypes(backend, dtype, form):
+    """Half inputs against the fp64 reference on the same (normalized) values: a row's sum of M
+    exponentials can pass fp16's range (its bound M·e^{1/τ} is 5.7e6 at M = 260, τ = 0.1); the
+    op's statistics are fp32 and in the log domain."""
+    name, device = backend
+    _skip_unsupported(name, dtype)
+    N, M, D = (197, 260, 64) if name == "cpu" or ON_GPU else (26, 40, 32)
+    kw = _form_kwargs(form, N, M, device)
+    q = torch.randn(N, D, device=device, dtype=dtype)
+    k = torch.randn(N if form == "nt_xent" else M, D, device=device, dtype=dtype)
+    got = _run(sslkern.info_nce_loss, q, k, temperature=0.1, backend=name, rince=(0.6, 0.01), **kw)
+    qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    want_n = _run(ref_info_nce_loss, qn.double(), kn.double(), temperature=0.1, normalize=False,
+                  rince=(0.6, 0.01), **kw)
+    qd, kd = q.double().requires_grad_(True), k.double().requires_grad_(True)
+    nq, nk = F.normalize(qd, dim=1), F.normalize(kd, dim=1)
+    dq, dk = torch.autograd.grad((nq * want_n[1]).sum() + (nk * want_n[2]).sum(), (qd, kd))
+    assert_matches(got, (want_n[0], dq, dk), dtype)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("form", ["diag", "exclude", "nt_xent"])
+@pytest.mark.parametrize("rq", [0.6, 0.0])
+def test_rince_gradcheck_float64(backend, form, rq):
+    N, M, D = 7, 11, 5
+    kw = _form_kwargs(form, N, M, "cpu")
+    q = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(N if form == "nt_xent" else M, D, dtype=torch.float64, requires_grad=True)
+    f = lambda a, b: sslkern.info_nce_loss(a, b, 0.3, backend=backend, rince=(rq, 0.05), **kw)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (q, k), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_rince_opcheck(tied):
+    N, M, D = 9, 13, 6
+    q = torch.randn(N, D, requires_grad=True)
+    if tied:
+        pos, excl = (torch.arange(N) + 3) % N, torch.arange(N)
+        args = (q, q, pos, excl, 1 / 0.3, True, True, True, 0.6, 0.01, "")
+    else:
+        k = torch.randn(M, D, requires_grad=True)
+        args = (q, k, torch.randint(0, M, (N,)), None, 1 / 0.3, True, True, False, 0.6, 0.01, "")
+    torch.library.opcheck(torch.ops.sslkern.info_nce_loss.default, args)
+
+
+def test_rince_compile_fullgraph_equals_eager():
+    q1, q2 = (torch.randn(40, 24, requires_grad=True) for _ in range(2))
+    k1, k2 = torch.randn(40, 24), torch.randn(40, 24)
+
+    def f(q1, q2, k1, k2):
+        moco = sslkern.info_nce_loss(q1, k2, 0.2, rince=(0.6, 0.01)) + sslkern.info_nce_loss(q2, k1, 0.2, rince=(0.6, 0.01))
+        return 0.4 * moco + sslkern.info_nce_loss(q1, q2, 0.1, nt_xent=True, rince=(0.1, 0.01))
+
+    eager = f(q1, q2, k1, k2)
+    e_grads = torch.autograd.grad(eager, (q1, q2))
+    got = torch.compile(f, fullgraph=True)(q1, q2, k1, k2)
+    torch.testing.assert_close(got, eager, atol=1e-6, rtol=1e-6)
+    for g, e in zip(torch.autograd.grad(got, (q1, q2)), e_grads):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rince,exc,match", [
+    ((0.6,), TypeError, r"rince expected a pair \(q, lambda\), got \(0.6,\)"),
+    (0.6, TypeError, r"rince expected a pair \(q, lambda\), got 0.6"),
+    ((0.6, "0.01"), TypeError, "rince lambda expected a real number, got str"),
+    ((torch.tensor(0.6), 0.01), TypeError, "rince q expected a real number, got Tensor"),
+    ((True, 0.01), TypeError, "rince q expected a real number, got bool"),
+    ((-0.1, 0.01), ValueError, r"rince q must be in \[0.0, inf\], got -0.1"),
+    ((0.6, 0.0), ValueError, r"rince lambda must be in \(0.0, inf\], got 0.0"),
+    ((float("nan"), 0.01), ValueError, "rince q expected a finite number, got nan"),
+    ((0.6, float("inf")), ValueError, "rince lambda expected a finite number, got inf"),
+])
+def test_rince_bad_input(rince, exc, match):
+    q, k = _qk()
+    with pytest.raises(exc, match=match):
+        sslkern.info_nce_loss(q, k, rince=rince)
+
+
+def test_rince_cpu_kernel_checks_direct_calls():
+    q, k = _qk()
+    with pytest.raises(RuntimeError, match="rince expected q >= 0 and lambda > 0"):
+        torch.ops.sslkern_C.info_nce_loss_cpu(q, k, torch.arange(6), None, 2.0, True, True, False, -1.0, 0.1)
+    with pytest.raises(RuntimeError, match="rince expected q >= 0 and lambda > 0"):
+        torch.ops.sslkern_C.info_nce_loss_cpu(q, k, torch.arange(6), None, 2.0, True, True, False, 0.5, 0.0)
+
+
+@pytest.mark.parametrize("nt_xent", [False, True])
+def test_rince_cpu_memory_is_infonce_memory(nt_xent):
+    """RINCE keeps the kernel's memory: no (N, M) tensor, the same peak as InfoNCE's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    N = M = 2048
+    n = N // 2 if nt_xent else N
+    q = torch.randn(n, 32, requires_grad=True)
+    k = torch.randn(n if nt_xent else M, 32, requires_grad=True)
+
+    def peak(**kw):
+        with sslkern.cpu_cache_disabled(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            sslkern.info_nce_loss(q, k, 0.2, nt_xent=nt_xent, backend="cpu", **kw).backward()
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+        live = top = 0
+        for _, nb in events:
+            live += nb
+            top = max(top, live)
+        return top
+
+    robust, plain = peak(rince=(0.6, 0.01)), peak()
+    assert robust < N * M * 4 / 2, robust
+    assert robust <= plain + 64 * 1024, (robust, plain)  # a few row vectors at most
+
+
+@pytest.mark.parametrize("n,D", [(130, 17), (300, 64)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_rince_tied_cpu_tiles_and_threads(n, D, threads):
+    q, k = torch.randn(n, D), torch.randn(n, D)
+    want = _rince_oracle(q, k, temperature=0.1, nt_xent=True, rince=(0.1, 0.01))
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _run(sslkern.info_nce_loss, q, k, temperature=0.1, nt_xent=True, backend="cpu", rince=(0.1, 0.01))
+    finally:
+        torch.set_num_threads(prev)
+    assert_matches(got, want, torch.float32)
+
+
+def test_rince_tied_and_untied_cpu_gradients_have_no_subnormals():
+    """τ = 0.01: most of w·P is below the float32 normal range; it must be exactly 0."""
+    n, D = 256, 16
+    z = F.normalize(torch.randn(2 * n, D), dim=1)
+    pos, excl = (torch.arange(2 * n) + n) % (2 * n), torch.arange(2 * n)
+    tiny = torch.finfo(torch.float32).tiny
+    _, dz, _ = torch.ops.sslkern.info_nce_loss(z, z, pos, excl, 100.0, True, True, True, 0.1, 0.01, "cpu")
+    assert not bool(((dz != 0) & (dz.abs() < tiny)).any())
+    eye = torch.eye(2 * n)
+    _, g, _ = torch.ops.sslkern.info_nce_loss((z @ z.t()).contiguous(), eye, pos, excl, 100.0, True, False, False,
+                                              0.1, 0.01, "cpu")
+    assert not bool(((g != 0) & (g.abs() < tiny)).any())
+    # the case exercises the flush: the exact w·P (fp64) has entries in the float32 subnormal range
+    s = ((z @ z.t()).double() * 100).fill_diagonal_(float("-inf"))
+    w_p = torch.exp(s - (1 - 0.1) * torch.logsumexp(s, 1, keepdim=True) + 0.1 * math.log(0.01)) / (2 * n) * 100
+    assert bool(((w_p > 0) & (w_p < tiny)).sum() > 100)
+
+
+def test_rince_triton_launch_configs_are_in_aot_configs(monkeypatch):
+    pytest.importorskip("triton")
+    from sslkern.triton_ops import info_nce_loss as tn
+
+    calls = []
+    for name in ("info_nce_fwd_kernel", "info_nce_bwd_dq_kernel", "info_nce_bwd_dk_kernel"):
+        monkeypatch.setattr(tn, name, _RecordingKernel(name, calls))
+    q = torch.zeros(5, 64)
+    tn.info_nce_loss_triton(q, q, torch.arange(5), None, 2.0, True, True, False, 0.6, 0.01)
+    aot = [(c["kernel"].fn.__name__ if hasattr(c["kernel"], "fn") else c["kernel"].__name__,
+            tuple(sorted(c["constexprs"].items())), c["num_warps"], c["num_stages"]) for c in tn.AOT_CONFIGS]
+    assert len(calls) == 3
+    for name, kw in calls:
+        options = (kw.pop("num_warps"), kw.pop("num_stages"))
+        assert kw["RINCE"] is True
+        assert (name, tuple(sorted(kw.items())), *options) in aot, (name, kw, options)

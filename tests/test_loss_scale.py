@@ -16,7 +16,8 @@ from sslkern.gpu_check import LOSS_SCALE, OP_CASES, loss_scale_grads
 CASES = [c for c in OP_CASES if c.differentiable]
 # the ops whose backward only rescales a gradient written in the forward (sslkern.ops._common)
 SAVED_GRADIENT = {"dino_loss", "dino_loss sinkhorn", "ibot_patch_loss", "prototype_loss", "prototype_loss ibot",
-                  "info_nce_loss", "info_nce_loss nt_xent", "cross_correlation_loss", "vicreg_loss", "swav_loss"}
+                  "info_nce_loss", "info_nce_loss nt_xent", "info_nce_loss rince", "cross_correlation_loss",
+                  "vicreg_loss", "swav_loss"}
 
 
 def _params():

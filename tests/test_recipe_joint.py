@@ -190,6 +190,42 @@ def test_two_processes_equal_one(tmp_path, name):
     np.testing.assert_allclose([r["embedding_std"] for r in two], [r["embedding_std"] for r in one], rtol=1e-2)
 
 
+@pytest.mark.parametrize("name", ["moco", "simclr"])
+def test_rince_option_logs_infonce_beside_it(tmp_path, name):
+    """--loss rince: the step's loss is RINCE and the InfoNCE (NT-Xent) value of the same
+    embeddings is logged as ``infonce``; they differ."""
+    out = str(tmp_path / name)
+    _run(name, TINY + ["--out", out, "--steps", "2", "--no-probe", "--eval-every", "0", "--loss", "rince"])
+    for r in _rows(out):
+        assert np.isfinite(r["loss"]) and np.isfinite(r["infonce"])
+        assert abs(r["loss"] - r["infonce"]) > 1e-3
+    plain = str(tmp_path / "plain")
+    _run(name, TINY + ["--out", plain, "--steps", "1", "--no-probe", "--eval-every", "0"])
+    first = _rows(plain)[0]
+    assert "infonce" not in first
+    assert first["loss"] == pytest.approx(_rows(out)[0]["infonce"], rel=1e-5)  # same first step, InfoNCE
+
+
+def test_moco_rince_loss_is_chingyaoc_contrastive_loss():
+    """--loss rince: the MoCo criterion is chingyaoc/RINCE moco-v3 contrastive_loss (q 0.6, λ 0.01, × 2τ)."""
+    from test_info_nce_loss import rince_moco_v3_contrastive_loss
+
+    method, a, _ = _method("moco", ["--loss", "rince"])
+    assert (a.rince_q, a.rince_lam) == (0.6, 0.01)
+    q, k = torch.randn(40, 32, dtype=torch.float64), torch.randn(40, 32, dtype=torch.float64)
+    torch.testing.assert_close(method.loss(q, k), rince_moco_v3_contrastive_loss(q, k, a.temperature, 0.01, 0.6))
+
+
+def test_simclr_rince_loss_is_chingyaoc_sym_loss():
+    from test_info_nce_loss import rince_simclr_sym_loss
+
+    method, a, _ = _method("simclr", ["--loss", "rince"])
+    assert (a.rince_q, a.rince_lam) == (0.1, 0.01)
+    z1, z2 = torch.randn(40, 32, dtype=torch.float64), torch.randn(40, 32, dtype=torch.float64)
+    want = rince_simclr_sym_loss(F.normalize(z1, dim=1), F.normalize(z2, dim=1), 0.01, 0.1, a.temperature)
+    torch.testing.assert_close(method.loss(z1, z2), want)
+
+
 @pytest.mark.parametrize("name, args, message", [
     ("byol", ["--hidden-dim", "0"], "--hidden-dim expected a positive integer, got 0"),
     ("byol", ["--momentum-target", "1.5"], "--momentum-target expected in [0, 1], got 1.5"),
@@ -202,6 +238,9 @@ def test_two_processes_equal_one(tmp_path, name):
     ("simclr", ["--temperature", "-1"], "--temperature expected > 0, got -1.0"),
     ("simclr", ["--degrees", "-5"], "--degrees expected >= 0, got -5.0"),
     ("simclr", ["--batch-size", "5000"], "larger than the training set"),
+    ("moco", ["--loss", "rince", "--rince-lam", "0"], "--rince-lam expected > 0, got 0.0"),
+    ("simclr", ["--loss", "rince", "--rince-q", "-1"], "--rince-q expected >= 0, got -1.0"),
+    ("simclr", ["--loss", "nce"], "invalid choice: 'nce'"),
 ])
 def test_bad_options_are_clear_errors(tmp_path, capsys, name, args, message):
     with pytest.raises(SystemExit) as e:

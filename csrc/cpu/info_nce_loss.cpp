@@ -15,6 +15,12 @@
 // The tile products run single-threaded inside the tasks (ATen's parallel_for). fp16 / bf16
 // inputs are converted to fp32 copies first; fp64 runs in fp64. The exponential is
 // exp_fast (common.h): exact 0 below exp(-87), so no float32 subnormal ever enters G.
+// RINCE (rince_q > 0; chingyaoc/RINCE): the row loss is ((lam·Z_i)^q − exp(q·s_pos))/q with
+// Z_i the row's sum of exp (lse_i = log Z_i), evaluated as exp(q·s_pos)·expm1(q·(log lam + lse_i
+// − s_pos))/q in double from the row statistics, never from an exp of a logit; the gradient row
+// is (w_i·P_i − u_i·onehot(pos))·inv_temp/N with w_i = (lam·Z_i)^q, u_i = exp(q·s_pos): the same
+// pass with another scale of the row and another weight on the positive. rince_q = 0: InfoNCE
+// (+ log lam, the q → 0 limit).
 // As alibi_attention.cpp: without -fno-trapping-math gcc does not if-convert exp_fast's clamps
 // on AVX2, and the exp loops stay scalar. Set for this file only, before any include. Results
 // unchanged (no FP exception flags are read here).
@@ -84,11 +90,27 @@ void add_task_buffers(A* __restrict dst, const A* __restrict parts, int64_t n_pa
   });
 }
 
+// The robust (RINCE) form's per-row pieces, in double; q = 0 is InfoNCE.
+struct RowLoss {
+  double q, log_lam;
+  bool robust() const { return q > 0; }
+  // the row's loss from its log-sum-exp and positive logit (log lam is added once, by the caller, for q = 0)
+  double loss(double lse, double s_pos) const {
+    if (!robust()) return lse - s_pos;
+    return std::exp(q * s_pos) * std::expm1(q * (log_lam + lse - s_pos)) / q;
+  }
+  // log w_i: exp(s − (lse − log_w)) = w_i·P_i
+  double log_w(double lse) const { return robust() ? q * (log_lam + lse) : 0.0; }
+  // u_i, the weight of the positive's one-hot
+  double pos_weight(double s_pos) const { return robust() ? std::exp(q * s_pos) : 1.0; }
+  double finish(double mean) const { return robust() ? mean : mean + log_lam; }
+};
+
 // q, k: contiguous (N x D), (M x D) in the compute type A. dq: N x D (or null), dk: M x D
 // (or null), both A. Returns the loss.
 template <typename A>
 double info_nce_impl(const A* q, const A* k, int64_t N, int64_t M, int64_t D, const int64_t* pos,
-                     const int64_t* excl, A inv_temp, A* dq, A* dk) {
+                     const int64_t* excl, A inv_temp, A* dq, A* dk, const RowLoss& rl) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   int64_t bq = std::clamp<int64_t>(kBlockElems / std::max<int64_t>(M, 1), kMinBQ, kMaxBQ);
   bq = std::min(bq, (N + threads - 1) / threads);  // every thread gets a block
@@ -128,13 +150,20 @@ double info_nce_impl(const A* q, const A* k, int64_t N, int64_t M, int64_t D, co
             A z = 0;
 #pragma omp simd reduction(+ : z)
             for (int64_t j = 0; j < M; ++j) z += exp_fast(s[j] - m);
-            acc += static_cast<double>(m) + std::log(static_cast<double>(z)) - static_cast<double>(s_pos);
+            acc += rl.loss(static_cast<double>(m) + std::log(static_cast<double>(z)), static_cast<double>(s_pos));
             continue;
           }
           const A z = exp_sum(s, M, m);
-          acc += static_cast<double>(m) + std::log(static_cast<double>(z)) - static_cast<double>(s_pos);
-          scale_row(s, M, g_scale / z);
-          s[p] -= g_scale;
+          if (!rl.robust()) {
+            acc += static_cast<double>(m) + std::log(static_cast<double>(z)) - static_cast<double>(s_pos);
+            scale_row(s, M, g_scale / z);
+            s[p] -= g_scale;
+            continue;
+          }
+          const double log_z = std::log(static_cast<double>(z)), lse = static_cast<double>(m) + log_z;
+          acc += rl.loss(lse, static_cast<double>(s_pos));
+          scale_row(s, M, static_cast<A>(static_cast<double>(g_scale) * std::exp(rl.log_w(lse) - log_z)));
+          s[p] -= static_cast<A>(static_cast<double>(g_scale) * rl.pos_weight(static_cast<double>(s_pos)));
         }
         partial[blk] = acc;
         if (dq) gemm<A>(false, false, nr, D, M, A(1), S, M, k, D, A(0), dq + r0 * D, D);
@@ -145,7 +174,7 @@ double info_nce_impl(const A* q, const A* k, int64_t N, int64_t M, int64_t D, co
   if (dk && n_tasks > 1) add_task_buffers(dk, dk_parts.data_ptr<A>(), n_tasks - 1, M, D);  // in task order
   double total = 0.0;
   for (double v : partial) total += v;  // fixed order: deterministic for a thread count
-  return total / static_cast<double>(N);
+  return rl.finish(total / static_cast<double>(N));
 }
 
 
@@ -181,7 +210,8 @@ inline void lse_merge(A& m, A& z, A m2, A z2) {
 }
 
 template <typename A>
-double info_nce_tied_impl(const A* z, int64_t N, int64_t D, const int64_t* pos, bool excl_self, A inv_temp, A* dz) {
+double info_nce_tied_impl(const A* z, int64_t N, int64_t D, const int64_t* pos, bool excl_self, A inv_temp, A* dz,
+                          const RowLoss& rl) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t bs = kTiedBlock, nb = (N + bs - 1) / bs;
   std::vector<std::pair<int64_t, int64_t>> tiles;
@@ -249,15 +279,23 @@ double info_nce_tied_impl(const A* z, int64_t N, int64_t D, const int64_t* pos, 
     }
     lse[r] = mr + std::log(zr);
   }
+  // shift: exp(s − shift_i) = w_i·P_i (shift = lse for InfoNCE); pos_w: u_i (1 for InfoNCE)
+  std::vector<A> shift(lse), pos_w(N, A(1));
   double total = 0.0;
   for (int64_t i = 0; i < N; ++i) {
     const A* a = z + i * D;
     const A* b = z + pos[i] * D;
     double dot = 0.0;
     for (int64_t d = 0; d < D; ++d) dot += static_cast<double>(a[d]) * static_cast<double>(b[d]);
-    total += static_cast<double>(lse[i]) - dot * static_cast<double>(inv_temp);
+    const double s_pos = dot * static_cast<double>(inv_temp);
+    total += rl.loss(static_cast<double>(lse[i]), s_pos);
+    if (rl.robust()) {
+      shift[i] = static_cast<A>(static_cast<double>(lse[i]) - rl.log_w(static_cast<double>(lse[i])));
+      pos_w[i] = static_cast<A>(rl.pos_weight(s_pos));
+    }
   }
-  if (dz == nullptr) return total / static_cast<double>(N);
+  total = rl.finish(total / static_cast<double>(N));
+  if (dz == nullptr) return total;
 
   const A c = inv_temp / static_cast<A>(N);
   const A tiny = std::numeric_limits<A>::min();
@@ -270,10 +308,10 @@ double info_nce_tied_impl(const A* z, int64_t N, int64_t D, const int64_t* pos, 
       for (int64_t t = task; t < n_tiles; t += n_tasks) {
         int64_t i0, bi, j0, bj;
         form(tiles[t].first, tiles[t].second, S, i0, bi, j0, bj);
-        const A* __restrict lj = lse.data() + j0;
+        const A* __restrict lj = shift.data() + j0;
         for (int64_t i = 0; i < bi; ++i) {
           A* __restrict s = S + i * bj;
-          const A li = lse[i0 + i];
+          const A li = shift[i0 + i];
 #pragma omp simd
           for (int64_t j = 0; j < bj; ++j) {
             const A v = c * (exp_fast(s[j] - li) + exp_fast(s[j] - lj[j]));
@@ -282,11 +320,11 @@ double info_nce_tied_impl(const A* z, int64_t N, int64_t D, const int64_t* pos, 
         }
         for (int64_t i = 0; i < bi; ++i) {  // the positives: G's one-hot rows and Gᵀ's columns
           const int64_t p = pos[i0 + i];
-          if (p >= j0 && p < j0 + bj) S[i * bj + (p - j0)] -= c;
+          if (p >= j0 && p < j0 + bj) S[i * bj + (p - j0)] -= c * pos_w[i0 + i];
         }
         for (int64_t j = 0; j < bj; ++j) {
           const int64_t p = pos[j0 + j];
-          if (p >= i0 && p < i0 + bi) S[(p - i0) * bj + j] -= c;
+          if (p >= i0 && p < i0 + bi) S[(p - i0) * bj + j] -= c * pos_w[j0 + j];
         }
         gemm<A>(false, false, bi, D, bj, A(1), S, bj, z + j0 * D, D, A(1), acc + i0 * D, D);
         if (i0 != j0) gemm<A>(true, false, bj, D, bi, A(1), S, bj, z + i0 * D, D, A(1), acc + j0 * D, D);
@@ -294,14 +332,14 @@ double info_nce_tied_impl(const A* z, int64_t N, int64_t D, const int64_t* pos, 
     }
   });
   if (n_tasks > 1) add_task_buffers(dz, dz_parts.data_ptr<A>(), n_tasks - 1, N, D);
-  return total / static_cast<double>(N);
+  return total;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_loss_cpu(const at::Tensor& q, const at::Tensor& k,
                                                                  const at::Tensor& pos,
                                                                  const std::optional<at::Tensor>& exclude,
                                                                  double inv_temp, bool grad_q, bool grad_k,
-                                                                 bool tied) {
+                                                                 bool tied, double rince_q, double rince_lam) {
   // every index is checked here (the op's Dispatch declares it: no front-door pass on CPU)
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), "sslkern.info_nce_loss: q and k must be CPU tensors");
   TORCH_CHECK(q.dim() == 2 && k.dim() == 2, "sslkern.info_nce_loss: q and k must be 2-D, got ", q.sizes(), " and ",
@@ -315,6 +353,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_loss_cpu(const at::Tenso
   TORCH_CHECK(M * D < (int64_t(1) << 31) && N * D < (int64_t(1) << 31) && M < (int64_t(1) << 31),
               "sslkern.info_nce_loss: sizes beyond 32-bit BLAS indexing");
   TORCH_CHECK(inv_temp > 0 && std::isfinite(inv_temp), "sslkern.info_nce_loss: temperature must be positive");
+  TORCH_CHECK(rince_q >= 0 && std::isfinite(rince_q) && rince_lam > 0 && std::isfinite(rince_lam),
+              "sslkern.info_nce_loss: rince expected q >= 0 and lambda > 0 (finite), got q = ", rince_q, ", lambda = ",
+              rince_lam);
+  const RowLoss rl{rince_q, std::log(rince_lam)};
   TORCH_CHECK(pos.device().is_cpu() && pos.scalar_type() == at::kLong && pos.dim() == 1 && pos.size(0) == N,
               "sslkern.info_nce_loss: pos must be a CPU int64 tensor of shape (", N, ",)");
   at::Tensor pos_c = pos.contiguous();
@@ -358,10 +400,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_loss_cpu(const at::Tenso
     at::Tensor loss = at::empty({}, q.options().dtype(acc));
     if (dbl) {
       loss.fill_(info_nce_tied_impl<double>(za.data_ptr<double>(), N, D, pp, excl_self, inv_temp,
-                                            grad_q ? dz.data_ptr<double>() : nullptr));
+                                            grad_q ? dz.data_ptr<double>() : nullptr, rl));
     } else {
       loss.fill_(info_nce_tied_impl<float>(za.data_ptr<float>(), N, D, pp, excl_self, static_cast<float>(inv_temp),
-                                           grad_q ? dz.data_ptr<float>() : nullptr));
+                                           grad_q ? dz.data_ptr<float>() : nullptr, rl));
     }
     if (grad_q && q.scalar_type() != acc) dz = dz.to(q.scalar_type());
     return {loss, dz, at::empty({0}, k.options())};
@@ -376,11 +418,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_loss_cpu(const at::Tenso
   at::Tensor loss = at::empty({}, q.options().dtype(acc));
   if (dbl) {
     loss.fill_(info_nce_impl<double>(qa.data_ptr<double>(), ka.data_ptr<double>(), N, M, D, pp, xp, inv_temp,
-                                     grad_q ? dq.data_ptr<double>() : nullptr, grad_k ? dk.data_ptr<double>() : nullptr));
+                                     grad_q ? dq.data_ptr<double>() : nullptr, grad_k ? dk.data_ptr<double>() : nullptr,
+                                     rl));
   } else {
     loss.fill_(info_nce_impl<float>(qa.data_ptr<float>(), ka.data_ptr<float>(), N, M, D, pp, xp,
                                     static_cast<float>(inv_temp), grad_q ? dq.data_ptr<float>() : nullptr,
-                                    grad_k ? dk.data_ptr<float>() : nullptr));
+                                    grad_k ? dk.data_ptr<float>() : nullptr, rl));
   }
   if (!direct) {
     if (grad_q) dq = dq.to(q.scalar_type());
@@ -393,7 +436,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_loss_cpu(const at::Tenso
 
 TORCH_LIBRARY_FRAGMENT(sslkern_C, m) {
   m.def("info_nce_loss_cpu(Tensor q, Tensor k, Tensor pos, Tensor? exclude, float inv_temp, bool grad_q, "
-        "bool grad_k, bool tied) -> (Tensor, Tensor, Tensor)",
+        "bool grad_k, bool tied, float rince_q, float rince_lam) -> (Tensor, Tensor, Tensor)",
         &info_nce_loss_cpu);
 }
 

@@ -7,6 +7,6 @@ from .masking import DecoderInput, block_outputs, embed_visible, encode_with_mas
 from .attention import AlibiAttention, AlibiContext, use_alibi  # noqa: F401
 from .dino import DINOLoss, IBOTPatchLoss  # noqa: F401
 from .heads import DINOHead, GlobalBatchNorm1d, MultiCropWrapper, WeightNormLinear  # noqa: F401
-from .contrastive import InfoNCELoss  # noqa: F401
+from .contrastive import CPCLoss, InfoNCELoss  # noqa: F401
 from .redundancy import BarlowTwinsLoss, VICRegLoss  # noqa: F401
 from .swav import SwAVLoss, SwAVPrototypes  # noqa: F401

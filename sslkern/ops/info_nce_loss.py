@@ -12,7 +12,7 @@ rows at a time. Extra memory is O((N + M)·D): the gradients, the normalized inp
 per-thread row blocks.
 
 One custom op, ``torch.ops.sslkern.info_nce_loss(q, k, pos, exclude, inv_temp, grad_q, grad_k,
-tied, backend) -> (loss, dq, dk)``: the gradients of the loss are computed in the same
+tied, rince_q, rince_lam, backend) -> (loss, dq, dk)``: the gradients of the loss are computed in the same
 call when the inputs require grad (the CPU kernel shares one logits block between the loss
 and both gradients: three tile GEMMs in all, as many as the eager code, where a separate
 backward would recompute the logits), and backward rescales them by the incoming gradient
@@ -22,9 +22,20 @@ backward would recompute the logits), and backward rescales them by the incoming
 and check only ``k``'s shape): ``dq`` is the whole gradient ``G·Z + Gᵀ·Z`` and ``dk`` is empty. The CPU kernel then uses the symmetry of the logits: it
 forms each (I, J ≥ I) tile once per pass (row statistics, then gradient), two tile GEMMs'
 worth of N²·D products in all instead of three; the other backends compute ``dq + dk``.
+
+``rince_q > 0`` (RINCE, Chuang et al. 2022, chingyaoc/RINCE): the row loss is
+``ℓ_i = ((λ·Z_i)^q − exp(q·s_i,pos))/q`` with ``Z_i = Σ_{j ≠ exclude[i]} exp(s_ij)`` (the positive
+included), computed in the log domain from the row's logsumexp, ``lse_i = log Z_i``, as
+``exp(q·s_pos)·expm1(q·(log λ + lse_i − s_pos))/q`` (no exp of a logit outside the softmax: only
+q-scaled quantities are exponentiated; expm1 keeps small q exact). Its gradient has InfoNCE's shape with
+per-row weights: ``G_ij = (w_i·P_ij − u_i·onehot(pos)_ij)·inv_temp/N``, ``w_i = (λ·Z_i)^q``,
+``u_i = exp(q·s_pos)``; the kernels take ``w_i·P_ij = exp(s_ij − (lse_i − log w_i))``, i.e. the
+InfoNCE softmax with a shifted row statistic. ``rince_q = 0`` is the limit q → 0: InfoNCE
+plus ``log λ`` (``rince_lam = 1``: InfoNCE).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -38,12 +49,13 @@ from ._common import acc_dtype, check_index_values, needs_grad, register_saved_g
 OP = "info_nce_loss"
 
 
-def info_nce_loss_eager(q, k, pos, exclude, inv_temp, grad_q, grad_k, tied):
+def info_nce_loss_eager(q, k, pos, exclude, inv_temp, grad_q, grad_k, tied, rince_q, rince_lam):
     """The custom op's contract in eager PyTorch (the ``reference`` backend; materializes the
     logits).
 
     ``tied``: ``k`` is ``q`` itself (NT-Xent over the 2n views); ``dq`` is then the whole
-    gradient ``G·Z + Gᵀ·Z`` and ``dk`` is empty.
+    gradient ``G·Z + Gᵀ·Z`` and ``dk`` is empty. ``rince_q > 0``: RINCE in the log domain (the
+    module docstring).
     """
     acc = acc_dtype(q)
     N, M = q.shape[0], k.shape[0]
@@ -53,10 +65,18 @@ def info_nce_loss_eager(q, k, pos, exclude, inv_temp, grad_q, grad_k, tied):
         s = s.masked_fill(torch.arange(M, device=q.device)[None, :] == exclude[:, None], float("-inf"))
     lse = torch.logsumexp(s, dim=1)
     rows = torch.arange(N, device=q.device)
-    loss = (lse - s[rows, pos]).mean()
+    s_pos = s[rows, pos]
+    log_lam = math.log(rince_lam)
+    if rince_q > 0:
+        loss = (torch.exp(rince_q * s_pos) * torch.expm1(rince_q * (log_lam + lse - s_pos)) / rince_q).mean()
+        shift = lse - rince_q * (log_lam + lse)  # exp(s − shift) = w·P
+        pos_weight = torch.exp(rince_q * s_pos)
+    else:
+        loss = (lse - s_pos).mean() + log_lam
+        shift, pos_weight = lse, 1
     # Custom-op bodies run below autograd: the gradient is written out.
-    g = torch.exp(s - lse[:, None])
-    g[rows, pos] -= 1
+    g = torch.exp(s - shift[:, None])
+    g[rows, pos] -= pos_weight
     g = g * (inv_temp / N)
     if tied:
         dq = (g @ ka + g.t() @ qa).to(q.dtype) if grad_q else q.new_empty(0)
@@ -71,16 +91,16 @@ dispatch = Dispatch(OP, standard_impls(OP, info_nce_loss_eager), checks_indices=
 
 @torch.library.custom_op("sslkern::info_nce_loss", mutates_args=())
 def _info_nce_loss_op(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, exclude: Optional[torch.Tensor],
-                      inv_temp: float, grad_q: bool, grad_k: bool, tied: bool,
-                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      inv_temp: float, grad_q: bool, grad_k: bool, tied: bool, rince_q: float,
+                      rince_lam: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if tied and (k.shape != q.shape or grad_q != grad_k):
         fail(OP, f"tied=True expected k to be q itself and grad_q == grad_k, got shapes {tuple(q.shape)}, "
                  f"{tuple(k.shape)} and grad_q={grad_q}, grad_k={grad_k}")
-    return dispatch(q.device, backend)(q, k, pos, exclude, inv_temp, grad_q, grad_k, tied)
+    return dispatch(q.device, backend)(q, k, pos, exclude, inv_temp, grad_q, grad_k, tied, rince_q, rince_lam)
 
 
 @_info_nce_loss_op.register_fake
-def _(q, k, pos, exclude, inv_temp, grad_q, grad_k, tied, backend):
+def _(q, k, pos, exclude, inv_temp, grad_q, grad_k, tied, rince_q, rince_lam, backend):
     loss = q.new_empty((), dtype=acc_dtype(q))
     dq = torch.empty_like(q, memory_format=torch.contiguous_format) if grad_q else q.new_empty(0)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format) if grad_k and not tied else k.new_empty(0)
@@ -119,6 +139,7 @@ def info_nce_loss(
     pos_offset: int = 0,
     exclude: Optional[torch.Tensor] = None,
     nt_xent: bool = False,
+    rince: Optional[tuple[float, float]] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     r"""InfoNCE contrastive loss, fused: ``mean_i [logsumexp_j(q̂_i·k̂_j/τ) − q̂_i·k̂_pos(i)/τ]``.
@@ -149,6 +170,16 @@ def info_nce_loss(
         exclude: optional (N,) integer column left out of row i's logsumexp (−1 = none;
             never the positive).
         nt_xent: the SimCLR form above (``pos``, ``pos_offset``, ``exclude`` must be unset).
+        rince: ``(q, λ)``, q ≥ 0 and λ > 0: RINCE (Chuang et al. 2022, chingyaoc/RINCE) instead
+            of InfoNCE, over the same logits and the same denominator:
+            ``mean_i [((λ·Σ_{j ≠ exclude[i]} exp(s_ij))^q − exp(q·s_i,pos))/q]``, the positive
+            inside the sum. MoCo v3 form (chingyaoc/RINCE ``moco-v3/moco/builder.py``, q 0.6,
+            λ 0.01 there): the default rows/columns form, × 2τ by the caller as for InfoNCE.
+            SimCLR form (``simclr/simclr_module.py: sym_loss``, q 0.1, λ 0.01, τ 0.1 there):
+            ``nt_xent=True``. Computed in the log domain: the public code's ``exp(s)``
+            overflows once a logit passes 88.7 (fp32); here only ``q·s_pos`` and
+            ``q·(log λ + logsumexp)`` are exponentiated. q → 0 gives InfoNCE + log λ (``q = 0``
+            is that limit).
         backend: force ``"reference"``, ``"cpu"`` or ``"triton"`` (default: auto).
 
     Returns:
@@ -177,6 +208,7 @@ def info_nce_loss(
     pos_offset = check_int(OP, "pos_offset", pos_offset)
     check_choice(OP, "normalize", normalize, (True, False))
     check_choice(OP, "nt_xent", nt_xent, (True, False))
+    rince_q, rince_lam = _check_rince(rince)
     if nt_xent:
         if pos is not None or exclude is not None or pos_offset != 0:
             fail(OP, "nt_xent=True builds its own positives and exclusions: pos, pos_offset and exclude "
@@ -212,9 +244,20 @@ def info_nce_loss(
         z = torch.cat([q, k], dim=0)
         pos, exclude = nt_xent_indices(N, device)
         loss, _, _ = torch.ops.sslkern.info_nce_loss(z, z, pos, exclude, 1.0 / temperature, needs_grad(z),
-                                                     needs_grad(z), True, backend or "")
+                                                     needs_grad(z), True, rince_q, rince_lam, backend or "")
         return loss
     q, k = q.contiguous(), k.contiguous()
     loss, _, _ = torch.ops.sslkern.info_nce_loss(q, k, pos, exclude, 1.0 / temperature, needs_grad(q),
-                                                 needs_grad(k), False, backend or "")
+                                                 needs_grad(k), False, rince_q, rince_lam, backend or "")
     return loss
+
+
+def _check_rince(rince) -> tuple[float, float]:
+    """(rince_q, rince_lam) of the custom op: (0, 1) = InfoNCE."""
+    if rince is None:
+        return 0.0, 1.0
+    if not isinstance(rince, (tuple, list)) or len(rince) != 2:
+        fail(OP, f"rince expected a pair (q, lambda), got {rince!r}", TypeError)
+    rince_q = check_float(OP, "rince q", rince[0], 0.0, None)
+    rince_lam = check_float(OP, "rince lambda", rince[1], 0.0, None, lo_open=True)
+    return rince_q, rince_lam

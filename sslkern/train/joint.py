@@ -40,20 +40,32 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, *, bn: bool
 def add_view_arguments(g, *, scale=(0.3, 1.0), degrees=10.0):
     g.add_argument("--pool", choices=("mean", "cls"), default="mean",
                    help="projector input: mean of the patch tokens or CLS (the papers: CLS / pooled CNN features)")
-    g.add_argument("--crop-scale", type=float, nargs=2, default=scale, help="random resized crop area range (papers: 0.08 1)")
-    g.add_argument("--degrees", type=float, default=degrees, help="random rotation of every view (papers: none)")
-    g.add_argument("--flip-p", type=float, default=None,
-                   help="horizontal flip probability (default: 0.5 for RGB data, 0 for grey digits)")
+    views.add_crop_arguments(g, scale=scale, degrees=degrees)
 
 
 def check_view_arguments(a, error):
-    lo, hi = a.crop_scale
-    if not 0 < lo <= hi <= 1:
-        error(f"--crop-scale expected 0 < lo <= hi <= 1, got {lo} {hi}")
-    if a.degrees < 0:
-        error(f"--degrees expected >= 0, got {a.degrees}")
-    if a.flip_p is not None and not 0 <= a.flip_p <= 1:
-        error(f"--flip-p expected in [0, 1], got {a.flip_p}")
+    views.check_crop_arguments(a, error)
+
+
+def add_loss_arguments(g, *, rince_q: float, rince_lam: float = 0.01):
+    """``--loss infonce|rince`` and RINCE's (q, λ) (Chuang et al. 2022; defaults: chingyaoc/RINCE's
+    for the recipe's form)."""
+    g.add_argument("--loss", choices=("infonce", "rince"), default="infonce",
+                   help="contrastive loss: InfoNCE, or RINCE (robust InfoNCE; the InfoNCE value is logged beside it)")
+    g.add_argument("--rince-q", type=float, default=rince_q, help=f"RINCE q (chingyaoc/RINCE README: {rince_q})")
+    g.add_argument("--rince-lam", type=float, default=rince_lam, help=f"RINCE λ (chingyaoc/RINCE README: {rince_lam})")
+
+
+def check_loss_arguments(a, error):
+    if not (0 <= a.rince_q < float("inf")):
+        error(f"--rince-q expected >= 0, got {a.rince_q}")
+    if not (0 < a.rince_lam < float("inf")):
+        error(f"--rince-lam expected > 0, got {a.rince_lam}")
+
+
+def rince_of(a):
+    """``rince=`` of ``sslkern.info_nce_loss`` for the options: (q, λ) or None (InfoNCE)."""
+    return (a.rince_q, a.rince_lam) if a.loss == "rince" else None
 
 
 def two_views(a, data) -> list:

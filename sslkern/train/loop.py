@@ -287,7 +287,7 @@ def build_vit(a, in_chans: int, **overrides):
 
         kw = dict(img_size=a.image_size, in_chans=in_chans, num_classes=0, global_pool="token",
                   **({"drop_path_rate": a.drop_path} if getattr(a, "drop_path", 0.0) else {}))
-        kw.update(overrides)  # e.g. class_token=False, global_pool="avg" (I-JEPA)
+        kw.update(overrides)  # as below: an override replaces a default (I-JEPA: global_pool="avg")
         vit = timm.create_model(a.model, pretrained=False, **kw)
         vit._sslkern_timm_kwargs = {"model_name": a.model, **kw}  # timm.create_model(**) rebuilds it exactly
         return vit

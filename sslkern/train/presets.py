@@ -1,12 +1,14 @@
-"""Each recipe's published configuration beside its small default, as a table in its doc.
+"""Each recipe's published configuration beside its small default, as a table.
 
-    python -m sslkern.train.presets              # rewrite the tables in docs/recipes/*.md
-    python -m sslkern.train.presets --print dino # print one recipe's table
+    python -m sslkern.train.presets --print dino   # one recipe's table (script or method name)
+    python -m sslkern.train.presets                # every recipe's table
 
 A recipe declares ``presets = {"paper": {option: value, ..., "_doc": "source"}}``;
 ``--preset paper`` applies them (flags given on the command line still win). The table lists
-every option a preset sets, with the digits default beside it, between
-``<!-- presets:begin -->`` and ``<!-- presets:end -->`` in the recipe's doc.
+every option a preset sets, with the digits default beside it. A preset may only name the
+recipe's options (argparse would take any name as a default silently): :func:`unknown_options`
+lists the others, and :func:`preset_table` refuses a preset that has some. The repository
+keeps each table in its recipe's doc (``python tools/preset_tables.py``).
 """
 from __future__ import annotations
 
@@ -17,13 +19,15 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BEGIN, END = "<!-- presets:begin -->", "<!-- presets:end -->"
 
 
 def recipe_methods(recipes_dir: str = os.path.join(ROOT, "recipes")) -> list[tuple[str, type]]:
-    """(script name, Method subclass) for every recipe script."""
+    """(script name, Method subclass) for every recipe script in ``recipes_dir`` (default: the
+    ``recipes/`` folder beside the package in a source checkout)."""
     from sslkern.train.loop import Method
 
+    if not os.path.isdir(recipes_dir):
+        raise FileNotFoundError(f"recipes_dir {recipes_dir!r} is not a folder of recipe scripts")
     out = []
     for f in sorted(os.listdir(recipes_dir)):
         if not f.endswith(".py"):
@@ -37,6 +41,15 @@ def recipe_methods(recipes_dir: str = os.path.join(ROOT, "recipes")) -> list[tup
     return out
 
 
+def unknown_options(method) -> dict[str, list[str]]:
+    """{preset name: [keys that are not options of the recipe]} (empty when every key is one)."""
+    from sslkern.train.loop import build_parser
+
+    dests = {a.dest for a in build_parser(method)._actions}
+    bad = {n: sorted(k for k in p if not k.startswith("_") and k not in dests) for n, p in method.presets.items()}
+    return {n: keys for n, keys in bad.items() if keys}
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:g}"
@@ -45,59 +58,50 @@ def _fmt(v) -> str:
     return "–" if v is None else str(v)
 
 
+def _flag(parser, dest: str):
+    """(option string, switch action or None) of the option that sets ``dest``; a switch
+    (``--no-bn-in-head``, ``--compile``) is shown as given or not rather than by its value."""
+    actions = [a for a in parser._actions if a.dest == dest and a.option_strings]
+    switch = next((a for a in actions if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction))), None)
+    if switch is not None:
+        return switch.option_strings[-1], switch
+    named = next((a for a in actions if f"--{dest.replace('_', '-')}" in a.option_strings), None)
+    return (named or actions[0]).option_strings[-1], None
+
+
 def preset_table(method) -> str:
     from sslkern.train.loop import build_parser
 
-    default = vars(build_parser(method).parse_args([]))
+    bad = unknown_options(method)
+    if bad:
+        raise ValueError(f"{method.name}: presets name options the recipe does not have: {bad}")
+    parser = build_parser(method)
+    default = vars(parser.parse_args([]))
     names = sorted(method.presets)
     keys = list(dict.fromkeys(k for n in names for k in method.presets[n] if not k.startswith("_")))
     head = "| option | digits default | " + " | ".join(f"`--preset {n}`" for n in names) + " |"
     lines = [head, "|---|---|" + "---|" * len(names)]
     for k in keys:
-        row = [f"`--{k.replace('_', '-')}`", _fmt(default.get(k))]
-        row += [_fmt(method.presets[n].get(k, default.get(k))) for n in names]
-        lines.append("| " + " | ".join(row) + " |")
+        flag, switch = _flag(parser, k)
+        values = [default.get(k)] + [method.presets[n].get(k, default.get(k)) for n in names]
+        if switch is not None:  # given or not
+            values = ["given" if v == switch.const else "–" for v in values]
+        lines.append("| " + " | ".join([f"`{flag}`"] + [_fmt(v) for v in values]) + " |")
     lines += [""] + [f"`{n}`: {method.presets[n].get('_doc', '')}" for n in names]
     return "\n".join(lines)
 
 
-def write_docs(docs_dir: str = os.path.join(ROOT, "docs", "recipes")) -> list[str]:
-    """Rewrite the preset tables of every recipe doc that has the markers (or append a section)."""
-    written = []
-    by_doc: dict[str, list] = {}
-    for script, cls in recipe_methods():
-        if cls.presets:
-            by_doc.setdefault(script, []).append(cls)
-    for script, classes in by_doc.items():
-        path = os.path.join(docs_dir, f"{script}.md")
-        if not os.path.exists(path):
-            continue
-        text = "\n\n".join((f"**{c.title}**\n\n" if len(classes) > 1 else "") + preset_table(c) for c in classes)
-        with open(path) as f:
-            doc = f.read()
-        if BEGIN in doc and END in doc:
-            head, rest = doc.split(BEGIN, 1)
-            doc = f"{head}{BEGIN}\n{text}\n{END}{rest.split(END, 1)[1]}"
-        else:
-            doc = doc.rstrip() + (f"\n\n## Published settings (`--preset paper`)\n\nGenerated by `python -m "
-                                  f"sslkern.train.presets` from the recipe's `presets`.\n\n{BEGIN}\n{text}\n{END}\n")
-        with open(path, "w") as f:
-            f.write(doc)
-        written.append(path)
-    return written
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--print", dest="show", metavar="RECIPE", help="print this recipe's table instead of writing docs")
+    p.add_argument("--print", dest="show", metavar="RECIPE", default="",
+                   help="print only this recipe's table (script or method name; default: every recipe with presets)")
+    p.add_argument("--recipes", default=os.path.join(ROOT, "recipes"), help="folder of the recipe scripts")
     a = p.parse_args(argv)
-    if a.show:
-        for script, cls in recipe_methods():
-            if script == a.show or cls.name == a.show:
-                print(f"{cls.title}\n\n{preset_table(cls)}\n")
-        return 0
-    for path in write_docs():
-        print(f"wrote {os.path.relpath(path, ROOT)}")
+    found = [(s, c) for s, c in recipe_methods(a.recipes) if c.presets and a.show in ("", s, c.name)]
+    if not found:
+        p.error(f"--print {a.show!r}: no recipe of that script or method name has presets")
+    for _, cls in found:
+        print(f"{cls.title}\n\n{preset_table(cls)}\n")
     return 0
 
 

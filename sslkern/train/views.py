@@ -59,6 +59,33 @@ def two_views(a, data, *, asymmetric: bool = True) -> list:
     return _adapt(specs, data, degrees=a.degrees, flip_p=getattr(a, "flip_p", None))
 
 
+def add_crop_arguments(g, *, scale=(0.5, 1.0), degrees: float = 10.0) -> None:
+    """``--crop-scale``, ``--degrees`` and ``--flip-p``: the crop options of every recipe with
+    one crop per view (:func:`single_view`, :func:`two_views`).
+
+    The defaults are those tuned for the default data; the papers' settings at 224 pixels are
+    the recipes' ``--preset paper``."""
+    g.add_argument("--crop-scale", type=float, nargs=2, default=scale,
+                   help="random resized crop area range (the papers: --preset paper)")
+    g.add_argument("--degrees", type=float, default=degrees, help="random rotation of every view (the papers: none)")
+    g.add_argument("--flip-p", type=float, default=None,
+                   help="horizontal flip probability (default: 0.5 for RGB data, 0 for grey digits)")
+
+
+def check_crop_arguments(a, error) -> None:
+    lo, hi = a.crop_scale
+    if not 0 < lo <= hi <= 1:
+        error(f"--crop-scale expected 0 < lo <= hi <= 1, got {lo} {hi}")
+    if a.degrees < 0:
+        error(f"--degrees expected >= 0, got {a.degrees}")
+    if a.flip_p is not None and not 0 <= a.flip_p <= 1:
+        error(f"--flip-p expected in [0, 1], got {a.flip_p}")
+
+
 def single_view(a, data, *, scale=(0.5, 1.0), degrees: float = 10.0) -> list:
-    """One crop at ``--image-size`` (masked image modelling): crop + flip (RGB), no colour ops."""
-    return _adapt(V.single_view(a.image_size, tuple(scale)), data, degrees=degrees)
+    """One crop at ``--image-size`` (masked image modelling): crop + flip (RGB), no colour ops.
+
+    ``--crop-scale`` / ``--degrees`` / ``--flip-p`` (:func:`add_crop_arguments`) where the
+    recipe has them, else ``scale`` / ``degrees`` and the default flip."""
+    scale, degrees = getattr(a, "crop_scale", scale), getattr(a, "degrees", degrees)
+    return _adapt(V.single_view(a.image_size, tuple(scale)), data, degrees=degrees, flip_p=getattr(a, "flip_p", None))
