@@ -942,9 +942,11 @@ TINY_RECIPE_ARGS = {
     "beit": ["--vocab-size", "16", "--kmeans-iters", "2"],
     "pretext-jigsaw": ["--task", "jigsaw", "--head-dim", "16"],
     "pretext-rotation": ["--task", "rotation", "--head-dim", "16"],
+    "cl_mim": ["--mask-patch", "8"],  # a multiple of the patch size: 8 in the dry stage
 }
 # Options a recipe needs at ViT-S/16 (a recipe without an entry runs with its defaults).
-VIT_S_RECIPE_ARGS = {"pretext-jigsaw": ["--task", "jigsaw"], "pretext-rotation": ["--task", "rotation"]}
+VIT_S_RECIPE_ARGS = {"pretext-jigsaw": ["--task", "jigsaw"], "pretext-rotation": ["--task", "rotation"],
+                     "cl_mim": ["--mask-patch", "32"]}  # SimMIM's mask patch at patch 16
 TRAIN_STEPS, TRAIN_BATCH, TRAIN_IMAGES = 20, 32, 256        # GPU: ViT-S/16 at 224, bf16
 DRY_TRAIN_STEPS, DRY_TRAIN_BATCH, DRY_TRAIN_IMAGES = 2, 8, 24
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sslkern.gpu_check import TINY_RECIPE_ARGS
+from sslkern.gpu_check import TINY_RECIPE_ARGS, VIT_S_RECIPE_ARGS
 from sslkern.train.logging import RunLogger
 from sslkern.train.loop import parse_args, run
 from sslkern.train.presets import recipe_methods
@@ -161,8 +161,9 @@ def test_vit_small_224_one_step_and_timm_export(tmp_path, rgb_jpegs, name):
     from sslkern.train.checkpoint import load_tensors
 
     out = str(tmp_path / "run")
-    args = tiny_args(name, "--model", "vit_small_patch16_224", "--image-size", "224", "--batch-size", "2",
-                     "--steps", "1", "--eval-images", "4", "--data", rgb_jpegs, "--workers", "0", "--out", out)
+    args = tiny_args(name, *VIT_S_RECIPE_ARGS.get(name, []), "--model", "vit_small_patch16_224", "--image-size",
+                     "224", "--batch-size", "2", "--steps", "1", "--eval-images", "4", "--data", rgb_jpegs,
+                     "--workers", "0", "--out", out)
     run(RECIPES[name], args)
     rows = _train_rows(out)
     assert len(rows) == 1 and math.isfinite(rows[0]["loss"])
