@@ -1,6 +1,6 @@
 """One command that validates a lent GPU: ``python -m sslkern.gpu_check OUT_DIR``.
 
-Runs, within a time budget (``--budget-s``, default 280 s for a 5-minute slot on one H100 /
+Runs, within a time budget (``--budget-s``, default 570 s for a 10-minute slot on one H100 /
 H200 after ``pip install -e .``), the checks a first GPU run needs, and writes
 ``OUT_DIR/gpu_check.md`` and ``OUT_DIR/gpu_check.json``:
 
@@ -16,6 +16,9 @@ H200 after ``pip install -e .``), the checks a first GPU run needs, and writes
 * CUDA-graph capture and replay of EMA and of the token ops (``check_indices=False``);
 * bitwise repeatability under ``torch.use_deterministic_algorithms(True)``;
 * ``compute-sanitizer --tool memcheck`` over ``OP_CASES`` (a child process);
+* every recipe (``recipes/*.py``) for 20 steps at ViT-S/16 224 in bf16 on a generated shard set,
+  with the sslkern ops and with ``--backend reference``: images/s, data-wait fraction and peak
+  memory per run, and the first step's losses of the two backends compared;
 * the repository's test suite on the GPU backends (``pytest tests -k "triton or cuda"``) and
   its benchmarks (``pytest bench --benchmark-only``), when the checkout is there (an
   editable install), within what is left of the budget.
@@ -959,6 +962,125 @@ def _sanitizer(ctx):
     return {"failures": failures, "details": {"returncode": r.returncode, "log_tail": tail}}
 
 
+# --------------------------------------------------------------------------------------------
+# Training: every recipe, sslkern vs --backend reference
+# --------------------------------------------------------------------------------------------
+# The extra options that make a recipe tiny (dry mode, CI tests), keyed by ``Method.name``; a
+# recipe without an entry runs with its own defaults at the common tiny sizes.
+_HEADS = ["--hidden-dim", "32", "--out-dim", "16"]
+_DISTILLATION = ["--hidden-dim", "32", "--out-dim", "64", "--bottleneck-dim", "16", "--local-crops", "2"]
+TINY_RECIPE_ARGS = {
+    "dino": _DISTILLATION, "ibot": _DISTILLATION,
+    "byol": _HEADS, "moco": _HEADS, "simclr": _HEADS, "simsiam": _HEADS + ["--pred-dim", "16"],
+    "mae": ["--decoder-dim", "16", "--decoder-depth", "1", "--decoder-heads", "2"],
+    "data2vec": ["--top-k", "1"],
+    "data2vec2": ["--top-k", "1", "--decoder-dim", "16", "--decoder-groups", "8", "--clones", "2"],
+    "ijepa": ["--pred-dim", "16", "--pred-depth", "1", "--pred-heads", "2"],
+    "beit": ["--vocab-size", "16", "--kmeans-iters", "2"],
+    "pretext-jigsaw": ["--task", "jigsaw", "--head-dim", "16"],
+    "pretext-rotation": ["--task", "rotation", "--head-dim", "16"],
+    "cl_mim": ["--mask-patch", "8"],  # a multiple of the patch size: 8 in the dry stage
+}
+# Options a recipe needs at ViT-S/16 (a recipe without an entry runs with its defaults).
+VIT_S_RECIPE_ARGS = {"pretext-jigsaw": ["--task", "jigsaw"], "pretext-rotation": ["--task", "rotation"],
+                     "cl_mim": ["--mask-patch", "32"]}  # SimMIM's mask patch at patch 16
+TRAIN_STEPS, TRAIN_BATCH, TRAIN_IMAGES = 20, 32, 256        # GPU: ViT-S/16 at 224, bf16
+DRY_TRAIN_STEPS, DRY_TRAIN_BATCH, DRY_TRAIN_IMAGES = 2, 8, 24
+
+
+def make_shard_set(root: Path, n: int, side: int) -> Path:
+    """``n`` generated RGB JPEGs (2 classes, sizes around ``side``) written as indexed tar shards
+    by ``python -m sslkern.data.shard`` (its ``main``); returns the shard folder."""
+    import numpy as np
+    from PIL import Image
+
+    from sslkern.data import shard
+
+    src, out = root / "jpegs", root / "shards"
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = src / f"class{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        h, w = side + 8 * (i % 5), side + 12 * (i % 3)
+        blocks = rng.integers(0, 256, size=(h // 16 + 1, w // 16 + 1, 3)).astype(np.float32)
+        # texture in every cell: HOG targets of flat cells are normalised rounding noise
+        img = np.kron(blocks, np.ones((16, 16, 1), np.float32))[:h, :w] + rng.normal(0, 24, (h, w, 3))
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(d / f"{i:05d}.jpg", quality=90)
+    if shard.main([str(src), str(out), "--workers", "1"]) not in (0, None):
+        raise RuntimeError("sslkern.data.shard failed")
+    return out
+
+
+@check("train_recipes")
+def _train_recipes(ctx):
+    """Every recipe (``recipes/*.py``) for a few steps at ViT-S/16 224 in bf16 on a generated
+    shard set, with the sslkern ops (``--backend auto``) and with ``--backend reference``:
+    images/s, data-wait fraction and peak memory per run; the first step's losses of the two
+    backends must agree (same weights, views and masks)."""
+    import math
+    import tempfile
+
+    import torch
+
+    recipes_dir = _repo_dir("recipes")
+    if recipes_dir is None:
+        raise Skip("no recipes/ beside the package (not an editable install of the repository)")
+    from sslkern.train.logging import RunLogger
+    from sslkern.train.loop import run as run_recipe
+    from sslkern.train.presets import recipe_methods
+
+    steps, batch, images = ((DRY_TRAIN_STEPS, DRY_TRAIN_BATCH, DRY_TRAIN_IMAGES) if ctx.dry
+                            else (TRAIN_STEPS, TRAIN_BATCH, TRAIN_IMAGES))
+    root = Path(tempfile.mkdtemp(prefix="sslkern_gpu_check_train_"))
+    failures, details = [], {}
+    try:
+        data = make_shard_set(root, images, 40 if ctx.dry else 256)
+        if ctx.dry:  # CPU: a tiny ViT and bf16 autocast on the CPU
+            size = ["--dim", "16", "--depth", "1", "--heads", "2", "--patch-size", "8", "--image-size", "32",
+                    "--workers", "0", "--device", "cpu"]
+        else:
+            size = ["--model", "vit_small_patch16_224", "--image-size", "224", "--device", "cuda"]
+        common = size + ["--data", str(data), "--precision", "bf16", "--batch-size", str(batch), "--steps",
+                         str(steps), "--epochs", str(steps), "--eval-every", "0", "--eval-images", "16",
+                         "--no-probe", "--quiet", "--threads", "1"]
+        for script, cls in recipe_methods(str(recipes_dir)):
+            extra = (TINY_RECIPE_ARGS if ctx.dry else VIT_S_RECIPE_ARGS).get(cls.name, [])
+            row = {}
+            for backend in ("auto", "reference"):
+                if ctx.left() < 20:
+                    row[backend] = "skipped: time budget spent"
+                    failures.append(f"{cls.name} {backend}: not run (budget)")
+                    continue
+                out = root / f"{cls.name}_{backend}"
+                try:
+                    run_recipe(cls, common + extra + ["--backend", backend, "--out", str(out)])
+                    summary = json.loads((out / "summary.json").read_text())
+                    tp = summary["throughput"]
+                    first = next(m for m in RunLogger.read_metrics(str(out / "metrics.jsonl")) if m["kind"] == "train")
+                    row[backend] = {"img_per_s": tp.get("img_per_s"), "data_wait_frac": tp.get("data_wait_frac"),
+                                    "peak_mem_mb": tp.get("peak_mem_mb"), "first_loss": first.get("loss")}
+                except BaseException as e:  # SystemExit from a parser error included
+                    if isinstance(e, KeyboardInterrupt):
+                        raise
+                    row[backend] = f"{type(e).__name__}: {str(e)[:300]}"
+                    failures.append(f"{cls.name} {backend}: {type(e).__name__}")
+                finally:
+                    if not ctx.dry:
+                        torch.cuda.empty_cache()
+            a, r = row.get("auto"), row.get("reference")
+            if isinstance(a, dict) and isinstance(r, dict):
+                la, lr = a["first_loss"], r["first_loss"]
+                if not (math.isfinite(la) and math.isfinite(lr)) or abs(la - lr) > 0.05 * max(abs(lr), 1e-3):
+                    failures.append(f"{cls.name}: first-step loss {la:.5g} (sslkern) vs {lr:.5g} (reference)")
+                if a["img_per_s"] and r["img_per_s"]:
+                    row["speedup"] = round(a["img_per_s"] / r["img_per_s"], 2)
+            details[cls.name] = row
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    details["settings"] = " ".join(common)
+    return {"failures": failures, "details": details}
+
+
 def _repo_dir(name: str) -> Path | None:
     """The checkout's ``tests`` / ``bench`` directory beside the package (editable install), or None."""
     import sslkern
@@ -1015,7 +1137,7 @@ def _bench(ctx):
 # --------------------------------------------------------------------------------------------
 # Driver and report
 # --------------------------------------------------------------------------------------------
-def run(out_dir: str, dry: bool, budget_s: float = 280.0, only: list[str] | None = None) -> dict:
+def run(out_dir: str, dry: bool, budget_s: float = 570.0, only: list[str] | None = None) -> dict:
     import torch
 
     if not dry and not torch.cuda.is_available():
@@ -1074,6 +1196,22 @@ def render_markdown(report: dict) -> str:
     if bench and bench["details"].get("summary"):
         lines += ["", "## Benchmarks (`pytest bench --benchmark-only` on this GPU)", "", "```",
                   bench["details"]["summary"].rstrip(), "```"]
+    train = next((r for r in report["results"] if r["name"] == "train_recipes" and r.get("details")), None)
+    if train:
+        lines += ["", "## Training (`train_recipes`): images/s, data wait, peak memory", "",
+                  f"`{train['details'].get('settings', '')}`", "",
+                  "| recipe | sslkern img/s | reference img/s | speed-up | data wait (sslkern) | peak MiB (sslkern) |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, row in train["details"].items():
+            if name == "settings":
+                continue
+            a, r = row.get("auto"), row.get("reference")
+            def cell(x, k, f):
+                return f.format(x[k]) if isinstance(x, dict) and x.get(k) is not None else str(x)[:60]
+
+            lines.append(f"| {name} | {cell(a, 'img_per_s', '{:.1f}')} | {cell(r, 'img_per_s', '{:.1f}')} | "
+                         f"{row.get('speedup', '–')} | {cell(a, 'data_wait_frac', '{:.1%}')} | "
+                         f"{cell(a, 'peak_mem_mb', '{:.0f}')} |")
     for r in report["results"]:
         if r["status"] in ("fail", "error") and r.get("traceback"):
             lines += ["", f"## {r['name']}: traceback", "", "```", r["traceback"].rstrip(), "```"]
@@ -1084,7 +1222,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sslkern.gpu_check", description=__doc__.split("\n\n")[0])
     ap.add_argument("out_dir", nargs="?", help="directory for gpu_check.md and gpu_check.json")
     ap.add_argument("--dry", action="store_true", help="CPU dry run: interpreter, small sizes (CI)")
-    ap.add_argument("--budget-s", type=float, default=280.0, help="time budget; later checks are skipped")
+    ap.add_argument("--budget-s", type=float, default=570.0, help="time budget; later checks are skipped")
     ap.add_argument("--only", default=None, help="comma-separated check names")
     ap.add_argument("--payload", default=None, help=argparse.SUPPRESS)  # compute-sanitizer child
     args = ap.parse_args(argv)

@@ -1,4 +1,5 @@
-"""``python -m sslkern.info``: versions, available backends (and why not), and each op's backends."""
+"""``python -m sslkern.info``: versions, available backends (and why not), each op's backends, and
+what the recipes' ``--precision auto`` resolves to here (and why)."""
 from __future__ import annotations
 
 import importlib
@@ -26,6 +27,30 @@ def _ops():
     return sorted(found, key=lambda x: x[0])
 
 
+def precision_report() -> list[str]:
+    """What ``--precision auto`` picks for the recipes on this machine's devices, and why
+    (:func:`sslkern.train.precision.resolve_precision`)."""
+    from ._backend import cpu_native_half
+    from .train.loop import COMMON_DEFAULTS
+    from .train.precision import CPU_BF16_MIN_DIM, cpu_native_bf16, resolve_precision
+
+    native = cpu_native_bf16()
+    lines = ["--precision auto (the recipes' mixed precision):",
+             f"  cpu: native bf16 matmul {'yes' if native else 'no'}, native fp16 matmul "
+             f"{'yes' if cpu_native_half(torch.float16) else 'no'} (oneDNN's checks; AVX512-BF16 / AMX)"]
+    small = COMMON_DEFAULTS["dim"]
+    for dim, what in ((small, f"the digits default, dim {small}"), (CPU_BF16_MIN_DIM, f"ViT-S, dim {CPU_BF16_MIN_DIM}")):
+        precision, why = resolve_precision("auto", torch.device("cpu"), dim)
+        lines.append(f"  cpu, {what}: {precision} — {why.removeprefix('auto: ')}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            precision, why = resolve_precision("auto", torch.device("cuda", i), CPU_BF16_MIN_DIM)
+            lines.append(f"  cuda:{i} ({torch.cuda.get_device_name(i)}): {precision} — {why.removeprefix('auto: ')}")
+    else:
+        lines.append("  cuda: no device visible (on a CUDA device with bf16, auto picks bf16)")
+    return lines
+
+
 def report() -> str:
     lines = [f"sslkern {__version__}", f"python {platform.python_version()} on {platform.machine()} ({platform.system()})"]
     lines.append(f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'}; "
@@ -43,6 +68,8 @@ def report() -> str:
         limit = ext.output_cache_info()[0]
         lines.append(f"CPU output cache: {f'up to {limit >> 20} MiB of free blocks' if limit else 'off'} "
                      "(SSLKERN_CPU_CACHE_MB)")
+    lines.append("")
+    lines += precision_report()
     lines.append("")
     lines.append("backends:")
     for name, (ok, why) in backend_status().items():

@@ -21,7 +21,7 @@ def test_dry_run_writes_report_and_passes(tmp_path):
     status = {r["name"]: r["status"] for r in report["results"]}
     # what must really run on CPU, and what needs a GPU
     for name in ("dino_large_k", "fp16_loss_scale", "large_tokens", "large_targets_and_loss", "large_ema",
-                 "alibi_grid_and_strides", "determinism", "opcheck"):
+                 "alibi_grid_and_strides", "determinism", "opcheck", "train_recipes"):
         assert status[name] == "pass", name
     for name in ("device_placement", "cuda_graph_capture", "compute_sanitizer", "test_suite", "bench"):
         assert status[name] == "skip", name
@@ -29,6 +29,15 @@ def test_dry_run_writes_report_and_passes(tmp_path):
     opcheck = next(r for r in report["results"] if r["name"] == "opcheck")["details"]
     every = gpu_check.custom_op_names()
     assert len(every) >= 18 and all(opcheck[f"{op} triton"] == "ok" for op in every), opcheck
+    # the training stage ran every recipe with both backends and measured each run
+    from sslkern.train.presets import recipe_methods
+
+    trained = next(r for r in report["results"] if r["name"] == "train_recipes")["details"]
+    for _, cls in recipe_methods():
+        for backend in ("auto", "reference"):
+            run = trained[cls.name][backend]
+            assert run["img_per_s"] > 0 and 0 <= run["data_wait_frac"] <= 1 and run["peak_mem_mb"] > 0, (cls.name, run)
+    assert "--precision bf16" in trained["settings"]
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert saved["mode"].startswith("dry") and len(saved["results"]) == len(names)
     md = (tmp_path / "gpu_check.md").read_text()

@@ -13,6 +13,7 @@ from sslkern._backend import Dispatch, requested_backend
 def test_info_runs_and_lists_ops():
     out = subprocess.run([sys.executable, "-m", "sslkern.info"], capture_output=True, text=True, check=True).stdout
     assert "backends:" in out and "ema_update_" in out and "torch" in out and "CPU output cache" in out
+    assert "--precision auto" in out and "cpu, the digits default, dim 96: fp32" in out
 
 
 def test_extension_is_built():

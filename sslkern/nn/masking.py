@@ -101,7 +101,11 @@ def block_outputs(vit: nn.Module, images: torch.Tensor, top_k: int, *, site: str
     hooks = [(blk if site == "block" else blk.mlp).register_forward_hook(lambda m, i, o: outs.append(o[:, p:]))
              for blk in vit.blocks[-top_k:]]
     try:
-        vit.forward_features(images)
+        if torch.compiler.is_compiling():
+            vit.forward_features(images)
+        else:  # torch.compile'd blocks (--compile) do not see hooks added per call (dynamo does not guard on them)
+            with torch.compiler.set_stance("force_eager"):
+                vit.forward_features(images)
     finally:
         for h in hooks:
             h.remove()

@@ -481,7 +481,9 @@ def compile_method(method: Method) -> None:
     """``--compile``: every transformer block of every ViT in the method (students, EMA teachers)
     and the method's ``compile_targets()``, each with ``torch.compile`` (the sslkern custom ops
     inside stay single graph nodes). Blocks rather than whole models: the recipes call pieces of
-    a ViT (patch embedding, blocks, norm) as well as the whole."""
+    a ViT (patch embedding, blocks, norm) as well as the whole. A forward that reads layers
+    through hooks added for the call (``sslkern.nn.block_outputs``: data2vec's teacher targets)
+    runs its blocks eagerly, since compiled blocks do not see such hooks."""
     from timm.models.vision_transformer import VisionTransformer
 
     for m in method.modules():
@@ -695,6 +697,7 @@ def run(method_cls: type[Method], argv=None) -> dict:
     rows = RunLogger.read_metrics(log.metrics_path)
     health = health_summary(rows, method_cls.health, step)
     results["throughput"] = throughput_summary(rows)
+    results["skipped_steps"] = next((r["skipped_steps"] for r in reversed(rows) if "skipped_steps" in r), 0)
     collapsed, verdict = method.verdict({k: v["final"] for k, v in health.items()})
     results.update(health=health, collapsed=collapsed, verdict=verdict)
     log.plot(health=list(method_cls.health))

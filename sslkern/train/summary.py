@@ -4,7 +4,8 @@ Fields: method, title, dataset, seed, steps, epochs, world_size, backend, thread
 train_s / total_s, ``eval`` = {encoder: {"knn", "probe"}} for every evaluated encoder and
 ``random`` (the same architecture at its random init), ``knn_gain`` (best encoder kNN −
 random kNN), ``health`` = {metric: {"final", "worst", "bad"}} and the verdict
-(``collapsed``, ``verdict``), ``precision``, and ``throughput`` = medians over the run's steps of
+(``collapsed``, ``verdict``), ``precision`` and ``skipped_steps`` (fp16: steps the loss scaler
+skipped on overflowing gradients; 0 otherwise), and ``throughput`` = medians over the run's steps of
 images/s (global and this rank's), the data-wait fraction, the step phases, the peak memory
 and the time to the first step. The README results table is generated from these files by
 ``python -m sslkern.train.results`` (see :mod:`sslkern.train.results`).
@@ -68,7 +69,8 @@ def write_summary(a, method_cls, data, info, results: dict) -> dict:
         "eval": evals, "knn_gain": round(best - evals["random"]["knn"], 2),
         "health": results.get("health", {}), "collapsed": results.get("collapsed", False),
         "verdict": results.get("verdict", ""), "teacher_replica_max_diff": results.get("teacher_replica_max_diff", 0.0),
-        "precision": getattr(a, "precision", "fp32"), "model": getattr(a, "model", None) or
+        "precision": getattr(a, "precision", "fp32"), "skipped_steps": results.get("skipped_steps", 0),
+        "model": getattr(a, "model", None) or
         f"vit dim {a.dim} depth {a.depth} heads {a.heads} patch {a.patch_size}", "image_size": a.image_size,
         "throughput": results.get("throughput", {}),
         "torch": torch.__version__, "sslkern": sslkern.__version__, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
