@@ -25,7 +25,7 @@ epochs); the CLS term is averaged over clones, weight 0.1 (fairseq sums it, weig
 Why random masking by default: the default grid is 4x4 = 16 tokens (16x16 digits, patch 4).
 Inverse block masking keeps 3x3 blocks around a few centres; on a 4x4 grid one block already
 covers more than half the image, so masks barely vary and the task degenerates
-(CALIBRATION: 58.5 % kNN with inverse blocks vs 82 % with random masking). Use
+(in an eager prototype on the digits: 58.5 % kNN with inverse blocks vs 82 % with random masking). Use
 ``--mask inverse_block`` on larger grids (e.g. ``--image-size 32 --patch-size 2``).
 """
 from __future__ import annotations

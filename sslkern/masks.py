@@ -1,4 +1,4 @@
-"""Mask generators for masked image modelling (SPEC section 3), vectorized over the batch.
+"""Mask generators for masked image modelling (BEiT blockwise, MAE random, I-JEPA multi-block, data2vec 2.0 inverse-block), vectorized over the batch.
 
 Every generator takes a ``torch.Generator`` (all randomness is drawn from it, so a seed
 reproduces the masks) and returns index sets ready for ``sslkern.gather_tokens`` /
