@@ -88,7 +88,7 @@ class BEiT(Method):
     """BEiT: predict the visual tokens of blockwise-masked patches."""
 
     name, title = "beit", "BEiT"
-    defaults = dict(epochs=70, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_epochs=5, clip_grad=3.0)
+    defaults = dict(epochs=140, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_epochs=5, clip_grad=3.0)
     betas = (0.9, 0.999)
     health = {"mlm_gain": "low", "pred_perplexity": "low", "token_perplexity": "low"}
     presets = {"paper": dict(

@@ -81,7 +81,7 @@ class MAE(Method):
     """MAE: reconstruct the normalised pixels of randomly masked patches from the visible ones."""
 
     name, title = "mae", "MAE"
-    defaults = dict(epochs=100, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_epochs=5)
+    defaults = dict(epochs=200, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_epochs=5)
     betas = (0.9, 0.95)
     presets = {"paper": dict(
         _doc="MAE ViT-B/16 on ImageNet (mae PRETRAIN.md and main_pretrain.py; the 512-wide, 8-block, 16-head "

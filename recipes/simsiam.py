@@ -36,7 +36,7 @@ class SimSiam(Method):
     """SimSiam: a Siamese network whose one branch predicts the other, with stop-gradient."""
 
     name, title = "simsiam", "SimSiam"
-    defaults = dict(epochs=40, lr=1e-3, weight_decay=0.05, warmup_epochs=5, eval_every=20)
+    defaults = dict(epochs=80, lr=1e-3, weight_decay=0.05, warmup_epochs=5, eval_every=20)
     health = {"embedding_std": "low"}
     presets = {"paper": dict(
         _doc="SimSiam on a ViT-B/16 at 224: the optimizer is MoCo v3's ViT recipe (moco-v3 CONFIG.md: AdamW, lr "
