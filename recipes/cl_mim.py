@@ -54,18 +54,9 @@ import sslkern
 from sslkern.train import Method, build_vit, run
 from sslkern.train.joint import (add_view_arguments, check_view_arguments, encoder, joint_health, mlp,
                                  positive_int_options, two_views)
+from sslkern.masks import simmim_mask
+from sslkern.train.health import AttentionDistance
 from sslkern.train.views import single_view
-
-
-def simmim_mask(batch: int, grid: int, scale: int, ratio: float, *, generator: torch.Generator) -> torch.Tensor:
-    """SimMIM ``MaskGenerator``: (batch, (grid·scale)²) bool token mask, True = masked.
-    ``ceil(ratio·grid²)`` of the grid² mask patches masked at random per image, each one
-    covering scale×scale tokens (row-major). The signature of a ``ctx.per_sample`` draw."""
-    n = grid * grid
-    keep = n - math.ceil(ratio * n)
-    m = sslkern.masks.random_mask(batch, n, 1 - keep / n - 1e-9, generator=generator, device=generator.device).mask
-    m = m.view(batch, grid, 1, grid, 1).expand(batch, grid, scale, grid, scale)
-    return m.reshape(batch, n * scale * scale)
 
 
 class SimMIMHead(nn.Module):
@@ -87,42 +78,6 @@ def masked_l1(images: torch.Tensor, rec: torch.Tensor, token_mask: torch.Tensor,
     m = token_mask.view(b, 1, h // patch, 1, w // patch, 1).expand(b, 1, h // patch, patch, w // patch, patch)
     m = m.reshape(b, 1, h, w).to(images.dtype)
     return ((images - rec).abs() * m).sum() / (m.sum() + 1e-5) / c
-
-
-class AttentionDistance:
-    """Per layer, the attention-weighted query–key distance (pixels) of a timm ViT's forward,
-    from the ``qkv`` outputs captured by forward hooks (no extra pass over the blocks)."""
-
-    def __init__(self, vit):
-        self.vit, self.qkv = vit, [None] * len(vit.blocks)
-        grid = vit.patch_embed.grid_size
-        rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
-        pos = torch.stack([rows.flatten(), cols.flatten()], 1).float()
-        self.dist = torch.cdist(pos, pos) * vit.patch_embed.patch_size[0]
-        for i, blk in enumerate(vit.blocks):
-            blk.attn.qkv.register_forward_hook(self._hook(i))
-
-    def _hook(self, i):
-        def keep(module, inputs, output):
-            self.qkv[i] = output.detach()
-        return keep
-
-    @torch.no_grad()
-    def read(self, rows: int) -> dict:
-        """Distances of the last forward's first ``rows`` sequences; clears the captures."""
-        out, p = {}, self.vit.num_prefix_tokens
-        for i, (qkv, blk) in enumerate(zip(self.qkv, self.vit.blocks)):
-            if qkv is None:
-                continue
-            attn = blk.attn
-            b, n, _ = qkv[:rows].shape
-            q, k, _ = qkv[:rows].float().reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-            q, k = attn.q_norm(q), attn.k_norm(k)
-            probs = torch.softmax(q @ k.transpose(-2, -1) * attn.scale, dim=-1)[:, :, p:, p:]
-            probs = probs / probs.sum(-1, keepdim=True)                 # patch keys only, renormalised
-            out[f"attn_dist_{i}"] = float((probs * self.dist.to(probs.device)).sum(-1).mean())
-            self.qkv[i] = None
-        return out
 
 
 class CLMIM(Method):

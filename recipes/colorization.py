@@ -33,22 +33,19 @@ the input resolution, like one 4-pixel patch); L scaled to [−1, 1].
 """
 from __future__ import annotations
 
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import sslkern  # noqa: E402
-from sslkern import views as V  # noqa: E402
-from sslkern.data import DataError, open_dataset  # noqa: E402
-from sslkern.reference.colorization_targets import rgb_to_lab  # noqa: E402
-from sslkern.train import Method, build_vit, run  # noqa: E402
-from sslkern.train.colour_data import orientation_coloured_digits  # noqa: E402
-from sslkern.train.evaluate import render_images  # noqa: E402
-from sslkern.train.health import batch_std  # noqa: E402
+import sslkern
+from sslkern import views as V
+from sslkern.data import DataError, open_dataset
+from sslkern.reference.colorization_targets import rgb_to_lab
+from sslkern.train import Method, build_vit, run
+from sslkern.train.colour_data import orientation_coloured_digits
+from sslkern.train.evaluate import render_images
+from sslkern.train.health import batch_std
 
 NUM_BINS = 313
 

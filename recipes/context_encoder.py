@@ -35,63 +35,20 @@ from the same step's prediction (train.lua updates D first, then G through the u
 """
 from __future__ import annotations
 
-import os
-import sys
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import sslkern  # noqa: E402
-from sslkern.train import Method, build_vit, run  # noqa: E402
-from sslkern.train.health import batch_std  # noqa: E402
-from sslkern.train.views import single_view  # noqa: E402
+import sslkern
+from sslkern.masks import center_region, random_region
+from sslkern.train import Method, build_vit, run
+from sslkern.train.health import batch_std
+from sslkern.train.tokenizer import patchify
+from sslkern.train.views import single_view
 
 REGIONS = ("center", "random")
-
-
-def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, C, H, W) → (B, N, p·p·C), patches row-major, pixels (row, col, channel) as mae."""
-    b, c, h, w = images.shape
-    x = images.reshape(b, c, h // p, p, w // p, p)
-    return torch.einsum("nchpwq->nhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
-
-
-# ---------------------------------------------------------------------------------------
-# Regions: R (predicted, (B, 1, H, W) bool) and the hole (filled) = R shrunk by `overlap`
-# ---------------------------------------------------------------------------------------
-def center_region(batch: int, size: int, overlap: int, device=None):
-    """train.lua: R = the centre square of side size/2; the hole = R less an `overlap` border."""
-    r = torch.zeros(batch, 1, size, size, dtype=torch.bool, device=device)
-    q = size // 4
-    r[:, :, q:q + size // 2, q:q + size // 2] = True
-    return r, shrink(r, overlap)
-
-
-def random_region(batch: int, size: int, overlap: int, *, generator: torch.Generator, area=(0.2, 0.3),
-                  cells: int = 4):
-    """Random blobs: uniform noise on a cells x cells grid upsampled (bilinear) to the image, kept above
-    the per-image quantile that leaves a fraction U(area) of the pixels (``ctx.per_sample`` calls it
-    for the global batch)."""
-    dev = generator.device
-    noise = torch.rand(batch, 1, cells, cells, generator=generator, device=dev)
-    frac = area[0] + (area[1] - area[0]) * torch.rand(batch, generator=generator, device=dev)
-    field = F.interpolate(noise, size=(size, size), mode="bilinear", align_corners=False).flatten(1)
-    k = (frac * size * size).round().long().clamp(1, size * size)
-    thresh = field.sort(1, descending=True).values.gather(1, (k - 1)[:, None])
-    r = (field >= thresh).view(batch, 1, size, size)
-    return r, shrink(r, overlap)
-
-
-def shrink(region: torch.Tensor, overlap: int) -> torch.Tensor:
-    """Pixels of the region whose (2·overlap + 1)² neighbourhood lies inside it (binary erosion; beyond
-    the image border counts as inside, so a region at the border keeps its hole up to the border)."""
-    if overlap == 0:
-        return region.clone()
-    outside = (~region).float()
-    return ~(F.max_pool2d(outside, 2 * overlap + 1, stride=1, padding=overlap) > 0) & region
 
 
 class Decoder(nn.Module):

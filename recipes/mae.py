@@ -29,19 +29,12 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
 from torch import nn
 
 import sslkern
 from sslkern.train import Method, build_vit, run, sincos_pos_embed, use_sincos_pos_embed
+from sslkern.train.tokenizer import patchify
 from sslkern.train.views import add_crop_arguments, check_crop_arguments, single_view
-
-
-def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, C, H, W) → (B, N, p·p·C), patches row-major, pixels (row, col, channel) as mae."""
-    b, c, h, w = images.shape
-    x = images.reshape(b, c, h // p, p, w // p, p)
-    return torch.einsum("nchpwq->nhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
 
 
 def mae_init_(module: nn.Module) -> None:

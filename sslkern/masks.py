@@ -1,4 +1,5 @@
-"""Mask generators for masked image modelling (BEiT blockwise, MAE random, I-JEPA multi-block, data2vec 2.0 inverse-block), vectorized over the batch.
+"""Mask generators for masked image modelling (BEiT blockwise, MAE random, I-JEPA multi-block, data2vec 2.0
+inverse-block, SimMIM mask patches) and the context encoder's pixel regions, vectorized over the batch.
 
 Every generator takes a ``torch.Generator`` (all randomness is drawn from it, so a seed
 reproduces the masks) and returns index sets ready for ``sslkern.gather_tokens`` /
@@ -25,11 +26,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ._checks import check_range, fail
 
 __all__ = ["TokenMasks", "MultiBlockMasks", "random_mask", "block_mask", "inverse_block_mask", "multiblock_masks",
-           "masks_from_bool"]
+           "masks_from_bool", "simmim_mask", "center_region", "random_region", "shrink"]
 
 
 @dataclass
@@ -354,3 +356,49 @@ def multiblock_masks(batch: int, grid_hw, *, num_targets: int = 4, target_scale=
 
     out = _out_device(generator, device)
     return MultiBlockMasks(cut(context).to(out), cut(targets).to(out))
+
+
+def simmim_mask(batch: int, grid: int, scale: int, ratio: float, *, generator: torch.Generator) -> torch.Tensor:
+    """SimMIM ``MaskGenerator``: (batch, (grid·scale)²) bool token mask, True = masked.
+    ``ceil(ratio·grid²)`` of the grid² mask patches masked at random per image, each one
+    covering scale×scale tokens (row-major). The signature of a ``ctx.per_sample`` draw."""
+    n = grid * grid
+    keep = n - math.ceil(ratio * n)
+    m = random_mask(batch, n, 1 - keep / n - 1e-9, generator=generator, device=generator.device).mask
+    m = m.view(batch, grid, 1, grid, 1).expand(batch, grid, scale, grid, scale)
+    return m.reshape(batch, n * scale * scale)
+
+
+# ---------------------------------------------------------------------------------------
+# Context-encoder regions: R (predicted, (B, 1, H, W) bool) and the hole (filled) = R shrunk by `overlap`
+# ---------------------------------------------------------------------------------------
+def center_region(batch: int, size: int, overlap: int, device=None):
+    """train.lua: R = the centre square of side size/2; the hole = R less an `overlap` border."""
+    r = torch.zeros(batch, 1, size, size, dtype=torch.bool, device=device)
+    q = size // 4
+    r[:, :, q:q + size // 2, q:q + size // 2] = True
+    return r, shrink(r, overlap)
+
+
+def random_region(batch: int, size: int, overlap: int, *, generator: torch.Generator, area=(0.2, 0.3),
+                  cells: int = 4):
+    """Random blobs: uniform noise on a cells x cells grid upsampled (bilinear) to the image, kept above
+    the per-image quantile that leaves a fraction U(area) of the pixels (``ctx.per_sample`` calls it
+    for the global batch)."""
+    dev = generator.device
+    noise = torch.rand(batch, 1, cells, cells, generator=generator, device=dev)
+    frac = area[0] + (area[1] - area[0]) * torch.rand(batch, generator=generator, device=dev)
+    field = F.interpolate(noise, size=(size, size), mode="bilinear", align_corners=False).flatten(1)
+    k = (frac * size * size).round().long().clamp(1, size * size)
+    thresh = field.sort(1, descending=True).values.gather(1, (k - 1)[:, None])
+    r = (field >= thresh).view(batch, 1, size, size)
+    return r, shrink(r, overlap)
+
+
+def shrink(region: torch.Tensor, overlap: int) -> torch.Tensor:
+    """Pixels of the region whose (2·overlap + 1)² neighbourhood lies inside it (binary erosion; beyond
+    the image border counts as inside, so a region at the border keeps its hole up to the border)."""
+    if overlap == 0:
+        return region.clone()
+    outside = (~region).float()
+    return ~(F.max_pool2d(outside, 2 * overlap + 1, stride=1, padding=overlap) > 0) & region

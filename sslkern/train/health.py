@@ -95,3 +95,39 @@ def std_verdict(health: dict, name: str, floor: float, *, initial: float | None 
                       f"lose their dependence on the image)")
     tail = f" ({v / initial:.2f}x its step-1 value {initial:.3f})" if initial else ""
     return False, f"not collapsed: {name} {v:.3f} > {floor}{tail}"
+
+
+class AttentionDistance:
+    """Per layer, the attention-weighted query–key distance (pixels) of a timm ViT's forward,
+    from the ``qkv`` outputs captured by forward hooks (no extra pass over the blocks)."""
+
+    def __init__(self, vit):
+        self.vit, self.qkv = vit, [None] * len(vit.blocks)
+        grid = vit.patch_embed.grid_size
+        rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+        pos = torch.stack([rows.flatten(), cols.flatten()], 1).float()
+        self.dist = torch.cdist(pos, pos) * vit.patch_embed.patch_size[0]
+        for i, blk in enumerate(vit.blocks):
+            blk.attn.qkv.register_forward_hook(self._hook(i))
+
+    def _hook(self, i):
+        def keep(module, inputs, output):
+            self.qkv[i] = output.detach()
+        return keep
+
+    @torch.no_grad()
+    def read(self, rows: int) -> dict:
+        """Distances of the last forward's first ``rows`` sequences; clears the captures."""
+        out, p = {}, self.vit.num_prefix_tokens
+        for i, (qkv, blk) in enumerate(zip(self.qkv, self.vit.blocks)):
+            if qkv is None:
+                continue
+            attn = blk.attn
+            b, n, _ = qkv[:rows].shape
+            q, k, _ = qkv[:rows].float().reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k = attn.q_norm(q), attn.k_norm(k)
+            probs = torch.softmax(q @ k.transpose(-2, -1) * attn.scale, dim=-1)[:, :, p:, p:]
+            probs = probs / probs.sum(-1, keepdim=True)                 # patch keys only, renormalised
+            out[f"attn_dist_{i}"] = float((probs * self.dist.to(probs.device)).sum(-1).mean())
+            self.qkv[i] = None
+        return out
