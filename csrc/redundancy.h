@@ -41,6 +41,26 @@ inline void column_sum(const A* x, int64_t D, int64_t r0, int64_t r1, int64_t c0
   }
 }
 
+// Σ over `rows` rows of x[n]·y[n] (contiguous rows of D elements), in double, rows in
+// parallel, the per-row sums added in a fixed order (deterministic for any thread count).
+template <typename A>
+inline double dot_rows(const A* x, const A* y, int64_t rows, int64_t D) {
+  std::vector<double> part(std::max<int64_t>(rows, 1), 0.0);
+  at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n) {
+      const A* __restrict a = x + n * D;
+      const A* __restrict b = y + n * D;
+      double s = 0.0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < D; ++j) s += static_cast<double>(a[j]) * static_cast<double>(b[j]);
+      part[n] = s;
+    }
+  });
+  double total = 0.0;
+  for (int64_t n = 0; n < rows; ++n) total += part[n];  // fixed order: deterministic
+  return total;
+}
+
 // Strip width of the tiled forms: (bw x D) strips of the (D x D) matrix.
 inline int64_t strip_width(int64_t D) { return std::min<int64_t>(D, 512); }
 

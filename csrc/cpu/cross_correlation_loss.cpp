@@ -79,25 +79,6 @@ void standardize_pair(const A* za, const A* zb, int64_t N, int64_t D, int64_t gr
   });
 }
 
-// Σ x⊙y over n elements (double), in parallel over blocks of rows of width D.
-template <typename A>
-double dot_rows(const A* x, const A* y, int64_t rows, int64_t D) {
-  std::vector<double> part(std::max<int64_t>(rows, 1), 0.0);
-  at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t n = lo; n < hi; ++n) {
-      const A* __restrict a = x + n * D;
-      const A* __restrict b = y + n * D;
-      double s = 0.0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t j = 0; j < D; ++j) s += static_cast<double>(a[j]) * static_cast<double>(b[j]);
-      part[n] = s;
-    }
-  });
-  double total = 0.0;
-  for (int64_t n = 0; n < rows; ++n) total += part[n];  // fixed order: deterministic
-  return total;
-}
-
 struct Outputs {
   double on = 0, sq = 0, tr = 0, tr2 = 0;
 };

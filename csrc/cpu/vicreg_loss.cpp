@@ -46,24 +46,6 @@ void centre(const A* z, int64_t N, int64_t D, A* x, double* s) {
   });
 }
 
-template <typename A>
-double dot_rows(const A* x, const A* y, int64_t rows, int64_t D, int64_t ldx, int64_t ldy) {
-  std::vector<double> part(std::max<int64_t>(rows, 1), 0.0);
-  at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t n = lo; n < hi; ++n) {
-      const A* __restrict a = x + n * ldx;
-      const A* __restrict b = y + n * ldy;
-      double s = 0.0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t j = 0; j < D; ++j) s += static_cast<double>(a[j]) * static_cast<double>(b[j]);
-      part[n] = s;
-    }
-  });
-  double total = 0.0;
-  for (int64_t n = 0; n < rows; ++n) total += part[n];  // fixed order: deterministic
-  return total;
-}
-
 // One view's covariance part: Y = X[R]·XᵀX into Y (may be null when only the full loss is
 // wanted) and the returned Σ_{n∈R} ‖K[n]‖² (all rows: ‖XᵀX‖²_F).
 template <typename A>
@@ -76,7 +58,7 @@ double covariance_rows(const A* x, int64_t N, int64_t D, int64_t r0, int64_t r1,
     A* kp = k.data_ptr<A>();
     gemm<A>(false, true, nr, N, D, A(1), x + r0 * D, D, x, D, A(0), kp, N);
     if (Y) gemm<A>(false, false, nr, D, N, A(1), kp, N, x, D, A(0), Y, D);
-    return dot_rows(kp, kp, nr, N, N, N);
+    return dot_rows(kp, kp, nr, N);
   }
   const int64_t sb = strip_width(D);
   at::Tensor strip = at::empty({sb, D}, opts);
@@ -85,10 +67,10 @@ double covariance_rows(const A* x, int64_t N, int64_t D, int64_t r0, int64_t r1,
   for (int64_t i0 = 0; i0 < D; i0 += sb) {
     const int64_t bw = std::min(sb, D - i0);
     gemm<A>(true, false, bw, D, N, A(1), x + i0, D, x, D, A(0), S, D);  // (XᵀX)[I, :]
-    if (full) sq += dot_rows(S, S, bw, D, D, D);
+    if (full) sq += dot_rows(S, S, bw, D);
     if (Y) gemm<A>(false, true, nr, bw, D, A(1), x + r0 * D, D, S, D, A(0), Y + i0, D);
   }
-  if (!full) sq = dot_rows(x + r0 * D, Y, nr, D, D, D);  // Σ_{n∈R} X[n]·(XᵀX)·X[n]ᵀ = Σ_{n∈R} ‖K[n]‖²
+  if (!full) sq = dot_rows(x + r0 * D, Y, nr, D);  // Σ_{n∈R} X[n]·(XᵀX)·X[n]ᵀ = Σ_{n∈R} ‖K[n]‖²
   return sq;
 }
 
